@@ -1,0 +1,130 @@
+//! The typed error every fallible call of the library returns.
+
+use std::borrow::Cow;
+use std::fmt;
+
+/// A `Result` whose error is the library's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// What went wrong, for callers that match on the cause.
+///
+/// Returned by [`Error::kind`]. New kinds may be added in minor releases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The connection parameters could not be parsed or are not usable.
+    Config,
+    /// The connection could not be established: the host refused or was unreachable, the password was
+    /// wrong, the database does not exist, or the connect timeout passed.
+    Connect,
+    /// A call waited for the worker longer than its bound (`Builder::request_timeout`, or the
+    /// connect timeout while connecting).
+    Timeout,
+    /// The connection to the server failed while the call was under way; locks it held are gone.
+    ConnectionLost,
+    /// The guard's lock was not held by the session any more when it was used or released: the
+    /// connection that took it has ended, so the server had already released it.
+    LockLost,
+    /// The worker has stopped (its connection is closed); the manager can no longer take locks.
+    Shutdown,
+    /// The manager already holds as many locks as `Builder::max_locks` allows.
+    TooManyLocks,
+    /// The server rejected a statement (the source is the server's error).
+    Server,
+    /// An operating-system call failed, such as spawning the worker thread.
+    Io,
+}
+
+/// The error of every fallible call in this crate.
+///
+/// Match on [`Error::kind`] or use the predicates. When the cause is a `postgres` error, it is
+/// available through [`std::error::Error::source`] rather than pasted into the message.
+pub struct Error {
+    kind: ErrorKind,
+    message: Cow<'static, str>,
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+impl Error {
+    pub(crate) fn new(kind: ErrorKind, message: impl Into<Cow<'static, str>>) -> Error {
+        Error {
+            kind,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    pub(crate) fn with_source(
+        kind: ErrorKind,
+        message: impl Into<Cow<'static, str>>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Error {
+        Error {
+            kind,
+            message: message.into(),
+            source: Some(Box::new(source)),
+        }
+    }
+
+    /// Classifies an error of the `postgres` client that happened while a statement ran.
+    pub(crate) fn from_query(err: postgres::Error) -> Error {
+        if err.as_db_error().is_some() {
+            Error::with_source(ErrorKind::Server, "the server rejected a lock statement", err)
+        } else {
+            Error::with_source(ErrorKind::ConnectionLost, "the connection to the server failed", err)
+        }
+    }
+
+    pub(crate) fn timeout(what: &'static str) -> Error {
+        Error::new(ErrorKind::Timeout, what)
+    }
+
+    pub(crate) fn shutdown() -> Error {
+        Error::new(ErrorKind::Shutdown, "the lock manager's worker has stopped")
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// True when a call waited longer than its bound.
+    pub fn is_timeout(&self) -> bool {
+        self.kind == ErrorKind::Timeout
+    }
+
+    /// True when the connection failed or the lock was found lost; locks of that connection are gone.
+    pub fn is_connection_lost(&self) -> bool {
+        matches!(self.kind, ErrorKind::ConnectionLost | ErrorKind::LockLost)
+    }
+
+    /// True when the manager's worker has stopped for good.
+    pub fn is_shutdown(&self) -> bool {
+        self.kind == ErrorKind::Shutdown
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("Error");
+        d.field("kind", &self.kind).field("message", &self.message);
+        if let Some(source) = &self.source {
+            d.field("source", source);
+        }
+        d.finish()
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}

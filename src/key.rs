@@ -1,0 +1,172 @@
+//! `LockKey`: which advisory lock a call means, and how names map to ids.
+
+use std::fmt;
+
+const FNV_OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+/// FNV-1a 64 of `bytes`, read as a signed integer: the id Go's `ldelossa/distlock` and
+/// `quay/claircore` give a lock name.
+const fn fnv1a64(bytes: &[u8]) -> i64 {
+    let mut hash = FNV_OFFSET_BASIS;
+    let mut i = 0;
+    while i < bytes.len() {
+        hash ^= bytes[i] as u64;
+        hash = hash.wrapping_mul(FNV_PRIME);
+        i += 1;
+    }
+    hash as i64
+}
+
+/// The identity of one PostgreSQL advisory lock.
+///
+/// PostgreSQL has two separate advisory key spaces, and a key lives in exactly one:
+///
+/// * one `bigint` ([`LockKey::id`], `From<i64>`, and names: [`LockKey::name`], `From<&str>`);
+/// * a pair of `int4` ([`LockKey::pair`]). `LockKey::pair(0, 1)` and `LockKey::id(1)` are different
+///   locks.
+///
+/// # Names
+///
+/// A name maps to the FNV-1a 64 hash of its UTF-8 bytes, read as a two's-complement `i64`. This is the
+/// mapping of the Go libraries `ldelossa/distlock` and `quay/claircore`, so Rust and Go processes
+/// that use the same name contend for the same lock, and SQL can take it with
+/// `SELECT pg_advisory_lock(<id>)`. The mapping is part of this crate's stable interface: it does not
+/// depend on the platform, the Rust release or this crate's version. Any string is a valid name,
+/// including the empty one; distinct names can collide (with probability about 2⁻⁶⁴ per pair).
+///
+/// ```
+/// use distlock::LockKey;
+/// assert_eq!(LockKey::name("test-key"), LockKey::id(-8571056458571921465));
+/// assert_eq!(LockKey::from("test-key").as_id(), Some(-8571056458571921465));
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LockKey(pub(crate) Space);
+
+/// The two key spaces of PostgreSQL's advisory locks.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub(crate) enum Space {
+    /// `pg_advisory_lock(bigint)`.
+    Id(i64),
+    /// `pg_advisory_lock(int4, int4)`.
+    Pair(i32, i32),
+}
+
+impl LockKey {
+    /// The key with this `bigint` id, used as it is.
+    pub const fn id(id: i64) -> LockKey {
+        LockKey(Space::Id(id))
+    }
+
+    /// The key of a name: the FNV-1a 64 hash of its UTF-8 bytes (see the type's docs).
+    pub const fn name(name: &str) -> LockKey {
+        LockKey(Space::Id(fnv1a64(name.as_bytes())))
+    }
+
+    /// The key `(a, b)` in PostgreSQL's two-`int4` key space, separate from every `bigint` key.
+    pub const fn pair(a: i32, b: i32) -> LockKey {
+        LockKey(Space::Pair(a, b))
+    }
+
+    /// The `bigint` id, or `None` for a pair key.
+    pub const fn as_id(self) -> Option<i64> {
+        match self.0 {
+            Space::Id(id) => Some(id),
+            Space::Pair(..) => None,
+        }
+    }
+
+    /// The `(int4, int4)` pair, or `None` for a `bigint` key.
+    pub const fn as_pair(self) -> Option<(i32, i32)> {
+        match self.0 {
+            Space::Id(_) => None,
+            Space::Pair(a, b) => Some((a, b)),
+        }
+    }
+}
+
+impl From<i64> for LockKey {
+    fn from(id: i64) -> LockKey {
+        LockKey::id(id)
+    }
+}
+
+impl From<&str> for LockKey {
+    fn from(name: &str) -> LockKey {
+        LockKey::name(name)
+    }
+}
+
+impl From<&String> for LockKey {
+    fn from(name: &String) -> LockKey {
+        LockKey::name(name)
+    }
+}
+
+impl From<String> for LockKey {
+    fn from(name: String) -> LockKey {
+        LockKey::name(&name)
+    }
+}
+
+impl From<(i32, i32)> for LockKey {
+    fn from((a, b): (i32, i32)) -> LockKey {
+        LockKey::pair(a, b)
+    }
+}
+
+impl fmt::Debug for LockKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Space::Id(id) => write!(f, "LockKey({id})"),
+            Space::Pair(a, b) => write!(f, "LockKey({a}, {b})"),
+        }
+    }
+}
+
+/// Shows the key as SQL would name it: `123` or `(1, 2)`.
+impl fmt::Display for LockKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Space::Id(id) => write!(f, "{id}"),
+            Space::Pair(a, b) => write!(f, "({a}, {b})"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Golden values: these pin the name mapping. Changing any of them breaks every deployed process
+    // that shares locks with this one (and with the Go libraries), so they must never change.
+    #[test]
+    fn name_hash_matches_go_distlock_golden_values() {
+        assert_eq!(LockKey::name("test-key").as_id(), Some(-8571056458571921465));
+        // FNV-1a 64 of nothing is the offset basis.
+        assert_eq!(LockKey::name("").as_id(), Some(0xcbf2_9ce4_8422_2325_u64 as i64));
+        // Published FNV-1a 64 test vectors.
+        assert_eq!(LockKey::name("a").as_id(), Some(0xaf63_dc4c_8601_ec8c_u64 as i64));
+        assert_eq!(LockKey::name("foobar").as_id(), Some(0x8594_4171_f739_67e8_u64 as i64));
+        // Non-ASCII names hash their UTF-8 bytes.
+        assert_eq!(LockKey::name("é").as_id(), Some(fnv1a64(&[0xc3, 0xa9])));
+    }
+
+    #[test]
+    fn every_conversion_of_a_name_agrees() {
+        let owned = String::from("tenant/42");
+        assert_eq!(LockKey::from("tenant/42"), LockKey::name("tenant/42"));
+        assert_eq!(LockKey::from(&owned), LockKey::name("tenant/42"));
+        assert_eq!(LockKey::from(owned), LockKey::name("tenant/42"));
+    }
+
+    #[test]
+    fn pair_and_id_keys_are_distinct() {
+        assert_ne!(LockKey::pair(0, 1), LockKey::id(1));
+        assert_eq!(LockKey::pair(3, 4).as_pair(), Some((3, 4)));
+        assert_eq!(LockKey::pair(3, 4).as_id(), None);
+        assert_eq!(LockKey::from((3, 4)), LockKey::pair(3, 4));
+        assert_eq!(LockKey::id(7).to_string(), "7");
+        assert_eq!(LockKey::pair(-1, 2).to_string(), "(-1, 2)");
+    }
+}

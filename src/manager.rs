@@ -1,0 +1,511 @@
+//! `LockManager` and its `Builder`: the handle callers use.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{SendTimeoutError, Sender};
+use object_pool::Pool;
+use parking_lot::{Condvar, Mutex};
+
+use crate::backoff::Backoff;
+use crate::error::{Error, ErrorKind, Result};
+use crate::guard::LockGuard;
+use crate::key::LockKey;
+use crate::reply::{self, Reply, ReplySlot, Request};
+use crate::sql::{Mode, Op};
+use crate::table::{Reservation, Table};
+use crate::worker::Worker;
+
+const DEFAULT_APPLICATION_NAME: &str = "distlock";
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_MAX_LOCKS: usize = 1024;
+/// Requests that may queue for the worker before senders wait (within their own bound).
+const QUEUE_CAPACITY: usize = 1024;
+/// Reply slots made up front; the pool grows to the number of calls in flight at once.
+const INITIAL_REPLY_SLOTS: usize = 16;
+/// The first and the largest pause between two tries of a lock someone else holds.
+const FIRST_RETRY: Duration = Duration::from_millis(1);
+const MAX_RETRY: Duration = Duration::from_millis(32);
+
+/// A handle to one connection's worth of advisory locks.
+///
+/// A `LockManager` owns one PostgreSQL connection (one session) through a worker thread. It is cheap
+/// to clone; clones share the worker, the connection and the table of held keys, and every thread of
+/// the process may use one. Threads sharing a manager exclude each other exactly as separate processes
+/// do, although PostgreSQL itself would let one session take the same lock twice.
+///
+/// The connection stays open while any clone or any [`LockGuard`] is alive; when the last of them is
+/// dropped the worker finishes the request it is running, closes the connection, and the server
+/// releases anything the session still held.
+#[derive(Clone)]
+pub struct LockManager {
+    shared: Arc<Shared>,
+}
+
+/// State shared by every clone of a manager and every guard it handed out.
+pub(crate) struct Shared {
+    /// The worker's queue.
+    requests: Sender<Request>,
+    /// Reply slots, reused from call to call.
+    replies: Pool<Arc<ReplySlot>>,
+    /// Keys held or being acquired through this manager.
+    table: Mutex<Table>,
+    /// Signalled whenever a hold is given back, to wake local waiters at once.
+    released: Condvar,
+    /// Bound on each wait for the worker.
+    request_timeout: Duration,
+    /// Most holds at once.
+    max_locks: usize,
+}
+
+impl LockManager {
+    /// Connects with default settings; `params` is a libpq `key=value` string or a `postgres://`
+    /// URL.
+    ///
+    /// Blocks until the connection is ready or the connect timeout (5 s) has passed. Equivalent to
+    /// `LockManager::builder().connect(params)`.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Config`] for parameters that do not parse, [`ErrorKind::Connect`] when the server
+    /// refuses or cannot be reached (wrong host, port, password or database), [`ErrorKind::Timeout`]
+    /// when it does not answer in time.
+    ///
+    /// ```no_run
+    /// use distlock::{ErrorKind, LockManager};
+    ///
+    /// let locks = LockManager::connect("host=localhost user=postgres")?;
+    /// let err = LockManager::connect("host=localhost port=notaport").unwrap_err();
+    /// assert_eq!(err.kind(), ErrorKind::Config);
+    /// # Ok::<(), distlock::Error>(())
+    /// ```
+    pub fn connect(params: &str) -> Result<LockManager> {
+        Builder::default().connect(params)
+    }
+
+    /// A builder for a manager with non-default settings.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    /// Takes the exclusive lock on `key` if nobody holds it, without waiting for holders.
+    ///
+    /// Returns `Ok(None)` when another session, or another thread of this manager, holds it
+    /// (exclusively or shared). Blocks for one round trip to the server, at most the request timeout.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Timeout`] when the worker did not answer within the request timeout (a grant that
+    /// arrives later is released at once), [`ErrorKind::TooManyLocks`] past `Builder::max_locks`,
+    /// [`ErrorKind::ConnectionLost`] or [`ErrorKind::Server`] when the statement failed,
+    /// [`ErrorKind::Shutdown`] when the worker has stopped.
+    ///
+    /// ```no_run
+    /// # let locks = distlock::LockManager::connect("host=localhost user=postgres")?;
+    /// match locks.try_lock("nightly-report")? {
+    ///     Some(_guard) => { /* we are the only one; the lock is released when _guard drops */ }
+    ///     None => println!("someone else is running it"),
+    /// }
+    /// # Ok::<(), distlock::Error>(())
+    /// ```
+    pub fn try_lock(&self, key: impl Into<LockKey>) -> Result<Option<LockGuard>> {
+        self.try_once(key.into(), Mode::Exclusive, self.shared.request_deadline())
+    }
+
+    /// Takes the exclusive lock on `key`, waiting up to `timeout` for its holders to release it.
+    ///
+    /// Retries with capped exponential backoff and jitter (1 ms doubling to 32 ms) and at once when a
+    /// guard of this manager releases the key. Returns `Ok(None)` if the lock was still held at the
+    /// deadline; it returns within a few milliseconds of it. The first try always runs to completion
+    /// (bounded by the request timeout), so a zero `timeout` behaves like [`LockManager::try_lock`].
+    ///
+    /// # Errors
+    ///
+    /// As for [`LockManager::try_lock`].
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # let locks = distlock::LockManager::connect("host=localhost user=postgres")?;
+    /// let Some(guard) = locks.try_lock_for("migrations", Duration::from_secs(30))? else {
+    ///     return Err("another deploy held the migration lock for 30 s".into());
+    /// };
+    /// // ... migrate ...
+    /// guard.unlock()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn try_lock_for(
+        &self,
+        key: impl Into<LockKey>,
+        timeout: Duration,
+    ) -> Result<Option<LockGuard>> {
+        self.wait_for(key.into(), Mode::Exclusive, Some(Instant::now() + timeout))
+    }
+
+    /// Takes the exclusive lock on `key`, waiting for as long as it takes.
+    ///
+    /// Like `Mutex::lock`: it returns only with the lock or an error. Each try is bounded by the
+    /// request timeout; the wait between tries is as for [`LockManager::try_lock_for`].
+    ///
+    /// # Errors
+    ///
+    /// As for [`LockManager::try_lock`]; an error ends the wait.
+    ///
+    /// ```no_run
+    /// # let locks = distlock::LockManager::connect("host=localhost user=postgres")?;
+    /// let guard = locks.lock(42_i64)?;
+    /// assert_eq!(guard.key(), distlock::LockKey::id(42));
+    /// # Ok::<(), distlock::Error>(())
+    /// ```
+    pub fn lock(&self, key: impl Into<LockKey>) -> Result<LockGuard> {
+        match self.wait_for(key.into(), Mode::Exclusive, None)? {
+            Some(guard) => Ok(guard),
+            None => Err(Error::new(
+                ErrorKind::Timeout,
+                "lock wait ended without a deadline",
+            )),
+        }
+    }
+
+    /// Takes a shared lock on `key` unless someone holds it exclusively.
+    ///
+    /// Any number of sessions and threads may hold a key shared at once; an exclusive lock waits for
+    /// all of them. Blocks and fails as [`LockManager::try_lock`] does.
+    ///
+    /// # Errors
+    ///
+    /// As for [`LockManager::try_lock`].
+    ///
+    /// ```no_run
+    /// # let locks = distlock::LockManager::connect("host=localhost user=postgres")?;
+    /// let a = locks.try_lock_shared("schema")?.expect("no exclusive holder");
+    /// let b = locks.try_lock_shared("schema")?.expect("shared holders coexist");
+    /// assert!(locks.try_lock("schema")?.is_none());
+    /// # drop((a, b));
+    /// # Ok::<(), distlock::Error>(())
+    /// ```
+    pub fn try_lock_shared(&self, key: impl Into<LockKey>) -> Result<Option<LockGuard>> {
+        self.try_once(key.into(), Mode::Shared, self.shared.request_deadline())
+    }
+
+    /// Takes a shared lock on `key`, waiting up to `timeout` for an exclusive holder to leave.
+    ///
+    /// # Errors
+    ///
+    /// As for [`LockManager::try_lock`].
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # let locks = distlock::LockManager::connect("host=localhost user=postgres")?;
+    /// if locks.try_lock_shared_for("schema", Duration::from_millis(500))?.is_none() {
+    ///     println!("a migration holds the schema");
+    /// }
+    /// # Ok::<(), distlock::Error>(())
+    /// ```
+    pub fn try_lock_shared_for(
+        &self,
+        key: impl Into<LockKey>,
+        timeout: Duration,
+    ) -> Result<Option<LockGuard>> {
+        self.wait_for(key.into(), Mode::Shared, Some(Instant::now() + timeout))
+    }
+
+    /// Takes a shared lock on `key`, waiting for as long as an exclusive holder keeps it.
+    ///
+    /// # Errors
+    ///
+    /// As for [`LockManager::lock`].
+    ///
+    /// ```no_run
+    /// # let locks = distlock::LockManager::connect("host=localhost user=postgres")?;
+    /// let _reading = locks.lock_shared("schema")?;
+    /// # Ok::<(), distlock::Error>(())
+    /// ```
+    pub fn lock_shared(&self, key: impl Into<LockKey>) -> Result<LockGuard> {
+        match self.wait_for(key.into(), Mode::Shared, None)? {
+            Some(guard) => Ok(guard),
+            None => Err(Error::new(
+                ErrorKind::Timeout,
+                "lock wait ended without a deadline",
+            )),
+        }
+    }
+
+    /// One try: the local table first, then (if free locally) the server.
+    fn try_once(&self, key: LockKey, mode: Mode, deadline: Instant) -> Result<Option<LockGuard>> {
+        let shared = &self.shared;
+        match shared.table.lock().reserve(key, mode, shared.max_locks) {
+            Reservation::Reserved => {}
+            Reservation::Conflict => return Ok(None),
+            Reservation::Full => {
+                return Err(Error::new(
+                    ErrorKind::TooManyLocks,
+                    "the lock manager already holds its maximum number of locks",
+                ));
+            }
+        }
+        match shared.round_trip(Op::TryLock, mode, key, deadline) {
+            Ok(Reply::Granted) => Ok(Some(LockGuard::new(Arc::clone(shared), key, mode))),
+            Ok(_) => {
+                shared.forget(key, mode);
+                Ok(None)
+            }
+            // On a timeout the request may still run: the worker then finds nobody waiting and
+            // releases the grant itself, before any later request for the key (the queue is FIFO).
+            Err(e) => {
+                shared.forget(key, mode);
+                Err(e)
+            }
+        }
+    }
+
+    /// Tries until granted or `deadline` (`None`: no deadline).
+    fn wait_for(
+        &self,
+        key: LockKey,
+        mode: Mode,
+        deadline: Option<Instant>,
+    ) -> Result<Option<LockGuard>> {
+        let shared = &self.shared;
+        let mut backoff = Backoff::new(FIRST_RETRY, MAX_RETRY);
+        // The first try may use the whole request timeout, so that a zero timeout still tries once.
+        let mut try_deadline = shared.request_deadline();
+        loop {
+            let seen = shared.table.lock().releases();
+            if let Some(guard) = self.try_once(key, mode, try_deadline)? {
+                return Ok(Some(guard));
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return Ok(None);
+            }
+            let mut until = now + backoff.next_pause();
+            if let Some(d) = deadline {
+                until = until.min(d);
+            }
+            // Sleep until the pause ends or a guard of this manager gives a hold back.
+            let mut table = shared.table.lock();
+            while table.releases() == seen {
+                if shared.released.wait_until(&mut table, until).timed_out() {
+                    break;
+                }
+            }
+            drop(table);
+            let request_deadline = shared.request_deadline();
+            try_deadline = match deadline {
+                // A try in flight at the deadline is abandoned (and a late grant released), so the
+                // caller gets its answer on time even from a busy worker.
+                Some(d) => request_deadline.min(d.max(Instant::now())),
+                None => request_deadline,
+            };
+        }
+    }
+}
+
+impl Shared {
+    fn request_deadline(&self) -> Instant {
+        Instant::now() + self.request_timeout
+    }
+
+    /// Sends one request and waits for its reply until `deadline`.
+    pub(crate) fn round_trip(
+        &self,
+        op: Op,
+        mode: Mode,
+        key: LockKey,
+        deadline: Instant,
+    ) -> Result<Reply> {
+        let slot = self.replies.pull(ReplySlot::new);
+        let ticket = reply::arm(&slot);
+        let number = ticket.number();
+        let request = Request {
+            op,
+            mode,
+            key,
+            reply: ticket,
+        };
+        match self.requests.send_deadline(request, deadline) {
+            Ok(()) => {}
+            Err(SendTimeoutError::Timeout(_)) => {
+                return Err(Error::timeout(
+                    "timed out waiting for the lock manager's queue",
+                ));
+            }
+            Err(SendTimeoutError::Disconnected(_)) => return Err(Error::shutdown()),
+        }
+        match reply::wait(&slot, number, deadline) {
+            Some(Reply::Failed(e)) => Err(e),
+            Some(reply) => Ok(reply),
+            None => Err(Error::timeout(
+                "timed out waiting for the lock manager's worker",
+            )),
+        }
+    }
+
+    /// Gives a hold back to the table and wakes local waiters.
+    pub(crate) fn forget(&self, key: LockKey, mode: Mode) {
+        self.table.lock().release(key, mode);
+        self.released.notify_all();
+    }
+
+    /// The request timeout, the bound on a release.
+    pub(crate) fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+}
+
+impl fmt::Debug for LockManager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockManager")
+            .field("held", &self.shared.table.lock().len())
+            .field("request_timeout", &self.shared.request_timeout)
+            .field("max_locks", &self.shared.max_locks)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Settings for a [`LockManager`], taken by value and consumed by `connect`.
+///
+/// ```no_run
+/// use std::time::Duration;
+///
+/// let locks = distlock::LockManager::builder()
+///     .application_name("billing-cron")
+///     .connect_timeout(Duration::from_secs(2))
+///     .connect("postgres://locker@db.internal/app")?;
+/// # Ok::<(), distlock::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct Builder {
+    application_name: String,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+    max_locks: usize,
+}
+
+impl Default for Builder {
+    fn default() -> Builder {
+        Builder {
+            application_name: DEFAULT_APPLICATION_NAME.to_owned(),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            max_locks: DEFAULT_MAX_LOCKS,
+        }
+    }
+}
+
+impl Builder {
+    /// The `application_name` of the connection, shown in `pg_stat_activity` next to the locks it
+    /// holds. Overrides one given in the connection parameters.
+    ///
+    /// Defaults to `"distlock"`.
+    pub fn application_name(mut self, name: &str) -> Builder {
+        name.clone_into(&mut self.application_name);
+        self
+    }
+
+    /// How long `connect` waits for the connection to be ready, all steps together (TCP, TLS-less
+    /// start-up, authentication).
+    ///
+    /// Defaults to 5 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Builder {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long a call waits for the worker to answer one request: a single try of a lock, or a
+    /// release. A call that passes it fails with [`ErrorKind::Timeout`].
+    ///
+    /// Defaults to 10 s.
+    pub fn request_timeout(mut self, timeout: Duration) -> Builder {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// The most locks the manager holds at once (each shared holder counts); a try past it fails with
+    /// [`ErrorKind::TooManyLocks`]. Every held lock takes a slot in the server's shared lock table
+    /// (`max_locks_per_transaction × max_connections` slots), which a runaway caller could exhaust for
+    /// the whole server.
+    ///
+    /// Defaults to 1024.
+    pub fn max_locks(mut self, max: usize) -> Builder {
+        self.max_locks = max;
+        self
+    }
+
+    /// Connects; `params` is a libpq `key=value` string or a `postgres://` URL.
+    ///
+    /// # Errors
+    ///
+    /// As for [`LockManager::connect`].
+    pub fn connect(self, params: &str) -> Result<LockManager> {
+        let config = postgres::Config::from_str(params).map_err(|e| {
+            Error::with_source(
+                ErrorKind::Config,
+                "invalid connection parameters (expected key=value pairs or a postgres:// URL)",
+                e,
+            )
+        })?;
+        self.connect_config(config)
+    }
+
+    /// Connects with a ready `postgres::Config`; the builder's settings are applied on top of it.
+    ///
+    /// # Errors
+    ///
+    /// As for [`LockManager::connect`].
+    pub fn connect_config(self, mut config: postgres::Config) -> Result<LockManager> {
+        config
+            .application_name(&self.application_name)
+            .connect_timeout(self.connect_timeout)
+            .keepalives(true);
+        let (requests, queue) = crossbeam_channel::bounded(QUEUE_CAPACITY);
+        let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
+        let connect_timeout = self.connect_timeout;
+        // Connect on the worker thread, so that a connection attempt that outlives the timeout is
+        // dropped there rather than leaking into a caller that has already returned.
+        thread::Builder::new()
+            .name("distlock-worker".into())
+            .spawn(move || match config.connect(postgres::NoTls) {
+                Ok(client) => {
+                    if ready_tx.send(Ok(())).is_ok() {
+                        Worker::new(client, queue).run();
+                    }
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            })
+            .map_err(|e| {
+                Error::with_source(ErrorKind::Io, "could not spawn the lock manager's worker", e)
+            })?;
+        match ready_rx.recv_timeout(connect_timeout) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(Error::with_source(
+                    ErrorKind::Connect,
+                    "could not connect to the server",
+                    e,
+                ));
+            }
+            Err(_) => {
+                return Err(Error::timeout(
+                    "timed out connecting to the server",
+                ));
+            }
+        }
+        Ok(LockManager {
+            shared: Arc::new(Shared {
+                requests,
+                replies: Pool::new(INITIAL_REPLY_SLOTS, ReplySlot::new),
+                table: Mutex::new(Table::default()),
+                released: Condvar::new(),
+                request_timeout: self.request_timeout,
+                max_locks: self.max_locks,
+            }),
+        })
+    }
+}

@@ -1,0 +1,121 @@
+//! The statement texts, formatted into one reused buffer from integers only.
+//!
+//! Every statement returns one row when its function returned true and none otherwise, so the worker
+//! reads the outcome from the `CommandComplete` row count and never decodes a value.
+//! `SELECT 1 WHERE f(k)` is used rather than `SELECT 1 FROM f(k) l WHERE l`: the same meaning, with
+//! no function scan to plan.
+
+use std::fmt::Write;
+
+use crate::key::{LockKey, Space};
+
+/// Exclusive or shared: which family of advisory functions a request uses.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
+pub(crate) enum Mode {
+    /// `pg_try_advisory_lock` / `pg_advisory_unlock`.
+    Exclusive,
+    /// `pg_try_advisory_lock_shared` / `pg_advisory_unlock_shared`.
+    Shared,
+}
+
+/// What a statement does to a key.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Op {
+    /// Try once to take the lock; never waits on the server.
+    TryLock,
+    /// Release one hold of the lock.
+    Unlock,
+}
+
+/// A reusable statement buffer: once it has grown to its working size, formatting allocates nothing.
+#[derive(Debug, Default)]
+pub(crate) struct Sql {
+    /// The text of the statement(s) being built.
+    buf: String,
+}
+
+impl Sql {
+    pub(crate) fn new() -> Sql {
+        Sql {
+            buf: String::with_capacity(256),
+        }
+    }
+
+    /// Empties the buffer, keeping its capacity.
+    pub(crate) fn clear(&mut self) {
+        self.buf.clear();
+    }
+
+    /// Appends one statement, separated from any before it by `;`.
+    pub(crate) fn push(&mut self, op: Op, mode: Mode, key: LockKey) {
+        if !self.buf.is_empty() {
+            self.buf.push(';');
+        }
+        self.buf.push_str(match (op, mode) {
+            (Op::TryLock, Mode::Exclusive) => "SELECT 1 WHERE pg_try_advisory_lock(",
+            (Op::TryLock, Mode::Shared) => "SELECT 1 WHERE pg_try_advisory_lock_shared(",
+            (Op::Unlock, Mode::Exclusive) => "SELECT 1 WHERE pg_advisory_unlock(",
+            (Op::Unlock, Mode::Shared) => "SELECT 1 WHERE pg_advisory_unlock_shared(",
+        });
+        match key.0 {
+            Space::Id(id) => self.push_int8(id),
+            Space::Pair(a, b) => {
+                self.push_int4(a);
+                self.buf.push(',');
+                self.push_int4(b);
+            }
+        }
+        self.buf.push(')');
+    }
+
+    /// The statement text built so far.
+    pub(crate) fn as_str(&self) -> &str {
+        &self.buf
+    }
+
+    // The minimum of each type needs care: PostgreSQL reads `-9223372036854775808` as the negation of
+    // a literal too large for bigint, which becomes `numeric`, and no advisory function takes
+    // `numeric`. Spelling it as an expression keeps the type.
+    fn push_int8(&mut self, v: i64) {
+        if v == i64::MIN {
+            self.buf.push_str("(-9223372036854775807-1)");
+        } else {
+            // Writing an integer into a `String` cannot fail.
+            let _ = write!(self.buf, "{v}");
+        }
+    }
+
+    fn push_int4(&mut self, v: i32) {
+        if v == i32::MIN {
+            self.buf.push_str("(-2147483647-1)");
+        } else {
+            let _ = write!(self.buf, "{v}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_hold_only_formatted_integers() {
+        let mut sql = Sql::new();
+        sql.push(Op::TryLock, Mode::Exclusive, LockKey::id(-42));
+        assert_eq!(sql.as_str(), "SELECT 1 WHERE pg_try_advisory_lock(-42)");
+        sql.clear();
+        sql.push(Op::Unlock, Mode::Shared, LockKey::pair(1, i32::MIN));
+        assert_eq!(
+            sql.as_str(),
+            "SELECT 1 WHERE pg_advisory_unlock_shared(1,(-2147483647-1))"
+        );
+        sql.clear();
+        sql.push(Op::TryLock, Mode::Shared, LockKey::id(i64::MIN));
+        sql.push(Op::Unlock, Mode::Exclusive, LockKey::id(i64::MAX));
+        assert_eq!(
+            sql.as_str(),
+            "SELECT 1 WHERE pg_try_advisory_lock_shared((-9223372036854775807-1));\
+             SELECT 1 WHERE pg_advisory_unlock(9223372036854775807)"
+        );
+    }
+}

@@ -1,0 +1,127 @@
+//! The manager's own table of held keys.
+//!
+//! Session advisory locks stack within one session, so PostgreSQL cannot keep apart two threads
+//! that share the manager's connection: both would be granted the same exclusive lock. The table
+//! refuses the second grant locally, so threads of one manager exclude each other exactly as separate
+//! processes do. Every entry stands for holds the session has, or is asking for, on the server.
+
+use std::collections::HashMap;
+
+use crate::key::LockKey;
+use crate::sql::Mode;
+
+/// How a key is held (or being acquired) through this manager.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    /// One exclusive hold.
+    Exclusive,
+    /// This many shared holds, each one a separate hold on the server.
+    Shared(u32),
+}
+
+/// The outcome of [`Table::reserve`].
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Reservation {
+    /// The key is free locally; the caller now asks the server.
+    Reserved,
+    /// A thread of this manager holds or is acquiring the key in a conflicting mode.
+    Conflict,
+    /// The manager already holds `max_locks` locks.
+    Full,
+}
+
+/// Keys held or being acquired, and a counter of releases for waiters to watch.
+#[derive(Debug, Default)]
+pub(crate) struct Table {
+    /// Every key with at least one hold.
+    holds: HashMap<LockKey, Hold>,
+    /// Holds in total (a shared key counts each holder).
+    count: usize,
+    /// Bumped on every release, so a waiter can tell that something was freed while it slept.
+    releases: u64,
+}
+
+impl Table {
+    /// Reserves a hold of `key` in `mode` unless it conflicts with one this manager has.
+    pub(crate) fn reserve(&mut self, key: LockKey, mode: Mode, max: usize) -> Reservation {
+        let current = self.holds.get(&key).copied();
+        let next = match (current, mode) {
+            (None, Mode::Exclusive) => Hold::Exclusive,
+            (None, Mode::Shared) => Hold::Shared(1),
+            (Some(Hold::Shared(n)), Mode::Shared) => Hold::Shared(n + 1),
+            (Some(_), _) => return Reservation::Conflict,
+        };
+        if self.count >= max {
+            return Reservation::Full;
+        }
+        self.holds.insert(key, next);
+        self.count += 1;
+        Reservation::Reserved
+    }
+
+    /// Gives back one hold taken by [`Table::reserve`] (released, refused or abandoned).
+    pub(crate) fn release(&mut self, key: LockKey, mode: Mode) {
+        let remove = match (self.holds.get_mut(&key), mode) {
+            (Some(Hold::Shared(n)), Mode::Shared) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            (Some(Hold::Shared(_)), Mode::Shared) | (Some(Hold::Exclusive), Mode::Exclusive) => true,
+            (held, _) => {
+                debug_assert!(false, "release of {key} in {mode:?} that was not reserved: {held:?}");
+                return;
+            }
+        };
+        if remove {
+            self.holds.remove(&key);
+        }
+        self.count -= 1;
+        self.releases = self.releases.wrapping_add(1);
+    }
+
+    /// The release counter; it changes whenever any hold is given back.
+    pub(crate) fn releases(&self) -> u64 {
+        self.releases
+    }
+
+    /// Holds in total.
+    pub(crate) fn len(&self) -> usize {
+        self.count
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const K: LockKey = LockKey::id(1);
+
+    #[test]
+    fn exclusive_excludes_everything_shared_admits_shared() {
+        let mut t = Table::default();
+        assert_eq!(t.reserve(K, Mode::Exclusive, 10), Reservation::Reserved);
+        assert_eq!(t.reserve(K, Mode::Exclusive, 10), Reservation::Conflict);
+        assert_eq!(t.reserve(K, Mode::Shared, 10), Reservation::Conflict);
+        t.release(K, Mode::Exclusive);
+        assert_eq!(t.reserve(K, Mode::Shared, 10), Reservation::Reserved);
+        assert_eq!(t.reserve(K, Mode::Shared, 10), Reservation::Reserved);
+        assert_eq!(t.reserve(K, Mode::Exclusive, 10), Reservation::Conflict);
+        t.release(K, Mode::Shared);
+        assert_eq!(t.reserve(K, Mode::Exclusive, 10), Reservation::Conflict);
+        t.release(K, Mode::Shared);
+        assert_eq!(t.len(), 0);
+        assert_eq!(t.reserve(K, Mode::Exclusive, 10), Reservation::Reserved);
+    }
+
+    #[test]
+    fn cap_counts_every_hold_and_releases_are_counted() {
+        let mut t = Table::default();
+        assert_eq!(t.reserve(K, Mode::Shared, 2), Reservation::Reserved);
+        assert_eq!(t.reserve(K, Mode::Shared, 2), Reservation::Reserved);
+        assert_eq!(t.reserve(LockKey::id(2), Mode::Exclusive, 2), Reservation::Full);
+        let before = t.releases();
+        t.release(K, Mode::Shared);
+        assert_ne!(t.releases(), before);
+        assert_eq!(t.reserve(LockKey::id(2), Mode::Exclusive, 2), Reservation::Reserved);
+    }
+}

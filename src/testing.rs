@@ -1,0 +1,439 @@
+//! A throwaway PostgreSQL cluster for tests, benchmarks and demos.
+//!
+//! [`TestCluster::from_env`] uses `DATABASE_URL` when it is set. Otherwise it runs `initdb` and starts
+//! a server from the local PostgreSQL installation (`initdb` and `pg_ctl` on `PATH`, or under
+//! `/usr/lib/postgresql/*/bin`) in a new directory under the system's temporary directory, listening
+//! on a unix socket there and on a free loopback TCP port. When the process runs as root, the server
+//! runs as the `postgres` OS user, since PostgreSQL refuses to run as root.
+//!
+//! The server is stopped and its directory removed when the [`TestCluster`] is dropped — and also
+//! when the process ends without dropping it (a `static`, a panic, a kill): a small watchdog process
+//! waits on a pipe from this process and cleans up once the pipe closes.
+//!
+//! This module is for development; a deployment points the library at its real server.
+
+use std::env;
+use std::ffi::{OsStr, OsString};
+use std::fs;
+use std::io::{self, Write};
+use std::net::TcpListener;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+
+/// A PostgreSQL server to test against: a throwaway local cluster, or the one `DATABASE_URL` names.
+#[derive(Debug)]
+pub struct TestCluster {
+    /// Connection parameters for the superuser.
+    url: String,
+    /// Present when this process started the server.
+    local: Option<Local>,
+}
+
+/// A cluster this process started.
+#[derive(Debug)]
+struct Local {
+    /// Holds the data directory and the socket.
+    root: PathBuf,
+    /// The data directory.
+    data: PathBuf,
+    /// The directory holding `pg_ctl`, `initdb`, `postgres`.
+    bin: PathBuf,
+    /// The TCP port on 127.0.0.1.
+    port: u16,
+    /// `(uid, gid)` to run the server as, when this process is root.
+    run_as: Option<(u32, u32)>,
+    /// The watchdog and the write end of its pipe; dropping the pipe makes it stop the server.
+    watchdog: Mutex<Option<(Child, ChildStdin)>>,
+}
+
+const INSTALL_HINT: &str = "no PostgreSQL server binaries found (initdb and pg_ctl on PATH or under \
+     /usr/lib/postgresql/*/bin); install them, e.g. `apt-get install postgresql` on Debian or Ubuntu, \
+     `brew install postgresql` on macOS — or set DATABASE_URL to a server to use";
+
+/// Stops the server once its stdin closes, then removes the cluster's directory.
+const WATCHDOG: &str = r#"read _ignored; "$0" -D "$1" -m immediate -w -t 30 stop >/dev/null 2>&1; rm -rf "$2""#;
+
+impl TestCluster {
+    /// `DATABASE_URL` when it is set and not empty, else a new local cluster.
+    ///
+    /// # Errors
+    ///
+    /// When no PostgreSQL installation can be found (the message says how to install one), or
+    /// `initdb` or the server fails to start.
+    pub fn from_env() -> io::Result<TestCluster> {
+        match env::var("DATABASE_URL") {
+            Ok(url) if !url.trim().is_empty() => Ok(TestCluster { url, local: None }),
+            _ => TestCluster::start(),
+        }
+    }
+
+    /// One cluster for the whole process, made by [`TestCluster::from_env`] on first use.
+    ///
+    /// # Panics
+    ///
+    /// When the cluster cannot be started: this is for tests, where that is the right outcome.
+    pub fn shared() -> &'static TestCluster {
+        static SHARED: OnceLock<TestCluster> = OnceLock::new();
+        SHARED.get_or_init(|| {
+            TestCluster::from_env()
+                .unwrap_or_else(|e| panic!("cannot start a PostgreSQL server for tests: {e}"))
+        })
+    }
+
+    /// Starts a new local cluster, ignoring `DATABASE_URL`.
+    ///
+    /// # Errors
+    ///
+    /// As for [`TestCluster::from_env`].
+    pub fn start() -> io::Result<TestCluster> {
+        let bin = find_bin_dir()?;
+        let run_as = if is_root()? {
+            Some(postgres_user()?)
+        } else {
+            None
+        };
+        let root = make_root_dir(run_as)?;
+        let data = root.join("data");
+        let cleanup = |e: io::Error| {
+            let _ = fs::remove_dir_all(&root);
+            e
+        };
+        let mut initdb = Command::new(bin.join("initdb"));
+        initdb
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8", "--locale=C"]);
+        run_quietly(initdb, &root, run_as, Duration::from_secs(120)).map_err(cleanup)?;
+        // Superuser `postgres` needs no password; every other role must give a correct one, so
+        // tests can check how a wrong password is reported.
+        fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\n\
+             host all postgres 127.0.0.1/32 trust\n\
+             host all postgres ::1/128 trust\n\
+             host all all 127.0.0.1/32 scram-sha-256\n\
+             host all all ::1/128 scram-sha-256\n",
+        )
+        .map_err(cleanup)?;
+        let watchdog = spawn_watchdog(&bin, &data, &root, run_as).map_err(cleanup)?;
+        let mut local = Local {
+            root,
+            data,
+            bin,
+            port: 0,
+            run_as,
+            watchdog: Mutex::new(Some(watchdog)),
+        };
+        // A free port can be taken by someone else between our probe and the server's bind; try again.
+        let mut last = None;
+        for _ in 0..5 {
+            local.port = free_port()?;
+            match local.pg_ctl_start() {
+                Ok(()) => {
+                    last = None;
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        if let Some(e) = last {
+            return Err(e); // dropping `local` stops the watchdog, which removes the directory
+        }
+        let url = format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            local.port
+        );
+        Ok(TestCluster {
+            url,
+            local: Some(local),
+        })
+    }
+
+    /// libpq `key=value` connection parameters for a superuser.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// True when this process started the server, so a test may restart or stop it.
+    pub fn is_local(&self) -> bool {
+        self.local.is_some()
+    }
+
+    /// The TCP port of a local cluster.
+    pub fn port(&self) -> Option<u16> {
+        self.local.as_ref().map(|l| l.port)
+    }
+
+    /// The directory of the PostgreSQL binaries of a local cluster (`pgbench` may live there too).
+    pub fn bin_dir(&self) -> Option<&Path> {
+        self.local.as_ref().map(|l| l.bin.as_path())
+    }
+
+    /// Restarts a local server (`pg_ctl restart -m fast`): every session ends, every advisory lock is
+    /// released, the server comes back on the same port.
+    ///
+    /// # Errors
+    ///
+    /// For a cluster named by `DATABASE_URL`, or when `pg_ctl` fails.
+    pub fn restart(&self) -> io::Result<()> {
+        let local = self.local_or_err()?;
+        let mut cmd = Command::new(local.bin.join("pg_ctl"));
+        cmd.arg("-D")
+            .arg(&local.data)
+            .args(["-m", "fast", "-w", "-t", "60", "restart"])
+            .arg("-l")
+            .arg(local.root.join("server.log"));
+        run_quietly(cmd, &local.root, local.run_as, Duration::from_secs(90))
+    }
+
+    /// Stops a local server and waits until it is down (`pg_ctl stop -m fast`); [`TestCluster::restart`]
+    /// or [`TestCluster::start_again`] bring it back.
+    ///
+    /// # Errors
+    ///
+    /// For a cluster named by `DATABASE_URL`, or when `pg_ctl` fails.
+    pub fn stop_server(&self) -> io::Result<()> {
+        let local = self.local_or_err()?;
+        let mut cmd = Command::new(local.bin.join("pg_ctl"));
+        cmd.arg("-D")
+            .arg(&local.data)
+            .args(["-m", "fast", "-w", "-t", "60", "stop"]);
+        run_quietly(cmd, &local.root, local.run_as, Duration::from_secs(90))
+    }
+
+    /// Starts a local server stopped by [`TestCluster::stop_server`], on the same port.
+    ///
+    /// # Errors
+    ///
+    /// For a cluster named by `DATABASE_URL`, or when `pg_ctl` fails.
+    pub fn start_again(&self) -> io::Result<()> {
+        self.local_or_err()?.pg_ctl_start()
+    }
+
+    fn local_or_err(&self) -> io::Result<&Local> {
+        self.local.as_ref().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the server comes from DATABASE_URL; only a local cluster can be restarted or stopped",
+            )
+        })
+    }
+}
+
+impl Local {
+    fn pg_ctl_start(&self) -> io::Result<()> {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
+             -c full_page_writes=off -c max_connections=300 -c shared_buffers=32MB",
+            self.port,
+            self.root.display()
+        );
+        let mut cmd = Command::new(self.bin.join("pg_ctl"));
+        cmd.arg("-D")
+            .arg(&self.data)
+            .arg("-l")
+            .arg(self.root.join("server.log"))
+            .args(["-w", "-t", "60", "-o"])
+            .arg(options)
+            .arg("start");
+        run_quietly(cmd, &self.root, self.run_as, Duration::from_secs(90))
+    }
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        if let Some((mut child, stdin)) = self.watchdog.lock().take() {
+            drop(stdin);
+            // The watchdog stops the server (`-t 30`) and removes the directory; bound the wait.
+            let _ = wait_bounded(&mut child, Duration::from_secs(45));
+        }
+    }
+}
+
+fn run_quietly(
+    mut cmd: Command,
+    dir: &Path,
+    run_as: Option<(u32, u32)>,
+    limit: Duration,
+) -> io::Result<()> {
+    cmd.current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Some((uid, gid)) = run_as {
+        cmd.uid(uid).gid(gid);
+    }
+    let program = cmd.get_program().to_owned();
+    let mut child = cmd.spawn().map_err(|e| annotate(e, &program))?;
+    // Read stderr on the side so that a chatty command cannot block on a full pipe.
+    let stderr = child.stderr.take();
+    let reader = thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(mut s) = stderr {
+            let _ = io::Read::read_to_string(&mut s, &mut text);
+        }
+        text
+    });
+    let status = wait_bounded(&mut child, limit)?;
+    let text = reader.join().unwrap_or_default();
+    if status.success() {
+        Ok(())
+    } else {
+        let log_hint = dir.join("server.log");
+        let log = fs::read_to_string(&log_hint).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(10).collect();
+        Err(io::Error::other(format!(
+            "{} failed ({status}): {}{}",
+            Path::new(&program).display(),
+            text.trim(),
+            if tail.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "\nserver log:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            }
+        )))
+    }
+}
+
+fn wait_bounded(child: &mut Child, limit: Duration) -> io::Result<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("command did not finish within {limit:?}"),
+            ));
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn annotate(e: io::Error, program: &OsStr) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {e}", Path::new(program).display()))
+}
+
+fn spawn_watchdog(
+    bin: &Path,
+    data: &Path,
+    root: &Path,
+    run_as: Option<(u32, u32)>,
+) -> io::Result<(Child, ChildStdin)> {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(WATCHDOG)
+        .arg(bin.join("pg_ctl"))
+        .arg(data)
+        .arg(root)
+        .current_dir(root)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some((uid, gid)) = run_as {
+        cmd.uid(uid).gid(gid);
+    }
+    // Its own process group: a Ctrl-C aimed at the test run must not kill the watchdog before it
+    // has stopped the server.
+    cmd.process_group(0);
+    let mut child = cmd.spawn().map_err(|e| annotate(e, OsStr::new("sh")))?;
+    let mut stdin = child
+        .stdin
+        .take()
+        .ok_or_else(|| io::Error::other("watchdog has no stdin"))?;
+    stdin.flush()?;
+    Ok((child, stdin))
+}
+
+fn find_bin_dir() -> io::Result<PathBuf> {
+    let has_tools = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
+    if let Some(path) = env::var_os("PATH") {
+        for dir in env::split_paths(&path) {
+            if has_tools(&dir) {
+                return Ok(dir);
+            }
+        }
+    }
+    let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let version = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = entry.path().join("bin");
+            has_tools(&bin).then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .map(|(_, bin)| bin)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, INSTALL_HINT))
+}
+
+fn is_root() -> io::Result<bool> {
+    Ok(fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false))
+}
+
+/// The uid and gid of the `postgres` OS user, from `/etc/passwd`.
+fn postgres_user() -> io::Result<(u32, u32)> {
+    let passwd = fs::read_to_string("/etc/passwd")?;
+    passwd
+        .lines()
+        .find_map(|line| {
+            let mut fields = line.split(':');
+            if fields.next()? != "postgres" {
+                return None;
+            }
+            let _password = fields.next()?;
+            let uid = fields.next()?.parse().ok()?;
+            let gid = fields.next()?.parse().ok()?;
+            Some((uid, gid))
+        })
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                "running as root, but there is no `postgres` OS user to run the server as \
+                 (PostgreSQL refuses root); installing the postgresql package creates it",
+            )
+        })
+}
+
+fn make_root_dir(run_as: Option<(u32, u32)>) -> io::Result<PathBuf> {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    // Unix socket paths are limited to about 100 bytes, so keep this short.
+    let mut name = OsString::from("distlock-");
+    name.push(format!(
+        "{}-{nanos:x}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let root = env::temp_dir().join(name);
+    fs::create_dir(&root)?;
+    if let Some((uid, gid)) = run_as {
+        std::os::unix::fs::chown(&root, Some(uid), Some(gid))?;
+    }
+    Ok(root)
+}
+
+fn free_port() -> io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
