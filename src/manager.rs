@@ -27,9 +27,9 @@ const DEFAULT_MAX_LOCKS: usize = 1024;
 const QUEUE_CAPACITY: usize = 1024;
 /// Reply slots made up front; the pool grows to the number of calls in flight at once.
 const INITIAL_REPLY_SLOTS: usize = 16;
-/// The first and the largest pause between two tries of a lock someone else holds.
+/// The first pause between two tries of a lock someone else holds, and the default largest one.
 const FIRST_RETRY: Duration = Duration::from_millis(1);
-const MAX_RETRY: Duration = Duration::from_millis(32);
+const DEFAULT_MAX_RETRY_INTERVAL: Duration = Duration::from_millis(32);
 
 /// A handle to one connection's worth of advisory locks.
 ///
@@ -60,6 +60,8 @@ pub(crate) struct Shared {
     request_timeout: Duration,
     /// Most holds at once.
     max_locks: usize,
+    /// The cap of the backoff between tries of a held lock.
+    max_retry_interval: Duration,
 }
 
 impl LockManager {
@@ -118,8 +120,9 @@ impl LockManager {
 
     /// Takes the exclusive lock on `key`, waiting up to `timeout` for its holders to release it.
     ///
-    /// Retries with capped exponential backoff and jitter (1 ms doubling to 32 ms) and at once when a
-    /// guard of this manager releases the key. Returns `Ok(None)` if the lock was still held at the
+    /// Retries with capped exponential backoff and jitter (1 ms doubling up to
+    /// [`Builder::max_retry_interval`], 32 ms by default), and at once when a guard of this manager
+    /// releases a hold. Returns `Ok(None)` if the lock was still held at the
     /// deadline; it returns within a few milliseconds of it. The first try always runs to completion
     /// (bounded by the request timeout), so a zero `timeout` behaves like [`LockManager::try_lock`].
     ///
@@ -270,13 +273,21 @@ impl LockManager {
         deadline: Option<Instant>,
     ) -> Result<Option<LockGuard>> {
         let shared = &self.shared;
-        let mut backoff = Backoff::new(FIRST_RETRY, MAX_RETRY);
+        let mut backoff = Backoff::new(FIRST_RETRY, shared.max_retry_interval);
         // The first try may use the whole request timeout, so that a zero timeout still tries once.
         let mut try_deadline = shared.request_deadline();
+        let mut cut_by_caller = false;
         loop {
             let seen = shared.table.lock().releases();
-            if let Some(guard) = self.try_once(key, mode, try_deadline)? {
-                return Ok(Some(guard));
+            match self.try_once(key, mode, try_deadline) {
+                Ok(Some(guard)) => return Ok(Some(guard)),
+                Ok(None) => {}
+                // A try cut short by the caller's own deadline (not by the request timeout) means
+                // "not acquired in time"; a grant that arrives later is released by the worker.
+                Err(e) if e.is_timeout() && cut_by_caller => {
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
             }
             let now = Instant::now();
             if deadline.is_some_and(|d| now >= d) {
@@ -294,12 +305,12 @@ impl LockManager {
                 }
             }
             drop(table);
+            // A try in flight at the caller's deadline is abandoned (and a late grant released), so
+            // the caller gets its answer on time even from a busy worker.
             let request_deadline = shared.request_deadline();
-            try_deadline = match deadline {
-                // A try in flight at the deadline is abandoned (and a late grant released), so the
-                // caller gets its answer on time even from a busy worker.
-                Some(d) => request_deadline.min(d.max(Instant::now())),
-                None => request_deadline,
+            (try_deadline, cut_by_caller) = match deadline {
+                Some(d) if d < request_deadline => (d.max(Instant::now()), true),
+                _ => (request_deadline, false),
             };
         }
     }
@@ -384,6 +395,7 @@ pub struct Builder {
     connect_timeout: Duration,
     request_timeout: Duration,
     max_locks: usize,
+    max_retry_interval: Duration,
 }
 
 impl Default for Builder {
@@ -393,6 +405,7 @@ impl Default for Builder {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             max_locks: DEFAULT_MAX_LOCKS,
+            max_retry_interval: DEFAULT_MAX_RETRY_INTERVAL,
         }
     }
 }
@@ -433,6 +446,18 @@ impl Builder {
     /// Defaults to 1024.
     pub fn max_locks(mut self, max: usize) -> Builder {
         self.max_locks = max;
+        self
+    }
+
+    /// The longest pause between two tries while waiting for a lock held by another session
+    /// (`lock`, `try_lock_for` and the shared forms). Pauses start at 1 ms and double up to this cap,
+    /// each with random jitter. A larger cap puts less load on the server while many callers wait;
+    /// a smaller one notices a release by another process sooner. A release by a guard of this
+    /// same manager wakes its waiters at once, whatever the cap.
+    ///
+    /// Defaults to 32 ms.
+    pub fn max_retry_interval(mut self, interval: Duration) -> Builder {
+        self.max_retry_interval = interval;
         self
     }
 
@@ -505,6 +530,7 @@ impl Builder {
                 released: Condvar::new(),
                 request_timeout: self.request_timeout,
                 max_locks: self.max_locks,
+                max_retry_interval: self.max_retry_interval.max(FIRST_RETRY),
             }),
         })
     }

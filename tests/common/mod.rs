@@ -1,0 +1,122 @@
+//! Helpers shared by the integration tests: the one cluster of this test binary, plain connections
+//! and `pg_locks` queries that see locks from outside the library.
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use distlock::testing::TestCluster;
+use distlock::{LockKey, LockManager};
+use postgres::{Client, NoTls};
+
+pub fn cluster() -> &'static TestCluster {
+    TestCluster::shared()
+}
+
+pub fn url() -> &'static str {
+    cluster().url()
+}
+
+/// A manager whose connection carries `app` as its application name.
+pub fn manager(app: &str) -> LockManager {
+    LockManager::builder()
+        .application_name(app)
+        .connect(url())
+        .expect("connect")
+}
+
+/// A plain connection, outside the library.
+pub fn plain() -> Client {
+    Client::connect(url(), NoTls).expect("plain connect")
+}
+
+/// `(classid, objid, objsubid)` of a key as `pg_locks` shows it.
+pub fn lock_tag(key: LockKey) -> (i64, i64, i32) {
+    match (key.as_id(), key.as_pair()) {
+        (Some(k), _) => ((k >> 32) & 0xffff_ffff, k & 0xffff_ffff, 1),
+        (_, Some((a, b))) => (a as u32 as i64, b as u32 as i64, 2),
+        _ => unreachable!(),
+    }
+}
+
+/// Granted holds of `key` in `pg_locks`: `(application_name, mode)` per holding session.
+pub fn holders(client: &mut Client, key: LockKey) -> Vec<(String, String)> {
+    let (classid, objid, objsubid) = lock_tag(key);
+    client
+        .query(
+            "SELECT coalesce(a.application_name, ''), l.mode FROM pg_locks l \
+             LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
+             WHERE l.locktype = 'advisory' AND l.granted AND l.classid::int8 = $1 \
+               AND l.objid::int8 = $2 AND l.objsubid = $3 ORDER BY 1, 2",
+            &[&classid, &objid, &(objsubid as i16)],
+        )
+        .expect("pg_locks")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// Advisory locks held by sessions whose application name is `app`.
+pub fn locks_of_app(client: &mut Client, app: &str) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+             WHERE l.locktype = 'advisory' AND a.application_name = $1",
+            &[&app],
+        )
+        .expect("count")
+        .get(0)
+}
+
+/// Sessions with application name `app`.
+pub fn sessions_of_app(client: &mut Client, app: &str) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+            &[&app],
+        )
+        .expect("count")
+        .get(0)
+}
+
+/// `SELECT pg_try_advisory_lock(..)` from a plain connection.
+pub fn plain_try_lock(client: &mut Client, key: LockKey) -> bool {
+    match (key.as_id(), key.as_pair()) {
+        (Some(k), _) => client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&k])
+            .unwrap()
+            .get(0),
+        (_, Some((a, b))) => client
+            .query_one("SELECT pg_try_advisory_lock($1, $2)", &[&a, &b])
+            .unwrap()
+            .get(0),
+        _ => unreachable!(),
+    }
+}
+
+pub fn plain_unlock(client: &mut Client, key: LockKey) -> bool {
+    match (key.as_id(), key.as_pair()) {
+        (Some(k), _) => client
+            .query_one("SELECT pg_advisory_unlock($1)", &[&k])
+            .unwrap()
+            .get(0),
+        (_, Some((a, b))) => client
+            .query_one("SELECT pg_advisory_unlock($1, $2)", &[&a, &b])
+            .unwrap()
+            .get(0),
+        _ => unreachable!(),
+    }
+}
+
+/// Polls `f` until it is true or `limit` passes; returns whether it became true.
+pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
