@@ -50,7 +50,11 @@ mod tests {
         for upper in bounds {
             let p = b.next_pause();
             let upper = Duration::from_millis(upper);
-            assert!(p >= upper / 2 && p <= upper, "{p:?} outside [{:?}, {upper:?}]", upper / 2);
+            assert!(
+                p >= upper / 2 && p <= upper,
+                "{p:?} outside [{:?}, {upper:?}]",
+                upper / 2
+            );
         }
     }
 }

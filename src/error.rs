@@ -69,9 +69,17 @@ impl Error {
     /// Classifies an error of the `postgres` client that happened while a statement ran.
     pub(crate) fn from_query(err: postgres::Error) -> Error {
         if err.as_db_error().is_some() {
-            Error::with_source(ErrorKind::Server, "the server rejected a lock statement", err)
+            Error::with_source(
+                ErrorKind::Server,
+                "the server rejected a lock statement",
+                err,
+            )
         } else {
-            Error::with_source(ErrorKind::ConnectionLost, "the connection to the server failed", err)
+            Error::with_source(
+                ErrorKind::ConnectionLost,
+                "the connection to the server failed",
+                err,
+            )
         }
     }
 

@@ -142,12 +142,24 @@ mod tests {
     // that shares locks with this one (and with the Go libraries), so they must never change.
     #[test]
     fn name_hash_matches_go_distlock_golden_values() {
-        assert_eq!(LockKey::name("test-key").as_id(), Some(-8571056458571921465));
+        assert_eq!(
+            LockKey::name("test-key").as_id(),
+            Some(-8571056458571921465)
+        );
         // FNV-1a 64 of nothing is the offset basis.
-        assert_eq!(LockKey::name("").as_id(), Some(0xcbf2_9ce4_8422_2325_u64 as i64));
+        assert_eq!(
+            LockKey::name("").as_id(),
+            Some(0xcbf2_9ce4_8422_2325_u64 as i64)
+        );
         // Published FNV-1a 64 test vectors.
-        assert_eq!(LockKey::name("a").as_id(), Some(0xaf63_dc4c_8601_ec8c_u64 as i64));
-        assert_eq!(LockKey::name("foobar").as_id(), Some(0x8594_4171_f739_67e8_u64 as i64));
+        assert_eq!(
+            LockKey::name("a").as_id(),
+            Some(0xaf63_dc4c_8601_ec8c_u64 as i64)
+        );
+        assert_eq!(
+            LockKey::name("foobar").as_id(),
+            Some(0x8594_4171_f739_67e8_u64 as i64)
+        );
         // Non-ASCII names hash their UTF-8 bytes.
         assert_eq!(LockKey::name("é").as_id(), Some(fnv1a64(&[0xc3, 0xa9])));
     }

@@ -505,7 +505,11 @@ impl Builder {
                 }
             })
             .map_err(|e| {
-                Error::with_source(ErrorKind::Io, "could not spawn the lock manager's worker", e)
+                Error::with_source(
+                    ErrorKind::Io,
+                    "could not spawn the lock manager's worker",
+                    e,
+                )
             })?;
         match ready_rx.recv_timeout(connect_timeout) {
             Ok(Ok(())) => {}
@@ -517,9 +521,7 @@ impl Builder {
                 ));
             }
             Err(_) => {
-                return Err(Error::timeout(
-                    "timed out connecting to the server",
-                ));
+                return Err(Error::timeout("timed out connecting to the server"));
             }
         }
         Ok(LockManager {

@@ -176,7 +176,10 @@ mod tests {
         let slot = ReplySlot::new();
         let ticket = arm(&slot);
         assert!(wait(&slot, ticket.number(), soon()).is_none());
-        assert!(matches!(ticket.deliver(Reply::Granted), Err(Reply::Granted)));
+        assert!(matches!(
+            ticket.deliver(Reply::Granted),
+            Err(Reply::Granted)
+        ));
     }
 
     #[test]

@@ -66,9 +66,14 @@ impl Table {
                 *n -= 1;
                 false
             }
-            (Some(Hold::Shared(_)), Mode::Shared) | (Some(Hold::Exclusive), Mode::Exclusive) => true,
+            (Some(Hold::Shared(_)), Mode::Shared) | (Some(Hold::Exclusive), Mode::Exclusive) => {
+                true
+            }
             (held, _) => {
-                debug_assert!(false, "release of {key} in {mode:?} that was not reserved: {held:?}");
+                debug_assert!(
+                    false,
+                    "release of {key} in {mode:?} that was not reserved: {held:?}"
+                );
                 return;
             }
         };
@@ -118,10 +123,16 @@ mod tests {
         let mut t = Table::default();
         assert_eq!(t.reserve(K, Mode::Shared, 2), Reservation::Reserved);
         assert_eq!(t.reserve(K, Mode::Shared, 2), Reservation::Reserved);
-        assert_eq!(t.reserve(LockKey::id(2), Mode::Exclusive, 2), Reservation::Full);
+        assert_eq!(
+            t.reserve(LockKey::id(2), Mode::Exclusive, 2),
+            Reservation::Full
+        );
         let before = t.releases();
         t.release(K, Mode::Shared);
         assert_ne!(t.releases(), before);
-        assert_eq!(t.reserve(LockKey::id(2), Mode::Exclusive, 2), Reservation::Reserved);
+        assert_eq!(
+            t.reserve(LockKey::id(2), Mode::Exclusive, 2),
+            Reservation::Reserved
+        );
     }
 }

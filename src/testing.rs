@@ -59,7 +59,8 @@ const INSTALL_HINT: &str = "no PostgreSQL server binaries found (initdb and pg_c
      `brew install postgresql` on macOS — or set DATABASE_URL to a server to use";
 
 /// Stops the server once its stdin closes, then removes the cluster's directory.
-const WATCHDOG: &str = r#"read _ignored; "$0" -D "$1" -m immediate -w -t 30 stop >/dev/null 2>&1; rm -rf "$2""#;
+const WATCHDOG: &str =
+    r#"read _ignored; "$0" -D "$1" -m immediate -w -t 30 stop >/dev/null 2>&1; rm -rf "$2""#;
 
 impl TestCluster {
     /// `DATABASE_URL` when it is set and not empty, else a new local cluster.
@@ -107,10 +108,16 @@ impl TestCluster {
             e
         };
         let mut initdb = Command::new(bin.join("initdb"));
-        initdb
-            .arg("-D")
-            .arg(&data)
-            .args(["-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8", "--locale=C"]);
+        initdb.arg("-D").arg(&data).args([
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        ]);
         run_quietly(initdb, &root, run_as, Duration::from_secs(120)).map_err(cleanup)?;
         // Superuser `postgres` needs no password; every other role must give a correct one, so
         // tests can check how a wrong password is reported.
@@ -386,7 +393,9 @@ fn find_bin_dir() -> io::Result<PathBuf> {
 }
 
 fn is_root() -> io::Result<bool> {
-    Ok(fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false))
+    Ok(fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false))
 }
 
 /// The uid and gid of the `postgres` OS user, from `/etc/passwd`.

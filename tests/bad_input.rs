@@ -22,7 +22,10 @@ fn malformed_parameters_are_a_config_error() {
         let err = LockManager::connect(params).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Config, "{params:?}: {err:?}");
         assert!(err.to_string().contains("invalid connection parameters"));
-        assert!(err.source().is_some(), "the parser's reason is kept as the source");
+        assert!(
+            err.source().is_some(),
+            "the parser's reason is kept as the source"
+        );
     }
 }
 
@@ -128,8 +131,14 @@ fn past_max_locks_is_a_typed_error_and_nothing_leaks() {
         .connect(url())
         .unwrap();
     let a = locks.try_lock(LockKey::pair(31, 1)).unwrap().unwrap();
-    let b = locks.try_lock_shared(LockKey::pair(31, 2)).unwrap().unwrap();
-    let c = locks.try_lock_shared(LockKey::pair(31, 2)).unwrap().unwrap();
+    let b = locks
+        .try_lock_shared(LockKey::pair(31, 2))
+        .unwrap()
+        .unwrap();
+    let c = locks
+        .try_lock_shared(LockKey::pair(31, 2))
+        .unwrap()
+        .unwrap();
     let err = locks.try_lock(LockKey::pair(31, 3)).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::TooManyLocks);
     let err = locks
@@ -137,9 +146,16 @@ fn past_max_locks_is_a_typed_error_and_nothing_leaks() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::TooManyLocks);
     let mut outside = plain();
-    assert_eq!(locks_of_app(&mut outside, app), 2, "no hold for the refused calls");
+    assert_eq!(
+        locks_of_app(&mut outside, app),
+        2,
+        "no hold for the refused calls"
+    );
     drop(c);
-    let d = locks.try_lock(LockKey::pair(31, 3)).unwrap().expect("room again");
+    let d = locks
+        .try_lock(LockKey::pair(31, 3))
+        .unwrap()
+        .expect("room again");
     drop((a, b, d));
     assert_eq!(locks_of_app(&mut outside, app), 0);
 }
@@ -168,7 +184,8 @@ fn a_caller_that_gives_up_never_leaks_its_grant() {
     assert!(timeouts > 0);
     let mut outside = plain();
     assert!(
-        eventually(Duration::from_secs(5), || locks_of_app(&mut outside, app) == 0),
+        eventually(Duration::from_secs(5), || locks_of_app(&mut outside, app)
+            == 0),
         "an abandoned grant was left held"
     );
     assert!(plain_try_lock(&mut outside, key));

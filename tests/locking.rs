@@ -32,7 +32,10 @@ fn try_lock_grants_a_free_key_and_an_outsider_sees_it_held() {
     assert!(!guard.is_shared());
 
     let mut outside = plain();
-    assert!(!plain_try_lock(&mut outside, key), "an outsider must be refused");
+    assert!(
+        !plain_try_lock(&mut outside, key),
+        "an outsider must be refused"
+    );
     assert_eq!(
         holders(&mut outside, key),
         vec![(app.to_owned(), "ExclusiveLock".to_owned())]
@@ -63,7 +66,10 @@ fn two_managers_contend_like_two_processes() {
     let held = a.try_lock(key).unwrap().expect("a gets it");
     assert!(b.try_lock(key).unwrap().is_none());
     drop(held);
-    let held = b.try_lock(key).unwrap().expect("b gets it once a dropped its guard");
+    let held = b
+        .try_lock(key)
+        .unwrap()
+        .expect("b gets it once a dropped its guard");
     assert!(a.try_lock(key).unwrap().is_none());
     drop(held);
 }
@@ -77,7 +83,10 @@ fn the_lock_is_released_on_the_server_when_drop_returns() {
         let guard = locks.try_lock(key).unwrap().expect("free");
         drop(guard);
         // No sleep, no retry: the release must already have happened.
-        assert!(plain_try_lock(&mut outside, key), "still held after drop #{i}");
+        assert!(
+            plain_try_lock(&mut outside, key),
+            "still held after drop #{i}"
+        );
         assert!(plain_unlock(&mut outside, key));
     }
 }
@@ -88,8 +97,14 @@ fn shared_holders_coexist_and_exclude_an_exclusive_holder() {
     let b = manager("t-shared-b");
     let key = LockKey::name("locking/shared");
     let s1 = a.try_lock_shared(key).unwrap().expect("first shared");
-    let s2 = a.try_lock_shared(key).unwrap().expect("second shared, same manager");
-    let s3 = b.try_lock_shared(key).unwrap().expect("shared, other manager");
+    let s2 = a
+        .try_lock_shared(key)
+        .unwrap()
+        .expect("second shared, same manager");
+    let s3 = b
+        .try_lock_shared(key)
+        .unwrap()
+        .expect("shared, other manager");
     assert!(s1.is_shared());
     assert!(a.try_lock(key).unwrap().is_none());
     assert!(b.try_lock(key).unwrap().is_none());
@@ -104,10 +119,16 @@ fn shared_holders_coexist_and_exclude_an_exclusive_holder() {
     );
     drop(s1);
     drop(s3);
-    assert!(b.try_lock(key).unwrap().is_none(), "s2 still holds it shared");
+    assert!(
+        b.try_lock(key).unwrap().is_none(),
+        "s2 still holds it shared"
+    );
     drop(s2);
     assert!(holders(&mut outside, key).is_empty());
-    let x = b.try_lock(key).unwrap().expect("exclusive once every shared holder left");
+    let x = b
+        .try_lock(key)
+        .unwrap()
+        .expect("exclusive once every shared holder left");
     assert!(a.try_lock_shared(key).unwrap().is_none());
     drop(x);
 }
@@ -119,7 +140,10 @@ fn pair_keys_and_id_keys_are_separate_locks() {
     let pair = LockKey::pair(5, 6);
     let id = LockKey::id((5 << 32) | 6);
     let p = locks.try_lock(pair).unwrap().expect("pair");
-    let i = locks.try_lock(id).unwrap().expect("the id with the same bits is another lock");
+    let i = locks
+        .try_lock(id)
+        .unwrap()
+        .expect("the id with the same bits is another lock");
     assert_eq!(holders(&mut outside, pair).len(), 1);
     assert_eq!(holders(&mut outside, id).len(), 1);
     drop((p, i));
@@ -138,7 +162,11 @@ fn extreme_keys_reach_the_server_intact() {
         LockKey::pair(i32::MAX, i32::MIN),
     ] {
         let guard = locks.try_lock(key).unwrap().expect("free");
-        assert_eq!(holders(&mut outside, key).len(), 1, "{key:?} held under its own tag");
+        assert_eq!(
+            holders(&mut outside, key).len(),
+            1,
+            "{key:?} held under its own tag"
+        );
         assert!(!plain_try_lock(&mut outside, key));
         drop(guard);
         let guard = locks.try_lock_shared(key).unwrap().expect("free");
@@ -163,7 +191,12 @@ fn names_map_to_the_go_libraries_ids_on_the_server() {
 fn any_name_is_a_valid_key() {
     let locks = manager("t-names");
     let long = "x".repeat(8 << 20);
-    for name in ["", "é🔒 ключ", "with 'quotes'; DROP TABLE x; --", long.as_str()] {
+    for name in [
+        "",
+        "é🔒 ключ",
+        "with 'quotes'; DROP TABLE x; --",
+        long.as_str(),
+    ] {
         let guard = locks.try_lock(name).unwrap().expect("free");
         assert_eq!(guard.key(), LockKey::name(name));
         assert!(locks.try_lock(name).unwrap().is_none());
@@ -208,11 +241,16 @@ fn threads_on_two_managers_never_overlap() {
             s.spawn(move || {
                 for i in 0..40 {
                     let k = (t + i) % 2;
-                    let Some(guard) = locks.try_lock_for(keys[k], Duration::from_secs(20)).unwrap()
+                    let Some(guard) = locks
+                        .try_lock_for(keys[k], Duration::from_secs(20))
+                        .unwrap()
                     else {
                         panic!("20 s without the lock");
                     };
-                    assert!(!inside[k].swap(true, Ordering::SeqCst), "two holders of {k}");
+                    assert!(
+                        !inside[k].swap(true, Ordering::SeqCst),
+                        "two holders of {k}"
+                    );
                     entries.fetch_add(1, Ordering::Relaxed);
                     thread::sleep(Duration::from_micros(100));
                     inside[k].store(false, Ordering::SeqCst);
@@ -230,11 +268,18 @@ fn try_lock_for_gives_up_close_to_its_deadline() {
     let key = LockKey::name("locking/deadline");
     let mut outside = plain();
     assert!(plain_try_lock(&mut outside, key));
-    for wait in [Duration::ZERO, Duration::from_millis(50), Duration::from_millis(300)] {
+    for wait in [
+        Duration::ZERO,
+        Duration::from_millis(50),
+        Duration::from_millis(300),
+    ] {
         let start = Instant::now();
         assert!(locks.try_lock_for(key, wait).unwrap().is_none());
         let took = start.elapsed();
-        assert!(took >= wait, "returned after {took:?}, before its {wait:?} deadline");
+        assert!(
+            took >= wait,
+            "returned after {took:?}, before its {wait:?} deadline"
+        );
         // Generous: a loaded CI machine may deschedule us; the point is that it is not a backoff step
         // or a request timeout late.
         assert!(
@@ -243,7 +288,12 @@ fn try_lock_for_gives_up_close_to_its_deadline() {
         );
     }
     assert!(plain_unlock(&mut outside, key));
-    assert!(locks.try_lock_for(key, Duration::from_secs(1)).unwrap().is_some());
+    assert!(
+        locks
+            .try_lock_for(key, Duration::from_secs(1))
+            .unwrap()
+            .is_some()
+    );
 }
 
 #[test]
@@ -294,7 +344,10 @@ fn a_local_release_wakes_a_waiter_at_once_whatever_the_backoff() {
         let (acquired, guard) = waiter.join().unwrap();
         let guard = guard.unwrap().expect("acquired");
         let delay = acquired - released;
-        assert!(delay < Duration::from_millis(900), "woken {delay:?} after the release");
+        assert!(
+            delay < Duration::from_millis(900),
+            "woken {delay:?} after the release"
+        );
         drop(guard);
     }
 }
@@ -308,12 +361,19 @@ fn guards_keep_the_connection_and_the_last_drop_closes_it() {
     drop(locks);
     drop(other);
     let mut outside = plain();
-    assert_eq!(sessions_of_app(&mut outside, app), 1, "a live guard keeps the session");
+    assert_eq!(
+        sessions_of_app(&mut outside, app),
+        1,
+        "a live guard keeps the session"
+    );
     assert_eq!(locks_of_app(&mut outside, app), 1);
     let moved = thread::spawn(move || guard.key()).join().unwrap();
     assert_eq!(moved, LockKey::name("locking/lifetime"));
     assert!(
-        eventually(Duration::from_secs(10), || sessions_of_app(&mut outside, app) == 0),
+        eventually(Duration::from_secs(10), || sessions_of_app(
+            &mut outside,
+            app
+        ) == 0),
         "the connection must close once the last guard and handle are gone"
     );
 }
@@ -325,7 +385,12 @@ fn nothing_is_left_in_pg_locks_after_everything_is_dropped() {
     let mut guards = Vec::new();
     for i in 0..50 {
         guards.push(locks.try_lock(LockKey::pair(9, i)).unwrap().expect("free"));
-        guards.push(locks.try_lock_shared(LockKey::id(9_000 + i as i64)).unwrap().expect("free"));
+        guards.push(
+            locks
+                .try_lock_shared(LockKey::id(9_000 + i as i64))
+                .unwrap()
+                .expect("free"),
+        );
     }
     let mut outside = plain();
     assert_eq!(locks_of_app(&mut outside, app), 100);
@@ -335,7 +400,10 @@ fn nothing_is_left_in_pg_locks_after_everything_is_dropped() {
     drop(half);
     assert_eq!(locks_of_app(&mut outside, app), 0);
     drop(locks);
-    assert!(eventually(Duration::from_secs(10), || sessions_of_app(&mut outside, app) == 0));
+    assert!(eventually(Duration::from_secs(10), || sessions_of_app(
+        &mut outside,
+        app
+    ) == 0));
 }
 
 #[test]
