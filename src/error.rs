@@ -22,6 +22,8 @@ pub enum ErrorKind {
     Timeout,
     /// The connection to the server failed while the call was under way; locks it held are gone.
     ConnectionLost,
+    /// The manager is reconnecting after losing its connection; calls fail fast until it is back.
+    Offline,
     /// The guard's lock was not held by the session any more when it was used or released: the
     /// connection that took it has ended, so the server had already released it.
     LockLost,
@@ -87,6 +89,20 @@ impl Error {
         Error::new(ErrorKind::Timeout, what)
     }
 
+    pub(crate) fn offline() -> Error {
+        Error::new(
+            ErrorKind::Offline,
+            "the lock manager is reconnecting to the server",
+        )
+    }
+
+    pub(crate) fn lock_lost() -> Error {
+        Error::new(
+            ErrorKind::LockLost,
+            "the lock was lost: the connection that held it ended",
+        )
+    }
+
     pub(crate) fn shutdown() -> Error {
         Error::new(ErrorKind::Shutdown, "the lock manager's worker has stopped")
     }
@@ -104,6 +120,15 @@ impl Error {
     /// True when the connection failed or the lock was found lost; locks of that connection are gone.
     pub fn is_connection_lost(&self) -> bool {
         matches!(self.kind, ErrorKind::ConnectionLost | ErrorKind::LockLost)
+    }
+
+    /// True for failures that may pass by themselves: a timeout, a lost connection, or a manager
+    /// that is reconnecting. Waiting calls (`lock`, `try_lock_for`) retry these until their deadline.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self.kind,
+            ErrorKind::Timeout | ErrorKind::ConnectionLost | ErrorKind::Offline
+        )
     }
 
     /// True when the manager's worker has stopped for good.

@@ -4,8 +4,11 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::error::{Error, ErrorKind, Result};
+use crossbeam_channel::{Receiver, TryRecvError};
+
+use crate::error::{Error, Result};
 use crate::key::LockKey;
+use crate::link::Lease;
 use crate::manager::Shared;
 use crate::reply::Reply;
 use crate::sql::{Mode, Op};
@@ -19,6 +22,21 @@ use crate::sql::{Mode, Op};
 ///
 /// The guard owns a handle to its manager, so it has no lifetime, may be sent to another thread, and
 /// keeps the manager's connection open while it lives.
+///
+/// # Lost locks
+///
+/// A session advisory lock lives exactly as long as the connection that took it. If that connection
+/// fails — the backend is killed, the server restarts, the network drops, or the backend stalls
+/// past the request timeout — the server releases the lock (or the manager makes sure it will), and
+/// another process may take it. The guard then reports the loss: [`LockGuard::is_lost`] turns true
+/// and [`LockGuard::lost`] becomes ready. A loss is noticed within one heartbeat plus a round trip
+/// (`Builder::heartbeat`), or at the request timeout for a stalled connection. Releasing a lost
+/// guard never touches the manager's newer connection, which may hold the same key again.
+///
+/// A lock is a lease, not a guarantee: between a check and the next step, the connection can fail.
+/// [`LockGuard::ensure_held`] narrows that window to one round trip before an irreversible step; it
+/// cannot close it. Where two holders at once would corrupt data, also make the protected resource
+/// reject stale writers (fencing).
 #[must_use = "if unused the lock will be released immediately"]
 pub struct LockGuard {
     /// The manager the lock was taken through.
@@ -27,17 +45,92 @@ pub struct LockGuard {
     key: LockKey,
     /// Exclusive or shared.
     mode: Mode,
+    /// The connection generation that granted the lock, and its loss signal.
+    lease: Lease,
     /// Set once the release has been sent, so that `drop` after `unlock` does nothing.
     released: bool,
 }
 
 impl LockGuard {
-    pub(crate) fn new(shared: Arc<Shared>, key: LockKey, mode: Mode) -> LockGuard {
+    pub(crate) fn new(shared: Arc<Shared>, key: LockKey, mode: Mode, lease: Lease) -> LockGuard {
         LockGuard {
             shared,
             key,
             mode,
+            lease,
             released: false,
+        }
+    }
+
+    /// True once the connection that holds this lock has been lost: the server has released the lock
+    /// (or will, as soon as a stalled backend wakes), and someone else may hold it now.
+    ///
+    /// Never blocks.
+    pub fn is_lost(&self) -> bool {
+        matches!(self.lease.lost.try_recv(), Err(TryRecvError::Disconnected))
+    }
+
+    /// A channel that becomes ready (disconnected) when the lock is lost, to `select!` on beside the
+    /// holder's own work. Nothing is ever sent on it; receiving returns `Err` once it is lost.
+    ///
+    /// ```no_run
+    /// use distlock::crossbeam_channel::{select, tick};
+    /// use std::time::Duration;
+    ///
+    /// # let locks = distlock::LockManager::connect("host=localhost user=postgres")?;
+    /// let guard = locks.lock("leader")?;
+    /// let work = tick(Duration::from_secs(1));
+    /// loop {
+    ///     select! {
+    ///         recv(guard.lost()) -> _ => {
+    ///             eprintln!("leadership lost; stepping down");
+    ///             break;
+    ///         }
+    ///         recv(work) -> _ => { /* one step of the leader's duty */ }
+    ///     }
+    /// }
+    /// # Ok::<(), distlock::Error>(())
+    /// ```
+    pub fn lost(&self) -> &Receiver<()> {
+        &self.lease.lost
+    }
+
+    /// Proves, with one round trip, that the session holding this lock is alive and holds it
+    /// (`pg_locks` shows it granted to this very backend) — for use right before an irreversible side
+    /// effect.
+    ///
+    /// Blocks for one round trip, at most the request timeout. What it proves holds at the moment the
+    /// server answered; see "Lost locks" above for why that is a lease and not a guarantee.
+    ///
+    /// # Errors
+    ///
+    /// [`crate::ErrorKind::LockLost`] when the lock is lost or not held, [`crate::ErrorKind::Timeout`],
+    /// [`crate::ErrorKind::ConnectionLost`] or [`crate::ErrorKind::Offline`] when the proof could not
+    /// be had (treat the lock as lost), [`crate::ErrorKind::Shutdown`].
+    ///
+    /// ```no_run
+    /// # let locks = distlock::LockManager::connect("host=localhost user=postgres")?;
+    /// let guard = locks.lock("payouts")?;
+    /// // ... prepare the batch ...
+    /// guard.ensure_held()?; // still ours, a round trip ago
+    /// // ... send the money ...
+    /// # Ok::<(), distlock::Error>(())
+    /// ```
+    pub fn ensure_held(&self) -> Result<()> {
+        if self.is_lost() {
+            return Err(Error::lock_lost());
+        }
+        let deadline = Instant::now() + self.shared.request_timeout();
+        let reply = self.shared.round_trip(
+            Op::Check,
+            self.mode,
+            self.key,
+            self.lease.generation,
+            deadline,
+        )?;
+        match reply {
+            Reply::Held if !self.is_lost() => Ok(()),
+            _ => Err(Error::lock_lost()),
         }
     }
 
@@ -82,19 +175,25 @@ impl LockGuard {
             return Ok(());
         }
         self.released = true;
+        if self.is_lost() {
+            // The server released it with the connection; a newer connection must not be touched.
+            self.shared.forget(self.key, self.mode);
+            return Err(Error::lock_lost());
+        }
         let deadline = Instant::now() + self.shared.request_timeout();
-        let outcome = self
-            .shared
-            .round_trip(Op::Unlock, self.mode, self.key, deadline);
+        let outcome = self.shared.round_trip(
+            Op::Unlock,
+            self.mode,
+            self.key,
+            self.lease.generation,
+            deadline,
+        );
         // Forget the hold only now: a local waiter woken by this finds the key free on the server too.
         // On a timeout the unlock is still queued ahead of any later request for the key.
         self.shared.forget(self.key, self.mode);
         match outcome? {
             Reply::Released => Ok(()),
-            _ => Err(Error::new(
-                ErrorKind::LockLost,
-                "the lock was no longer held by its session",
-            )),
+            _ => Err(Error::lock_lost()),
         }
     }
 }
@@ -112,6 +211,7 @@ impl fmt::Debug for LockGuard {
         f.debug_struct("LockGuard")
             .field("key", &self.key)
             .field("shared", &self.is_shared())
+            .field("lost", &self.is_lost())
             .finish_non_exhaustive()
     }
 }

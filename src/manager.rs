@@ -3,7 +3,6 @@
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{SendTimeoutError, Sender};
@@ -14,14 +13,17 @@ use crate::backoff::Backoff;
 use crate::error::{Error, ErrorKind, Result};
 use crate::guard::LockGuard;
 use crate::key::LockKey;
+use crate::link::Link;
+use crate::monitor;
 use crate::reply::{self, Reply, ReplySlot, Request};
 use crate::sql::{Mode, Op};
 use crate::table::{Reservation, Table};
-use crate::worker::Worker;
+use crate::worker::{self, Spec};
 
 const DEFAULT_APPLICATION_NAME: &str = "distlock";
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
 const DEFAULT_MAX_LOCKS: usize = 1024;
 /// Requests that may queue for the worker before senders wait (within their own bound).
 const QUEUE_CAPACITY: usize = 1024;
@@ -62,6 +64,10 @@ pub(crate) struct Shared {
     max_locks: usize,
     /// The cap of the backoff between tries of a held lock.
     max_retry_interval: Duration,
+    /// The current connection's state.
+    link: Arc<Link>,
+    /// Dropped with the last handle and guard, which stops the monitor.
+    _shutdown: Sender<()>,
 }
 
 impl LockManager {
@@ -240,6 +246,9 @@ impl LockManager {
     /// One try: the local table first, then (if free locally) the server.
     fn try_once(&self, key: LockKey, mode: Mode, deadline: Instant) -> Result<Option<LockGuard>> {
         let shared = &self.shared;
+        if !shared.link.is_online() {
+            return Err(Error::offline());
+        }
         match shared.table.lock().reserve(key, mode, shared.max_locks) {
             Reservation::Reserved => {}
             Reservation::Conflict => return Ok(None),
@@ -250,8 +259,10 @@ impl LockManager {
                 ));
             }
         }
-        match shared.round_trip(Op::TryLock, mode, key, deadline) {
-            Ok(Reply::Granted) => Ok(Some(LockGuard::new(Arc::clone(shared), key, mode))),
+        match shared.round_trip(Op::TryLock, mode, key, 0, deadline) {
+            Ok(Reply::Granted(lease)) => {
+                Ok(Some(LockGuard::new(Arc::clone(shared), key, mode, lease)))
+            }
             Ok(_) => {
                 shared.forget(key, mode);
                 Ok(None)
@@ -286,6 +297,11 @@ impl LockManager {
                 // "not acquired in time"; a grant that arrives later is released by the worker.
                 Err(e) if e.is_timeout() && cut_by_caller => {
                     return Ok(None);
+                }
+                // A lost connection, a reconnect in progress or a stalled worker may pass: keep
+                // waiting, within the caller's deadline.
+                Err(e) if e.is_transient() => {
+                    log::debug!("distlock: waiting for {key} through: {e}");
                 }
                 Err(e) => return Err(e),
             }
@@ -327,6 +343,7 @@ impl Shared {
         op: Op,
         mode: Mode,
         key: LockKey,
+        generation: u64,
         deadline: Instant,
     ) -> Result<Reply> {
         let slot = self.replies.pull(ReplySlot::new);
@@ -336,6 +353,7 @@ impl Shared {
             op,
             mode,
             key,
+            generation,
             reply: ticket,
         };
         match self.requests.send_deadline(request, deadline) {
@@ -396,6 +414,7 @@ pub struct Builder {
     request_timeout: Duration,
     max_locks: usize,
     max_retry_interval: Duration,
+    heartbeat: Duration,
 }
 
 impl Default for Builder {
@@ -406,6 +425,7 @@ impl Default for Builder {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             max_locks: DEFAULT_MAX_LOCKS,
             max_retry_interval: DEFAULT_MAX_RETRY_INTERVAL,
+            heartbeat: DEFAULT_HEARTBEAT,
         }
     }
 }
@@ -449,6 +469,20 @@ impl Builder {
         self
     }
 
+    /// How long the connection may sit idle before the worker checks it with an empty query.
+    ///
+    /// A session lock lives exactly as long as its connection, and the client does not notice a
+    /// connection killed on the server side until it next talks to it; the heartbeat bounds how long a
+    /// loss can go unnoticed (one heartbeat plus a round trip). A busy connection needs no heartbeat:
+    /// every request proves it alive. Values down to 10 ms work; each check costs the server one
+    /// round trip.
+    ///
+    /// Defaults to 1 s.
+    pub fn heartbeat(mut self, interval: Duration) -> Builder {
+        self.heartbeat = interval;
+        self
+    }
+
     /// The longest pause between two tries while waiting for a lock held by another session
     /// (`lock`, `try_lock_for` and the shared forms). Pauses start at 1 ms and double up to this cap,
     /// each with random jitter. A larger cap puts less load on the server while many callers wait;
@@ -483,47 +517,44 @@ impl Builder {
     ///
     /// As for [`LockManager::connect`].
     pub fn connect_config(self, mut config: postgres::Config) -> Result<LockManager> {
+        // TCP keepalives find a peer that vanished while the connection idles between heartbeats
+        // (a host that died, a NAT that forgot us); the user timeout bounds how long unacknowledged
+        // data may wait on a silent network before the socket fails.
         config
             .application_name(&self.application_name)
             .connect_timeout(self.connect_timeout)
-            .keepalives(true);
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(5))
+            .keepalives_interval(Duration::from_secs(1))
+            .keepalives_retries(5)
+            .tcp_user_timeout(Duration::from_secs(30).max(self.request_timeout));
         let (requests, queue) = crossbeam_channel::bounded(QUEUE_CAPACITY);
+        let (shutdown, shutdown_rx) = crossbeam_channel::bounded(0);
+        let link = Arc::new(Link::new());
+        let spec = Spec {
+            config,
+            requests: queue,
+            link: Arc::clone(&link),
+            heartbeat: self.heartbeat.max(Duration::from_millis(1)),
+            request_timeout: self.request_timeout,
+            connect_timeout: self.connect_timeout,
+        };
+        let spawn_error = |e| {
+            Error::with_source(
+                ErrorKind::Io,
+                "could not spawn the lock manager's threads",
+                e,
+            )
+        };
         let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
-        let connect_timeout = self.connect_timeout;
-        // Connect on the worker thread, so that a connection attempt that outlives the timeout is
-        // dropped there rather than leaking into a caller that has already returned.
-        thread::Builder::new()
-            .name("distlock-worker".into())
-            .spawn(move || match config.connect(postgres::NoTls) {
-                Ok(client) => {
-                    if ready_tx.send(Ok(())).is_ok() {
-                        Worker::new(client, queue).run();
-                    }
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                }
-            })
-            .map_err(|e| {
-                Error::with_source(
-                    ErrorKind::Io,
-                    "could not spawn the lock manager's worker",
-                    e,
-                )
-            })?;
-        match ready_rx.recv_timeout(connect_timeout) {
+        worker::start_first(spec.clone(), ready_tx).map_err(spawn_error)?;
+        // The worker bounds the attempt by the connect timeout; the margin only covers the hand-off.
+        match ready_rx.recv_timeout(self.connect_timeout + Duration::from_secs(1)) {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                return Err(Error::with_source(
-                    ErrorKind::Connect,
-                    "could not connect to the server",
-                    e,
-                ));
-            }
-            Err(_) => {
-                return Err(Error::timeout("timed out connecting to the server"));
-            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(Error::timeout("timed out connecting to the server")),
         }
+        monitor::start(spec, shutdown_rx).map_err(spawn_error)?;
         Ok(LockManager {
             shared: Arc::new(Shared {
                 requests,
@@ -533,6 +564,8 @@ impl Builder {
                 request_timeout: self.request_timeout,
                 max_locks: self.max_locks,
                 max_retry_interval: self.max_retry_interval.max(FIRST_RETRY),
+                link,
+                _shutdown: shutdown,
             }),
         })
     }

@@ -20,6 +20,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::error::{Error, ErrorKind};
 use crate::key::LockKey;
+use crate::link::Lease;
 use crate::sql::{Mode, Op};
 
 const WAITING: u64 = 0;
@@ -36,6 +37,9 @@ pub(crate) struct Request {
     pub(crate) mode: Mode,
     /// The advisory lock it concerns.
     pub(crate) key: LockKey,
+    /// For `Unlock` and `Check`: the connection generation that granted the hold. A worker of any
+    /// other generation answers without touching its session, whose holds are not this guard's.
+    pub(crate) generation: u64,
     /// Where the outcome goes.
     pub(crate) reply: Ticket,
 }
@@ -43,13 +47,16 @@ pub(crate) struct Request {
 /// The worker's answer to one request.
 #[derive(Debug)]
 pub(crate) enum Reply {
-    /// `TryLock`: the session now holds the lock.
-    Granted,
+    /// `TryLock`: the session now holds the lock, under this lease.
+    Granted(Lease),
     /// `TryLock`: another session holds it in a conflicting mode.
     Busy,
     /// `Unlock`: the session released one hold.
     Released,
-    /// `Unlock`: the session did not hold the lock (its connection ended and the server freed it).
+    /// `Check`: the session holds the lock.
+    Held,
+    /// `Unlock`, `Check`: the session does not hold the lock (the connection that took it ended, and
+    /// the server freed it).
     NotHeld,
     /// The statement failed.
     Failed(Error),
@@ -167,8 +174,8 @@ mod tests {
         let slot = ReplySlot::new();
         let ticket = arm(&slot);
         let n = ticket.number();
-        assert!(ticket.deliver(Reply::Granted).is_ok());
-        assert!(matches!(wait(&slot, n, soon()), Some(Reply::Granted)));
+        assert!(ticket.deliver(Reply::Held).is_ok());
+        assert!(matches!(wait(&slot, n, soon()), Some(Reply::Held)));
     }
 
     #[test]
@@ -176,10 +183,7 @@ mod tests {
         let slot = ReplySlot::new();
         let ticket = arm(&slot);
         assert!(wait(&slot, ticket.number(), soon()).is_none());
-        assert!(matches!(
-            ticket.deliver(Reply::Granted),
-            Err(Reply::Granted)
-        ));
+        assert!(matches!(ticket.deliver(Reply::Held), Err(Reply::Held)));
     }
 
     #[test]
@@ -190,13 +194,13 @@ mod tests {
         let new = arm(&slot);
         let n = new.number();
         // The old request's late reply is refused; the new one's is delivered.
-        assert!(old.deliver(Reply::Granted).is_err());
+        assert!(old.deliver(Reply::Held).is_err());
         assert!(new.deliver(Reply::Busy).is_ok());
         assert!(matches!(wait(&slot, n, soon()), Some(Reply::Busy)));
         // And a ticket that was armed but never delivered to is dead once re-armed.
         let unused = arm(&slot);
         let next = arm(&slot);
-        assert!(unused.deliver(Reply::Granted).is_err());
+        assert!(unused.deliver(Reply::Held).is_err());
         assert!(next.deliver(Reply::Released).is_ok());
     }
 }

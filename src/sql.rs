@@ -9,6 +9,11 @@ use std::fmt::Write;
 
 use crate::key::{LockKey, Space};
 
+/// Identifies a new connection's backend: its pid and start time (µs since the epoch).
+pub(crate) const IDENTIFY: &str = "SELECT pg_backend_pid(), \
+     (extract(epoch FROM backend_start) * 1000000)::int8 \
+     FROM pg_stat_activity WHERE pid = pg_backend_pid()";
+
 /// Exclusive or shared: which family of advisory functions a request uses.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
 pub(crate) enum Mode {
@@ -25,6 +30,8 @@ pub(crate) enum Op {
     TryLock,
     /// Release one hold of the lock.
     Unlock,
+    /// Prove that this session holds the lock: one row when `pg_locks` shows it granted to us.
+    Check,
 }
 
 /// A reusable statement buffer: once it has grown to its working size, formatting allocates nothing.
@@ -51,11 +58,16 @@ impl Sql {
         if !self.buf.is_empty() {
             self.buf.push(';');
         }
+        if op == Op::Check {
+            self.push_check(mode, key);
+            return;
+        }
         self.buf.push_str(match (op, mode) {
             (Op::TryLock, Mode::Exclusive) => "SELECT 1 WHERE pg_try_advisory_lock(",
             (Op::TryLock, Mode::Shared) => "SELECT 1 WHERE pg_try_advisory_lock_shared(",
             (Op::Unlock, Mode::Exclusive) => "SELECT 1 WHERE pg_advisory_unlock(",
             (Op::Unlock, Mode::Shared) => "SELECT 1 WHERE pg_advisory_unlock_shared(",
+            (Op::Check, _) => unreachable!("handled above"),
         });
         match key.0 {
             Space::Id(id) => self.push_int8(id),
@@ -66,6 +78,38 @@ impl Sql {
             }
         }
         self.buf.push(')');
+    }
+
+    // `pg_locks` shows a bigint key k as classid = k >> 32, objid = k & 0xffffffff, objsubid = 1,
+    // and a pair (a, b) as classid = a, objid = b, objsubid = 2 (each as an unsigned 32-bit oid).
+    fn push_check(&mut self, mode: Mode, key: LockKey) {
+        let (classid, objid, objsubid) = match key.0 {
+            Space::Id(k) => ((k >> 32) as u32, k as u32, 1),
+            Space::Pair(a, b) => (a as u32, b as u32, 2),
+        };
+        let mode = match mode {
+            Mode::Exclusive => "ExclusiveLock",
+            Mode::Shared => "ShareLock",
+        };
+        let _ = write!(
+            self.buf,
+            "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() \
+             AND granted AND mode = '{mode}' AND classid = {classid} AND objid = {objid} \
+             AND objsubid = {objsubid}"
+        );
+    }
+
+    /// Appends a statement that ends the backend `pid` if, and only if, it is still the one that
+    /// started at `started_us` (µs since the epoch), so a pid reused since is never touched.
+    pub(crate) fn push_terminate(&mut self, pid: i32, started_us: i64) {
+        if !self.buf.is_empty() {
+            self.buf.push(';');
+        }
+        let _ = write!(
+            self.buf,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = {pid} \
+             AND (extract(epoch FROM backend_start) * 1000000)::int8 = {started_us}"
+        );
     }
 
     /// The statement text built so far.
@@ -117,5 +161,10 @@ mod tests {
             "SELECT 1 WHERE pg_try_advisory_lock_shared((-9223372036854775807-1));\
              SELECT 1 WHERE pg_advisory_unlock(9223372036854775807)"
         );
+        sql.clear();
+        sql.push(Op::Check, Mode::Shared, LockKey::id(-1));
+        assert!(sql.as_str().ends_with(
+            "mode = 'ShareLock' AND classid = 4294967295 AND objid = 4294967295 AND objsubid = 1"
+        ));
     }
 }

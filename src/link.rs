@@ -1,0 +1,221 @@
+//! The state of the manager's connection, shared by its worker, its monitor, callers and guards.
+//!
+//! Each connection the manager makes is a *generation*. Guards remember the generation that granted
+//! them; when that connection is lost, its loss signal fires for all of them at once, and nothing they
+//! do later (unlock, drop, `ensure_held`) reaches a newer session — which may hold the same key again.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::Mutex;
+
+/// A backend that may still hold locks nobody vouches for: its pid and start time (µs since the
+/// epoch), so that a later connection can end it without ever hitting a reused pid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Backend {
+    /// `pg_backend_pid()`.
+    pub(crate) pid: i32,
+    /// `backend_start` of that pid in `pg_stat_activity`, in microseconds since the epoch.
+    pub(crate) started_us: i64,
+}
+
+/// What is known about the current connection.
+#[derive(Debug)]
+pub(crate) struct Link {
+    /// True while a connection is up and serving; callers fail fast while it is false.
+    online: AtomicBool,
+    /// Origin of `busy`.
+    base: Instant,
+    /// `(ms since base + 1) << 16 | generation & 0xffff` while the worker of that generation runs a
+    /// statement, else 0. The monitor reads it to spot a statement stuck past the request timeout.
+    busy: AtomicU64,
+    /// The rest, changed only on connect and loss.
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    /// Generation of the current (or last) connection; 0 before the first.
+    generation: u64,
+    /// Dropped when the generation is lost, which makes every clone of `lost_rx` ready.
+    lost_tx: Option<Sender<()>>,
+    /// Handed to the guards of this generation.
+    lost_rx: Receiver<()>,
+    /// The backend of the current connection.
+    backend: Option<Backend>,
+    /// Backends of lost generations that may still be alive (stalled, not dead) and hold locks.
+    suspects: Vec<Backend>,
+}
+
+/// A generation's identity as a guard keeps it.
+#[derive(Debug, Clone)]
+pub(crate) struct Lease {
+    /// The connection generation that granted the lock.
+    pub(crate) generation: u64,
+    /// Ready (disconnected) once that generation is lost.
+    pub(crate) lost: Receiver<()>,
+}
+
+impl Link {
+    pub(crate) fn new() -> Link {
+        let (lost_tx, lost_rx) = crossbeam_channel::bounded(0);
+        drop(lost_tx); // generation 0 never held anything
+        Link {
+            online: AtomicBool::new(false),
+            base: Instant::now(),
+            busy: AtomicU64::new(0),
+            state: Mutex::new(State {
+                generation: 0,
+                lost_tx: None,
+                lost_rx,
+                backend: None,
+                suspects: Vec::new(),
+            }),
+        }
+    }
+
+    /// True while a connection is serving.
+    pub(crate) fn is_online(&self) -> bool {
+        self.online.load(Ordering::Acquire)
+    }
+
+    /// Starts a new generation for a fresh connection; returns its lease and the suspects that the
+    /// new connection should end.
+    pub(crate) fn go_online(&self, backend: Backend) -> (Lease, Vec<Backend>) {
+        let (lost_tx, lost_rx) = crossbeam_channel::bounded(0);
+        let mut state = self.state.lock();
+        state.generation += 1;
+        state.lost_tx = Some(lost_tx);
+        state.lost_rx = lost_rx.clone();
+        state.backend = Some(backend);
+        let suspects = std::mem::take(&mut state.suspects);
+        self.online.store(true, Ordering::Release);
+        (
+            Lease {
+                generation: state.generation,
+                lost: lost_rx,
+            },
+            suspects,
+        )
+    }
+
+    /// Gives back suspects a connection could not end, for the next one to try.
+    pub(crate) fn keep_suspects(&self, suspects: Vec<Backend>) {
+        self.state.lock().suspects.extend(suspects);
+    }
+
+    /// Declares `generation` lost, if it is still the current, online one: fires its loss signal and
+    /// remembers its backend as a suspect. Returns whether this call did it (exactly one caller
+    /// wins when the worker and the monitor notice at once).
+    pub(crate) fn lose(&self, generation: u64) -> bool {
+        let mut state = self.state.lock();
+        if state.generation != generation || !self.online.load(Ordering::Acquire) {
+            return false;
+        }
+        self.online.store(false, Ordering::Release);
+        self.busy.store(0, Ordering::Release);
+        state.lost_tx = None; // fires the loss signal of every guard of this generation
+        if let Some(backend) = state.backend.take() {
+            state.suspects.push(backend);
+        }
+        true
+    }
+
+    /// True while `generation` is the current, online connection.
+    pub(crate) fn is_current(&self, generation: u64) -> bool {
+        self.is_online() && self.state.lock().generation == generation
+    }
+
+    /// Marks the start of a statement on `generation`'s connection; returns the mark to clear.
+    pub(crate) fn begin_statement(&self, generation: u64) -> u64 {
+        let ms = self.base.elapsed().as_millis() as u64 + 1;
+        let mark = (ms << 16) | (generation & 0xffff);
+        self.busy.store(mark, Ordering::Release);
+        mark
+    }
+
+    /// Clears a mark set by [`Link::begin_statement`], unless it was replaced since.
+    pub(crate) fn end_statement(&self, mark: u64) {
+        let _ = self
+            .busy
+            .compare_exchange(mark, 0, Ordering::AcqRel, Ordering::Relaxed);
+    }
+
+    /// The current generation, if its worker has been inside one statement for longer than `limit`.
+    pub(crate) fn stalled(&self, limit: Duration) -> Option<u64> {
+        let mark = self.busy.load(Ordering::Acquire);
+        if mark == 0 {
+            return None;
+        }
+        let started = Duration::from_millis((mark >> 16) - 1);
+        if self.base.elapsed().saturating_sub(started) < limit {
+            return None;
+        }
+        let state = self.state.lock();
+        (self.is_online() && state.generation & 0xffff == mark & 0xffff).then_some(state.generation)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crossbeam_channel::TryRecvError;
+
+    const B: Backend = Backend {
+        pid: 7,
+        started_us: 1,
+    };
+
+    #[test]
+    fn losing_a_generation_fires_its_signal_once_and_makes_its_backend_a_suspect() {
+        let link = Link::new();
+        let (lease, suspects) = link.go_online(B);
+        assert!(suspects.is_empty());
+        assert!(link.is_current(lease.generation));
+        assert_eq!(lease.lost.try_recv(), Err(TryRecvError::Empty));
+        assert!(link.lose(lease.generation));
+        assert!(!link.lose(lease.generation), "only one caller wins");
+        assert_eq!(lease.lost.try_recv(), Err(TryRecvError::Disconnected));
+        assert!(!link.is_online());
+        let (next, suspects) = link.go_online(Backend { pid: 8, ..B });
+        assert_eq!(suspects, vec![B]);
+        assert!(next.generation > lease.generation);
+        assert!(!link.is_current(lease.generation));
+        assert_eq!(next.lost.try_recv(), Err(TryRecvError::Empty));
+    }
+
+    #[test]
+    fn a_stale_generation_cannot_lose_the_current_one() {
+        let link = Link::new();
+        let (old, _) = link.go_online(B);
+        assert!(link.lose(old.generation));
+        let (new, _) = link.go_online(B);
+        assert!(!link.lose(old.generation));
+        assert!(link.is_current(new.generation));
+    }
+
+    #[test]
+    fn a_statement_is_stalled_only_past_the_limit_and_only_for_its_generation() {
+        let link = Link::new();
+        let (lease, _) = link.go_online(B);
+        assert_eq!(link.stalled(Duration::ZERO), None, "idle");
+        let mark = link.begin_statement(lease.generation);
+        assert_eq!(link.stalled(Duration::from_secs(60)), None);
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(
+            link.stalled(Duration::from_millis(1)),
+            Some(lease.generation)
+        );
+        link.end_statement(mark);
+        assert_eq!(link.stalled(Duration::ZERO), None);
+        // A mark left by an old generation's stuck worker does not count against the new one.
+        let _old_mark = link.begin_statement(lease.generation);
+        assert!(link.lose(lease.generation));
+        let _ = link.go_online(B);
+        let stale = link.begin_statement(lease.generation);
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(link.stalled(Duration::from_millis(1)), None);
+        link.end_statement(stale);
+    }
+}

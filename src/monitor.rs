@@ -1,0 +1,59 @@
+//! Watches the worker for a statement stuck past the request timeout, and replaces it.
+//!
+//! The blocking client cannot time out a statement: a backend stopped by SIGSTOP, or a network that
+//! silently drops packets, leaves the worker blocked inside `simple_query` for as long as TCP takes
+//! to give up (minutes). Callers already get their timeout at the request bound; the monitor makes
+//! sure the manager does not stay wedged either. When the worker has been inside one statement for
+//! longer than the request timeout, it declares that connection's generation lost (every guard of it
+//! sees its loss signal) and starts a replacement worker on the same queue. The replacement's first
+//! act on its new connection is to end the stalled backend, so that a backend that later resumes
+//! cannot go on holding locks nobody owns.
+
+use std::thread;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+
+use crate::worker::{self, Spec};
+
+/// The shortest time a statement may run before it counts as stalled, whatever the request timeout:
+/// a tiny request timeout should make callers give up early, not make the manager drop healthy
+/// connections whose statements take a few milliseconds.
+const MIN_STALL: Duration = Duration::from_millis(100);
+
+/// Starts the monitor; it ends when `shutdown` disconnects (the manager is gone).
+pub(crate) fn start(spec: Spec, shutdown: Receiver<()>) -> std::io::Result<()> {
+    let limit = spec.request_timeout.max(MIN_STALL);
+    // Check often enough to act within a small fraction of the bound, but never spin.
+    let tick = (limit / 8).clamp(Duration::from_millis(5), Duration::from_millis(250));
+    thread::Builder::new()
+        .name("distlock-monitor".into())
+        .spawn(move || {
+            // Set when a replacement could not be started (no thread available); retried each tick.
+            let mut replacement_due = false;
+            loop {
+                match shutdown.recv_timeout(tick) {
+                    Err(RecvTimeoutError::Disconnected) => return,
+                    Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+                }
+                if let Some(generation) = spec.link.stalled(limit) {
+                    if spec.link.lose(generation) {
+                        log::warn!(
+                            "distlock: a statement has run for over {limit:?}; \
+                             replacing the connection and reporting its locks lost"
+                        );
+                        replacement_due = true;
+                    }
+                }
+                if replacement_due {
+                    match worker::start_replacement(spec.clone()) {
+                        Ok(_) => replacement_due = false,
+                        Err(e) => {
+                            log::error!("distlock: could not start a replacement worker: {e}")
+                        }
+                    }
+                }
+            }
+        })
+        .map(|_| ())
+}
