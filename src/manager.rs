@@ -288,26 +288,30 @@ impl LockManager {
         // The first try may use the whole request timeout, so that a zero timeout still tries once.
         let mut try_deadline = shared.request_deadline();
         let mut cut_by_caller = false;
+        // The transient failure of the latest try, if it failed: at the deadline the caller learns
+        // that, rather than an `Ok(None)` that would claim someone else holds the lock.
+        let mut failing: Option<Error> = None;
         loop {
             let seen = shared.table.lock().releases();
             match self.try_once(key, mode, try_deadline) {
                 Ok(Some(guard)) => return Ok(Some(guard)),
-                Ok(None) => {}
+                Ok(None) => failing = None,
                 // A try cut short by the caller's own deadline (not by the request timeout) means
                 // "not acquired in time"; a grant that arrives later is released by the worker.
                 Err(e) if e.is_timeout() && cut_by_caller => {
-                    return Ok(None);
+                    return failing.map_or(Ok(None), Err);
                 }
                 // A lost connection, a reconnect in progress or a stalled worker may pass: keep
                 // waiting, within the caller's deadline.
                 Err(e) if e.is_transient() => {
                     log::debug!("distlock: waiting for {key} through: {e}");
+                    failing = Some(e);
                 }
                 Err(e) => return Err(e),
             }
             let now = Instant::now();
             if deadline.is_some_and(|d| now >= d) {
-                return Ok(None);
+                return failing.map_or(Ok(None), Err);
             }
             let mut until = now + backoff.next_pause();
             if let Some(d) = deadline {

@@ -120,3 +120,57 @@ pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// Backend pids of the sessions whose application name is `app`.
+pub fn pids_of_app(client: &mut Client, app: &str) -> Vec<i32> {
+    client
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
+            &[&app],
+        )
+        .expect("pids")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Ends every session whose application name is `app`; returns how many.
+pub fn kill_app(client: &mut Client, app: &str) -> i64 {
+    client
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = $1",
+            &[&app],
+        )
+        .expect("terminate")
+        .get(0)
+}
+
+/// Waits until `guard` reports its lock lost; returns how long that took, or `None` after `limit`.
+pub fn time_to_loss(guard: &distlock::LockGuard, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    match guard.lost().recv_timeout(limit) {
+        Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Some(start.elapsed()),
+        _ => None,
+    }
+}
+
+/// Sends `signal` (`"STOP"`, `"CONT"`) to a process, as `kill -SIGNAL pid`.
+pub fn signal(pid: i32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -{signal} {pid} failed");
+}
+
+/// Resumes a stopped backend when dropped, so that a failing test never leaves it stopped (a stopped
+/// backend would hold its locks, and the cluster's shutdown, forever).
+pub struct Resume(pub i32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        signal(self.0, "CONT");
+    }
+}

@@ -1,0 +1,299 @@
+//! Lost locks: killed and stalled backends, reconnects, and many threads through repeated kills.
+//! These hurt only their own sessions, so they share the binary's cluster with each other.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use distlock::crossbeam_channel::Receiver;
+use distlock::{ErrorKind, LockKey, LockManager};
+use parking_lot::Mutex;
+
+fn manager_with(app: &str, heartbeat: Duration, request_timeout: Duration) -> LockManager {
+    LockManager::builder()
+        .application_name(app)
+        .heartbeat(heartbeat)
+        .request_timeout(request_timeout)
+        .connect(url())
+        .expect("connect")
+}
+
+#[test]
+fn a_killed_backend_is_reported_lost_and_the_manager_recovers() {
+    let app = "f-kill";
+    let heartbeat = Duration::from_millis(100);
+    let locks = manager_with(app, heartbeat, Duration::from_secs(5));
+    let key = LockKey::name("failures/kill");
+    let shared_key = LockKey::name("failures/kill-shared");
+    let guard = locks.try_lock(key).unwrap().expect("free");
+    let old_shared = locks.try_lock_shared(shared_key).unwrap().expect("free");
+    guard.ensure_held().unwrap();
+    assert!(!guard.is_lost());
+
+    let mut outside = plain();
+    assert_eq!(kill_app(&mut outside, app), 1);
+    let detected = time_to_loss(&guard, Duration::from_secs(10)).expect("loss signal");
+    eprintln!("loss detected {detected:?} after pg_terminate_backend (heartbeat {heartbeat:?})");
+    assert!(
+        detected < heartbeat + Duration::from_secs(2),
+        "loss noticed only after {detected:?}"
+    );
+    assert!(guard.is_lost() && old_shared.is_lost());
+    assert_eq!(guard.ensure_held().unwrap_err().kind(), ErrorKind::LockLost);
+
+    // The server released it with the session: another process takes it.
+    let other = manager("f-kill-other");
+    let taken = other
+        .try_lock(key)
+        .unwrap()
+        .expect("released by the server");
+
+    // The manager reconnects by itself and grants again.
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            matches!(locks.try_lock("failures/kill-after"), Ok(Some(_)))
+        }),
+        "the manager did not come back"
+    );
+    let new_shared = locks
+        .try_lock_shared(shared_key)
+        .unwrap()
+        .expect("shared again");
+    new_shared.ensure_held().unwrap();
+
+    // Stale guards release nothing of the new sessions: neither the other manager's exclusive
+    // lock, nor this manager's new shared hold of the same key.
+    assert_eq!(guard.unlock().unwrap_err().kind(), ErrorKind::LockLost);
+    drop(old_shared);
+    assert!(!plain_try_lock(&mut outside, key));
+    assert_eq!(
+        holders(&mut outside, key),
+        vec![("f-kill-other".into(), "ExclusiveLock".into())]
+    );
+    assert_eq!(
+        holders(&mut outside, shared_key),
+        vec![(app.into(), "ShareLock".into())]
+    );
+    new_shared.ensure_held().unwrap();
+    drop((taken, new_shared));
+    assert_eq!(locks_of_app(&mut outside, app), 0);
+}
+
+#[test]
+fn a_stalled_backend_times_out_callers_is_reported_lost_and_cannot_keep_its_locks() {
+    let app = "f-stall";
+    let request_timeout = Duration::from_millis(500);
+    let locks = manager_with(app, Duration::from_millis(100), request_timeout);
+    let key = LockKey::name("failures/stall");
+    let guard = locks.try_lock(key).unwrap().expect("free");
+    let mut outside = plain();
+    let pids = pids_of_app(&mut outside, app);
+    assert_eq!(pids.len(), 1);
+    let pid = pids[0];
+
+    signal(pid, "STOP");
+    let resume = Resume(pid);
+    let start = Instant::now();
+    let err = locks.try_lock("failures/stall-2").unwrap_err();
+    let took = start.elapsed();
+    assert!(
+        matches!(
+            err.kind(),
+            ErrorKind::Timeout | ErrorKind::Offline | ErrorKind::ConnectionLost
+        ),
+        "{err:?}"
+    );
+    assert!(
+        took < request_timeout + Duration::from_millis(300),
+        "returned after {took:?}"
+    );
+    let lost = time_to_loss(&guard, request_timeout + Duration::from_secs(2));
+    assert!(
+        lost.is_some(),
+        "the stalled connection's lock was not reported lost"
+    );
+
+    // The manager works again on a new connection while the old backend is still stopped.
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            matches!(locks.try_lock("failures/stall-3"), Ok(Some(_)))
+        }),
+        "the manager stayed wedged behind the stalled connection"
+    );
+    // The stopped backend still holds the key (nothing can release a frozen process's locks)...
+    assert!(!plain_try_lock(&mut outside, key));
+    // ...but once it resumes it must not keep it: the manager has already asked it to end.
+    drop(resume);
+    assert!(
+        eventually(Duration::from_secs(10), || pids_of_app(&mut outside, app)
+            == vec![]
+            || !pids_of_app(&mut outside, app).contains(&pid)),
+        "the stalled backend survived"
+    );
+    assert!(
+        plain_try_lock(&mut outside, key),
+        "a zombie session kept the lock"
+    );
+    assert!(plain_unlock(&mut outside, key));
+    drop(guard);
+    let again = locks.try_lock(key).unwrap().expect("usable again");
+    again.ensure_held().unwrap();
+}
+
+#[test]
+fn many_threads_survive_repeated_kills_and_every_overlap_is_announced() {
+    let apps = ["f-storm-a", "f-storm-b"];
+    let managers =
+        apps.map(|app| manager_with(app, Duration::from_millis(50), Duration::from_secs(2)));
+    let keys = [LockKey::name("storm/0"), LockKey::name("storm/1")];
+    // The current holder of each key: its loss signal.
+    let holders_now: [Mutex<Option<Receiver<()>>>; 2] = Default::default();
+    // Overlaps seen: the old holder had not been told yet. Each must be told soon after.
+    let unannounced: Mutex<Vec<Receiver<()>>> = Mutex::new(Vec::new());
+    let acquisitions = AtomicUsize::new(0);
+    let errors = AtomicUsize::new(0);
+    let lost_holds = AtomicUsize::new(0);
+    let killed = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let deadline = Instant::now() + Duration::from_secs(4);
+
+    thread::scope(|s| {
+        s.spawn(|| {
+            let mut outside = plain();
+            while Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(300));
+                for app in apps {
+                    killed.fetch_add(kill_app(&mut outside, app) as usize, Ordering::Relaxed);
+                }
+            }
+            stop.store(true, Ordering::SeqCst);
+        });
+        for t in 0..6 {
+            let (locks, keys, holders_now, unannounced, acquisitions, errors, lost_holds, stop) = (
+                &managers[t % 2],
+                &keys,
+                &holders_now,
+                &unannounced,
+                &acquisitions,
+                &errors,
+                &lost_holds,
+                &stop,
+            );
+            s.spawn(move || {
+                let mut i = t;
+                while !stop.load(Ordering::SeqCst) {
+                    let k = i % 2;
+                    i += 1;
+                    let started = Instant::now();
+                    match locks.try_lock_for(keys[k], Duration::from_millis(500)) {
+                        Ok(Some(guard)) => {
+                            {
+                                let mut slot = holders_now[k].lock();
+                                if let Some(previous) = slot.take() {
+                                    if !matches!(
+                                        previous.try_recv(),
+                                        Err(crossbeam_channel::TryRecvError::Disconnected)
+                                    ) {
+                                        unannounced.lock().push(previous);
+                                    }
+                                }
+                                *slot = Some(guard.lost().clone());
+                            }
+                            acquisitions.fetch_add(1, Ordering::Relaxed);
+                            thread::sleep(Duration::from_millis(20));
+                            let mut slot = holders_now[k].lock();
+                            if slot.as_ref().is_some_and(|r| r.same_channel(guard.lost())) {
+                                *slot = None;
+                            }
+                            drop(slot);
+                            match guard.unlock() {
+                                Ok(()) => {}
+                                Err(e) if e.kind() == ErrorKind::LockLost => {
+                                    lost_holds.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Err(e) => {
+                                    assert!(e.is_transient(), "{e:?}");
+                                    errors.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            assert!(e.is_transient() || e.kind() == ErrorKind::LockLost, "{e:?}");
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    // Never longer than the wait plus one request timeout and a margin.
+                    assert!(started.elapsed() < Duration::from_secs(4), "a call hung");
+                }
+            });
+        }
+    });
+    let acquisitions = acquisitions.load(Ordering::Relaxed);
+    let lost_holds = lost_holds.load(Ordering::Relaxed);
+    assert!(acquisitions > 20, "only {acquisitions} acquisitions");
+    assert!(
+        killed.load(Ordering::Relaxed) > 0,
+        "the storm killed nothing"
+    );
+    assert!(
+        lost_holds > 0,
+        "no kill ever hit a holder: the test proved nothing"
+    );
+    for previous in unannounced.into_inner() {
+        assert!(
+            matches!(
+                previous.recv_timeout(Duration::from_secs(3)),
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected)
+            ),
+            "two holders at once, and the old one was never told"
+        );
+    }
+    // Everything recovers: both managers lock again, and nothing stays held.
+    for locks in &managers {
+        assert!(eventually(Duration::from_secs(10), || matches!(
+            locks.try_lock("storm/after"),
+            Ok(Some(_))
+        )));
+    }
+    drop(managers);
+    let mut outside = plain();
+    for app in apps {
+        assert!(eventually(Duration::from_secs(10), || locks_of_app(
+            &mut outside,
+            app
+        ) == 0));
+    }
+    eprintln!(
+        "storm: {acquisitions} acquisitions, {lost_holds} holds lost, {} sessions killed, \
+         {} transient errors",
+        killed.into_inner(),
+        errors.into_inner()
+    );
+}
+
+#[test]
+fn a_waiter_rides_through_a_lost_connection_within_its_deadline() {
+    let app = "f-waiter";
+    let locks = manager_with(app, Duration::from_millis(50), Duration::from_secs(2));
+    let key = LockKey::name("failures/waiter");
+    let mut outside = plain();
+    assert!(plain_try_lock(&mut outside, key));
+    let waiter = {
+        let locks = locks.clone();
+        thread::spawn(move || locks.try_lock_for(key, Duration::from_secs(20)))
+    };
+    thread::sleep(Duration::from_millis(200));
+    kill_app(&mut outside, app);
+    thread::sleep(Duration::from_millis(200));
+    assert!(plain_unlock(&mut outside, key));
+    let guard = waiter
+        .join()
+        .unwrap()
+        .unwrap()
+        .expect("acquired after the reconnect");
+    guard.ensure_held().unwrap();
+}
