@@ -151,11 +151,11 @@ impl LockGuard {
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::LockLost`] when the session no longer held the lock (its connection ended, so the
-    /// server had released it already and someone else may have taken it since),
-    /// [`ErrorKind::Timeout`] when the worker did not answer in time (the release still runs when the
-    /// worker gets to it), [`ErrorKind::ConnectionLost`] when the connection failed (which releases
-    /// the lock on the server), [`ErrorKind::Shutdown`] when the worker has stopped.
+    /// [`crate::ErrorKind::LockLost`] when the lock was lost (its connection ended, so the server had
+    /// released it already and someone else may have taken it since; no round trip is made),
+    /// [`crate::ErrorKind::Timeout`] when the worker did not answer in time (the release still runs when the
+    /// worker gets to it), [`crate::ErrorKind::ConnectionLost`] when the connection failed (which releases
+    /// the lock on the server), [`crate::ErrorKind::Shutdown`] when the worker has stopped.
     ///
     /// ```no_run
     /// # let locks = distlock::LockManager::connect("host=localhost user=postgres")?;

@@ -46,6 +46,45 @@
 //! * Names map to ids with FNV-1a 64, the mapping of Go's `ldelossa/distlock` and `quay/claircore`,
 //!   stable across versions and platforms (see [`LockKey`]).
 //!
+//! # Failure model
+//!
+//! A session advisory lock lives exactly as long as the connection that took it. When a backend is
+//! killed, the server restarts, a failover happens or the network stalls, the server frees the lock
+//! and another host may take it, while the holder may still believe it holds it. distlock notices,
+//! tells the holder, recovers by itself, and never leaves a caller hanging:
+//!
+//! * **Lost.** A guard is *lost* when the connection that granted it fails. [`LockGuard::is_lost`]
+//!   turns true and [`LockGuard::lost`] becomes ready (a `crossbeam_channel::Receiver` to `select!`
+//!   on). The worker checks an idle connection every [`Builder::heartbeat`] (1 s by default) and
+//!   TCP keepalives are on, so a killed backend or a restarted server is noticed within one heartbeat
+//!   plus a round trip; a busy connection notices at its next statement.
+//! * **Stalled.** The blocking client cannot time out a statement. If one runs longer than
+//!   [`Builder::request_timeout`] (a backend stopped with SIGSTOP, a silent network), callers get
+//!   [`ErrorKind::Timeout`] at that bound, a monitor thread declares the connection lost (its guards
+//!   are told) and starts a replacement connection, whose first act is to end the stalled backend
+//!   with `pg_terminate_backend` (matched by pid *and* start time), so that it cannot keep its locks
+//!   when it resumes. A frozen backend does keep its locks while it stays frozen: nothing can release
+//!   them before the server ends it.
+//! * **Reconnect.** After a loss the worker reconnects by itself, with capped exponential backoff
+//!   (50 ms doubling to 2 s) plus jitter. While it is offline, `try_lock`, `unlock` and
+//!   `ensure_held` fail fast with [`ErrorKind::Offline`]; waiting calls (`lock`, `try_lock_for` and
+//!   the shared forms) keep trying within their own deadline and, if it passes while the manager is
+//!   still offline, return that error rather than `Ok(None)`.
+//! * **Generations.** Each connection is a new generation. A guard of an earlier generation never
+//!   touches the newer session when it is dropped, unlocked or checked: that session may hold the same
+//!   key again, for someone else.
+//! * **Nothing leaks.** A grant that arrives after its caller gave up is released by the worker at
+//!   once. When the last manager handle and the last guard are dropped, the worker closes the
+//!   connection and the server releases whatever the session held; a caller blocked in a call holds a
+//!   handle itself, so in-flight requests and waiters always finish normally first.
+//! * **A lease, not a guarantee.** [`LockGuard::ensure_held`] proves with one round trip that the
+//!   session holding the lock is alive and holds it (`pg_locks`), right before an irreversible step.
+//!   The connection can still fail a moment later; where two holders at once would corrupt data, make
+//!   the protected resource reject stale writers too (fencing tokens are planned).
+//!
+//! Every failure is a distinct [`ErrorKind`]: `Timeout`, `ConnectionLost`, `LockLost`, `Offline`,
+//! `Shutdown`, `TooManyLocks`, `Server`, plus `Config`/`Connect` when connecting.
+//!
 //! # Notes on advisory locks
 //!
 //! * **Session-scoped.** A session advisory lock belongs to the connection that took it, not to a

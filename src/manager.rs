@@ -42,7 +42,11 @@ const DEFAULT_MAX_RETRY_INTERVAL: Duration = Duration::from_millis(32);
 ///
 /// The connection stays open while any clone or any [`LockGuard`] is alive; when the last of them is
 /// dropped the worker finishes the request it is running, closes the connection, and the server
-/// releases anything the session still held.
+/// releases anything the session still held. A thread blocked in a call holds a handle too, so
+/// waiters and in-flight requests always finish (or time out) normally before that happens.
+///
+/// If the connection fails, the manager reports the locks it held as lost and reconnects by itself;
+/// see the crate docs' "Failure model".
 #[derive(Clone)]
 pub struct LockManager {
     shared: Arc<Shared>,
@@ -108,9 +112,11 @@ impl LockManager {
     /// # Errors
     ///
     /// [`ErrorKind::Timeout`] when the worker did not answer within the request timeout (a grant that
-    /// arrives later is released at once), [`ErrorKind::TooManyLocks`] past `Builder::max_locks`,
-    /// [`ErrorKind::ConnectionLost`] or [`ErrorKind::Server`] when the statement failed,
-    /// [`ErrorKind::Shutdown`] when the worker has stopped.
+    /// arrives later is released at once), [`ErrorKind::Offline`] at once while the manager is
+    /// reconnecting, [`ErrorKind::TooManyLocks`] past [`Builder::max_locks`],
+    /// [`ErrorKind::ConnectionLost`] when the connection failed during the call,
+    /// [`ErrorKind::Server`] when the server rejected the statement, [`ErrorKind::Shutdown`] when the
+    /// worker has stopped.
     ///
     /// ```no_run
     /// # let locks = distlock::LockManager::connect("host=localhost user=postgres")?;
@@ -134,7 +140,9 @@ impl LockManager {
     ///
     /// # Errors
     ///
-    /// As for [`LockManager::try_lock`].
+    /// As for [`LockManager::try_lock`], except that transient failures ([`Error::is_transient`]:
+    /// a reconnect in progress, a lost connection, a stalled worker) do not end the wait: it keeps
+    /// trying until the deadline, and returns the latest such error if the last try failed with it.
     ///
     /// ```no_run
     /// # use std::time::Duration;
@@ -161,7 +169,8 @@ impl LockManager {
     ///
     /// # Errors
     ///
-    /// As for [`LockManager::try_lock`]; an error ends the wait.
+    /// As for [`LockManager::try_lock`], except that transient failures ([`Error::is_transient`]) do
+    /// not end the wait: it waits through reconnects for as long as it takes. Any other error ends it.
     ///
     /// ```no_run
     /// # let locks = distlock::LockManager::connect("host=localhost user=postgres")?;
@@ -453,8 +462,13 @@ impl Builder {
         self
     }
 
-    /// How long a call waits for the worker to answer one request: a single try of a lock, or a
-    /// release. A call that passes it fails with [`ErrorKind::Timeout`].
+    /// How long a call waits for the worker to answer one request: a single try of a lock, a
+    /// release, or an [`LockGuard::ensure_held`]. A call that passes it fails with
+    /// [`ErrorKind::Timeout`].
+    ///
+    /// It also bounds how long the manager stays behind a stalled connection: when one statement has
+    /// run for longer than this (or 100 ms, whichever is longer), the connection is declared lost,
+    /// its locks are reported lost, and a new connection takes over.
     ///
     /// Defaults to 10 s.
     pub fn request_timeout(mut self, timeout: Duration) -> Builder {

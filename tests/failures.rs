@@ -80,6 +80,29 @@ fn a_killed_backend_is_reported_lost_and_the_manager_recovers() {
     new_shared.ensure_held().unwrap();
     drop((taken, new_shared));
     assert_eq!(locks_of_app(&mut outside, app), 0);
+
+    // A few more kills, for the detection figure in the README.
+    let mut samples = vec![detected];
+    for i in 0..6 {
+        let guard = match locks.try_lock_for(LockKey::pair(4040, i), Duration::from_secs(10)) {
+            Ok(Some(g)) => g,
+            other => panic!("manager did not come back: {other:?}"),
+        };
+        // Kill at a random point of the heartbeat cycle.
+        thread::sleep(Duration::from_millis(17 * (i as u64 + 1)));
+        assert_eq!(kill_app(&mut outside, app), 1);
+        samples.push(time_to_loss(&guard, Duration::from_secs(10)).expect("loss signal"));
+    }
+    samples.sort();
+    eprintln!(
+        "loss detection after pg_terminate_backend, heartbeat {heartbeat:?}, {} kills: \
+         min {:?}, median {:?}, max {:?}",
+        samples.len(),
+        samples[0],
+        samples[samples.len() / 2],
+        samples[samples.len() - 1]
+    );
+    assert!(samples[samples.len() - 1] < heartbeat + Duration::from_secs(2));
 }
 
 #[test]
