@@ -177,7 +177,7 @@ impl LockGuard {
         self.released = true;
         if self.is_lost() {
             // The server released it with the connection; a newer connection must not be touched.
-            self.shared.forget(self.key, self.mode);
+            self.shared.release_hold(self.key, self.mode);
             return Err(Error::lock_lost());
         }
         let deadline = Instant::now() + self.shared.request_timeout();
@@ -190,7 +190,7 @@ impl LockGuard {
         );
         // Forget the hold only now: a local waiter woken by this finds the key free on the server too.
         // On a timeout the unlock is still queued ahead of any later request for the key.
-        self.shared.forget(self.key, self.mode);
+        self.shared.release_hold(self.key, self.mode);
         match outcome? {
             Reply::Released => Ok(()),
             _ => Err(Error::lock_lost()),

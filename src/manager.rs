@@ -273,13 +273,13 @@ impl LockManager {
                 Ok(Some(LockGuard::new(Arc::clone(shared), key, mode, lease)))
             }
             Ok(_) => {
-                shared.forget(key, mode);
+                shared.unreserve(key, mode);
                 Ok(None)
             }
             // On a timeout the request may still run: the worker then finds nobody waiting and
             // releases the grant itself, before any later request for the key (the queue is FIFO).
             Err(e) => {
-                shared.forget(key, mode);
+                shared.unreserve(key, mode);
                 Err(e)
             }
         }
@@ -387,10 +387,17 @@ impl Shared {
         }
     }
 
-    /// Gives a hold back to the table and wakes local waiters.
-    pub(crate) fn forget(&self, key: LockKey, mode: Mode) {
-        self.table.lock().release(key, mode);
+    /// Gives back the hold of a guard and wakes local waiters: the key may be free now.
+    pub(crate) fn release_hold(&self, key: LockKey, mode: Mode) {
+        self.table.lock().release(key, mode, true);
         self.released.notify_all();
+    }
+
+    /// Gives back a reservation whose try failed. Nobody is woken: the try failed because another
+    /// session holds the key, so local waiters gain nothing by trying now (waking them would make
+    /// two waiters of one key wake each other in a busy loop).
+    fn unreserve(&self, key: LockKey, mode: Mode) {
+        self.table.lock().release(key, mode, false);
     }
 
     /// The request timeout, the bound on a release.

@@ -37,7 +37,8 @@ pub(crate) struct Table {
     holds: HashMap<LockKey, Hold>,
     /// Holds in total (a shared key counts each holder).
     count: usize,
-    /// Bumped on every release, so a waiter can tell that something was freed while it slept.
+    /// Bumped whenever a guard gives its hold back, so a waiter can tell that something was freed
+    /// while it slept.
     releases: u64,
 }
 
@@ -59,8 +60,9 @@ impl Table {
         Reservation::Reserved
     }
 
-    /// Gives back one hold taken by [`Table::reserve`] (released, refused or abandoned).
-    pub(crate) fn release(&mut self, key: LockKey, mode: Mode) {
+    /// Gives back one hold taken by [`Table::reserve`]: a guard's released hold (`wake`: waiters are
+    /// told through the release counter) or a reservation whose try failed.
+    pub(crate) fn release(&mut self, key: LockKey, mode: Mode, wake: bool) {
         let remove = match (self.holds.get_mut(&key), mode) {
             (Some(Hold::Shared(n)), Mode::Shared) if *n > 1 => {
                 *n -= 1;
@@ -81,10 +83,12 @@ impl Table {
             self.holds.remove(&key);
         }
         self.count -= 1;
-        self.releases = self.releases.wrapping_add(1);
+        if wake {
+            self.releases = self.releases.wrapping_add(1);
+        }
     }
 
-    /// The release counter; it changes whenever any hold is given back.
+    /// The release counter; it changes whenever a guard gives a hold back.
     pub(crate) fn releases(&self) -> u64 {
         self.releases
     }
@@ -107,13 +111,13 @@ mod tests {
         assert_eq!(t.reserve(K, Mode::Exclusive, 10), Reservation::Reserved);
         assert_eq!(t.reserve(K, Mode::Exclusive, 10), Reservation::Conflict);
         assert_eq!(t.reserve(K, Mode::Shared, 10), Reservation::Conflict);
-        t.release(K, Mode::Exclusive);
+        t.release(K, Mode::Exclusive, true);
         assert_eq!(t.reserve(K, Mode::Shared, 10), Reservation::Reserved);
         assert_eq!(t.reserve(K, Mode::Shared, 10), Reservation::Reserved);
         assert_eq!(t.reserve(K, Mode::Exclusive, 10), Reservation::Conflict);
-        t.release(K, Mode::Shared);
+        t.release(K, Mode::Shared, true);
         assert_eq!(t.reserve(K, Mode::Exclusive, 10), Reservation::Conflict);
-        t.release(K, Mode::Shared);
+        t.release(K, Mode::Shared, true);
         assert_eq!(t.len(), 0);
         assert_eq!(t.reserve(K, Mode::Exclusive, 10), Reservation::Reserved);
     }
@@ -128,7 +132,10 @@ mod tests {
             Reservation::Full
         );
         let before = t.releases();
-        t.release(K, Mode::Shared);
+        t.release(K, Mode::Shared, false);
+        assert_eq!(t.releases(), before, "a failed try wakes nobody");
+        assert_eq!(t.reserve(K, Mode::Shared, 2), Reservation::Reserved);
+        t.release(K, Mode::Shared, true);
         assert_ne!(t.releases(), before);
         assert_eq!(
             t.reserve(LockKey::id(2), Mode::Exclusive, 2),

@@ -5,6 +5,7 @@
 //! ([`crate::monitor`]) declares the generation lost and starts a replacement on the same queue;
 //! the stalled worker, if it ever wakes, sees that it is no longer current and exits.
 
+use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
 use std::thread;
@@ -90,11 +91,40 @@ pub(crate) fn start_replacement(spec: Spec) -> io::Result<thread::JoinHandle<()>
         })
 }
 
-/// The worker's state: one connection at a time, and the queue it serves.
+/// The most requests sent to the server in one query.
+const MAX_BATCH: usize = 64;
+
+/// What became of one request of a batch.
+#[derive(Debug, Default)]
+enum Outcome {
+    /// Not run yet.
+    #[default]
+    Pending,
+    /// Ran; whether its statement returned its row.
+    Done(bool),
+    /// Must run again alone (batch recovery).
+    Retry,
+    /// The server rejected it (the error, once taken for the reply).
+    Failed(Option<postgres::Error>),
+}
+
+/// The worker's state: one connection at a time, and the queue it serves. The vectors and the map
+/// keep their capacity, so steady-state batches allocate nothing here.
 struct Worker {
     spec: Spec,
     /// Reused statement buffer.
     sql: Sql,
+    /// The requests of the batch being served, in arrival order.
+    batch: Vec<Request>,
+    /// Indices into `batch` of the statements in the query, in query order.
+    order: Vec<usize>,
+    /// Indices into `batch` of requests that run alone after the query.
+    solo: Vec<usize>,
+    /// The outcome of each request of `batch`.
+    outcomes: Vec<Outcome>,
+    /// Holds this connection's session has, per key and mode: exact, since every grant and release
+    /// of the session goes through this worker. Cleared with each new connection.
+    ledger: HashMap<(LockKey, Mode), u32>,
 }
 
 impl Worker {
@@ -102,6 +132,11 @@ impl Worker {
         Worker {
             spec,
             sql: Sql::new(),
+            batch: Vec::with_capacity(MAX_BATCH),
+            order: Vec::with_capacity(MAX_BATCH),
+            solo: Vec::with_capacity(MAX_BATCH),
+            outcomes: Vec::with_capacity(MAX_BATCH),
+            ledger: HashMap::new(),
         }
     }
 
@@ -178,13 +213,27 @@ impl Worker {
 
     fn serve(&mut self, client: &mut Client, lease: &Lease) -> End {
         let link = Arc::clone(&self.spec.link);
+        self.ledger.clear();
         loop {
             if !link.is_current(lease.generation) {
                 return End::Superseded;
             }
             match self.spec.requests.recv_timeout(self.spec.heartbeat) {
-                Ok(request) => {
-                    if let Err(end) = self.handle(client, lease, request) {
+                Ok(first) => {
+                    // Whatever queued up meanwhile goes to the server in the same round trip.
+                    self.batch.push(first);
+                    while self.batch.len() < MAX_BATCH {
+                        match self.spec.requests.try_recv() {
+                            Ok(request) => self.batch.push(request),
+                            Err(_) => break,
+                        }
+                    }
+                    let outcome = self.run_batch(client, lease);
+                    // Normally empty by now; on an early exit, the rest learn why.
+                    for request in self.batch.drain(..) {
+                        let _ = request.reply.deliver(Reply::Failed(lost_error()));
+                    }
+                    if let Err(end) = outcome {
                         return end;
                     }
                 }
@@ -202,59 +251,246 @@ impl Worker {
         }
     }
 
-    /// Runs one request and replies. `Err` ends this connection's service.
-    fn handle(&mut self, client: &mut Client, lease: &Lease, request: Request) -> Result<(), End> {
-        let Request {
-            op,
-            mode,
-            key,
-            generation,
-            reply,
-        } = request;
-        if op != Op::TryLock && generation != lease.generation {
-            // The hold belonged to an earlier connection, which the server has released; this
-            // session may hold the same key for someone else now, so it must not be touched.
-            let _ = reply.deliver(Reply::NotHeld);
-            return Ok(());
+    /// Runs the queued requests in `self.batch`, as one multi-statement query where that is exact,
+    /// and replies to each. `Err` ends this connection's service.
+    ///
+    /// Statement order: releases first, then tries and checks, each group in arrival order. Every
+    /// caller has at most one request in flight, so no caller's own order changes; and a try can
+    /// only be queued beside a release of the same key when both are shared (the manager's table
+    /// refuses anything else), where the order does not change either outcome.
+    ///
+    /// A multi-statement query is one implicit transaction: if a statement fails, the ones before it
+    /// keep their effect (session locks ignore rollback) and the ones after it never run, and the
+    /// client does not say which statement failed. So a request joins the batch only if its outcome
+    /// can be read back from `pg_locks` afterwards: its key and mode appear once in the batch, and
+    /// the session holds that key in that mode at most once (for a release) or not at all (for a
+    /// try). The others run alone, after the batch.
+    fn run_batch(&mut self, client: &mut Client, lease: &Lease) -> Result<(), End> {
+        self.sql.clear();
+        self.order.clear();
+        self.solo.clear();
+        for pass in [Op::Unlock, Op::TryLock] {
+            for i in 0..self.batch.len() {
+                let r = &self.batch[i];
+                let in_pass = match pass {
+                    Op::Unlock => r.op == Op::Unlock,
+                    _ => r.op != Op::Unlock,
+                };
+                if !in_pass {
+                    continue;
+                }
+                if r.op != Op::TryLock && r.generation != lease.generation {
+                    continue; // answered below without touching this session
+                }
+                let held = self.ledger.get(&(r.key, r.mode)).copied().unwrap_or(0);
+                let unique = !self
+                    .order
+                    .iter()
+                    .any(|&j| self.batch[j].key == r.key && self.batch[j].mode == r.mode);
+                let readable = unique
+                    && match r.op {
+                        Op::TryLock => held == 0,
+                        Op::Unlock => held == 1,
+                        Op::Check => true,
+                    };
+                if readable {
+                    self.sql.push(r.op, r.mode, r.key);
+                    self.order.push(i);
+                } else {
+                    self.solo.push(i);
+                }
+            }
         }
-        let outcome = self.execute(client, lease.generation, op, mode, key);
+        self.outcomes.clear();
+        self.outcomes
+            .resize_with(self.batch.len(), Outcome::default);
+        if !self.order.is_empty() {
+            self.execute_batch(client, lease)?;
+        }
+        // Solo requests, in arrival order, one statement each.
+        for k in 0..self.solo.len() {
+            let i = self.solo[k];
+            let (op, mode, key) = (self.batch[i].op, self.batch[i].mode, self.batch[i].key);
+            self.outcomes[i] = match self.execute(client, lease.generation, op, mode, key) {
+                Ok(row) => Outcome::Done(row),
+                Err(e) => self.statement_failed(client, lease, e)?,
+            };
+        }
+        self.reply_all(client, lease)
+    }
+
+    /// Runs the batch's statements as one query and records each outcome.
+    fn execute_batch(&mut self, client: &mut Client, lease: &Lease) -> Result<(), End> {
+        let mark = self.spec.link.begin_statement(lease.generation);
+        let result = client.simple_query(self.sql.as_str());
+        self.spec.link.end_statement(mark);
+        match result {
+            Ok(messages) => {
+                let mut statement = 0;
+                for m in &messages {
+                    if let SimpleQueryMessage::CommandComplete(n) = m {
+                        let Some(&i) = self.order.get(statement) else {
+                            break;
+                        };
+                        self.outcomes[i] = Outcome::Done(*n == 1);
+                        statement += 1;
+                    }
+                }
+                if statement != self.order.len() {
+                    log::error!(
+                        "distlock worker: {statement} results for {} statements",
+                        self.order.len()
+                    );
+                    return Err(End::Lost);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let failed = self.statement_failed(client, lease, e)?;
+                // The connection is fine; one statement failed and the ones after it did not run.
+                // Read back from pg_locks what happened to each, then run the rest again alone.
+                log::warn!(
+                    "distlock worker: a batched statement failed; recovering statement by statement"
+                );
+                self.sql.clear();
+                for &i in &self.order {
+                    let r = &self.batch[i];
+                    self.sql.push(Op::Check, r.mode, r.key);
+                }
+                let mark = self.spec.link.begin_statement(lease.generation);
+                let checked = client.simple_query(self.sql.as_str());
+                self.spec.link.end_statement(mark);
+                let checked = match checked {
+                    Ok(messages) => messages,
+                    Err(e) => {
+                        self.statement_failed(client, lease, e)?;
+                        return Err(End::Lost); // cannot tell what happened: start afresh
+                    }
+                };
+                let mut statement = 0;
+                for m in &checked {
+                    if let SimpleQueryMessage::CommandComplete(n) = m {
+                        let Some(&i) = self.order.get(statement) else {
+                            break;
+                        };
+                        statement += 1;
+                        let held_now = *n == 1;
+                        self.outcomes[i] = match (self.batch[i].op, held_now) {
+                            (Op::TryLock, true) => Outcome::Done(true), // it ran and was granted
+                            (Op::Unlock, false) => Outcome::Done(true), // it ran and released
+                            _ => Outcome::Retry,                        // did not run, or refused
+                        };
+                    }
+                }
+                if statement != self.order.len() {
+                    return Err(End::Lost);
+                }
+                for k in 0..self.order.len() {
+                    let i = self.order[k];
+                    if matches!(self.outcomes[i], Outcome::Retry) {
+                        let (op, mode, key) =
+                            (self.batch[i].op, self.batch[i].mode, self.batch[i].key);
+                        self.outcomes[i] =
+                            match self.execute(client, lease.generation, op, mode, key) {
+                                Ok(row) => Outcome::Done(row),
+                                Err(e) => self.statement_failed(client, lease, e)?,
+                            };
+                    }
+                }
+                drop(failed);
+                Ok(())
+            }
+        }
+    }
+
+    /// Classifies a failed statement: the connection is gone (`Err`, ending this connection's
+    /// service), or the server rejected the statement (its error, for the request's reply).
+    fn statement_failed(
+        &mut self,
+        client: &mut Client,
+        lease: &Lease,
+        e: postgres::Error,
+    ) -> Result<Outcome, End> {
         let current = self.spec.link.is_current(lease.generation);
-        let (answer, end) = match outcome {
-            Ok(_) if !current => (Reply::Failed(lost_error()), Err(End::Superseded)),
-            Ok(true) => (
-                match op {
-                    Op::TryLock => Reply::Granted(lease.clone()),
-                    Op::Unlock => Reply::Released,
+        if !current {
+            return Err(End::Superseded);
+        }
+        if connection_failed(client, &e) {
+            log::warn!("distlock worker: connection failed: {e}");
+            return Err(End::Lost);
+        }
+        Ok(Outcome::Failed(Some(e)))
+    }
+
+    /// Delivers every request's reply, keeps the ledger, and gives back grants nobody will own.
+    fn reply_all(&mut self, client: &mut Client, lease: &Lease) -> Result<(), End> {
+        let current = self.spec.link.is_current(lease.generation);
+        let mut undo_failed = false;
+        let mut batch = std::mem::take(&mut self.batch);
+        for (i, request) in batch.drain(..).enumerate() {
+            let Request {
+                op,
+                mode,
+                key,
+                generation,
+                reply,
+            } = request;
+            let outcome = std::mem::replace(&mut self.outcomes[i], Outcome::Pending);
+            let answer = match outcome {
+                _ if op != Op::TryLock && generation != lease.generation => Reply::NotHeld,
+                _ if !current => Reply::Failed(lost_error()),
+                Outcome::Done(true) => match op {
+                    Op::TryLock => {
+                        *self.ledger.entry((key, mode)).or_insert(0) += 1;
+                        Reply::Granted(lease.clone())
+                    }
+                    Op::Unlock => {
+                        if let Some(n) = self.ledger.get_mut(&(key, mode)) {
+                            *n -= 1;
+                            if *n == 0 {
+                                self.ledger.remove(&(key, mode));
+                            }
+                        }
+                        Reply::Released
+                    }
                     Op::Check => Reply::Held,
                 },
-                Ok(()),
-            ),
-            Ok(false) => (
-                match op {
+                Outcome::Done(false) => match op {
                     Op::TryLock => Reply::Busy,
                     Op::Unlock | Op::Check => Reply::NotHeld,
                 },
-                Ok(()),
-            ),
-            Err(e) if connection_failed(client, &e) || !current => (
-                Reply::Failed(Error::with_source(
-                    ErrorKind::ConnectionLost,
-                    "the connection to the server failed",
-                    e,
-                )),
-                Err(if current { End::Lost } else { End::Superseded }),
-            ),
-            Err(e) => (Reply::Failed(Error::from_query(e)), Ok(())),
-        };
-        if let Err(Reply::Granted(_)) = reply.deliver(answer) {
-            // The caller gave up before the grant arrived: nobody will ever own this hold, so give
-            // it back now rather than leak it for the life of the connection.
-            if let Err(e) = self.execute(client, lease.generation, Op::Unlock, mode, key) {
-                log::warn!("distlock worker: releasing an abandoned grant of {key} failed: {e}");
-                return Err(End::Lost);
+                Outcome::Failed(Some(e)) => Reply::Failed(Error::from_query(e)),
+                Outcome::Failed(None) | Outcome::Pending | Outcome::Retry => {
+                    Reply::Failed(lost_error())
+                }
+            };
+            if let Err(Reply::Granted(_)) = reply.deliver(answer) {
+                // The caller gave up before the grant arrived: nobody will ever own this hold, so
+                // give it back now rather than leak it for the life of the connection.
+                match self.execute(client, lease.generation, Op::Unlock, mode, key) {
+                    Ok(_) => {
+                        if let Some(n) = self.ledger.get_mut(&(key, mode)) {
+                            *n -= 1;
+                            if *n == 0 {
+                                self.ledger.remove(&(key, mode));
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        log::warn!(
+                            "distlock worker: releasing an abandoned grant of {key} failed: {e}"
+                        );
+                        undo_failed = true;
+                    }
+                }
             }
         }
-        end
+        self.batch = batch; // keeps its capacity
+        if undo_failed {
+            // The hold may still be there with nobody to release it: end the session instead.
+            return Err(End::Lost);
+        }
+        Ok(())
     }
 
     /// Runs one statement; `true` when it returned its row.

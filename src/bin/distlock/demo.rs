@@ -1,4 +1,4 @@
-//! The `distlock` command. For now: `distlock demo`, the README's main job.
+//! `distlock demo`: threads on two managers contending for a few keys, checked for overlaps.
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -9,59 +9,14 @@ use anyhow::{Context, Result, bail};
 use distlock::testing::TestCluster;
 use distlock::{LockKey, LockManager};
 
-const USAGE: &str = "usage: distlock demo [--threads N] [--seconds S]
-
-demo   runs threads on two lock managers contending for a few keys against DATABASE_URL or a
-       throwaway local PostgreSQL cluster, checks that no two holders ever overlapped, and prints
-       a summary. --threads is per manager (default 4), --seconds the run time (default 3).";
-
-fn main() -> ExitCode {
-    match run(std::env::args().skip(1).collect()) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("distlock: {e:#}");
-            ExitCode::from(1)
-        }
-    }
-}
-
-fn run(args: Vec<String>) -> Result<ExitCode> {
-    let mut args = args.into_iter();
-    match args.next().as_deref() {
-        Some("demo") => {
-            let mut threads = 4;
-            let mut seconds: f64 = 3.0;
-            while let Some(flag) = args.next() {
-                let value = args
-                    .next()
-                    .with_context(|| format!("{flag} needs a value"))?;
-                match flag.as_str() {
-                    "--threads" => threads = value.parse().context("--threads takes a number")?,
-                    "--seconds" => seconds = value.parse().context("--seconds takes a number")?,
-                    _ => bail!("unknown option {flag}\n\n{USAGE}"),
-                }
-            }
-            if threads == 0 || !seconds.is_finite() || seconds <= 0.0 {
-                bail!("--threads and --seconds must be positive");
-            }
-            demo(threads, Duration::from_secs_f64(seconds))
-        }
-        Some("-h" | "--help") => {
-            println!("{USAGE}");
-            Ok(ExitCode::SUCCESS)
-        }
-        Some(other) => bail!("unknown command {other:?}\n\n{USAGE}"),
-        None => bail!("no command given\n\n{USAGE}"),
-    }
-}
-
 /// Per-key overlap detectors: set while some thread believes it holds the key.
 struct Key {
     key: LockKey,
     held: AtomicBool,
 }
 
-fn demo(threads_per_manager: usize, run_for: Duration) -> Result<ExitCode> {
+/// Runs the demo; exit code 1 when a check failed.
+pub fn run(threads_per_manager: usize, run_for: Duration) -> Result<ExitCode> {
     let started = Instant::now();
     let cluster = TestCluster::from_env().context("starting PostgreSQL")?;
     println!(

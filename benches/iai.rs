@@ -1,0 +1,150 @@
+//! Deterministic benchmarks: instructions (callgrind) and heap allocations (DHAT) per lock+unlock
+//! cycle, for the raw `postgres::Client` running the same SQL and for `LockManager`.
+//!
+//! Everything in the process is counted — the worker thread included (`EntryPoint::None`) — so each
+//! benchmark runs twice, with a short and a long loop, and `.ci/bench-gate` takes the per-cycle figure
+//! as the difference divided by the difference in cycles: connecting, starting the throwaway cluster
+//! and thread start-up cancel out.
+//!
+//! Run: `cargo bench --bench iai` (needs `valgrind` and `iai-callgrind-runner` 0.16.1; uses
+//! `DATABASE_URL`, or starts a throwaway cluster per benchmark process).
+
+use std::hint::black_box;
+
+use distlock::testing::TestCluster;
+use distlock::{LockKey, LockManager};
+use iai_callgrind::{
+    Callgrind, Dhat, EntryPoint, LibraryBenchmarkConfig, library_benchmark,
+    library_benchmark_group, main,
+};
+use postgres::{Client, NoTls, SimpleQueryMessage};
+
+/// Loop lengths; the gate divides the difference of the two runs by `LONG - SHORT`.
+const SHORT: u64 = 100;
+const LONG: u64 = 600;
+
+/// The server for this benchmark process. Kept alive until the process exits; the cluster's watchdog
+/// then stops it, outside the measurement.
+fn server() -> &'static TestCluster {
+    TestCluster::shared()
+}
+
+fn rows(messages: &[SimpleQueryMessage]) -> u64 {
+    messages
+        .iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::CommandComplete(n) => Some(*n),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+// The floor: the raw client, the same statements, formatted the way a careful caller would.
+#[library_benchmark]
+#[bench::short(SHORT)]
+#[bench::long(LONG)]
+fn raw_client_cycle(cycles: u64) -> u64 {
+    let mut client = Client::connect(server().url(), NoTls).unwrap();
+    let mut sql = String::with_capacity(128);
+    let mut granted = 0;
+    for i in 0..cycles {
+        let key = 0x5eed_0000 + (i % 16) as i64;
+        sql.clear();
+        std::fmt::Write::write_fmt(
+            &mut sql,
+            format_args!("SELECT 1 WHERE pg_try_advisory_lock({key})"),
+        )
+        .unwrap();
+        granted += rows(&client.simple_query(&sql).unwrap());
+        sql.clear();
+        std::fmt::Write::write_fmt(
+            &mut sql,
+            format_args!("SELECT 1 WHERE pg_advisory_unlock({key})"),
+        )
+        .unwrap();
+        granted += rows(&client.simple_query(&sql).unwrap());
+    }
+    assert_eq!(granted, 2 * cycles);
+    black_box(granted)
+}
+
+fn manager() -> LockManager {
+    LockManager::builder()
+        .application_name("distlock-iai")
+        .connect(server().url())
+        .unwrap()
+}
+
+// `try_lock` + drop on a free key.
+#[library_benchmark]
+#[bench::short(SHORT)]
+#[bench::long(LONG)]
+fn manager_cycle(cycles: u64) -> u64 {
+    let locks = manager();
+    for i in 0..cycles {
+        let guard = locks.try_lock(LockKey::id(0x5eed_1000 + (i % 16) as i64));
+        drop(black_box(guard.unwrap().unwrap()));
+    }
+    cycles
+}
+
+// `try_lock_shared` + drop on a free key.
+#[library_benchmark]
+#[bench::short(SHORT)]
+#[bench::long(LONG)]
+fn manager_shared_cycle(cycles: u64) -> u64 {
+    let locks = manager();
+    for i in 0..cycles {
+        let guard = locks.try_lock_shared(LockKey::id(0x5eed_2000 + (i % 16) as i64));
+        drop(black_box(guard.unwrap().unwrap()));
+    }
+    cycles
+}
+
+// A `try_lock` the server refuses: another session holds the key.
+#[library_benchmark]
+#[bench::short(SHORT)]
+#[bench::long(LONG)]
+fn manager_refused(cycles: u64) -> u64 {
+    let mut holder = Client::connect(server().url(), NoTls).unwrap();
+    holder
+        .simple_query("SELECT pg_advisory_lock(1592061952)")
+        .unwrap();
+    let locks = manager();
+    for _ in 0..cycles {
+        assert!(black_box(locks.try_lock(LockKey::id(1_592_061_952)).unwrap()).is_none());
+    }
+    cycles
+}
+
+// Hashing a 32-byte name to its key.
+#[library_benchmark]
+#[bench::short(SHORT)]
+#[bench::long(LONG)]
+fn key_from_name(cycles: u64) -> i64 {
+    let mut acc = 0i64;
+    for i in 0..cycles {
+        let name = black_box("tenant-0000000042/nightly-report");
+        acc ^= LockKey::name(name).as_id().unwrap().wrapping_add(i as i64);
+    }
+    black_box(acc)
+}
+
+library_benchmark_group!(
+    name = cycles;
+    benchmarks = raw_client_cycle, manager_cycle, manager_shared_cycle, manager_refused, key_from_name
+);
+
+main!(
+    config = LibraryBenchmarkConfig::default()
+        // Count every thread of the process, the manager's worker included.
+        // Only this process: the throwaway cluster's initdb and pg_ctl run outside valgrind.
+        .tool(Callgrind::with_args(["--trace-children=no"]).entry_point(EntryPoint::None))
+        // Tokio's stacks are deep: a shallow stack setting undercounts allocations.
+        .tool(
+            Dhat::with_args(["--num-callers=100", "--trace-children=no"])
+                .entry_point(EntryPoint::None)
+        )
+        .env_clear(false);
+    library_benchmark_groups = cycles
+);

@@ -1,0 +1,393 @@
+//! `distlock bench`: the wall-clock suite. Latency and throughput of `LockManager` against the raw
+//! client and pgbench running the same statements, cross-process handoff, and loss detection, all in
+//! one run on one server, so that the ratios compare like with like.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::{Command, ExitCode};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use distlock::testing::TestCluster;
+use distlock::{LockKey, LockManager};
+use postgres::{Client, NoTls, SimpleQueryMessage};
+
+/// One line of the results: a case, a figure, its unit.
+struct Figure {
+    case: String,
+    value: f64,
+    unit: &'static str,
+}
+
+#[derive(Default)]
+struct Report {
+    figures: Vec<Figure>,
+}
+
+impl Report {
+    fn add(&mut self, case: impl Into<String>, value: f64, unit: &'static str) {
+        let case = case.into();
+        println!("{case:<58} {value:>12.1} {unit}");
+        self.figures.push(Figure { case, value, unit });
+    }
+
+    fn get(&self, case: &str) -> Option<f64> {
+        self.figures
+            .iter()
+            .find(|f| f.case == case)
+            .map(|f| f.value)
+    }
+
+    fn json(&self) -> String {
+        let mut out = String::from("{\n  \"figures\": [\n");
+        for (i, f) in self.figures.iter().enumerate() {
+            let _ = write!(
+                out,
+                "    {{\"case\": \"{}\", \"value\": {:.3}, \"unit\": \"{}\"}}{}\n",
+                f.case.replace('"', "'"),
+                f.value,
+                f.unit,
+                if i + 1 < self.figures.len() { "," } else { "" }
+            );
+        }
+        out.push_str("  ]\n}\n");
+        out
+    }
+}
+
+pub fn run(per_case: Duration, json: &Path) -> Result<ExitCode> {
+    let cluster = TestCluster::from_env().context("starting PostgreSQL")?;
+    println!(
+        "distlock bench: {} ({}), {} cores",
+        cluster.url(),
+        if cluster.is_local() {
+            "throwaway local cluster"
+        } else {
+            "DATABASE_URL"
+        },
+        thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let mut report = Report::default();
+    latency(&cluster, &mut report)?;
+    throughput(&cluster, per_case, &mut report)?;
+    pgbench(&cluster, per_case, &mut report)?;
+    handoff(&cluster, &mut report)?;
+    loss_detection(&cluster, &mut report)?;
+
+    println!();
+    if let (Some(m), Some(r)) = (
+        report.get("latency p50: LockManager try_lock+drop"),
+        report.get("latency p50: raw simple_query (SELECT 1 WHERE)"),
+    ) {
+        println!("ratio p50 LockManager / raw client: {:.3}", m / r);
+    }
+    if let (Some(m), Some(p)) = (
+        report.get("throughput: LockManager, 64 threads"),
+        report.get("throughput: pgbench -M prepared -c 8 -j 2"),
+    ) {
+        println!(
+            "ratio 64 threads on one LockManager / pgbench -c 8 -M prepared: {:.3}",
+            m / p
+        );
+    }
+    if let Some(dir) = json.parent() {
+        std::fs::create_dir_all(dir).ok();
+    }
+    std::fs::write(json, report.json()).with_context(|| format!("writing {}", json.display()))?;
+    println!("figures written to {}", json.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn rows(messages: &[SimpleQueryMessage]) -> u64 {
+    messages
+        .iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::CommandComplete(n) => Some(*n),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// Uncontended lock+unlock cycles, one thread, the candidates interleaved in rounds so that drift
+/// of the machine affects them all alike.
+fn latency(cluster: &TestCluster, report: &mut Report) -> Result<()> {
+    const ROUNDS: usize = 20;
+    const PER_ROUND: usize = 250;
+    let mut raw = Client::connect(cluster.url(), NoTls)?;
+    let lock_stmt = raw.prepare("SELECT 1 WHERE pg_try_advisory_lock($1)")?;
+    let unlock_stmt = raw.prepare("SELECT 1 WHERE pg_advisory_unlock($1)")?;
+    let locks = LockManager::builder()
+        .application_name("distlock-bench")
+        .connect(cluster.url())?;
+    let mut sql = String::with_capacity(128);
+    let names = [
+        "raw simple_query (SELECT 1 WHERE)",
+        "raw simple_query (SELECT 1 FROM .. l WHERE l)",
+        "raw prepared execute",
+        "LockManager try_lock+drop",
+    ];
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); names.len()];
+    for round in 0..ROUNDS {
+        for (case, out) in samples.iter_mut().enumerate() {
+            for i in 0..PER_ROUND {
+                let key = 0x0be0_0000 + ((round * PER_ROUND + i) % 64) as i64;
+                let start = Instant::now();
+                match case {
+                    0 | 1 => {
+                        for f in ["pg_try_advisory_lock", "pg_advisory_unlock"] {
+                            sql.clear();
+                            if case == 0 {
+                                let _ = write!(sql, "SELECT 1 WHERE {f}({key})");
+                            } else {
+                                let _ = write!(sql, "SELECT 1 FROM {f}({key}) l WHERE l");
+                            }
+                            if rows(&raw.simple_query(&sql)?) != 1 {
+                                bail!("raw {f}({key}) returned no row");
+                            }
+                        }
+                    }
+                    2 => {
+                        if raw.execute(&lock_stmt, &[&key])? != 1
+                            || raw.execute(&unlock_stmt, &[&key])? != 1
+                        {
+                            bail!("raw prepared cycle of {key} failed");
+                        }
+                    }
+                    _ => {
+                        let guard = locks.try_lock(key)?.context("bench key was taken")?;
+                        drop(guard);
+                    }
+                }
+                out.push(start.elapsed());
+            }
+        }
+    }
+    for (name, mut s) in names.iter().zip(samples) {
+        s.sort();
+        report.add(
+            format!("latency p50: {name}"),
+            micros(percentile(&s, 0.5)),
+            "µs",
+        );
+        report.add(
+            format!("latency p99: {name}"),
+            micros(percentile(&s, 0.99)),
+            "µs",
+        );
+    }
+    Ok(())
+}
+
+/// Lock+unlock cycles per second with many threads on one manager, each on its own keys.
+fn throughput(cluster: &TestCluster, per_case: Duration, report: &mut Report) -> Result<()> {
+    let locks = LockManager::builder()
+        .application_name("distlock-bench")
+        .connect(cluster.url())?;
+    for threads in [1usize, 4, 16, 64] {
+        let cycles = AtomicU64::new(0);
+        let failed = AtomicBool::new(false);
+        let deadline = Instant::now() + per_case;
+        let start = Instant::now();
+        thread::scope(|s| {
+            for t in 0..threads {
+                let (locks, cycles, failed) = (&locks, &cycles, &failed);
+                s.spawn(move || {
+                    let mut n = 0u64;
+                    while Instant::now() < deadline {
+                        let key = LockKey::pair(0x0be1, (t * 1000 + (n as usize % 1000)) as i32);
+                        match locks.try_lock(key) {
+                            Ok(Some(guard)) => drop(guard),
+                            _ => {
+                                failed.store(true, Ordering::Relaxed);
+                                return;
+                            }
+                        }
+                        n += 1;
+                    }
+                    cycles.fetch_add(n, Ordering::Relaxed);
+                });
+            }
+        });
+        if failed.load(Ordering::Relaxed) {
+            bail!("a throughput thread failed to lock a free key");
+        }
+        let rate = cycles.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+        report.add(
+            format!("throughput: LockManager, {threads} threads"),
+            rate,
+            "cycles/s",
+        );
+    }
+    Ok(())
+}
+
+fn find_pgbench(cluster: &TestCluster) -> Option<std::path::PathBuf> {
+    let mut candidates: Vec<std::path::PathBuf> = Vec::new();
+    if let Some(dir) = cluster.bin_dir() {
+        candidates.push(dir.join("pgbench"));
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        candidates.extend(std::env::split_paths(&path).map(|d| d.join("pgbench")));
+    }
+    if let Ok(dirs) = std::fs::read_dir("/usr/lib/postgresql") {
+        candidates.extend(dirs.flatten().map(|d| d.path().join("bin/pgbench")));
+    }
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+/// pgbench running the same two statements per transaction, as the outside peer.
+fn pgbench(cluster: &TestCluster, per_case: Duration, report: &mut Report) -> Result<()> {
+    let Some(pgbench) = find_pgbench(cluster) else {
+        println!("pgbench not found: skipping the pgbench cases");
+        return Ok(());
+    };
+    let script = std::env::temp_dir().join(format!("distlock-bench-{}.sql", std::process::id()));
+    std::fs::write(
+        &script,
+        "\\set k random(1, 1000000000)\n\
+         SELECT 1 WHERE pg_try_advisory_lock(:k);\n\
+         SELECT 1 WHERE pg_advisory_unlock(:k);\n",
+    )?;
+    let seconds = per_case.as_secs().max(1).to_string();
+    for (mode, clients, jobs) in [
+        ("simple", "1", "1"),
+        ("prepared", "1", "1"),
+        ("simple", "8", "2"),
+        ("prepared", "8", "2"),
+    ] {
+        let out = Command::new(&pgbench)
+            .args(["-n", "-f"])
+            .arg(&script)
+            .args(["-M", mode, "-c", clients, "-j", jobs, "-T", &seconds])
+            .arg(cluster.url())
+            .output()
+            .context("running pgbench")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let tps = text
+            .lines()
+            .find(|l| l.starts_with("tps = "))
+            .and_then(|l| l["tps = ".len()..].split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok());
+        match tps {
+            Some(tps) => report.add(
+                format!("throughput: pgbench -M {mode} -c {clients} -j {jobs}"),
+                tps,
+                "cycles/s",
+            ),
+            None => println!(
+                "pgbench -M {mode} -c {clients} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        }
+    }
+    let _ = std::fs::remove_file(script);
+    Ok(())
+}
+
+/// A holder in manager A releases; a waiter in manager B (`try_lock_for`) takes the key. The time
+/// from A's unlock returning (the server has released) to B's acquisition.
+fn handoff(cluster: &TestCluster, report: &mut Report) -> Result<()> {
+    const SAMPLES: usize = 200;
+    let a = LockManager::builder()
+        .application_name("distlock-bench-a")
+        .connect(cluster.url())?;
+    let b = LockManager::builder()
+        .application_name("distlock-bench-b")
+        .connect(cluster.url())?;
+    let key = LockKey::name("bench/handoff");
+    let mut delays = Vec::with_capacity(SAMPLES);
+    for i in 0..SAMPLES {
+        let guard = a.try_lock(key)?.context("handoff key taken")?;
+        let waiter = {
+            let b = b.clone();
+            thread::spawn(move || {
+                b.try_lock_for(key, Duration::from_secs(10))
+                    .map(|g| (Instant::now(), g))
+            })
+        };
+        // Hold for a varying time, so that the waiter is caught at every point of its backoff.
+        thread::sleep(Duration::from_micros(2_000 + (i as u64 * 7_919) % 40_000));
+        guard.unlock()?;
+        let released = Instant::now();
+        let (acquired, got) = waiter
+            .join()
+            .map_err(|_| anyhow::anyhow!("waiter panicked"))??;
+        let got = got.context("the waiter did not get the key within 10 s")?;
+        delays.push(acquired.saturating_duration_since(released));
+        drop(got);
+    }
+    delays.sort();
+    report.add(
+        "handoff p50: manager A release -> manager B acquire",
+        micros(percentile(&delays, 0.5)),
+        "µs",
+    );
+    report.add(
+        "handoff p99: manager A release -> manager B acquire",
+        micros(percentile(&delays, 0.99)),
+        "µs",
+    );
+    Ok(())
+}
+
+/// From `pg_terminate_backend` of a holder's backend to its guard's loss signal.
+fn loss_detection(cluster: &TestCluster, report: &mut Report) -> Result<()> {
+    let mut outside = Client::connect(cluster.url(), NoTls)?;
+    for (heartbeat, samples) in [
+        (Duration::from_millis(100), 10),
+        (Duration::from_secs(1), 5),
+    ] {
+        let app = format!("distlock-bench-loss-{}", heartbeat.as_millis());
+        let locks = LockManager::builder()
+            .application_name(&app)
+            .heartbeat(heartbeat)
+            .connect(cluster.url())?;
+        let mut delays = Vec::new();
+        for i in 0..samples {
+            let guard = locks
+                .try_lock_for(LockKey::pair(0x0be2, i), Duration::from_secs(10))?
+                .context("loss key taken")?;
+            thread::sleep(heartbeat.mul_f64(0.37 * (i as f64 % 3.0)));
+            let killed = Instant::now();
+            outside.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+                &[&app],
+            )?;
+            match guard
+                .lost()
+                .recv_timeout(heartbeat + Duration::from_secs(5))
+            {
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    delays.push(killed.elapsed())
+                }
+                _ => bail!("the loss was not reported within heartbeat + 5 s"),
+            }
+        }
+        delays.sort();
+        let hb = heartbeat.as_millis();
+        report.add(
+            format!("loss detection median, heartbeat {hb} ms"),
+            micros(percentile(&delays, 0.5)) / 1e3,
+            "ms",
+        );
+        report.add(
+            format!("loss detection max, heartbeat {hb} ms"),
+            micros(delays[delays.len() - 1]) / 1e3,
+            "ms",
+        );
+    }
+    Ok(())
+}
