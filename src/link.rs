@@ -4,8 +4,7 @@
 //! them; when that connection is lost, its loss signal fires for all of them at once, and nothing they
 //! do later (unlock, drop, `ensure_held`) reaches a newer session — which may hold the same key again.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
@@ -23,12 +22,13 @@ pub(crate) struct Backend {
 /// What is known about the current connection.
 #[derive(Debug)]
 pub(crate) struct Link {
-    /// True while a connection is up and serving; callers fail fast while it is false.
-    online: AtomicBool,
-    /// Origin of `busy`.
-    base: Instant,
-    /// `(ms since base + 1) << 16 | generation & 0xffff` while the worker of that generation runs a
-    /// statement, else 0. The monitor reads it to spot a statement stuck past the request timeout.
+    /// The generation of the connection that is up and serving, or 0 while there is none (callers
+    /// then fail fast). Read on every request, so it is an atomic rather than part of `state`.
+    current: AtomicU64,
+    /// Numbers statements; each `begin_statement` takes the next.
+    statements: AtomicU64,
+    /// `statement << 17 | 1 << 16 | generation & 0xffff` while a worker runs a statement, else 0.
+    /// The monitor samples it: the same mark seen for longer than the request timeout is a stall.
     busy: AtomicU64,
     /// The rest, changed only on connect and loss.
     state: Mutex<State>,
@@ -62,8 +62,8 @@ impl Link {
         let (lost_tx, lost_rx) = crossbeam_channel::bounded(0);
         drop(lost_tx); // generation 0 never held anything
         Link {
-            online: AtomicBool::new(false),
-            base: Instant::now(),
+            current: AtomicU64::new(0),
+            statements: AtomicU64::new(0),
             busy: AtomicU64::new(0),
             state: Mutex::new(State {
                 generation: 0,
@@ -77,7 +77,7 @@ impl Link {
 
     /// True while a connection is serving.
     pub(crate) fn is_online(&self) -> bool {
-        self.online.load(Ordering::Acquire)
+        self.current.load(Ordering::Acquire) != 0
     }
 
     /// Starts a new generation for a fresh connection; returns its lease and the suspects that the
@@ -90,7 +90,7 @@ impl Link {
         state.lost_rx = lost_rx.clone();
         state.backend = Some(backend);
         let suspects = std::mem::take(&mut state.suspects);
-        self.online.store(true, Ordering::Release);
+        self.current.store(state.generation, Ordering::Release);
         (
             Lease {
                 generation: state.generation,
@@ -109,11 +109,11 @@ impl Link {
     /// remembers its backend as a suspect. Returns whether this call did it (exactly one caller
     /// wins when the worker and the monitor notice at once).
     pub(crate) fn lose(&self, generation: u64) -> bool {
-        let mut state = self.state.lock();
-        if state.generation != generation || !self.online.load(Ordering::Acquire) {
+        let state = &mut *self.state.lock();
+        if self.current.load(Ordering::Acquire) != generation || state.generation != generation {
             return false;
         }
-        self.online.store(false, Ordering::Release);
+        self.current.store(0, Ordering::Release);
         self.busy.store(0, Ordering::Release);
         state.lost_tx = None; // fires the loss signal of every guard of this generation
         if let Some(backend) = state.backend.take() {
@@ -124,13 +124,14 @@ impl Link {
 
     /// True while `generation` is the current, online connection.
     pub(crate) fn is_current(&self, generation: u64) -> bool {
-        self.is_online() && self.state.lock().generation == generation
+        self.current.load(Ordering::Acquire) == generation
     }
 
     /// Marks the start of a statement on `generation`'s connection; returns the mark to clear.
+    /// No clock is read here: this runs for every batch, and the monitor keeps the time.
     pub(crate) fn begin_statement(&self, generation: u64) -> u64 {
-        let ms = self.base.elapsed().as_millis() as u64 + 1;
-        let mark = (ms << 16) | (generation & 0xffff);
+        let n = self.statements.fetch_add(1, Ordering::Relaxed) + 1;
+        let mark = (n << 17) | (1 << 16) | (generation & 0xffff);
         self.busy.store(mark, Ordering::Release);
         mark
     }
@@ -142,18 +143,12 @@ impl Link {
             .compare_exchange(mark, 0, Ordering::AcqRel, Ordering::Relaxed);
     }
 
-    /// The current generation, if its worker has been inside one statement for longer than `limit`.
-    pub(crate) fn stalled(&self, limit: Duration) -> Option<u64> {
+    /// The statement running now on the current generation's connection, if any: its mark, to be
+    /// compared between samples, and the generation.
+    pub(crate) fn running(&self) -> Option<(u64, u64)> {
         let mark = self.busy.load(Ordering::Acquire);
-        if mark == 0 {
-            return None;
-        }
-        let started = Duration::from_millis((mark >> 16) - 1);
-        if self.base.elapsed().saturating_sub(started) < limit {
-            return None;
-        }
-        let state = self.state.lock();
-        (self.is_online() && state.generation & 0xffff == mark & 0xffff).then_some(state.generation)
+        let current = self.current.load(Ordering::Acquire);
+        (mark != 0 && current != 0 && current & 0xffff == mark & 0xffff).then_some((mark, current))
     }
 }
 
@@ -196,26 +191,21 @@ mod tests {
     }
 
     #[test]
-    fn a_statement_is_stalled_only_past_the_limit_and_only_for_its_generation() {
+    fn a_running_statement_is_seen_only_for_the_current_generation() {
         let link = Link::new();
         let (lease, _) = link.go_online(B);
-        assert_eq!(link.stalled(Duration::ZERO), None, "idle");
+        assert_eq!(link.running(), None, "idle");
         let mark = link.begin_statement(lease.generation);
-        assert_eq!(link.stalled(Duration::from_secs(60)), None);
-        std::thread::sleep(Duration::from_millis(5));
-        assert_eq!(
-            link.stalled(Duration::from_millis(1)),
-            Some(lease.generation)
-        );
+        assert_eq!(link.running(), Some((mark, lease.generation)));
         link.end_statement(mark);
-        assert_eq!(link.stalled(Duration::ZERO), None);
+        assert_eq!(link.running(), None);
+        let next = link.begin_statement(lease.generation);
+        assert_ne!(next, mark, "each statement has its own mark");
         // A mark left by an old generation's stuck worker does not count against the new one.
-        let _old_mark = link.begin_statement(lease.generation);
         assert!(link.lose(lease.generation));
         let _ = link.go_online(B);
         let stale = link.begin_statement(lease.generation);
-        std::thread::sleep(Duration::from_millis(5));
-        assert_eq!(link.stalled(Duration::from_millis(1)), None);
+        assert_eq!(link.running(), None);
         link.end_statement(stale);
     }
 }

@@ -369,7 +369,15 @@ impl Shared {
             generation,
             reply: ticket,
         };
-        match self.requests.send_deadline(request, deadline) {
+        // The queue is almost never full: try without reading the clock first.
+        let request = match self.requests.try_send(request) {
+            Ok(()) => None,
+            Err(crossbeam_channel::TrySendError::Full(request)) => Some(request),
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
+                return Err(Error::shutdown());
+            }
+        };
+        match request.map_or(Ok(()), |r| self.requests.send_deadline(r, deadline)) {
             Ok(()) => {}
             Err(SendTimeoutError::Timeout(_)) => {
                 return Err(Error::timeout(

@@ -10,7 +10,7 @@
 //! cannot go on holding locks nobody owns.
 
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
@@ -31,12 +31,30 @@ pub(crate) fn start(spec: Spec, shutdown: Receiver<()>) -> std::io::Result<()> {
         .spawn(move || {
             // Set when a replacement could not be started (no thread available); retried each tick.
             let mut replacement_due = false;
+            // The running statement last sampled, and when it was first seen.
+            let mut seen: Option<(u64, Instant)> = None;
             loop {
                 match shutdown.recv_timeout(tick) {
                     Err(RecvTimeoutError::Disconnected) => return,
                     Ok(()) | Err(RecvTimeoutError::Timeout) => {}
                 }
-                if let Some(generation) = spec.link.stalled(limit) {
+                let stalled = match (spec.link.running(), seen) {
+                    (None, _) => {
+                        seen = None;
+                        None
+                    }
+                    (Some((mark, generation)), Some((last, since))) if mark == last => {
+                        // It began at most one tick before it was first seen, so it is declared
+                        // stalled between `limit` and `limit + tick` after it began.
+                        (since.elapsed() >= limit).then_some(generation)
+                    }
+                    (Some((mark, _)), _) => {
+                        seen = Some((mark, Instant::now()));
+                        None
+                    }
+                };
+                if let Some(generation) = stalled {
+                    seen = None;
                     if spec.link.lose(generation) {
                         log::warn!(
                             "distlock: a statement has run for over {limit:?}; \

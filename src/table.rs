@@ -5,9 +5,7 @@
 //! refuses the second grant locally, so threads of one manager exclude each other exactly as separate
 //! processes do. Every entry stands for holds the session has, or is asking for, on the server.
 
-use std::collections::HashMap;
-
-use crate::key::LockKey;
+use crate::key::{KeyMap, LockKey};
 use crate::sql::Mode;
 
 /// How a key is held (or being acquired) through this manager.
@@ -34,7 +32,7 @@ pub(crate) enum Reservation {
 #[derive(Debug, Default)]
 pub(crate) struct Table {
     /// Every key with at least one hold.
-    holds: HashMap<LockKey, Hold>,
+    holds: KeyMap<LockKey, Hold>,
     /// Holds in total (a shared key counts each holder).
     count: usize,
     /// Bumped whenever a guard gives its hold back, so a waiter can tell that something was freed

@@ -5,7 +5,6 @@
 //! ([`crate::monitor`]) declares the generation lost and starts a replacement on the same queue;
 //! the stalled worker, if it ever wakes, sees that it is no longer current and exits.
 
-use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
 use std::thread;
@@ -17,7 +16,7 @@ use postgres::{Client, SimpleQueryMessage};
 
 use crate::backoff::Backoff;
 use crate::error::{Error, ErrorKind};
-use crate::key::LockKey;
+use crate::key::{KeyMap, LockKey};
 use crate::link::{Backend, Lease, Link};
 use crate::reply::{Reply, Request};
 use crate::sql::{IDENTIFY, Mode, Op, Sql};
@@ -124,7 +123,7 @@ struct Worker {
     outcomes: Vec<Outcome>,
     /// Holds this connection's session has, per key and mode: exact, since every grant and release
     /// of the session goes through this worker. Cleared with each new connection.
-    ledger: HashMap<(LockKey, Mode), u32>,
+    ledger: KeyMap<(LockKey, Mode), u32>,
 }
 
 impl Worker {
@@ -136,7 +135,7 @@ impl Worker {
             order: Vec::with_capacity(MAX_BATCH),
             solo: Vec::with_capacity(MAX_BATCH),
             outcomes: Vec::with_capacity(MAX_BATCH),
-            ledger: HashMap::new(),
+            ledger: KeyMap::default(),
         }
     }
 
