@@ -18,7 +18,7 @@ use crate::backoff::Backoff;
 use crate::error::{Error, ErrorKind};
 use crate::key::{KeyMap, LockKey};
 use crate::link::{Backend, Lease, Link};
-use crate::reply::{Reply, Request};
+use crate::reply::{Delivery, Reply, Request};
 use crate::sql::{IDENTIFY, Mode, Op, Sql};
 
 /// The first and the largest pause between two reconnect attempts.
@@ -121,6 +121,10 @@ struct Worker {
     solo: Vec<usize>,
     /// The outcome of each request of `batch`.
     outcomes: Vec<Outcome>,
+    /// Replies claimed for callers that were not receiving yet when they were ready.
+    late: Vec<Delivery>,
+    /// A second buffer for `late`, so that flushing allocates nothing.
+    late_spare: Vec<Delivery>,
     /// Holds this connection's session has, per key and mode: exact, since every grant and release
     /// of the session goes through this worker. Cleared with each new connection.
     ledger: KeyMap<(LockKey, Mode), u32>,
@@ -135,6 +139,8 @@ impl Worker {
             order: Vec::with_capacity(MAX_BATCH),
             solo: Vec::with_capacity(MAX_BATCH),
             outcomes: Vec::with_capacity(MAX_BATCH),
+            late: Vec::with_capacity(MAX_BATCH),
+            late_spare: Vec::with_capacity(MAX_BATCH),
             ledger: KeyMap::default(),
         }
     }
@@ -144,7 +150,9 @@ impl Worker {
         let (mut lease, mut suspects) = online;
         loop {
             self.end_suspects(&mut client, std::mem::take(&mut suspects));
-            match self.serve(&mut client, &lease) {
+            let end = self.serve(&mut client, &lease);
+            self.flush_late_waiting();
+            match end {
                 End::ManagerGone => {
                     log::debug!("distlock worker: last handle dropped, closing the connection");
                     return;
@@ -214,6 +222,7 @@ impl Worker {
         let link = Arc::clone(&self.spec.link);
         self.ledger.clear();
         loop {
+            self.flush_late();
             if !link.is_current(lease.generation) {
                 return End::Superseded;
             }
@@ -247,6 +256,33 @@ impl Worker {
                 }
                 Err(RecvTimeoutError::Disconnected) => return End::ManagerGone,
             }
+        }
+    }
+
+    /// Completes deliveries whose callers were not yet receiving when their reply was ready. With
+    /// more work queued, only those whose callers are waiting by now; otherwise all of them, waiting
+    /// for each caller (they are on their way: each is between sending and receiving).
+    fn flush_late(&mut self) {
+        if self.late.is_empty() {
+            return;
+        }
+        // Retry each from the spare buffer; those still not received go back into `late`. Both
+        // buffers keep their capacity, so this allocates nothing.
+        std::mem::swap(&mut self.late, &mut self.late_spare);
+        for delivery in self.late_spare.drain(..) {
+            if let Err(delivery) = delivery.try_send() {
+                self.late.push(delivery);
+            }
+        }
+        if self.spec.requests.is_empty() {
+            self.flush_late_waiting();
+        }
+    }
+
+    /// Completes every pending delivery, waiting for each caller (bounded).
+    fn flush_late_waiting(&mut self) {
+        for delivery in self.late.drain(..) {
+            delivery.send();
         }
     }
 
@@ -463,7 +499,16 @@ impl Worker {
                     Reply::Failed(lost_error())
                 }
             };
-            if let Err(Reply::Granted(_)) = reply.deliver(answer) {
+            let handed_back = match reply.claim(answer) {
+                Ok(delivery) => {
+                    if let Err(delivery) = delivery.try_send() {
+                        self.late.push(delivery); // its caller is not receiving yet
+                    }
+                    None
+                }
+                Err(answer) => Some(answer),
+            };
+            if let Some(Reply::Granted(_)) = handed_back {
                 // The caller gave up before the grant arrived: nobody will ever own this hold, so
                 // give it back now rather than leak it for the life of the connection.
                 match self.execute(client, lease.generation, Op::Unlock, mode, key) {
