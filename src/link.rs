@@ -4,7 +4,8 @@
 //! them; when that connection is lost, its loss signal fires for all of them at once, and nothing they
 //! do later (unlock, drop, `ensure_held`) reaches a newer session — which may hold the same key again.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::Thread;
 
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
@@ -30,6 +31,10 @@ pub(crate) struct Link {
     /// `statement << 17 | 1 << 16 | generation & 0xffff` while a worker runs a statement, else 0.
     /// The monitor samples it: the same mark seen for longer than the request timeout is a stall.
     busy: AtomicU64,
+    /// True while the serving worker is parked (or about to park) for want of requests.
+    idle: AtomicBool,
+    /// The thread of the worker serving now, unparked when a request is queued while it is idle.
+    worker: Mutex<Option<Thread>>,
     /// The rest, changed only on connect and loss.
     state: Mutex<State>,
 }
@@ -65,6 +70,8 @@ impl Link {
             current: AtomicU64::new(0),
             statements: AtomicU64::new(0),
             busy: AtomicU64::new(0),
+            idle: AtomicBool::new(false),
+            worker: Mutex::new(None),
             state: Mutex::new(State {
                 generation: 0,
                 lost_tx: None,
@@ -72,6 +79,34 @@ impl Link {
                 backend: None,
                 suspects: Vec::new(),
             }),
+        }
+    }
+
+    /// Registers the calling thread as the worker to wake.
+    pub(crate) fn set_worker(&self) {
+        *self.worker.lock() = Some(std::thread::current());
+    }
+
+    /// The worker says it is about to park (`true`) or has woken (`false`).
+    ///
+    /// The worker sets this, then checks the queue once more before parking; a caller queues its
+    /// request, then reads this. Both sequentially consistent, so at least one of them sees the
+    /// other's write, and no request waits for a worker that went to sleep past it.
+    pub(crate) fn set_idle(&self, idle: bool) {
+        self.idle.store(idle, Ordering::SeqCst);
+    }
+
+    /// Wakes the worker if it is idle; called after queueing a request.
+    pub(crate) fn wake_worker(&self) {
+        if self.idle.load(Ordering::SeqCst) {
+            self.unpark_worker();
+        }
+    }
+
+    /// Wakes the worker unconditionally (the manager is going away: it should notice at once).
+    pub(crate) fn unpark_worker(&self) {
+        if let Some(worker) = self.worker.lock().as_ref() {
+            worker.unpark();
         }
     }
 

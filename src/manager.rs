@@ -72,6 +72,17 @@ pub(crate) struct Shared {
     link: Arc<Link>,
     /// Dropped with the last handle and guard, which stops the monitor.
     _shutdown: Sender<()>,
+    /// Declared last, so dropped after `requests`: wakes the worker to find its queue closed.
+    _wake_on_drop: WakeOnDrop,
+}
+
+/// Unparks the worker when dropped.
+struct WakeOnDrop(Arc<Link>);
+
+impl Drop for WakeOnDrop {
+    fn drop(&mut self) {
+        self.0.unpark_worker();
+    }
 }
 
 impl LockManager {
@@ -378,7 +389,7 @@ impl Shared {
             }
         };
         match request.map_or(Ok(()), |r| self.requests.send_deadline(r, deadline)) {
-            Ok(()) => {}
+            Ok(()) => self.link.wake_worker(),
             Err(SendTimeoutError::Timeout(_)) => {
                 return Err(Error::timeout(
                     "timed out waiting for the lock manager's queue",
@@ -597,8 +608,9 @@ impl Builder {
                 request_timeout: self.request_timeout,
                 max_locks: self.max_locks,
                 max_retry_interval: self.max_retry_interval.max(FIRST_RETRY),
-                link,
+                link: Arc::clone(&link),
                 _shutdown: shutdown,
+                _wake_on_drop: WakeOnDrop(link),
             }),
         })
     }
