@@ -126,6 +126,7 @@ impl LockGuard {
             self.mode,
             self.key,
             self.lease.generation,
+            true,
             deadline,
         )?;
         match reply {
@@ -181,11 +182,13 @@ impl LockGuard {
             return Err(Error::lock_lost());
         }
         let deadline = Instant::now() + self.shared.request_timeout();
+        let sole_hold = self.shared.sole_hold(self.key);
         let outcome = self.shared.round_trip(
             Op::Unlock,
             self.mode,
             self.key,
             self.lease.generation,
+            sole_hold,
             deadline,
         );
         // Forget the hold only now: a local waiter woken by this finds the key free on the server too.

@@ -269,7 +269,8 @@ impl LockManager {
         if !shared.link.is_online() {
             return Err(Error::offline());
         }
-        match shared.table.lock().reserve(key, mode, shared.max_locks) {
+        let mut table = shared.table.lock();
+        match table.reserve(key, mode, shared.max_locks) {
             Reservation::Reserved => {}
             Reservation::Conflict => return Ok(None),
             Reservation::Full => {
@@ -279,7 +280,9 @@ impl LockManager {
                 ));
             }
         }
-        match shared.round_trip(Op::TryLock, mode, key, 0, deadline) {
+        let sole_hold = table.holds(key) == 1;
+        drop(table);
+        match shared.round_trip(Op::TryLock, mode, key, 0, sole_hold, deadline) {
             Ok(Reply::Granted(lease)) => {
                 Ok(Some(LockGuard::new(Arc::clone(shared), key, mode, lease)))
             }
@@ -368,6 +371,7 @@ impl Shared {
         mode: Mode,
         key: LockKey,
         generation: u64,
+        sole_hold: bool,
         deadline: Instant,
     ) -> Result<Reply> {
         let slot = self.replies.pull(ReplySlot::new);
@@ -378,6 +382,7 @@ impl Shared {
             mode,
             key,
             generation,
+            sole_hold,
             reply: ticket,
         };
         // The queue is almost never full: try without reading the clock first.
@@ -417,6 +422,11 @@ impl Shared {
     /// two waiters of one key wake each other in a busy loop).
     fn unreserve(&self, key: LockKey, mode: Mode) {
         self.table.lock().release(key, mode, false);
+    }
+
+    /// True when `key` has exactly one hold through this manager.
+    pub(crate) fn sole_hold(&self, key: LockKey) -> bool {
+        self.table.lock().holds(key) == 1
     }
 
     /// The request timeout, the bound on a release.

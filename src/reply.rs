@@ -48,6 +48,9 @@ pub(crate) struct Request {
     /// For `Unlock` and `Check`: the connection generation that granted the hold. A worker of any
     /// other generation answers without touching its session, whose holds are not this guard's.
     pub(crate) generation: u64,
+    /// The manager holds (or is taking) this key exactly once: this request's own hold. Then its
+    /// statement's effect can be read back from `pg_locks` if a batch fails, so it may be batched.
+    pub(crate) sole_hold: bool,
     /// Where the outcome goes.
     pub(crate) reply: Ticket,
 }

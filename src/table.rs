@@ -86,6 +86,15 @@ impl Table {
         }
     }
 
+    /// Holds of `key` through this manager, in either mode (reserved ones included).
+    pub(crate) fn holds(&self, key: LockKey) -> u32 {
+        match self.holds.get(&key) {
+            None => 0,
+            Some(Hold::Exclusive) => 1,
+            Some(Hold::Shared(n)) => *n,
+        }
+    }
+
     /// The release counter; it changes whenever a guard gives a hold back.
     pub(crate) fn releases(&self) -> u64 {
         self.releases

@@ -16,7 +16,7 @@ use postgres::{Client, SimpleQueryMessage};
 
 use crate::backoff::Backoff;
 use crate::error::{Error, ErrorKind};
-use crate::key::{KeyMap, LockKey};
+use crate::key::LockKey;
 use crate::link::{Backend, Lease, Link};
 use crate::reply::{Delivery, Reply, Request};
 use crate::sql::{IDENTIFY, Mode, Op, Sql};
@@ -125,9 +125,6 @@ struct Worker {
     late: Vec<Delivery>,
     /// A second buffer for `late`, so that flushing allocates nothing.
     late_spare: Vec<Delivery>,
-    /// Holds this connection's session has, per key and mode: exact, since every grant and release
-    /// of the session goes through this worker. Cleared with each new connection.
-    ledger: KeyMap<(LockKey, Mode), u32>,
 }
 
 impl Worker {
@@ -141,7 +138,6 @@ impl Worker {
             outcomes: Vec::with_capacity(MAX_BATCH),
             late: Vec::with_capacity(MAX_BATCH),
             late_spare: Vec::with_capacity(MAX_BATCH),
-            ledger: KeyMap::default(),
         }
     }
 
@@ -220,7 +216,6 @@ impl Worker {
 
     fn serve(&mut self, client: &mut Client, lease: &Lease) -> End {
         let link = Arc::clone(&self.spec.link);
-        self.ledger.clear();
         link.set_worker();
         loop {
             self.flush_late();
@@ -313,8 +308,10 @@ impl Worker {
     /// keep their effect (session locks ignore rollback) and the ones after it never run, and the
     /// client does not say which statement failed. So a request joins the batch only if its outcome
     /// can be read back from `pg_locks` afterwards: its key and mode appear once in the batch, and
-    /// the session holds that key in that mode at most once (for a release) or not at all (for a
-    /// try). The others run alone, after the batch.
+    /// its own hold is the manager's only hold of the key (`sole_hold`: for a try, the session held
+    /// the key not at all before it; for a release, exactly once). The others run alone, after the
+    /// batch. (A grant abandoned by its caller is given back before the next batch is formed, so it
+    /// never hides behind `sole_hold`.)
     fn run_batch(&mut self, client: &mut Client, lease: &Lease) -> Result<(), End> {
         if self.batch.len() == 1 {
             return self.run_single(client, lease);
@@ -335,17 +332,11 @@ impl Worker {
                 if r.op != Op::TryLock && r.generation != lease.generation {
                     continue; // answered below without touching this session
                 }
-                let held = self.ledger.get(&(r.key, r.mode)).copied().unwrap_or(0);
                 let unique = !self
                     .order
                     .iter()
                     .any(|&j| self.batch[j].key == r.key && self.batch[j].mode == r.mode);
-                let readable = unique
-                    && match r.op {
-                        Op::TryLock => held == 0,
-                        Op::Unlock => held == 1,
-                        Op::Check => true,
-                    };
+                let readable = unique && (r.sole_hold || r.op == Op::Check);
                 if readable {
                     self.sql.push(r.op, r.mode, r.key);
                     self.order.push(i);
@@ -504,25 +495,15 @@ impl Worker {
                 key,
                 generation,
                 reply,
+                ..
             } = request;
             let outcome = std::mem::replace(&mut self.outcomes[i], Outcome::Pending);
             let answer = match outcome {
                 _ if op != Op::TryLock && generation != lease.generation => Reply::NotHeld,
                 _ if !current => Reply::Failed(lost_error()),
                 Outcome::Done(true) => match op {
-                    Op::TryLock => {
-                        *self.ledger.entry((key, mode)).or_insert(0) += 1;
-                        Reply::Granted(lease.clone())
-                    }
-                    Op::Unlock => {
-                        if let Some(n) = self.ledger.get_mut(&(key, mode)) {
-                            *n -= 1;
-                            if *n == 0 {
-                                self.ledger.remove(&(key, mode));
-                            }
-                        }
-                        Reply::Released
-                    }
+                    Op::TryLock => Reply::Granted(lease.clone()),
+                    Op::Unlock => Reply::Released,
                     Op::Check => Reply::Held,
                 },
                 Outcome::Done(false) => match op {
@@ -547,14 +528,7 @@ impl Worker {
                 // The caller gave up before the grant arrived: nobody will ever own this hold, so
                 // give it back now rather than leak it for the life of the connection.
                 match self.execute(client, lease.generation, Op::Unlock, mode, key) {
-                    Ok(_) => {
-                        if let Some(n) = self.ledger.get_mut(&(key, mode)) {
-                            *n -= 1;
-                            if *n == 0 {
-                                self.ledger.remove(&(key, mode));
-                            }
-                        }
-                    }
+                    Ok(_) => {}
                     Err(e) => {
                         log::warn!(
                             "distlock worker: releasing an abandoned grant of {key} failed: {e}"
