@@ -124,8 +124,7 @@ impl Sql {
         if v == i64::MIN {
             self.buf.push_str("(-9223372036854775807-1)");
         } else {
-            // Writing an integer into a `String` cannot fail.
-            let _ = write!(self.buf, "{v}");
+            self.push_integer(v);
         }
     }
 
@@ -133,14 +132,57 @@ impl Sql {
         if v == i32::MIN {
             self.buf.push_str("(-2147483647-1)");
         } else {
-            let _ = write!(self.buf, "{v}");
+            self.push_integer(i64::from(v));
         }
+    }
+
+    /// Decimal digits of `v` (not `i64::MIN`), without `core::fmt`: this runs for every statement,
+    /// and the formatting machinery costs several times the digits themselves. Two digits a step,
+    /// from a table.
+    fn push_integer(&mut self, v: i64) {
+        const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
+                                    2021222324252627282930313233343536373839\
+                                    4041424344454647484950515253545556575859\
+                                    6061626364656667686970717273747576777879\
+                                    8081828384858687888990919293949596979899";
+        if v < 0 {
+            self.buf.push('-');
+        }
+        let mut n = v.unsigned_abs();
+        let mut digits = [0u8; 20];
+        let mut at = digits.len();
+        while n >= 100 {
+            let pair = (n % 100) as usize * 2;
+            n /= 100;
+            at -= 2;
+            digits[at..at + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+        }
+        if n >= 10 {
+            let pair = n as usize * 2;
+            at -= 2;
+            digits[at..at + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+        } else {
+            at -= 1;
+            digits[at] = b'0' + n as u8;
+        }
+        // Only ASCII digits were written.
+        self.buf
+            .push_str(std::str::from_utf8(&digits[at..]).unwrap_or_default());
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn integers_format_like_display() {
+        for v in [0, 1, -1, 9, 10, -10, 42, i64::MAX, i64::MIN + 1, 1 << 40, -(1 << 40)] {
+            let mut sql = Sql::new();
+            sql.push_integer(v);
+            assert_eq!(sql.as_str(), v.to_string());
+        }
+    }
 
     #[test]
     fn statements_hold_only_formatted_integers() {
