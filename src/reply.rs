@@ -87,11 +87,12 @@ impl Ticket {
     pub(crate) fn claim(self, reply: Reply) -> Result<Delivery, Reply> {
         let waiting = (self.ticket << PHASE_BITS) | WAITING;
         let delivered = (self.ticket << PHASE_BITS) | DELIVERED;
-        match self
-            .slot
-            .state
-            .compare_exchange(waiting, delivered, Ordering::AcqRel, Ordering::Acquire)
-        {
+        match self.slot.state.compare_exchange(
+            waiting,
+            delivered,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
             Ok(_) => Ok(Delivery {
                 slot: self.slot,
                 reply,
@@ -131,7 +132,12 @@ impl Delivery {
     /// between sending its request and receiving, or in its grace period, so the wait is short;
     /// it is bounded all the same.
     pub(crate) fn send(self) {
-        if self.slot.tx.send_timeout(self.reply, DELIVERY_GRACE).is_err() {
+        if self
+            .slot
+            .tx
+            .send_timeout(self.reply, DELIVERY_GRACE)
+            .is_err()
+        {
             log::error!("distlock: a caller did not take its reply within {DELIVERY_GRACE:?}");
         }
     }

@@ -177,7 +177,19 @@ mod tests {
 
     #[test]
     fn integers_format_like_display() {
-        for v in [0, 1, -1, 9, 10, -10, 42, i64::MAX, i64::MIN + 1, 1 << 40, -(1 << 40)] {
+        for v in [
+            0,
+            1,
+            -1,
+            9,
+            10,
+            -10,
+            42,
+            i64::MAX,
+            i64::MIN + 1,
+            1 << 40,
+            -(1 << 40),
+        ] {
             let mut sql = Sql::new();
             sql.push_integer(v);
             assert_eq!(sql.as_str(), v.to_string());

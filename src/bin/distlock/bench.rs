@@ -43,9 +43,9 @@ impl Report {
     fn json(&self) -> String {
         let mut out = String::from("{\n  \"figures\": [\n");
         for (i, f) in self.figures.iter().enumerate() {
-            let _ = write!(
+            let _ = writeln!(
                 out,
-                "    {{\"case\": \"{}\", \"value\": {:.3}, \"unit\": \"{}\"}}{}\n",
+                "    {{\"case\": \"{}\", \"value\": {:.3}, \"unit\": \"{}\"}}{}",
                 f.case.replace('"', "'"),
                 f.value,
                 f.unit,
