@@ -76,6 +76,34 @@ impl LockKey {
         }
     }
 
+    /// How `pg_locks` shows this key: `(classid, objid, objsubid)` of a row with
+    /// `locktype = 'advisory'`. A `bigint` key `k` is `(k >> 32, k & 0xffffffff, 1)`, a pair `(a, b)` is
+    /// `(a, b, 2)`, each half read as an unsigned 32-bit `oid`.
+    ///
+    /// ```
+    /// use distlock::LockKey;
+    /// assert_eq!(LockKey::id(-1).pg_locks_tag(), (u32::MAX, u32::MAX, 1));
+    /// assert_eq!(LockKey::pair(1, -2).pg_locks_tag(), (1, u32::MAX - 1, 2));
+    /// ```
+    pub const fn pg_locks_tag(self) -> (u32, u32, i16) {
+        match self.0 {
+            Space::Id(k) => ((k >> 32) as u32, k as u32, 1),
+            Space::Pair(a, b) => (a as u32, b as u32, 2),
+        }
+    }
+
+    /// The key a `pg_locks` row with `locktype = 'advisory'` shows, from its `classid`, `objid` and
+    /// `objsubid`; `None` for an `objsubid` other than 1 or 2.
+    pub const fn from_pg_locks_tag(classid: u32, objid: u32, objsubid: i16) -> Option<LockKey> {
+        match objsubid {
+            1 => Some(LockKey::id(
+                (((classid as u64) << 32) | objid as u64) as i64,
+            )),
+            2 => Some(LockKey::pair(classid as i32, objid as i32)),
+            _ => None,
+        }
+    }
+
     /// The `(int4, int4)` pair, or `None` for a `bigint` key.
     pub const fn as_pair(self) -> Option<(i32, i32)> {
         match self.0 {
@@ -220,6 +248,23 @@ mod tests {
         assert_eq!(LockKey::from("tenant/42"), LockKey::name("tenant/42"));
         assert_eq!(LockKey::from(&owned), LockKey::name("tenant/42"));
         assert_eq!(LockKey::from(owned), LockKey::name("tenant/42"));
+    }
+
+    #[test]
+    fn pg_locks_tags_round_trip() {
+        for key in [
+            LockKey::id(0),
+            LockKey::id(-1),
+            LockKey::id(i64::MIN),
+            LockKey::id(i64::MAX),
+            LockKey::name("test-key"),
+            LockKey::pair(i32::MIN, i32::MAX),
+            LockKey::pair(-7, 7),
+        ] {
+            let (c, o, s) = key.pg_locks_tag();
+            assert_eq!(LockKey::from_pg_locks_tag(c, o, s), Some(key));
+        }
+        assert_eq!(LockKey::from_pg_locks_tag(1, 2, 3), None);
     }
 
     #[test]

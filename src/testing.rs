@@ -76,6 +76,14 @@ impl TestCluster {
         }
     }
 
+    /// A server this process did not start and will not stop: `url` is used as it is.
+    pub fn external(url: &str) -> TestCluster {
+        TestCluster {
+            url: url.to_owned(),
+            local: None,
+        }
+    }
+
     /// One cluster for the whole process, made by [`TestCluster::from_env`] on first use.
     ///
     /// # Panics

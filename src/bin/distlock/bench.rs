@@ -57,8 +57,8 @@ impl Report {
     }
 }
 
-pub fn run(per_case: Duration, json: &Path) -> Result<ExitCode> {
-    let cluster = TestCluster::from_env().context("starting PostgreSQL")?;
+pub fn run(url: Option<&str>, per_case: Duration, json: &Path) -> Result<ExitCode> {
+    let cluster = crate::connection::demo_server(url).context("starting PostgreSQL")?;
     println!(
         "distlock bench: {} ({}), {} cores",
         cluster.url(),

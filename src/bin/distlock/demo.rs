@@ -6,7 +6,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use distlock::testing::TestCluster;
 use distlock::{LockKey, LockManager};
 
 /// Per-key overlap detectors: set while some thread believes it holds the key.
@@ -16,9 +15,9 @@ struct Key {
 }
 
 /// Runs the demo; exit code 1 when a check failed.
-pub fn run(threads_per_manager: usize, run_for: Duration) -> Result<ExitCode> {
+pub fn run(url: Option<&str>, threads_per_manager: usize, run_for: Duration) -> Result<ExitCode> {
     let started = Instant::now();
-    let cluster = TestCluster::from_env().context("starting PostgreSQL")?;
+    let cluster = crate::connection::demo_server(url).context("starting PostgreSQL")?;
     println!(
         "server: {} ({}, ready in {:.2?})",
         cluster.url(),

@@ -1,105 +1,214 @@
-//! The `distlock` command.
+//! The `distlock` command: run anything under a lock, see who holds what.
 
 mod bench;
 mod cluster;
+mod connection;
 mod demo;
+mod locks;
+mod run;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
 
-const USAGE: &str = "usage: distlock <command> [options]
+/// Exit codes of `distlock` itself (`run` otherwise exits with its command's status).
+pub mod exit {
+    /// Bad usage: an unknown flag, a missing command, a malformed duration or connection string,
+    /// no server given.
+    pub const USAGE: u8 = 64;
+    /// The server could not be reached, or refused the connection.
+    pub const UNAVAILABLE: u8 = 69;
+    /// Anything else that went wrong inside distlock.
+    pub const SOFTWARE: u8 = 70;
+    /// `run`: the lock was not acquired (`--no-wait`, or `--wait` passed). `--conflict-exit-code`
+    /// changes it.
+    pub const CONFLICT: u8 = 75;
+    /// `run`: the lock was lost while the command ran (its connection failed), and the command was
+    /// terminated (`--on-lost terminate`, the default).
+    pub const LOST: u8 = 76;
+    /// `run`: the command exists but could not be executed.
+    pub const NOT_EXECUTABLE: u8 = 126;
+    /// `run`: the command was not found.
+    pub const NOT_FOUND: u8 = 127;
+}
 
-commands:
-  demo [--threads N] [--seconds S]
-      Threads on two lock managers contend for a few keys against DATABASE_URL or a throwaway
-      local PostgreSQL cluster; checks that no two holders ever overlapped and prints a summary.
-      --threads is per manager (default 4), --seconds the run time (default 3).
-  bench [--seconds S] [--json PATH]
-      The wall-clock benchmark suite: latency, throughput, pgbench, cross-process handoff and
-      loss detection, against DATABASE_URL or a throwaway cluster. Prints a table and writes the
-      figures as JSON (default target/distlock-bench.json). --seconds per throughput case (default 2).
-  cluster [-- COMMAND [ARGS...]]
-      Starts a throwaway PostgreSQL cluster and runs COMMAND with DATABASE_URL set to it, then
-      stops the cluster and exits with COMMAND's status. Without COMMAND, prints the URL and keeps
-      the cluster until standard input closes.";
+const AFTER_HELP: &str = "\
+Examples:
+  distlock run --key nightly-report -- ./report.sh          wait for the lock, then run
+  distlock run --key migrate --no-wait -- ./migrate         skip (exit 75) if someone holds it
+  distlock run --key cache --wait 30s -- make cache         wait at most 30 s
+  distlock run --key schema --shared -- ./read-only-job     many shared holders at once
+  distlock locks                                            who holds or awaits which lock
+  distlock key nightly-report                               the bigint id SQL uses for a name
+
+Server: --database-url, else DATABASE_URL, else the libpq variables PGHOST, PGPORT, PGUSER,
+PGPASSWORD, PGDATABASE, PGAPPNAME (PGHOST is required then). Only `demo` and `bench` fall back to a
+throwaway local cluster.
+
+Exit codes: 0-255 the command's own status (run); 128+N the command died of signal N; 64 usage
+error; 69 server unavailable; 70 internal error; 75 lock not acquired (--conflict-exit-code);
+76 lock lost while the command ran; 126 command not executable; 127 command not found.";
+
+#[derive(Parser)]
+#[command(
+    name = "distlock",
+    version,
+    about = "Distributed locks on PostgreSQL advisory locks: flock(1) across hosts",
+    after_help = AFTER_HELP
+)]
+struct Cli {
+    /// PostgreSQL connection: a postgres:// URL or libpq key=value string [default: DATABASE_URL,
+    /// then the PG* variables]
+    #[arg(long, global = true, value_name = "URL")]
+    database_url: Option<String>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a command while holding a lock, like flock(1) across hosts.
+    #[command(after_help = AFTER_HELP)]
+    Run(RunArgs),
+    /// List every advisory lock on the server, held or awaited.
+    Locks {
+        /// Print JSON (an array of objects) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the bigint id a name maps to (FNV-1a 64, as the library and the Go libraries do).
+    Key {
+        /// The lock's name.
+        name: String,
+    },
+    /// Threads on two managers contend for a few keys; checks that no two holders overlap.
+    Demo {
+        /// Threads per manager.
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+        /// How long to run.
+        #[arg(long, default_value = "3s", value_parser = connection::parse_duration)]
+        duration: Duration,
+    },
+    /// The wall-clock benchmark suite; prints a table and writes JSON.
+    Bench {
+        /// How long each throughput case runs.
+        #[arg(long, default_value = "2s", value_parser = connection::parse_duration)]
+        per_case: Duration,
+        /// Where to write the figures.
+        #[arg(long, default_value = "target/distlock-bench.json")]
+        json: PathBuf,
+    },
+    /// Start a throwaway PostgreSQL cluster and run COMMAND with DATABASE_URL set to it.
+    Cluster {
+        /// The command to run; without one, prints the URL and waits until stdin closes.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The lock's name (mapped to a bigint id with FNV-1a 64).
+    #[arg(long, value_name = "NAME")]
+    key: String,
+    /// Take the lock shared: shared holders run at once; exclusive ones wait for all of them.
+    #[arg(long)]
+    shared: bool,
+    /// Wait at most this long for the lock (500ms, 30s, 2m, 1h) [default: forever].
+    #[arg(long, value_name = "DURATION", value_parser = connection::parse_duration, conflicts_with = "no_wait")]
+    wait: Option<Duration>,
+    /// Do not wait: exit at once (75) if someone holds the lock.
+    #[arg(long)]
+    no_wait: bool,
+    /// What to do if the lock is lost while the command runs.
+    #[arg(long, value_enum, default_value_t = OnLost::Terminate)]
+    on_lost: OnLost,
+    /// After a lost lock, how long the command has between SIGTERM and SIGKILL.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = connection::parse_duration)]
+    kill_after: Duration,
+    /// Exit code when the lock is not acquired.
+    #[arg(long, value_name = "N", default_value_t = exit::CONFLICT)]
+    conflict_exit_code: u8,
+    /// No status line while waiting.
+    #[arg(long, short)]
+    quiet: bool,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+/// What `run` does when its lock is lost.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OnLost {
+    /// SIGTERM the command, SIGKILL it after --kill-after, exit 76.
+    Terminate,
+    /// Report it on stderr and let the command finish.
+    Ignore,
+}
+
+/// An error with the exit code it should produce.
+pub struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+impl Failure {
+    pub fn new(code: u8, error: impl Into<anyhow::Error>) -> Failure {
+        Failure {
+            code,
+            error: error.into(),
+        }
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Failure {
+        Failure::new(exit::SOFTWARE, error)
+    }
+}
 
 fn main() -> ExitCode {
-    match run(std::env::args().skip(1).collect()) {
-        Ok(code) => code,
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
         Err(e) => {
-            eprintln!("distlock: {e:#}");
-            ExitCode::from(1)
+            let code = if e.use_stderr() { exit::USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
         }
-    }
-}
-
-/// `--flag value` pairs after a subcommand.
-fn options(args: &[String], known: &[&str]) -> Result<Vec<(String, String)>> {
-    let mut out = Vec::new();
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        if !known.contains(&flag.as_str()) {
-            bail!("unknown option {flag}\n\n{USAGE}");
-        }
-        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
-        out.push((flag.clone(), value.clone()));
-    }
-    Ok(out)
-}
-
-fn seconds(flag: &str, value: &str) -> Result<Duration> {
-    let s: f64 = value
-        .parse()
-        .with_context(|| format!("{flag} takes a number of seconds"))?;
-    if !s.is_finite() || s <= 0.0 {
-        bail!("{flag} must be positive");
-    }
-    Ok(Duration::from_secs_f64(s))
-}
-
-fn run(args: Vec<String>) -> Result<ExitCode> {
-    let Some((command, rest)) = args.split_first() else {
-        bail!("no command given\n\n{USAGE}");
     };
-    match command.as_str() {
-        "demo" => {
-            let (mut threads, mut run_for) = (4, Duration::from_secs(3));
-            for (flag, value) in options(rest, &["--threads", "--seconds"])? {
-                match flag.as_str() {
-                    "--threads" => threads = value.parse().context("--threads takes a number")?,
-                    _ => run_for = seconds(&flag, &value)?,
-                }
-            }
-            if threads == 0 {
-                bail!("--threads must be positive");
-            }
-            demo::run(threads, run_for)
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(Failure { code, error }) => {
+            eprintln!("distlock: {error:#}");
+            ExitCode::from(code)
         }
-        "bench" => {
-            let mut per_case = Duration::from_secs(2);
-            let mut json = std::path::PathBuf::from("target/distlock-bench.json");
-            for (flag, value) in options(rest, &["--seconds", "--json"])? {
-                match flag.as_str() {
-                    "--seconds" => per_case = seconds(&flag, &value)?,
-                    _ => json = value.into(),
-                }
-            }
-            bench::run(per_case, &json)
-        }
-        "cluster" => {
-            let command = match rest.split_first() {
-                None => &[][..],
-                Some((dashes, command)) if dashes == "--" => command,
-                Some(_) => bail!("usage: distlock cluster [-- COMMAND [ARGS...]]"),
-            };
-            cluster::run(command)
-        }
-        "-h" | "--help" | "help" => {
-            println!("{USAGE}");
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
+    let url = cli.database_url;
+    match cli.command {
+        Command::Run(args) => run::run(url.as_deref(), args),
+        Command::Locks { json } => locks::run(url.as_deref(), json),
+        Command::Key { name } => {
+            let key = distlock::LockKey::name(&name);
+            println!("{}", key.as_id().unwrap_or_default());
             Ok(ExitCode::SUCCESS)
         }
-        other => bail!("unknown command {other:?}\n\n{USAGE}"),
+        Command::Demo { threads, duration } => {
+            if threads == 0 {
+                return Err(Failure::new(
+                    exit::USAGE,
+                    anyhow::anyhow!("--threads must be positive"),
+                ));
+            }
+            Ok(demo::run(url.as_deref(), threads, duration)?)
+        }
+        Command::Bench { per_case, json } => Ok(bench::run(url.as_deref(), per_case, &json)?),
+        Command::Cluster { command } => Ok(cluster::run(&command)?),
     }
 }

@@ -1,0 +1,125 @@
+//! Where the server is (flag, DATABASE_URL, libpq variables) and how durations are written.
+
+use std::env;
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::anyhow;
+use distlock::testing::TestCluster;
+
+use crate::{Failure, exit};
+
+/// The server for `run` and `locks`: `--database-url`, else `DATABASE_URL`, else the libpq
+/// variables. A real shared server is required: there is no throwaway fallback here.
+pub fn shared_server(flag: Option<&str>) -> Result<postgres::Config, Failure> {
+    if let Some(url) = flag.map(str::to_owned).or_else(|| nonempty("DATABASE_URL")) {
+        return postgres::Config::from_str(&url).map_err(|e| {
+            Failure::new(
+                exit::USAGE,
+                anyhow!(e).context(
+                    "invalid connection string (expected a postgres:// URL or key=value pairs)",
+                ),
+            )
+        });
+    }
+    let Some(hosts) = nonempty("PGHOST") else {
+        return Err(Failure::new(
+            exit::USAGE,
+            anyhow!(
+                "no server given: pass --database-url, or set DATABASE_URL or PGHOST (with PGPORT, \
+                 PGUSER, PGPASSWORD, PGDATABASE as needed). The lock must live on the server that \
+                 every host shares."
+            ),
+        ));
+    };
+    let mut config = postgres::Config::new();
+    for host in hosts.split(',') {
+        config.host(host);
+    }
+    if let Some(port) = nonempty("PGPORT") {
+        let port = port.parse().map_err(|_| {
+            Failure::new(
+                exit::USAGE,
+                anyhow!("PGPORT is not a port number: {port:?}"),
+            )
+        })?;
+        config.port(port);
+    }
+    let user = nonempty("PGUSER")
+        .or_else(|| nonempty("USER"))
+        .or_else(|| nonempty("LOGNAME"))
+        .ok_or_else(|| Failure::new(exit::USAGE, anyhow!("no user: set PGUSER")))?;
+    config.user(&user);
+    if let Some(password) = nonempty("PGPASSWORD") {
+        config.password(password);
+    }
+    if let Some(db) = nonempty("PGDATABASE") {
+        config.dbname(&db);
+    }
+    Ok(config)
+}
+
+/// The application name a connection of the command shows: the connection string's, else
+/// `PGAPPNAME`, else `fallback`.
+pub fn application_name(config: &postgres::Config, fallback: &str) -> String {
+    config
+        .get_application_name()
+        .map(str::to_owned)
+        .or_else(|| nonempty("PGAPPNAME"))
+        .unwrap_or_else(|| fallback.to_owned())
+}
+
+/// The server for `demo` and `bench`: `--database-url`, else `DATABASE_URL`, else a throwaway
+/// local cluster.
+pub fn demo_server(flag: Option<&str>) -> anyhow::Result<TestCluster> {
+    match flag {
+        Some(url) => Ok(TestCluster::external(url)),
+        None => Ok(TestCluster::from_env()?),
+    }
+}
+
+fn nonempty(var: &str) -> Option<String> {
+    env::var(var).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// Parses `500ms`, `30s`, `2m`, `1h`, `1.5s`; a bare number means seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (try 500ms, 30s, 2m, 1h)"))?;
+    let seconds = match unit.trim() {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?} (use ms, s, m or h)"
+            ));
+        }
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("{text:?} is out of range"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_like_people_write_them() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+}

@@ -1,0 +1,185 @@
+//! `distlock locks`: every advisory lock on the server, held or awaited.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::anyhow;
+use distlock::LockKey;
+
+use crate::connection::shared_server;
+use crate::run::human;
+use crate::{Failure, exit};
+
+/// One advisory lock of one session, as `pg_locks` and `pg_stat_activity` show it.
+struct Row {
+    key: Option<LockKey>,
+    database: String,
+    mode: &'static str,
+    granted: bool,
+    pid: i32,
+    application: String,
+    client: String,
+    /// Waiting: how long it has waited. Granted: how long its connection has existed (PostgreSQL
+    /// does not record when a lock was granted).
+    age: Duration,
+}
+
+const QUERY: &str = "SELECT l.classid::int8, l.objid::int8, l.objsubid::int4, l.mode, l.granted, l.pid, \
+       coalesce(d.datname, ''), coalesce(a.application_name, ''), \
+       coalesce(host(a.client_addr), 'local'), \
+       extract(epoch FROM now() - coalesce(l.waitstart, a.backend_start, now()))::float8 \
+     FROM pg_locks l \
+     LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
+     LEFT JOIN pg_database d ON d.oid = l.database \
+     WHERE l.locktype = 'advisory' \
+     ORDER BY l.classid, l.objid, l.objsubid, l.granted DESC, l.pid";
+
+pub fn run(url: Option<&str>, json: bool) -> Result<ExitCode, Failure> {
+    let mut config = shared_server(url)?;
+    config.connect_timeout(Duration::from_secs(10));
+    if config.get_application_name().is_none() {
+        config.application_name("distlock locks");
+    }
+    let mut client = config.connect(postgres::NoTls).map_err(|e| {
+        Failure::new(
+            exit::UNAVAILABLE,
+            anyhow!(e).context("cannot connect to the server"),
+        )
+    })?;
+    let rows: Vec<Row> = client
+        .query(QUERY, &[])
+        .map_err(|e| anyhow!(e).context("reading pg_locks"))?
+        .iter()
+        .map(|r| {
+            let (classid, objid, objsubid): (i64, i64, i32) = (r.get(0), r.get(1), r.get(2));
+            let mode: String = r.get(3);
+            Row {
+                key: LockKey::from_pg_locks_tag(classid as u32, objid as u32, objsubid as i16),
+                database: r.get(6),
+                mode: if mode == "ShareLock" {
+                    "shared"
+                } else {
+                    "exclusive"
+                },
+                granted: r.get(4),
+                pid: r.get(5),
+                application: r.get(7),
+                client: r.get(8),
+                age: Duration::from_secs_f64(r.get::<_, f64>(9).max(0.0)),
+            }
+        })
+        .collect();
+    if json {
+        println!("{}", to_json(&rows));
+    } else {
+        print_table(&rows);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn key_text(key: Option<LockKey>) -> String {
+    match key.map(|k| (k.as_id(), k.as_pair())) {
+        Some((Some(id), _)) => id.to_string(),
+        Some((_, Some((a, b)))) => format!("({a}, {b})"),
+        _ => "?".to_owned(),
+    }
+}
+
+fn print_table(rows: &[Row]) {
+    let header = [
+        "KEY",
+        "MODE",
+        "STATE",
+        "PID",
+        "APPLICATION",
+        "CLIENT",
+        "FOR",
+        "DATABASE",
+    ];
+    let cells: Vec<[String; 8]> = rows
+        .iter()
+        .map(|r| {
+            [
+                key_text(r.key),
+                r.mode.to_owned(),
+                if r.granted { "held" } else { "waiting" }.to_owned(),
+                r.pid.to_string(),
+                r.application.clone(),
+                r.client.clone(),
+                if r.granted {
+                    format!("~{}", human(r.age))
+                } else {
+                    human(r.age)
+                },
+                r.database.clone(),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &cells {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cols: &[String]| {
+        let text: Vec<String> = cols
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", text.join("  ").trim_end());
+    };
+    line(&header.map(str::to_owned));
+    for row in &cells {
+        line(row);
+    }
+    if rows.is_empty() {
+        println!("(no advisory locks)");
+    } else {
+        println!(
+            "FOR: how long a waiter has waited; ~ for held locks: the age of the holding connection."
+        );
+    }
+}
+
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn to_json(rows: &[Row]) -> String {
+    let items: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            let key = match r.key.map(|k| (k.as_id(), k.as_pair())) {
+                Some((Some(id), _)) => format!("\"key\": {id}, \"pair\": null"),
+                Some((_, Some((a, b)))) => format!("\"key\": null, \"pair\": [{a}, {b}]"),
+                _ => "\"key\": null, \"pair\": null".to_owned(),
+            };
+            format!(
+                "{{{key}, \"mode\": \"{}\", \"granted\": {}, \"pid\": {}, \"application_name\": {}, \
+                 \"client_addr\": {}, \"database\": {}, \"waiting_seconds\": {}, \
+                 \"connection_age_seconds\": {}}}",
+                r.mode,
+                r.granted,
+                r.pid,
+                json_string(&r.application),
+                json_string(&r.client),
+                json_string(&r.database),
+                if r.granted { "null".to_owned() } else { format!("{:.3}", r.age.as_secs_f64()) },
+                if r.granted { format!("{:.3}", r.age.as_secs_f64()) } else { "null".to_owned() },
+            )
+        })
+        .collect();
+    format!("[{}]", items.join(",\n "))
+}

@@ -1,0 +1,302 @@
+//! `distlock run`: flock(1) across hosts. Waits for the lock, runs the command, forwards signals
+//! and the exit status, releases the lock when the command exits, and acts if the lock is lost.
+
+use std::io::{IsTerminal, Write};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Command, ExitCode, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow};
+use crossbeam_channel::select;
+use distlock::{ErrorKind, LockGuard, LockKey, LockManager};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGKILL, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use crate::connection::{application_name, shared_server};
+use crate::{Failure, OnLost, RunArgs, exit};
+
+/// How often the status line is refreshed while waiting.
+const STATUS_EVERY: Duration = Duration::from_millis(500);
+
+pub fn run(url: Option<&str>, args: RunArgs) -> Result<ExitCode, Failure> {
+    let config = shared_server(url)?;
+    let app = application_name(&config, "distlock");
+    let key = LockKey::name(&args.key);
+    let locks = LockManager::builder()
+        .application_name(&app)
+        .heartbeat(Duration::from_secs(1))
+        .connect_config(config.clone())
+        .map_err(|e| {
+            let code = match e.kind() {
+                ErrorKind::Config => exit::USAGE,
+                _ => exit::UNAVAILABLE,
+            };
+            Failure::new(code, anyhow!(e).context("cannot connect to the server"))
+        })?;
+
+    let Some(guard) = acquire(&locks, key, &args, &config)? else {
+        if !args.quiet {
+            eprintln!(
+                "distlock: {} is held by someone else; not running the command",
+                args.key
+            );
+        }
+        return Ok(ExitCode::from(args.conflict_exit_code));
+    };
+
+    let (program, rest) = args
+        .command
+        .split_first()
+        .ok_or_else(|| Failure::new(exit::USAGE, anyhow!("no command given after --")))?;
+    let mut child = match Command::new(program)
+        .args(rest)
+        .stdin(Stdio::inherit())
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(e) => {
+            let code = match e.kind() {
+                std::io::ErrorKind::NotFound => exit::NOT_FOUND,
+                _ => exit::NOT_EXECUTABLE,
+            };
+            return Err(Failure::new(
+                code,
+                anyhow!(e).context(format!("cannot run {program}")),
+            ));
+        }
+    };
+    let pid = child.id();
+
+    // Forward SIGINT, SIGTERM and SIGHUP to the command; distlock itself stays to release the lock.
+    let mut signals =
+        Signals::new([SIGINT, SIGTERM, SIGHUP]).context("installing signal handlers")?;
+    let signal_handle = signals.handle();
+    thread::spawn(move || {
+        for signal in signals.forever() {
+            send_signal(pid, signal);
+        }
+    });
+
+    let (exited_tx, exited) = crossbeam_channel::bounded(1);
+    thread::spawn(move || {
+        let _ = exited_tx.send(child.wait());
+    });
+
+    let mut lost_at: Option<Instant> = None;
+    let mut killed = false;
+    let never = crossbeam_channel::never();
+    let status: ExitStatus = loop {
+        let timeout = match lost_at {
+            Some(at) if args.on_lost == OnLost::Terminate && !killed => {
+                (at + args.kill_after).saturating_duration_since(Instant::now())
+            }
+            _ => Duration::from_secs(3600),
+        };
+        let watch_loss = lost_at.is_none();
+        select! {
+            recv(exited) -> status => {
+                break status
+                    .map_err(|_| anyhow!("lost track of the command"))?
+                    .context("waiting for the command")?;
+            }
+            recv(if watch_loss { guard.lost() } else { &never }) -> _ => {
+                lost_at = Some(Instant::now());
+                match args.on_lost {
+                    OnLost::Terminate => {
+                        eprintln!(
+                            "distlock: lost the lock on {} (the connection to the server failed); \
+                             terminating the command (SIGKILL in {:?})",
+                            args.key, args.kill_after
+                        );
+                        send_signal(pid, SIGTERM);
+                    }
+                    OnLost::Ignore => eprintln!(
+                        "distlock: lost the lock on {} (the connection to the server failed); \
+                         the command keeps running (--on-lost ignore)",
+                        args.key
+                    ),
+                }
+            }
+            default(timeout) => {
+                if lost_at.is_some() && args.on_lost == OnLost::Terminate && !killed {
+                    eprintln!("distlock: the command did not exit after SIGTERM; sending SIGKILL");
+                    send_signal(pid, SIGKILL);
+                    killed = true;
+                }
+            }
+        }
+    };
+    signal_handle.close();
+
+    let lost = lost_at.is_some() || guard.is_lost();
+    if let Err(e) = guard.unlock() {
+        if !lost {
+            eprintln!("distlock: releasing {} failed: {e}", args.key);
+        }
+    }
+    if lost && args.on_lost == OnLost::Terminate {
+        return Ok(ExitCode::from(exit::LOST));
+    }
+    Ok(ExitCode::from(exit_code(status)))
+}
+
+/// The command's status as a shell reports it: its code, or 128 + the signal that ended it.
+fn exit_code(status: ExitStatus) -> u8 {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => u8::try_from(code).unwrap_or(1),
+        (None, Some(signal)) => u8::try_from(128 + signal).unwrap_or(255),
+        (None, None) => 1,
+    }
+}
+
+/// Sends `signal` to `pid` with kill(1): this keeps the command free of unsafe code.
+fn send_signal(pid: u32, signal: i32) {
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Waits for the lock as asked; `None` when it was not acquired in time.
+fn acquire(
+    locks: &LockManager,
+    key: LockKey,
+    args: &RunArgs,
+    config: &postgres::Config,
+) -> Result<Option<LockGuard>, Failure> {
+    let take = |wait: Duration| {
+        if args.shared {
+            locks.try_lock_shared_for(key, wait)
+        } else {
+            locks.try_lock_for(key, wait)
+        }
+    };
+    let unavailable =
+        |e: distlock::Error| Failure::new(exit::UNAVAILABLE, anyhow!(e).context("taking the lock"));
+    if args.no_wait {
+        return take(Duration::ZERO).map_err(unavailable);
+    }
+    let started = Instant::now();
+    let deadline = args.wait.map(|w| started + w);
+    let mut status = StatusLine::new(!args.quiet && std::io::stderr().is_terminal(), config);
+    loop {
+        let step = match deadline {
+            Some(d) => d
+                .saturating_duration_since(Instant::now())
+                .min(STATUS_EVERY),
+            None => STATUS_EVERY,
+        };
+        match take(step) {
+            Ok(Some(guard)) => {
+                status.clear();
+                return Ok(Some(guard));
+            }
+            Ok(None) => {}
+            // A reconnect in progress: keep waiting, within the deadline.
+            Err(e) if e.is_transient() && deadline.is_none_or(|d| Instant::now() < d) => {}
+            Err(e) => {
+                status.clear();
+                return Err(unavailable(e));
+            }
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            status.clear();
+            return Ok(None);
+        }
+        status.show(&args.key, key, started.elapsed());
+    }
+}
+
+/// The live line shown on a terminal while waiting: how long, and who holds the lock.
+struct StatusLine {
+    /// Set when the line is shown at all (a terminal, not --quiet).
+    on: bool,
+    config: postgres::Config,
+    /// A separate, lazily opened connection for the pg_locks query.
+    client: Option<postgres::Client>,
+    shown: bool,
+}
+
+impl StatusLine {
+    fn new(on: bool, config: &postgres::Config) -> StatusLine {
+        StatusLine {
+            on,
+            config: config.clone(),
+            client: None,
+            shown: false,
+        }
+    }
+
+    fn show(&mut self, name: &str, key: LockKey, waited: Duration) {
+        if !self.on {
+            return;
+        }
+        let holders = self
+            .holders(key)
+            .unwrap_or_else(|e| format!("(holders unknown: {e})"));
+        let mut err = std::io::stderr().lock();
+        let _ = write!(
+            err,
+            "\r\x1b[Kdistlock: waiting {} for {name} ({}): {holders}",
+            human(waited),
+            key.as_id().unwrap_or_default()
+        );
+        let _ = err.flush();
+        self.shown = true;
+    }
+
+    fn clear(&mut self) {
+        if self.shown {
+            let _ = write!(std::io::stderr(), "\r\x1b[K");
+            self.shown = false;
+        }
+    }
+
+    fn holders(&mut self, key: LockKey) -> anyhow::Result<String> {
+        if self.client.is_none() {
+            let mut config = self.config.clone();
+            config
+                .application_name("distlock status")
+                .connect_timeout(Duration::from_secs(2));
+            self.client = Some(config.connect(postgres::NoTls)?);
+        }
+        let client = self.client.as_mut().context("no status connection")?;
+        let (classid, objid, objsubid) = key.pg_locks_tag();
+        let rows = client.query(
+            "SELECT l.pid, coalesce(a.application_name, ''), coalesce(host(a.client_addr), 'local'), \
+                    extract(epoch FROM now() - a.backend_start)::float8 \
+             FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
+             WHERE l.locktype = 'advisory' AND l.granted AND l.classid::int8 = $1 \
+               AND l.objid::int8 = $2 AND l.objsubid = $3 ORDER BY l.pid",
+            &[&i64::from(classid), &i64::from(objid), &objsubid],
+        )?;
+        if rows.is_empty() {
+            return Ok("free a moment ago, retrying".to_owned());
+        }
+        let holders: Vec<String> = rows
+            .iter()
+            .map(|r| {
+                let (pid, app, addr, age): (i32, String, String, f64) =
+                    (r.get(0), r.get(1), r.get(2), r.get(3));
+                format!(
+                    "held by pid {pid} ({app:?}, {addr}, connected {})",
+                    human(Duration::from_secs_f64(age.max(0.0)))
+                )
+            })
+            .collect();
+        Ok(holders.join("; "))
+    }
+}
+
+/// `4s`, `2m05s`, `1h02m`.
+pub fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
