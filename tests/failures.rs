@@ -320,3 +320,25 @@ fn a_waiter_rides_through_a_lost_connection_within_its_deadline() {
         .expect("acquired after the reconnect");
     guard.ensure_held().unwrap();
 }
+
+#[test]
+fn a_10_ms_heartbeat_works_and_notices_a_kill_quickly() {
+    let app = "f-heartbeat-10ms";
+    let heartbeat = Duration::from_millis(10);
+    let locks = manager_with(app, heartbeat, Duration::from_secs(5));
+    let guard = locks
+        .try_lock("failures/heartbeat-10ms")
+        .unwrap()
+        .expect("free");
+    // Idle for many heartbeats: the connection stays up and the lock held.
+    thread::sleep(Duration::from_millis(300));
+    assert!(!guard.is_lost());
+    guard.ensure_held().unwrap();
+    let mut outside = plain();
+    assert_eq!(kill_app(&mut outside, app), 1);
+    let detected = time_to_loss(&guard, Duration::from_secs(5)).expect("loss signal");
+    assert!(
+        detected < Duration::from_millis(1000),
+        "noticed after {detected:?}"
+    );
+}

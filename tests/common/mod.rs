@@ -29,25 +29,16 @@ pub fn plain() -> Client {
     Client::connect(url(), NoTls).expect("plain connect")
 }
 
-/// `(classid, objid, objsubid)` of a key as `pg_locks` shows it.
-pub fn lock_tag(key: LockKey) -> (i64, i64, i32) {
-    match (key.as_id(), key.as_pair()) {
-        (Some(k), _) => ((k >> 32) & 0xffff_ffff, k & 0xffff_ffff, 1),
-        (_, Some((a, b))) => (a as u32 as i64, b as u32 as i64, 2),
-        _ => unreachable!(),
-    }
-}
-
 /// Granted holds of `key` in `pg_locks`: `(application_name, mode)` per holding session.
 pub fn holders(client: &mut Client, key: LockKey) -> Vec<(String, String)> {
-    let (classid, objid, objsubid) = lock_tag(key);
+    let (classid, objid, objsubid) = key.pg_locks_tag();
     client
         .query(
             "SELECT coalesce(a.application_name, ''), l.mode FROM pg_locks l \
              LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
              WHERE l.locktype = 'advisory' AND l.granted AND l.classid::int8 = $1 \
                AND l.objid::int8 = $2 AND l.objsubid = $3 ORDER BY 1, 2",
-            &[&classid, &objid, &(objsubid as i16)],
+            &[&i64::from(classid), &i64::from(objid), &objsubid],
         )
         .expect("pg_locks")
         .iter()
