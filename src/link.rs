@@ -33,6 +33,9 @@ pub(crate) struct Link {
     busy: AtomicU64,
     /// True while the serving worker is parked (or about to park) for want of requests.
     idle: AtomicBool,
+    /// Set by the monitor when the connection has been idle for a heartbeat: the worker, unparked,
+    /// then checks the connection. Keeping the clock in the monitor keeps it off the request path.
+    heartbeat_due: AtomicBool,
     /// The thread of the worker serving now, unparked when a request is queued while it is idle.
     worker: Mutex<Option<Thread>>,
     /// The rest, changed only on connect and loss.
@@ -71,6 +74,7 @@ impl Link {
             statements: AtomicU64::new(0),
             busy: AtomicU64::new(0),
             idle: AtomicBool::new(false),
+            heartbeat_due: AtomicBool::new(false),
             worker: Mutex::new(None),
             state: Mutex::new(State {
                 generation: 0,
@@ -94,6 +98,22 @@ impl Link {
     /// other's write, and no request waits for a worker that went to sleep past it.
     pub(crate) fn set_idle(&self, idle: bool) {
         self.idle.store(idle, Ordering::SeqCst);
+    }
+
+    /// The monitor asks the worker for a heartbeat.
+    pub(crate) fn request_heartbeat(&self) {
+        self.heartbeat_due.store(true, Ordering::SeqCst);
+        self.unpark_worker();
+    }
+
+    /// The worker takes a pending heartbeat request.
+    pub(crate) fn take_heartbeat(&self) -> bool {
+        self.heartbeat_due.swap(false, Ordering::SeqCst)
+    }
+
+    /// Statements begun so far; unchanged between two samples means the connection sat idle.
+    pub(crate) fn statements(&self) -> u64 {
+        self.statements.load(Ordering::Relaxed)
     }
 
     /// Wakes the worker if it is idle; called after queueing a request.

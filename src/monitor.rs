@@ -24,8 +24,12 @@ const MIN_STALL: Duration = Duration::from_millis(100);
 /// Starts the monitor; it ends when `shutdown` disconnects (the manager is gone).
 pub(crate) fn start(spec: Spec, shutdown: Receiver<()>) -> std::io::Result<()> {
     let limit = spec.request_timeout.max(MIN_STALL);
-    // Check often enough to act within a small fraction of the bound, but never spin.
-    let tick = (limit / 8).clamp(Duration::from_millis(5), Duration::from_millis(250));
+    let heartbeat = spec.heartbeat;
+    // Check often enough to act within a small fraction of the stall bound and of the heartbeat,
+    // but never spin.
+    let tick = (limit / 8)
+        .min(heartbeat / 4)
+        .clamp(Duration::from_millis(2), Duration::from_millis(250));
     thread::Builder::new()
         .name("distlock-monitor".into())
         .spawn(move || {
@@ -33,10 +37,24 @@ pub(crate) fn start(spec: Spec, shutdown: Receiver<()>) -> std::io::Result<()> {
             let mut replacement_due = false;
             // The running statement last sampled, and when it was first seen.
             let mut seen: Option<(u64, Instant)> = None;
+            // The statement count last sampled, and since when it has not moved.
+            let mut quiet: (u64, Instant) = (spec.link.statements(), Instant::now());
             loop {
                 match shutdown.recv_timeout(tick) {
                     Err(RecvTimeoutError::Disconnected) => return,
                     Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+                }
+                // Heartbeat: no statement for a heartbeat's length (less one tick, so that the
+                // check starts within the heartbeat) and none running.
+                let statements = spec.link.statements();
+                if statements != quiet.0 {
+                    quiet = (statements, Instant::now());
+                } else if quiet.1.elapsed() + tick >= heartbeat
+                    && spec.link.running().is_none()
+                    && spec.link.is_online()
+                {
+                    spec.link.request_heartbeat();
+                    quiet.1 = Instant::now();
                 }
                 let stalled = match (spec.link.running(), seen) {
                     (None, _) => {

@@ -223,6 +223,12 @@ impl Worker {
                 return End::Superseded;
             }
             match self.spec.requests.try_recv() {
+                Ok(first) if self.spec.requests.is_empty() => {
+                    // The uncontended case: one request, one statement.
+                    if let Err(end) = self.serve_one(client, lease, first) {
+                        return end;
+                    }
+                }
                 Ok(first) => {
                     // Whatever queued up meanwhile goes to the server in the same round trip.
                     self.batch.push(first);
@@ -251,11 +257,11 @@ impl Worker {
                         link.set_idle(false);
                         continue;
                     }
-                    let parked = Instant::now();
-                    std::thread::park_timeout(self.spec.heartbeat);
+                    std::thread::park();
                     link.set_idle(false);
-                    if self.spec.requests.is_empty() && parked.elapsed() >= self.spec.heartbeat {
-                        // Idle for a whole heartbeat: prove the connection is alive.
+                    if link.take_heartbeat() {
+                        // Idle for a whole heartbeat (the monitor keeps the time): prove the
+                        // connection is alive.
                         let mark = link.begin_statement(lease.generation);
                         let alive = client.is_valid(self.spec.request_timeout);
                         link.end_statement(mark);
@@ -313,9 +319,6 @@ impl Worker {
     /// batch. (A grant abandoned by its caller is given back before the next batch is formed, so it
     /// never hides behind `sole_hold`.)
     fn run_batch(&mut self, client: &mut Client, lease: &Lease) -> Result<(), End> {
-        if self.batch.len() == 1 {
-            return self.run_single(client, lease);
-        }
         self.sql.clear();
         self.order.clear();
         self.solo.clear();
@@ -360,23 +363,6 @@ impl Worker {
                 Err(e) => self.statement_failed(client, lease, e)?,
             };
         }
-        self.reply_all(client, lease)
-    }
-
-    /// The uncontended case: one request, one statement, nothing to order or read back.
-    fn run_single(&mut self, client: &mut Client, lease: &Lease) -> Result<(), End> {
-        let r = &self.batch[0];
-        let (op, mode, key, generation) = (r.op, r.mode, r.key, r.generation);
-        let outcome = if op != Op::TryLock && generation != lease.generation {
-            Outcome::Pending // answered `NotHeld` without touching this session
-        } else {
-            match self.execute(client, lease.generation, op, mode, key) {
-                Ok(row) => Outcome::Done(row),
-                Err(e) => self.statement_failed(client, lease, e)?,
-            }
-        };
-        self.outcomes.clear();
-        self.outcomes.push(outcome);
         self.reply_all(client, lease)
     }
 
@@ -483,65 +469,103 @@ impl Worker {
         Ok(Outcome::Failed(Some(e)))
     }
 
-    /// Delivers every request's reply, keeps the ledger, and gives back grants nobody will own.
+    /// Delivers every request's reply and gives back grants nobody will own.
     fn reply_all(&mut self, client: &mut Client, lease: &Lease) -> Result<(), End> {
         let current = self.spec.link.is_current(lease.generation);
-        let mut undo_failed = false;
+        let mut result = Ok(());
         let mut batch = std::mem::take(&mut self.batch);
         for (i, request) in batch.drain(..).enumerate() {
-            let Request {
-                op,
-                mode,
-                key,
-                generation,
-                reply,
-                ..
-            } = request;
-            let outcome = std::mem::replace(&mut self.outcomes[i], Outcome::Pending);
-            let answer = match outcome {
-                _ if op != Op::TryLock && generation != lease.generation => Reply::NotHeld,
-                _ if !current => Reply::Failed(lost_error()),
-                Outcome::Done(true) => match op {
-                    Op::TryLock => Reply::Granted(lease.clone()),
-                    Op::Unlock => Reply::Released,
-                    Op::Check => Reply::Held,
-                },
-                Outcome::Done(false) => match op {
-                    Op::TryLock => Reply::Busy,
-                    Op::Unlock | Op::Check => Reply::NotHeld,
-                },
-                Outcome::Failed(Some(e)) => Reply::Failed(Error::from_query(e)),
-                Outcome::Failed(None) | Outcome::Pending | Outcome::Retry => {
-                    Reply::Failed(lost_error())
-                }
-            };
-            let handed_back = match reply.claim(answer) {
-                Ok(delivery) => {
-                    if let Err(delivery) = delivery.try_send() {
-                        self.late.push(delivery); // its caller is not receiving yet
-                    }
-                    None
-                }
-                Err(answer) => Some(answer),
-            };
-            if let Some(Reply::Granted(_)) = handed_back {
-                // The caller gave up before the grant arrived: nobody will ever own this hold, so
-                // give it back now rather than leak it for the life of the connection.
-                match self.execute(client, lease.generation, Op::Unlock, mode, key) {
-                    Ok(_) => {}
-                    Err(e) => {
-                        log::warn!(
-                            "distlock worker: releasing an abandoned grant of {key} failed: {e}"
-                        );
-                        undo_failed = true;
-                    }
-                }
+            let outcome = std::mem::take(&mut self.outcomes[i]);
+            if let Err(end) = self.reply(client, lease, current, request, outcome) {
+                result = Err(end);
             }
         }
         self.batch = batch; // keeps its capacity
-        if undo_failed {
-            // The hold may still be there with nobody to release it: end the session instead.
-            return Err(End::Lost);
+        result
+    }
+
+    /// The uncontended case: one request, one statement, no batch bookkeeping.
+    fn serve_one(
+        &mut self,
+        client: &mut Client,
+        lease: &Lease,
+        request: Request,
+    ) -> Result<(), End> {
+        let outcome = if request.op != Op::TryLock && request.generation != lease.generation {
+            Outcome::Pending // answered `NotHeld` without touching this session
+        } else {
+            match self.execute(
+                client,
+                lease.generation,
+                request.op,
+                request.mode,
+                request.key,
+            ) {
+                Ok(row) => Outcome::Done(row),
+                Err(e) => match self.statement_failed(client, lease, e) {
+                    Ok(failed) => failed,
+                    Err(end) => {
+                        let _ = request.reply.deliver(Reply::Failed(lost_error()));
+                        return Err(end);
+                    }
+                },
+            }
+        };
+        let current = self.spec.link.is_current(lease.generation);
+        self.reply(client, lease, current, request, outcome)
+    }
+
+    /// Answers one request from its outcome; gives back a grant whose caller has gone.
+    fn reply(
+        &mut self,
+        client: &mut Client,
+        lease: &Lease,
+        current: bool,
+        request: Request,
+        outcome: Outcome,
+    ) -> Result<(), End> {
+        let Request {
+            op,
+            mode,
+            key,
+            generation,
+            reply,
+            ..
+        } = request;
+        let answer = match outcome {
+            _ if op != Op::TryLock && generation != lease.generation => Reply::NotHeld,
+            _ if !current => Reply::Failed(lost_error()),
+            Outcome::Done(true) => match op {
+                Op::TryLock => Reply::Granted(lease.clone()),
+                Op::Unlock => Reply::Released,
+                Op::Check => Reply::Held,
+            },
+            Outcome::Done(false) => match op {
+                Op::TryLock => Reply::Busy,
+                Op::Unlock | Op::Check => Reply::NotHeld,
+            },
+            Outcome::Failed(Some(e)) => Reply::Failed(Error::from_query(e)),
+            Outcome::Failed(None) | Outcome::Pending | Outcome::Retry => {
+                Reply::Failed(lost_error())
+            }
+        };
+        let handed_back = match reply.claim(answer) {
+            Ok(delivery) => {
+                if let Err(delivery) = delivery.try_send() {
+                    self.late.push(delivery); // its caller is not receiving yet
+                }
+                return Ok(());
+            }
+            Err(answer) => answer,
+        };
+        if let Reply::Granted(_) = handed_back {
+            // The caller gave up before the grant arrived: nobody will ever own this hold, so give
+            // it back now rather than leak it for the life of the connection.
+            if let Err(e) = self.execute(client, lease.generation, Op::Unlock, mode, key) {
+                log::warn!("distlock worker: releasing an abandoned grant of {key} failed: {e}");
+                // The hold may still be there with nobody to release it: end the session instead.
+                return Err(End::Lost);
+            }
         }
         Ok(())
     }
