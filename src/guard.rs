@@ -182,7 +182,7 @@ impl LockGuard {
             return Err(Error::lock_lost());
         }
         let deadline = Instant::now() + self.shared.request_timeout();
-        let sole_hold = self.shared.sole_hold(self.key);
+        let sole_hold = self.shared.sole_hold(self.key, self.mode);
         let outcome = self.shared.round_trip(
             Op::Unlock,
             self.mode,

@@ -280,7 +280,8 @@ impl LockManager {
                 ));
             }
         }
-        let sole_hold = table.holds(key) == 1;
+        // An exclusive reservation is always the key's only one; a shared one may have company.
+        let sole_hold = mode == Mode::Exclusive || table.holds(key) == 1;
         drop(table);
         match shared.round_trip(Op::TryLock, mode, key, 0, sole_hold, deadline) {
             Ok(Reply::Granted(lease)) => {
@@ -424,9 +425,9 @@ impl Shared {
         self.table.lock().release(key, mode, false);
     }
 
-    /// True when `key` has exactly one hold through this manager.
-    pub(crate) fn sole_hold(&self, key: LockKey) -> bool {
-        self.table.lock().holds(key) == 1
+    /// True when `key` has exactly one hold through this manager: always for an exclusive hold.
+    pub(crate) fn sole_hold(&self, key: LockKey, mode: Mode) -> bool {
+        mode == Mode::Exclusive || self.table.lock().holds(key) == 1
     }
 
     /// The request timeout, the bound on a release.
