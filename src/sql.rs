@@ -39,12 +39,19 @@ pub(crate) enum Op {
 pub(crate) struct Sql {
     /// The text of the statement(s) being built.
     buf: String,
+    /// The argument text of `key_of_text`, kept because a release usually follows the grant of
+    /// the same key: its digits need not be formatted twice.
+    key_text: String,
+    /// The key `key_text` spells.
+    key_of_text: Option<LockKey>,
 }
 
 impl Sql {
     pub(crate) fn new() -> Sql {
         Sql {
             buf: String::with_capacity(256),
+            key_text: String::with_capacity(48),
+            key_of_text: None,
         }
     }
 
@@ -69,14 +76,19 @@ impl Sql {
             (Op::Unlock, Mode::Shared) => "SELECT 1 WHERE pg_advisory_unlock_shared(",
             (Op::Check, _) => unreachable!("handled above"),
         });
-        match key.0 {
-            Space::Id(id) => self.push_int8(id),
-            Space::Pair(a, b) => {
-                self.push_int4(a);
-                self.buf.push(',');
-                self.push_int4(b);
+        if self.key_of_text != Some(key) {
+            self.key_text.clear();
+            match key.0 {
+                Space::Id(id) => push_int8(&mut self.key_text, id),
+                Space::Pair(a, b) => {
+                    push_int4(&mut self.key_text, a);
+                    self.key_text.push(',');
+                    push_int4(&mut self.key_text, b);
+                }
             }
+            self.key_of_text = Some(key);
         }
+        self.buf.push_str(&self.key_text);
         self.buf.push(')');
     }
 
@@ -116,59 +128,59 @@ impl Sql {
     pub(crate) fn as_str(&self) -> &str {
         &self.buf
     }
+}
 
-    // The minimum of each type needs care: PostgreSQL reads `-9223372036854775808` as the negation of
-    // a literal too large for bigint, which becomes `numeric`, and no advisory function takes
-    // `numeric`. Spelling it as an expression keeps the type.
-    fn push_int8(&mut self, v: i64) {
-        if v == i64::MIN {
-            self.buf.push_str("(-9223372036854775807-1)");
-        } else {
-            self.push_integer(v);
-        }
+// The minimum of each type needs care: PostgreSQL reads `-9223372036854775808` as the negation of
+// a literal too large for bigint, which becomes `numeric`, and no advisory function takes
+// `numeric`. Spelling it as an expression keeps the type.
+fn push_int8(out: &mut String, v: i64) {
+    if v == i64::MIN {
+        out.push_str("(-9223372036854775807-1)");
+    } else {
+        push_integer(out, v);
     }
+}
 
-    fn push_int4(&mut self, v: i32) {
-        if v == i32::MIN {
-            self.buf.push_str("(-2147483647-1)");
-        } else {
-            self.push_integer(i64::from(v));
-        }
+fn push_int4(out: &mut String, v: i32) {
+    if v == i32::MIN {
+        out.push_str("(-2147483647-1)");
+    } else {
+        push_integer(out, i64::from(v));
     }
+}
 
-    /// Decimal digits of `v` (not `i64::MIN`), without `core::fmt`: this runs for every statement,
-    /// and the formatting machinery costs several times the digits themselves. Two digits a step,
-    /// from a table.
-    fn push_integer(&mut self, v: i64) {
-        const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
-                                    2021222324252627282930313233343536373839\
-                                    4041424344454647484950515253545556575859\
-                                    6061626364656667686970717273747576777879\
-                                    8081828384858687888990919293949596979899";
-        if v < 0 {
-            self.buf.push('-');
-        }
-        let mut n = v.unsigned_abs();
-        let mut digits = [0u8; 20];
-        let mut at = digits.len();
-        while n >= 100 {
-            let pair = (n % 100) as usize * 2;
-            n /= 100;
-            at -= 2;
-            digits[at..at + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
-        }
-        if n >= 10 {
-            let pair = n as usize * 2;
-            at -= 2;
-            digits[at..at + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
-        } else {
-            at -= 1;
-            digits[at] = b'0' + n as u8;
-        }
-        // ASCII digits: each is one byte of UTF-8 (cheaper than validating the slice as a `str`).
-        for &digit in &digits[at..] {
-            self.buf.push(char::from(digit));
-        }
+/// Decimal digits of `v` (not `i64::MIN`), without `core::fmt`: this runs for every statement,
+/// and the formatting machinery costs several times the digits themselves. Two digits a step,
+/// from a table.
+fn push_integer(out: &mut String, v: i64) {
+    const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
+                                2021222324252627282930313233343536373839\
+                                4041424344454647484950515253545556575859\
+                                6061626364656667686970717273747576777879\
+                                8081828384858687888990919293949596979899";
+    if v < 0 {
+        out.push('-');
+    }
+    let mut n = v.unsigned_abs();
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    while n >= 100 {
+        let pair = (n % 100) as usize * 2;
+        n /= 100;
+        at -= 2;
+        digits[at..at + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+    }
+    if n >= 10 {
+        let pair = n as usize * 2;
+        at -= 2;
+        digits[at..at + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+    } else {
+        at -= 1;
+        digits[at] = b'0' + n as u8;
+    }
+    // ASCII digits: each is one byte of UTF-8 (cheaper than validating the slice as a `str`).
+    for &digit in &digits[at..] {
+        out.push(char::from(digit));
     }
 }
 
@@ -191,10 +203,24 @@ mod tests {
             1 << 40,
             -(1 << 40),
         ] {
-            let mut sql = Sql::new();
-            sql.push_integer(v);
-            assert_eq!(sql.as_str(), v.to_string());
+            let mut text = String::new();
+            push_integer(&mut text, v);
+            assert_eq!(text, v.to_string());
         }
+    }
+
+    #[test]
+    fn a_cached_key_text_is_reused_only_for_its_own_key() {
+        let mut sql = Sql::new();
+        sql.push(Op::TryLock, Mode::Exclusive, LockKey::id(12));
+        sql.push(Op::Unlock, Mode::Exclusive, LockKey::id(12));
+        sql.push(Op::Unlock, Mode::Exclusive, LockKey::pair(1, 2));
+        sql.push(Op::Unlock, Mode::Exclusive, LockKey::id(3));
+        assert_eq!(
+            sql.as_str(),
+            "SELECT 1 WHERE pg_try_advisory_lock(12);SELECT 1 WHERE pg_advisory_unlock(12);\
+             SELECT 1 WHERE pg_advisory_unlock(1,2);SELECT 1 WHERE pg_advisory_unlock(3)"
+        );
     }
 
     #[test]

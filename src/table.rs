@@ -5,6 +5,8 @@
 //! refuses the second grant locally, so threads of one manager exclude each other exactly as separate
 //! processes do. Every entry stands for holds the session has, or is asking for, on the server.
 
+use std::collections::hash_map::Entry;
+
 use crate::key::{KeyMap, LockKey};
 use crate::sql::Mode;
 
@@ -61,13 +63,20 @@ impl Table {
     /// Gives back one hold taken by [`Table::reserve`]: a guard's released hold (`wake`: waiters are
     /// told through the release counter) or a reservation whose try failed.
     pub(crate) fn release(&mut self, key: LockKey, mode: Mode, wake: bool) {
-        let remove = match (self.holds.get_mut(&key), mode) {
-            (Some(Hold::Shared(n)), Mode::Shared) if *n > 1 => {
-                *n -= 1;
-                false
+        // One hash lookup: this runs on every release.
+        match (self.holds.entry(key), mode) {
+            (Entry::Occupied(mut e), Mode::Shared) if matches!(e.get(), Hold::Shared(n) if *n > 1) => {
+                if let Hold::Shared(n) = e.get_mut() {
+                    *n -= 1;
+                }
             }
-            (Some(Hold::Shared(_)), Mode::Shared) | (Some(Hold::Exclusive), Mode::Exclusive) => {
-                true
+            (Entry::Occupied(e), _)
+                if matches!(
+                    (e.get(), mode),
+                    (Hold::Shared(_), Mode::Shared) | (Hold::Exclusive, Mode::Exclusive)
+                ) =>
+            {
+                e.remove();
             }
             (held, _) => {
                 debug_assert!(
@@ -76,9 +85,6 @@ impl Table {
                 );
                 return;
             }
-        };
-        if remove {
-            self.holds.remove(&key);
         }
         self.count -= 1;
         if wake {
