@@ -430,6 +430,11 @@ impl Shared {
         mode == Mode::Exclusive || self.table.lock().holds(key) == 1
     }
 
+    /// The state of the manager's connection.
+    pub(crate) fn link(&self) -> &Link {
+        &self.link
+    }
+
     /// The request timeout, the bound on a release.
     pub(crate) fn request_timeout(&self) -> Duration {
         self.request_timeout
