@@ -151,36 +151,34 @@ fn push_int4(out: &mut String, v: i32) {
 
 /// Decimal digits of `v` (not `i64::MIN`), without `core::fmt`: this runs for every statement,
 /// and the formatting machinery costs several times the digits themselves. Two digits a step,
-/// from a table.
+/// from a table of two-digit strings.
 fn push_integer(out: &mut String, v: i64) {
-    const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
-                                2021222324252627282930313233343536373839\
-                                4041424344454647484950515253545556575859\
-                                6061626364656667686970717273747576777879\
-                                8081828384858687888990919293949596979899";
+    const PAIRS: &str = "0001020304050607080910111213141516171819\
+                         2021222324252627282930313233343536373839\
+                         4041424344454647484950515253545556575859\
+                         6061626364656667686970717273747576777879\
+                         8081828384858687888990919293949596979899";
     if v < 0 {
         out.push('-');
     }
     let mut n = v.unsigned_abs();
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
+    // The pairs below the leading one or two digits, least significant first.
+    let mut pairs = [0u8; 10];
+    let mut count = 0;
     while n >= 100 {
-        let pair = (n % 100) as usize * 2;
+        pairs[count] = (n % 100) as u8;
+        count += 1;
         n /= 100;
-        at -= 2;
-        digits[at..at + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
     }
     if n >= 10 {
-        let pair = n as usize * 2;
-        at -= 2;
-        digits[at..at + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+        let i = n as usize * 2;
+        out.push_str(&PAIRS[i..i + 2]);
     } else {
-        at -= 1;
-        digits[at] = b'0' + n as u8;
+        out.push(char::from(b'0' + n as u8));
     }
-    // ASCII digits: each is one byte of UTF-8 (cheaper than validating the slice as a `str`).
-    for &digit in &digits[at..] {
-        out.push(char::from(digit));
+    for &pair in pairs[..count].iter().rev() {
+        let i = usize::from(pair) * 2;
+        out.push_str(&PAIRS[i..i + 2]);
     }
 }
 
