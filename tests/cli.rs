@@ -366,3 +366,16 @@ fn bad_input_gets_one_readable_line_and_its_exit_code() {
         assert!(stderr(&out).contains("no server given"), "{}", stderr(&out));
     }
 }
+
+#[test]
+fn the_demo_runs_and_finds_no_overlap() {
+    let out = output(distlock().args(["demo", "--threads", "2", "--duration", "1s"]));
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("overlapping holds: 0"), "{text}");
+    assert!(text.contains("locks left held:   0"), "{text}");
+    assert!(
+        text.contains("ok: no two holders ever overlapped"),
+        "{text}"
+    );
+}
