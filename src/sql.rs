@@ -65,16 +65,12 @@ impl Sql {
         if !self.buf.is_empty() {
             self.buf.push(';');
         }
-        if op == Op::Check {
-            self.push_check(mode, key);
-            return;
-        }
         self.buf.push_str(match (op, mode) {
             (Op::TryLock, Mode::Exclusive) => "SELECT 1 WHERE pg_try_advisory_lock(",
             (Op::TryLock, Mode::Shared) => "SELECT 1 WHERE pg_try_advisory_lock_shared(",
             (Op::Unlock, Mode::Exclusive) => "SELECT 1 WHERE pg_advisory_unlock(",
             (Op::Unlock, Mode::Shared) => "SELECT 1 WHERE pg_advisory_unlock_shared(",
-            (Op::Check, _) => unreachable!("handled above"),
+            (Op::Check, _) => return self.push_check(mode, key),
         });
         if self.key_of_text != Some(key) {
             self.key_text.clear();
