@@ -118,11 +118,13 @@
 //!   the server. A rendezvous send waits for its receiver, which cost throughput under load (64
 //!   threads: 30–42k against 46–68k cycles/s), so the worker hands a reply over with `try_send` and,
 //!   if its caller is not receiving yet, completes the delivery when it would otherwise go idle.
-//! * The worker runs `SELECT 1 WHERE pg_try_advisory_lock(<id>)` (or `pg_advisory_unlock`, or the
+//! * The worker runs `SELECT WHERE pg_try_advisory_lock(<id>)` (or `pg_advisory_unlock`, or the
 //!   `_shared` forms) with `simple_query`, and reads the outcome from the statement's
-//!   `CommandComplete` row count: one row means the function returned true. It never decodes a value.
+//!   `CommandComplete` row count: one row (of no columns) means the function returned true. It never
+//!   decodes a value.
 //!   The SQL text is formatted into one reused buffer from integers only; no caller text reaches SQL.
-//!   This form plans cheaper than `SELECT 1 FROM pg_try_advisory_lock(<id>) l WHERE l` (measured).
+//!   This form plans cheaper than `SELECT 1 FROM pg_try_advisory_lock(<id>) l WHERE l`, and having no
+//!   column it saves the client 6 allocations a cycle over `SELECT 1 WHERE …` (measured).
 //! * **Batching.** Requests that queued while the worker was busy go to the server as one
 //!   multi-statement query, each statement's row count mapped back to its request (64 threads on one
 //!   manager: 4.2k cycles/s without, 47k with). Releases go first; each caller has one request in

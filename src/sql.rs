@@ -2,8 +2,10 @@
 //!
 //! Every statement returns one row when its function returned true and none otherwise, so the worker
 //! reads the outcome from the `CommandComplete` row count and never decodes a value.
-//! `SELECT 1 WHERE f(k)` is used rather than `SELECT 1 FROM f(k) l WHERE l`: the same meaning, with
-//! no function scan to plan.
+//! `SELECT WHERE f(k)` (a row of no columns) is used rather than `SELECT 1 WHERE f(k)` or
+//! `SELECT 1 FROM f(k) l WHERE l`: the same row count, with no function scan to plan and no column
+//! for the client to describe and carry (measured per lock+unlock cycle on the raw client: 18 against
+//! 24 allocations and 25,587 against 27,108 instructions; see the README).
 
 use std::fmt::Write;
 
@@ -66,10 +68,10 @@ impl Sql {
             self.buf.push(';');
         }
         self.buf.push_str(match (op, mode) {
-            (Op::TryLock, Mode::Exclusive) => "SELECT 1 WHERE pg_try_advisory_lock(",
-            (Op::TryLock, Mode::Shared) => "SELECT 1 WHERE pg_try_advisory_lock_shared(",
-            (Op::Unlock, Mode::Exclusive) => "SELECT 1 WHERE pg_advisory_unlock(",
-            (Op::Unlock, Mode::Shared) => "SELECT 1 WHERE pg_advisory_unlock_shared(",
+            (Op::TryLock, Mode::Exclusive) => "SELECT WHERE pg_try_advisory_lock(",
+            (Op::TryLock, Mode::Shared) => "SELECT WHERE pg_try_advisory_lock_shared(",
+            (Op::Unlock, Mode::Exclusive) => "SELECT WHERE pg_advisory_unlock(",
+            (Op::Unlock, Mode::Shared) => "SELECT WHERE pg_advisory_unlock_shared(",
             (Op::Check, _) => return self.push_check(mode, key),
         });
         if self.key_of_text != Some(key) {
@@ -212,8 +214,8 @@ mod tests {
         sql.push(Op::Unlock, Mode::Exclusive, LockKey::id(3));
         assert_eq!(
             sql.as_str(),
-            "SELECT 1 WHERE pg_try_advisory_lock(12);SELECT 1 WHERE pg_advisory_unlock(12);\
-             SELECT 1 WHERE pg_advisory_unlock(1,2);SELECT 1 WHERE pg_advisory_unlock(3)"
+            "SELECT WHERE pg_try_advisory_lock(12);SELECT WHERE pg_advisory_unlock(12);\
+             SELECT WHERE pg_advisory_unlock(1,2);SELECT WHERE pg_advisory_unlock(3)"
         );
     }
 
@@ -221,20 +223,20 @@ mod tests {
     fn statements_hold_only_formatted_integers() {
         let mut sql = Sql::new();
         sql.push(Op::TryLock, Mode::Exclusive, LockKey::id(-42));
-        assert_eq!(sql.as_str(), "SELECT 1 WHERE pg_try_advisory_lock(-42)");
+        assert_eq!(sql.as_str(), "SELECT WHERE pg_try_advisory_lock(-42)");
         sql.clear();
         sql.push(Op::Unlock, Mode::Shared, LockKey::pair(1, i32::MIN));
         assert_eq!(
             sql.as_str(),
-            "SELECT 1 WHERE pg_advisory_unlock_shared(1,(-2147483647-1))"
+            "SELECT WHERE pg_advisory_unlock_shared(1,(-2147483647-1))"
         );
         sql.clear();
         sql.push(Op::TryLock, Mode::Shared, LockKey::id(i64::MIN));
         sql.push(Op::Unlock, Mode::Exclusive, LockKey::id(i64::MAX));
         assert_eq!(
             sql.as_str(),
-            "SELECT 1 WHERE pg_try_advisory_lock_shared((-9223372036854775807-1));\
-             SELECT 1 WHERE pg_advisory_unlock(9223372036854775807)"
+            "SELECT WHERE pg_try_advisory_lock_shared((-9223372036854775807-1));\
+             SELECT WHERE pg_advisory_unlock(9223372036854775807)"
         );
         sql.clear();
         sql.push(Op::Check, Mode::Shared, LockKey::id(-1));

@@ -79,7 +79,7 @@ pub fn run(url: Option<&str>, per_case: Duration, json: &Path) -> Result<ExitCod
     println!();
     if let (Some(m), Some(r)) = (
         report.get("latency p50: LockManager try_lock+drop"),
-        report.get("latency p50: raw simple_query (SELECT 1 WHERE)"),
+        report.get("latency p50: raw simple_query (SELECT WHERE)"),
     ) {
         println!("ratio p50 LockManager / raw client: {:.3}", m / r);
     }
@@ -127,13 +127,14 @@ fn latency(cluster: &TestCluster, report: &mut Report) -> Result<()> {
     const ROUNDS: usize = 20;
     const PER_ROUND: usize = 250;
     let mut raw = Client::connect(cluster.url(), NoTls)?;
-    let lock_stmt = raw.prepare("SELECT 1 WHERE pg_try_advisory_lock($1)")?;
-    let unlock_stmt = raw.prepare("SELECT 1 WHERE pg_advisory_unlock($1)")?;
+    let lock_stmt = raw.prepare("SELECT WHERE pg_try_advisory_lock($1)")?;
+    let unlock_stmt = raw.prepare("SELECT WHERE pg_advisory_unlock($1)")?;
     let locks = LockManager::builder()
         .application_name("distlock-bench")
         .connect(cluster.url())?;
     let mut sql = String::with_capacity(128);
     let names = [
+        "raw simple_query (SELECT WHERE)",
         "raw simple_query (SELECT 1 WHERE)",
         "raw simple_query (SELECT 1 FROM .. l WHERE l)",
         "raw prepared execute",
@@ -146,20 +147,20 @@ fn latency(cluster: &TestCluster, report: &mut Report) -> Result<()> {
                 let key = 0x0be0_0000 + ((round * PER_ROUND + i) % 64) as i64;
                 let start = Instant::now();
                 match case {
-                    0 | 1 => {
+                    0..=2 => {
                         for f in ["pg_try_advisory_lock", "pg_advisory_unlock"] {
                             sql.clear();
-                            if case == 0 {
-                                let _ = write!(sql, "SELECT 1 WHERE {f}({key})");
-                            } else {
-                                let _ = write!(sql, "SELECT 1 FROM {f}({key}) l WHERE l");
-                            }
+                            let _ = match case {
+                                0 => write!(sql, "SELECT WHERE {f}({key})"),
+                                1 => write!(sql, "SELECT 1 WHERE {f}({key})"),
+                                _ => write!(sql, "SELECT 1 FROM {f}({key}) l WHERE l"),
+                            };
                             if rows(&raw.simple_query(&sql)?) != 1 {
                                 bail!("raw {f}({key}) returned no row");
                             }
                         }
                     }
-                    2 => {
+                    3 => {
                         if raw.execute(&lock_stmt, &[&key])? != 1
                             || raw.execute(&unlock_stmt, &[&key])? != 1
                         {
@@ -258,8 +259,8 @@ fn pgbench(cluster: &TestCluster, per_case: Duration, report: &mut Report) -> Re
     std::fs::write(
         &script,
         "\\set k random(1, 1000000000)\n\
-         SELECT 1 WHERE pg_try_advisory_lock(:k);\n\
-         SELECT 1 WHERE pg_advisory_unlock(:k);\n",
+         SELECT WHERE pg_try_advisory_lock(:k);\n\
+         SELECT WHERE pg_advisory_unlock(:k);\n",
     )?;
     let seconds = per_case.as_secs().max(1).to_string();
     for (mode, clients, jobs) in [
