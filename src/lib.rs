@@ -141,7 +141,7 @@
 //!   up: a grant that arrives after its caller's deadline is released by the worker at once, and a
 //!   slot reused for the next call can never carry the previous call's reply.
 //! * A monitor thread watches for a statement stuck past the request timeout (see "Failure model").
-//! * Costs, measured: per lock+unlock cycle the manager spends 1.13 × the instructions of the raw
+//! * Costs, measured: per lock+unlock cycle the manager spends 1.14 × the instructions of the raw
 //!   client running the same SQL (every thread counted; CI fails above 1.15) and adds no allocation
 //!   of its own. The README's Performance section has every figure and the commands that produce
 //!   them.
