@@ -223,18 +223,15 @@ impl Worker {
                 return End::Superseded;
             }
             match self.spec.requests.try_recv() {
+                Ok(first) if self.spec.requests.is_empty() => {
+                    // The uncontended case: one request, one statement.
+                    if let Err(end) = self.serve_one(client, lease, first) {
+                        return end;
+                    }
+                }
                 Ok(first) => {
-                    let second = match self.spec.requests.try_recv() {
-                        Ok(second) => second,
-                        // The uncontended case: one request, one statement.
-                        Err(_) => match self.serve_one(client, lease, first) {
-                            Ok(()) => continue,
-                            Err(end) => return end,
-                        },
-                    };
                     // Whatever queued up meanwhile goes to the server in the same round trip.
                     self.batch.push(first);
-                    self.batch.push(second);
                     while self.batch.len() < MAX_BATCH {
                         match self.spec.requests.try_recv() {
                             Ok(request) => self.batch.push(request),
