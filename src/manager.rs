@@ -190,13 +190,7 @@ impl LockManager {
     /// # Ok::<(), distlock::Error>(())
     /// ```
     pub fn lock(&self, key: impl Into<LockKey>) -> Result<LockGuard> {
-        match self.wait_for(key.into(), Mode::Exclusive, None)? {
-            Some(guard) => Ok(guard),
-            None => Err(Error::new(
-                ErrorKind::Timeout,
-                "lock wait ended without a deadline",
-            )),
-        }
+        self.wait_without_deadline(key.into(), Mode::Exclusive)
     }
 
     /// Takes a shared lock on `key` unless someone holds it exclusively.
@@ -254,13 +248,13 @@ impl LockManager {
     /// # Ok::<(), distlock::Error>(())
     /// ```
     pub fn lock_shared(&self, key: impl Into<LockKey>) -> Result<LockGuard> {
-        match self.wait_for(key.into(), Mode::Shared, None)? {
-            Some(guard) => Ok(guard),
-            None => Err(Error::new(
-                ErrorKind::Timeout,
-                "lock wait ended without a deadline",
-            )),
-        }
+        self.wait_without_deadline(key.into(), Mode::Shared)
+    }
+
+    /// `wait_for` with no deadline, which only ends with a guard or an error.
+    fn wait_without_deadline(&self, key: LockKey, mode: Mode) -> Result<LockGuard> {
+        self.wait_for(key, mode, None)?
+            .ok_or_else(|| Error::new(ErrorKind::Timeout, "lock wait ended without a deadline"))
     }
 
     /// One try: the local table first, then (if free locally) the server.

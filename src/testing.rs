@@ -104,7 +104,7 @@ impl TestCluster {
     /// As for [`TestCluster::from_env`].
     pub fn start() -> io::Result<TestCluster> {
         let bin = find_bin_dir()?;
-        let run_as = if is_root()? {
+        let run_as = if is_root() {
             Some(postgres_user()?)
         } else {
             None
@@ -400,10 +400,10 @@ fn find_bin_dir() -> io::Result<PathBuf> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, INSTALL_HINT))
 }
 
-fn is_root() -> io::Result<bool> {
-    Ok(fs::metadata("/proc/self")
+fn is_root() -> bool {
+    fs::metadata("/proc/self")
         .map(|m| m.uid() == 0)
-        .unwrap_or(false))
+        .unwrap_or(false)
 }
 
 /// The uid and gid of the `postgres` OS user, from `/etc/passwd`.

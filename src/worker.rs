@@ -103,8 +103,8 @@ enum Outcome {
     Done(bool),
     /// Must run again alone (batch recovery).
     Retry,
-    /// The server rejected it (the error, once taken for the reply).
-    Failed(Option<postgres::Error>),
+    /// The server rejected it.
+    Failed(postgres::Error),
 }
 
 /// The worker's state: one connection at a time, and the queue it serves. The vectors and the map
@@ -466,7 +466,7 @@ impl Worker {
             log::warn!("distlock worker: connection failed: {e}");
             return Err(End::Lost);
         }
-        Ok(Outcome::Failed(Some(e)))
+        Ok(Outcome::Failed(e))
     }
 
     /// Delivers every request's reply and gives back grants nobody will own.
@@ -544,10 +544,8 @@ impl Worker {
                 Op::TryLock => Reply::Busy,
                 Op::Unlock | Op::Check => Reply::NotHeld,
             },
-            Outcome::Failed(Some(e)) => Reply::Failed(Error::from_query(e)),
-            Outcome::Failed(None) | Outcome::Pending | Outcome::Retry => {
-                Reply::Failed(lost_error())
-            }
+            Outcome::Failed(e) => Reply::Failed(Error::from_query(e)),
+            Outcome::Pending | Outcome::Retry => Reply::Failed(lost_error()),
         };
         let handed_back = match reply.claim(answer) {
             Ok(delivery) => {
@@ -591,7 +589,7 @@ impl Worker {
 fn lost_error() -> Error {
     Error::new(
         ErrorKind::ConnectionLost,
-        "the connection stalled and was replaced",
+        "the connection to the server was lost",
     )
 }
 
