@@ -29,11 +29,12 @@ impl Backoff {
     /// The next pause.
     pub(crate) fn next_pause(&mut self) -> Duration {
         let upper = self.next;
-        self.next = (self.next * 2).min(self.cap);
+        // Any cap is allowed, `Duration::MAX` included: double without overflowing.
+        self.next = self.next.saturating_mul(2).min(self.cap);
         self.rng ^= self.rng << 13;
         self.rng ^= self.rng >> 7;
         self.rng ^= self.rng << 17;
-        let upper_ns = upper.as_nanos() as u64;
+        let upper_ns = u64::try_from(upper.as_nanos()).unwrap_or(u64::MAX);
         let half = upper_ns / 2;
         Duration::from_nanos(half + self.rng % (upper_ns - half).max(1))
     }
@@ -42,6 +43,20 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn any_cap_is_reached_without_overflow() {
+        for cap in [Duration::from_secs(u64::MAX), Duration::MAX] {
+            let mut b = Backoff::new(Duration::from_millis(1), cap);
+            let mut last = Duration::ZERO;
+            for _ in 0..200 {
+                last = b.next_pause();
+            }
+            // 2^199 ms is far past any cap: the pauses saturate instead of panicking (at
+            // `u64::MAX` nanoseconds, some 584 years, the most a pause is drawn from).
+            assert!(last >= Duration::from_nanos(u64::MAX / 2), "{last:?}");
+        }
+    }
 
     #[test]
     fn pauses_grow_to_the_cap_and_stay_in_the_upper_half() {

@@ -2,10 +2,10 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Instant;
 
 use crossbeam_channel::Receiver;
 
+use crate::clock::deadline_in;
 use crate::error::{Error, Result};
 use crate::key::LockKey;
 use crate::link::Lease;
@@ -122,7 +122,7 @@ impl LockGuard {
         if self.is_lost() {
             return Err(Error::lock_lost());
         }
-        let deadline = Instant::now() + self.shared.request_timeout();
+        let deadline = deadline_in(self.shared.request_timeout());
         let reply = self.shared.round_trip(
             Op::Check,
             self.mode,
@@ -183,7 +183,7 @@ impl LockGuard {
             self.shared.release_hold(self.key, self.mode);
             return Err(Error::lock_lost());
         }
-        let deadline = Instant::now() + self.shared.request_timeout();
+        let deadline = deadline_in(self.shared.request_timeout());
         let sole_hold = self.shared.sole_hold(self.key, self.mode);
         let outcome = self.shared.round_trip(
             Op::Unlock,

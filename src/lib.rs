@@ -149,6 +149,8 @@
 #![deny(missing_docs)]
 
 mod backoff;
+mod clock;
+mod connect;
 mod error;
 mod guard;
 mod key;

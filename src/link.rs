@@ -38,8 +38,42 @@ pub(crate) struct Link {
     heartbeat_due: AtomicBool,
     /// The thread of the worker serving now, unparked when a request is queued while it is idle.
     worker: Mutex<Option<Thread>>,
+    /// A caller that gave up on a reply the worker had already claimed sends here, so that the
+    /// worker releases a grant in it at once (see `crate::reply`). Holds one nudge at most.
+    nudge_tx: Sender<()>,
+    nudge_rx: Receiver<()>,
     /// The rest, changed only on connect and loss.
     state: Mutex<State>,
+    /// Test-only fault injection (see [`Site`]).
+    #[cfg(test)]
+    hook: Mutex<Option<TestHook>>,
+}
+
+/// The installed hook; a newtype so that `Link` stays `Debug`.
+#[cfg(test)]
+#[derive(Clone)]
+struct TestHook(Hook);
+
+#[cfg(test)]
+impl std::fmt::Debug for TestHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TestHook")
+    }
+}
+
+/// A test's fault injection: called at each [`Site`], on the thread that reaches it.
+#[cfg(test)]
+pub(crate) type Hook = std::sync::Arc<dyn Fn(Site) + Send + Sync>;
+
+/// Places where a test may pause a thread or break something (`#[cfg(test)]` only; in other
+/// builds [`Link::hook`] is an empty inline function).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) enum Site {
+    /// A caller has queued its request and is about to wait for the reply.
+    BeforeReceive,
+    /// A worker on a new connection is about to end the backends of lost connections.
+    BeforeEndSuspects,
 }
 
 #[derive(Debug)]
@@ -69,6 +103,7 @@ impl Link {
     pub(crate) fn new() -> Link {
         let (lost_tx, lost_rx) = crossbeam_channel::bounded(0);
         drop(lost_tx); // generation 0 never held anything
+        let (nudge_tx, nudge_rx) = crossbeam_channel::bounded(1);
         Link {
             current: AtomicU64::new(0),
             statements: AtomicU64::new(0),
@@ -76,6 +111,10 @@ impl Link {
             idle: AtomicBool::new(false),
             heartbeat_due: AtomicBool::new(false),
             worker: Mutex::new(None),
+            nudge_tx,
+            nudge_rx,
+            #[cfg(test)]
+            hook: Mutex::new(None),
             state: Mutex::new(State {
                 generation: 0,
                 lost_tx: None,
@@ -85,6 +124,42 @@ impl Link {
             }),
         }
     }
+
+    /// Tells the worker that a caller gave up on a reply it had claimed (see `crate::reply`).
+    pub(crate) fn nudge(&self) {
+        let _ = self.nudge_tx.try_send(());
+    }
+
+    /// Where the worker hears nudges.
+    pub(crate) fn nudges(&self) -> &Receiver<()> {
+        &self.nudge_rx
+    }
+
+    /// The backend of the current connection, if one is up.
+    #[cfg(test)]
+    pub(crate) fn backend(&self) -> Option<Backend> {
+        self.state.lock().backend
+    }
+
+    /// Installs a test's fault injection.
+    #[cfg(test)]
+    pub(crate) fn set_hook(&self, hook: Hook) {
+        *self.hook.lock() = Some(TestHook(hook));
+    }
+
+    /// Runs the test's hook for `site`, if one is installed.
+    #[cfg(test)]
+    pub(crate) fn hook(&self, site: Site) {
+        let hook = self.hook.lock().clone();
+        if let Some(TestHook(hook)) = hook {
+            hook(site);
+        }
+    }
+
+    /// Outside tests there are no hooks: this compiles to nothing.
+    #[cfg(not(test))]
+    #[inline(always)]
+    pub(crate) fn hook(&self, _site: Site) {}
 
     /// Registers the calling thread as the worker to wake.
     pub(crate) fn set_worker(&self) {

@@ -10,12 +10,14 @@ use object_pool::Pool;
 use parking_lot::{Condvar, Mutex};
 
 use crate::backoff::Backoff;
+use crate::clock::deadline_in;
+use crate::connect::Connector;
 use crate::error::{Error, ErrorKind, Result};
 use crate::guard::LockGuard;
 use crate::key::LockKey;
-use crate::link::Link;
+use crate::link::{Link, Site};
 use crate::monitor;
-use crate::reply::{self, Reply, ReplySlot, Request};
+use crate::reply::{self, Reply, ReplySlot, Request, Waited};
 use crate::sql::{Mode, Op};
 use crate::table::{Reservation, Table};
 use crate::worker::{self, Spec};
@@ -32,6 +34,10 @@ const INITIAL_REPLY_SLOTS: usize = 16;
 /// The first pause between two tries of a lock someone else holds, and the default largest one.
 const FIRST_RETRY: Duration = Duration::from_millis(1);
 const DEFAULT_MAX_RETRY_INTERVAL: Duration = Duration::from_millis(8);
+/// The shortest heartbeat; shorter settings are raised to it.
+const MIN_HEARTBEAT: Duration = Duration::from_millis(1);
+/// The largest TCP user timeout Linux accepts (`i32::MAX` milliseconds).
+const MAX_TCP_USER_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
 
 /// A handle to one connection's worth of advisory locks.
 ///
@@ -170,7 +176,7 @@ impl LockManager {
         key: impl Into<LockKey>,
         timeout: Duration,
     ) -> Result<Option<LockGuard>> {
-        self.wait_for(key.into(), Mode::Exclusive, Some(Instant::now() + timeout))
+        self.wait_for(key.into(), Mode::Exclusive, Some(deadline_in(timeout)))
     }
 
     /// Takes the exclusive lock on `key`, waiting for as long as it takes.
@@ -233,7 +239,7 @@ impl LockManager {
         key: impl Into<LockKey>,
         timeout: Duration,
     ) -> Result<Option<LockGuard>> {
-        self.wait_for(key.into(), Mode::Shared, Some(Instant::now() + timeout))
+        self.wait_for(key.into(), Mode::Shared, Some(deadline_in(timeout)))
     }
 
     /// Takes a shared lock on `key`, waiting for as long as an exclusive holder keeps it.
@@ -331,7 +337,7 @@ impl LockManager {
             if deadline.is_some_and(|d| now >= d) {
                 return failing.map_or(Ok(None), Err);
             }
-            let mut until = now + backoff.next_pause();
+            let mut until = deadline_in(backoff.next_pause());
             if let Some(d) = deadline {
                 until = until.min(d);
             }
@@ -356,7 +362,7 @@ impl LockManager {
 
 impl Shared {
     fn request_deadline(&self) -> Instant {
-        Instant::now() + self.request_timeout
+        deadline_in(self.request_timeout)
     }
 
     /// Sends one request and waits for its reply until `deadline`.
@@ -397,12 +403,22 @@ impl Shared {
             }
             Err(SendTimeoutError::Disconnected(_)) => return Err(Error::shutdown()),
         }
+        self.link.hook(Site::BeforeReceive);
         match reply::wait(&slot, number, deadline) {
-            Some(Reply::Failed(e)) => Err(e),
-            Some(reply) => Ok(reply),
-            None => Err(Error::timeout(
-                "timed out waiting for the lock manager's worker",
-            )),
+            Waited::Reply(Reply::Failed(e)) => Err(e),
+            Waited::Reply(reply) => Ok(reply),
+            Waited::GaveUp { in_doubt } => {
+                if in_doubt {
+                    // The worker holds a reply for this slot that never reached us: the slot must
+                    // never serve another call. Detached, it dies with the worker's reference; the
+                    // nudge makes the worker give back a grant in the reply at once.
+                    let _ = slot.detach();
+                    self.link.nudge();
+                }
+                Err(Error::timeout(
+                    "timed out waiting for the lock manager's worker",
+                ))
+            }
         }
     }
 
@@ -571,9 +587,13 @@ impl Builder {
     ///
     /// As for [`LockManager::connect`].
     pub fn connect_config(self, mut config: postgres::Config) -> Result<LockManager> {
+        self.check()?;
+        check_hosts(&config)?;
         // TCP keepalives find a peer that vanished while the connection idles between heartbeats
         // (a host that died, a NAT that forgot us); the user timeout bounds how long unacknowledged
-        // data may wait on a silent network before the socket fails.
+        // data may wait on a silent network before the socket fails. Linux takes at most
+        // `i32::MAX` ms there (a larger value fails the connect), so a longer request timeout
+        // saturates at that.
         config
             .application_name(&self.application_name)
             .connect_timeout(self.connect_timeout)
@@ -581,17 +601,20 @@ impl Builder {
             .keepalives_idle(Duration::from_secs(5))
             .keepalives_interval(Duration::from_secs(1))
             .keepalives_retries(5)
-            .tcp_user_timeout(Duration::from_secs(30).max(self.request_timeout));
+            .tcp_user_timeout(
+                Duration::from_secs(30)
+                    .max(self.request_timeout)
+                    .min(MAX_TCP_USER_TIMEOUT),
+            );
         let (requests, queue) = crossbeam_channel::bounded(QUEUE_CAPACITY);
         let (shutdown, shutdown_rx) = crossbeam_channel::bounded(0);
         let link = Arc::new(Link::new());
         let spec = Spec {
-            config,
+            connector: Arc::new(Connector::new(config, self.connect_timeout)),
             requests: queue,
             link: Arc::clone(&link),
-            heartbeat: self.heartbeat.max(Duration::from_millis(1)),
+            heartbeat: self.heartbeat.max(MIN_HEARTBEAT),
             request_timeout: self.request_timeout,
-            connect_timeout: self.connect_timeout,
         };
         let spawn_error = |e| {
             Error::with_source(
@@ -603,7 +626,7 @@ impl Builder {
         let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
         worker::start_first(spec.clone(), ready_tx).map_err(spawn_error)?;
         // The worker bounds the attempt by the connect timeout; the margin only covers the hand-off.
-        match ready_rx.recv_timeout(self.connect_timeout + Duration::from_secs(1)) {
+        match ready_rx.recv_timeout(self.connect_timeout.saturating_add(Duration::from_secs(1))) {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err(Error::timeout("timed out connecting to the server")),
@@ -624,4 +647,52 @@ impl Builder {
             }),
         })
     }
+
+    /// Rejects settings that cannot work, before anything is started.
+    fn check(&self) -> Result<()> {
+        for (name, value) in [
+            ("connect_timeout", self.connect_timeout),
+            ("request_timeout", self.request_timeout),
+            ("heartbeat", self.heartbeat),
+        ] {
+            if value.is_zero() {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!("{name} must be longer than zero"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Rejects host lists the client would only refuse once it tries to connect, so that they are
+/// reported as the configuration errors they are.
+fn check_hosts(config: &postgres::Config) -> Result<()> {
+    let hosts = config.get_hosts().len();
+    let addrs = config.get_hostaddrs().len();
+    if hosts == 0 && addrs == 0 {
+        return Err(Error::new(
+            ErrorKind::Config,
+            "no host given in the connection parameters (host=... or postgres://HOST/...)",
+        ));
+    }
+    if hosts != 0 && addrs != 0 && hosts != addrs {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!("{hosts} hosts but {addrs} hostaddrs in the connection parameters"),
+        ));
+    }
+    let ports = config.get_ports().len();
+    let targets = hosts.max(addrs);
+    if ports > 1 && ports != targets {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "{targets} hosts but {ports} ports in the connection parameters (give one port \
+                 for all, or one per host)"
+            ),
+        ));
+    }
+    Ok(())
 }

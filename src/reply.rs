@@ -1,38 +1,56 @@
 //! Requests to the worker, its replies, and the pool of reusable reply slots.
 //!
 //! A caller takes a [`ReplySlot`] from the manager's pool, arms it with a fresh ticket, sends the
-//! request and waits on the slot's channel. The slot's state word decides, exactly once, whether the
-//! reply is delivered or the caller has given up:
+//! request and waits on the slot's channel until its own deadline. The slot's state word,
+//! `ticket << 2 | phase`, decides exactly once who owns the reply:
 //!
-//! * the worker moves `(ticket, WAITING)` to `(ticket, DELIVERED)` and only then sends;
-//! * a caller whose bound passes moves `(ticket, WAITING)` to `(ticket, ABANDONED)`.
+//! * `WAITING`: the request is out; nobody has decided anything yet.
+//! * `CLAIMED`: the worker has a reply for this ticket and will hand it over. Only the worker moves
+//!   `WAITING` to `CLAIMED`, and only then does it send.
+//! * `ABANDONED`: the caller's deadline passed first. Only the caller moves a phase to `ABANDONED`,
+//!   from `WAITING` (no reply yet) or from `CLAIMED` (a reply exists but has not reached it).
 //!
-//! Whoever loses the race learns it from the failed compare-and-swap: a worker that cannot deliver a
-//! grant releases the lock at once (nobody will ever own it), and a caller that finds the reply
-//! delivered receives it after all. A slot back in the pool with a new ticket makes every older ticket
-//! fail, so a late reply can never reach the slot's next user.
+//! The races and who loses them:
+//!
+//! * The caller gives up before the worker claims (`WAITING -> ABANDONED`): the worker's claim
+//!   fails, it gets its reply back, and a grant in it is released on the server at once. The slot
+//!   holds nothing for anyone, so the caller returns it to the pool.
+//! * The worker claims while the caller is already receiving: the hand-over succeeds at once.
+//! * The worker claims while the caller is not receiving yet (it was descheduled between sending
+//!   its request and receiving): the hand-over is *late*. The worker never waits for it; it keeps
+//!   the [`Delivery`] and offers it again whenever it looks for work, and while it has nothing
+//!   else to do it waits for the caller to arrive at its receive (see [`Delivery::sender`]).
+//! * The caller's deadline passes while a late reply is claimed (`CLAIMED -> ABANDONED`): the caller
+//!   returns a timeout on time, and the slot is *in doubt*: the worker still holds a reply for it.
+//!   The caller therefore never returns such a slot to the pool: it detaches it, and the slot dies
+//!   with the worker's last reference. No later user can ever receive on it, so a stale reply can
+//!   never reach the wrong caller. The caller then nudges the worker, which sees `ABANDONED` and
+//!   releases a grant in the reply at once.
+//!
+//! A receive that has timed out is over: a rendezvous send succeeds only while its receiver is
+//! blocked in the receive, so once the caller has left, no reply can reach it, and its
+//! compare-and-swap from `CLAIMED` cannot fail (the worker never moves a claimed phase).
+//!
+//! A slot back in the pool is re-armed with a new ticket, which makes every claim of an older
+//! ticket fail, so a reply to an abandoned `WAITING` request cannot reach the slot's next user.
 //!
 //! The channel is a rendezvous channel (`bounded(0)`): measured against `bounded(1)`, its receive
 //! spins less before parking, which on a machine with few cores leaves the CPU to the worker and the
-//! server, and costs fewer instructions (see the crate's Implementation docs for the figures). A
-//! rendezvous send waits for the receiver, so the worker never blocks on one while it has work: it
-//! hands the reply over with `try_send` when the caller is already waiting (the usual case: the
-//! caller waits from the moment it sent its request) and otherwise keeps the [`Delivery`] and
-//! completes it when it would go idle.
+//! server, and costs fewer instructions (see the README's Performance section).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, Sender};
 
-use crate::error::{Error, ErrorKind};
+use crate::error::Error;
 use crate::key::LockKey;
 use crate::link::Lease;
 use crate::sql::{Mode, Op};
 
 const WAITING: u64 = 0;
-const DELIVERED: u64 = 1;
+const CLAIMED: u64 = 1;
 const ABANDONED: u64 = 2;
 const PHASE_BITS: u32 = 2;
 
@@ -81,65 +99,68 @@ pub(crate) struct Ticket {
 }
 
 impl Ticket {
-    /// Claims the right to deliver `reply`: `Ok` when the caller is still waiting (it will take the
-    /// reply, so it must be sent), `Err` with the reply when the caller gave up, so that the worker
-    /// can undo a grant nobody will own.
+    /// Claims the right to deliver `reply`: `Ok` when the caller is still waiting (the reply is
+    /// now owed to it), `Err` with the reply when the caller gave up, so that the worker can undo a
+    /// grant nobody will own.
     pub(crate) fn claim(self, reply: Reply) -> Result<Delivery, Reply> {
-        let waiting = (self.ticket << PHASE_BITS) | WAITING;
-        let delivered = (self.ticket << PHASE_BITS) | DELIVERED;
         match self.slot.state.compare_exchange(
-            waiting,
-            delivered,
+            state(self.ticket, WAITING),
+            state(self.ticket, CLAIMED),
             Ordering::AcqRel,
             Ordering::Acquire,
         ) {
             Ok(_) => Ok(Delivery {
                 slot: self.slot,
+                ticket: self.ticket,
                 reply,
             }),
             Err(_) => Err(reply),
         }
     }
-
-    /// Claims and sends, waiting for the caller if need be (bounded). For paths off the hot loop.
-    pub(crate) fn deliver(self, reply: Reply) -> Result<(), Reply> {
-        self.claim(reply).map(Delivery::send)
-    }
 }
 
-/// A claimed reply, owed to a caller that is waiting for it (or about to).
+/// A claimed reply, owed to a caller that is waiting for it, or about to, or that gave up after the
+/// claim.
 #[derive(Debug)]
 pub(crate) struct Delivery {
     slot: Arc<ReplySlot>,
+    ticket: u64,
     reply: Reply,
 }
 
 impl Delivery {
-    /// Hands the reply over if the caller is already blocked in its receive; otherwise gives the
-    /// delivery back, to be completed later.
+    /// Hands the reply over if the caller is blocked in its receive right now; otherwise gives the
+    /// delivery back, to be offered again later. Never waits.
     pub(crate) fn try_send(self) -> Result<(), Delivery> {
-        let Delivery { slot, reply } = self;
+        let Delivery {
+            slot,
+            ticket,
+            reply,
+        } = self;
         match slot.tx.try_send(reply) {
             Ok(()) => Ok(()),
             Err(e) => Err(Delivery {
                 slot,
+                ticket,
                 reply: e.into_inner(),
             }),
         }
     }
 
-    /// Hands the reply over, waiting for the caller to arrive at its receive. The caller is
-    /// between sending its request and receiving, or in its grace period, so the wait is short;
-    /// it is bounded all the same.
-    pub(crate) fn send(self) {
-        if self
-            .slot
-            .tx
-            .send_timeout(self.reply, DELIVERY_GRACE)
-            .is_err()
-        {
-            log::error!("distlock: a caller did not take its reply within {DELIVERY_GRACE:?}");
-        }
+    /// True when the caller gave up after the claim: the reply will never be taken.
+    pub(crate) fn is_abandoned(&self) -> bool {
+        self.slot.state.load(Ordering::Acquire) == state(self.ticket, ABANDONED)
+    }
+
+    /// The reply, taken back from a delivery whose caller gave up.
+    pub(crate) fn into_reply(self) -> Reply {
+        self.reply
+    }
+
+    /// The slot's sending side, for a worker that waits (with `crossbeam_channel::Select`) until
+    /// one of its late callers is receiving.
+    pub(crate) fn sender(&self) -> &Sender<Reply> {
+        &self.slot.tx
     }
 }
 
@@ -165,45 +186,56 @@ impl ReplySlot {
     }
 }
 
+fn state(ticket: u64, phase: u64) -> u64 {
+    (ticket << PHASE_BITS) | phase
+}
+
 /// Arms a slot the caller holds exclusively (it came from the pool) with a fresh ticket.
 pub(crate) fn arm(slot: &Arc<ReplySlot>) -> Ticket {
-    // A rendezvous channel holds nothing between a send and its receive, so no earlier reply can
-    // be waiting here; a sender that outlived its caller's grace period gives up on its own.
+    // Only slots whose every reply was taken or refused come back to the pool, so no earlier
+    // ticket can deliver here any more; the new ticket makes sure of it.
     let ticket = (slot.state.load(Ordering::Acquire) >> PHASE_BITS).wrapping_add(1);
-    slot.state
-        .store((ticket << PHASE_BITS) | WAITING, Ordering::Release);
+    slot.state.store(state(ticket, WAITING), Ordering::Release);
     Ticket {
         slot: Arc::clone(slot),
         ticket,
     }
 }
 
-/// How long a caller that lost the race to a delivering worker waits for the send that follows.
-/// The worker sends right after its compare-and-swap, so this is only ever reached if the worker
-/// thread died in between.
-const DELIVERY_GRACE: Duration = Duration::from_secs(1);
+/// How a caller's wait for its reply ended.
+#[derive(Debug)]
+pub(crate) enum Waited {
+    /// The reply to this very ticket.
+    Reply(Reply),
+    /// The deadline passed first. `in_doubt`: the worker had claimed a reply that never reached
+    /// the caller, so the slot must not go back to the pool (and the worker should be nudged to
+    /// release a grant in it).
+    GaveUp {
+        /// The slot may still be sent to; it must be detached from the pool.
+        in_doubt: bool,
+    },
+}
 
-/// Waits for the reply to `ticket` until `deadline`. `None` means the caller gave up: the worker will
-/// not deliver to this ticket any more, and undoes a grant it makes for it.
-pub(crate) fn wait(slot: &ReplySlot, ticket: u64, deadline: Instant) -> Option<Reply> {
-    match slot.rx.recv_deadline(deadline) {
-        Ok(reply) => return Some(reply),
-        Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {}
+/// Waits for the reply to `ticket` until `deadline`, and not a moment longer.
+pub(crate) fn wait(slot: &ReplySlot, ticket: u64, deadline: Instant) -> Waited {
+    if let Ok(reply) = slot.rx.recv_deadline(deadline) {
+        return Waited::Reply(reply);
     }
-    let waiting = (ticket << PHASE_BITS) | WAITING;
-    let abandoned = (ticket << PHASE_BITS) | ABANDONED;
-    match slot
-        .state
-        .compare_exchange(waiting, abandoned, Ordering::AcqRel, Ordering::Acquire)
-    {
-        Ok(_) => None,
-        // The worker won: its reply is on the way.
-        Err(_) => Some(slot.rx.recv_timeout(DELIVERY_GRACE).unwrap_or_else(|_| {
-            Reply::Failed(Error::new(
-                ErrorKind::Shutdown,
-                "the lock manager's worker stopped while replying",
-            ))
-        })),
+    // The receive is over, so no reply can reach this caller any more; decide the ticket's fate.
+    match slot.state.compare_exchange(
+        state(ticket, WAITING),
+        state(ticket, ABANDONED),
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    ) {
+        Ok(_) => Waited::GaveUp { in_doubt: false },
+        Err(_) => {
+            // Claimed by the worker, not delivered: the worker never changes a claimed phase, so
+            // this store is the only change and cannot race with another.
+            slot.state
+                .store(state(ticket, ABANDONED), Ordering::Release);
+            Waited::GaveUp { in_doubt: true }
+        }
     }
 }
 
@@ -217,14 +249,28 @@ impl Ticket {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn soon() -> Instant {
         Instant::now() + Duration::from_millis(200)
     }
 
-    /// Delivers from another thread, as the worker does, while this thread waits.
+    /// Claims and offers the reply from another thread, as the worker does, until it is taken.
     fn deliver_from_worker(ticket: Ticket, reply: Reply) -> std::thread::JoinHandle<bool> {
-        std::thread::spawn(move || ticket.deliver(reply).is_ok())
+        std::thread::spawn(move || {
+            let mut delivery = match ticket.claim(reply) {
+                Ok(d) => d,
+                Err(_) => return false,
+            };
+            for _ in 0..2000 {
+                match delivery.try_send() {
+                    Ok(()) => return true,
+                    Err(d) => delivery = d,
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            false
+        })
     }
 
     #[test]
@@ -233,20 +279,30 @@ mod tests {
         let ticket = arm(&slot);
         let n = ticket.number();
         let worker = deliver_from_worker(ticket, Reply::Held);
-        assert!(matches!(wait(&slot, n, soon()), Some(Reply::Held)));
+        assert!(matches!(wait(&slot, n, soon()), Waited::Reply(Reply::Held)));
         assert!(worker.join().unwrap());
     }
 
     #[test]
-    fn try_send_waits_for_a_parked_caller_and_completes_later_otherwise() {
+    fn a_late_hand_over_completes_when_the_caller_arrives() {
         let slot = ReplySlot::new();
         let ticket = arm(&slot);
         let n = ticket.number();
-        // Nobody is receiving yet: the claim succeeds, the hand-over is deferred.
+        // Nobody is receiving yet: the claim succeeds, the hand-over is late.
         let delivery = ticket.claim(Reply::Busy).unwrap();
         let delivery = delivery.try_send().unwrap_err();
-        let worker = std::thread::spawn(move || delivery.send());
-        assert!(matches!(wait(&slot, n, soon()), Some(Reply::Busy)));
+        assert!(!delivery.is_abandoned());
+        let worker = std::thread::spawn(move || {
+            let mut delivery = delivery;
+            loop {
+                match delivery.try_send() {
+                    Ok(()) => return,
+                    Err(d) => delivery = d,
+                }
+                std::thread::yield_now();
+            }
+        });
+        assert!(matches!(wait(&slot, n, soon()), Waited::Reply(Reply::Busy)));
         worker.join().unwrap();
     }
 
@@ -254,21 +310,46 @@ mod tests {
     fn reply_after_the_caller_gave_up_is_handed_back() {
         let slot = ReplySlot::new();
         let ticket = arm(&slot);
-        assert!(wait(&slot, ticket.number(), Instant::now()).is_none());
+        assert!(matches!(
+            wait(&slot, ticket.number(), Instant::now()),
+            Waited::GaveUp { in_doubt: false }
+        ));
         assert!(matches!(ticket.claim(Reply::Held), Err(Reply::Held)));
+    }
+
+    #[test]
+    fn a_claimed_reply_the_caller_never_took_leaves_the_slot_in_doubt_and_is_handed_back() {
+        let slot = ReplySlot::new();
+        let ticket = arm(&slot);
+        let n = ticket.number();
+        let delivery = ticket.claim(Reply::Held).unwrap();
+        let delivery = delivery.try_send().unwrap_err();
+        // The caller arrives after its deadline: it returns at once, and says the slot is in doubt.
+        let started = Instant::now();
+        assert!(matches!(
+            wait(&slot, n, Instant::now()),
+            Waited::GaveUp { in_doubt: true }
+        ));
+        assert!(started.elapsed() < Duration::from_millis(50));
+        // The worker sees the caller gone and takes its reply back.
+        assert!(delivery.is_abandoned());
+        assert!(matches!(delivery.into_reply(), Reply::Held));
     }
 
     #[test]
     fn stale_ticket_never_reaches_the_next_user() {
         let slot = ReplySlot::new();
         let old = arm(&slot);
-        assert!(wait(&slot, old.number(), Instant::now()).is_none());
+        assert!(matches!(
+            wait(&slot, old.number(), Instant::now()),
+            Waited::GaveUp { in_doubt: false }
+        ));
         let new = arm(&slot);
         let n = new.number();
         // The old request's late reply is refused; the new one's is delivered.
         assert!(old.claim(Reply::Held).is_err());
         let worker = deliver_from_worker(new, Reply::Busy);
-        assert!(matches!(wait(&slot, n, soon()), Some(Reply::Busy)));
+        assert!(matches!(wait(&slot, n, soon()), Waited::Reply(Reply::Busy)));
         assert!(worker.join().unwrap());
         // And a ticket that was armed but never delivered to is dead once re-armed.
         let unused = arm(&slot);

@@ -10,16 +10,17 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, Select, Sender, TryRecvError};
 use postgres::error::SqlState;
 use postgres::{Client, SimpleQueryMessage};
 
 use crate::backoff::Backoff;
+use crate::connect::Connector;
 use crate::error::{Error, ErrorKind};
 use crate::key::LockKey;
-use crate::link::{Backend, Lease, Link};
-use crate::reply::{Delivery, Reply, Request};
-use crate::sql::{IDENTIFY, Mode, Op, Sql};
+use crate::link::{Backend, Lease, Link, Site};
+use crate::reply::{Delivery, Reply, Request, Ticket};
+use crate::sql::{Mode, Op, Sql};
 
 /// The first and the largest pause between two reconnect attempts.
 const FIRST_RECONNECT: Duration = Duration::from_millis(50);
@@ -28,8 +29,8 @@ const MAX_RECONNECT: Duration = Duration::from_secs(2);
 /// Everything a worker needs; the monitor keeps a copy to start a replacement.
 #[derive(Clone)]
 pub(crate) struct Spec {
-    /// How to connect (with the builder's settings applied).
-    pub(crate) config: postgres::Config,
+    /// Makes connections, one attempt at a time, shared by every worker of the manager.
+    pub(crate) connector: Arc<Connector>,
     /// The manager's queue, shared with any replacement.
     pub(crate) requests: Receiver<Request>,
     /// The connection state shared with callers, guards and the monitor.
@@ -38,8 +39,6 @@ pub(crate) struct Spec {
     pub(crate) heartbeat: Duration,
     /// Bound on a heartbeat's round trip.
     pub(crate) request_timeout: Duration,
-    /// Bound on one connection attempt, all steps together.
-    pub(crate) connect_timeout: Duration,
 }
 
 /// How a connection's service ended.
@@ -59,7 +58,7 @@ pub(crate) fn start_first(
 ) -> io::Result<thread::JoinHandle<()>> {
     thread::Builder::new()
         .name("distlock-worker".into())
-        .spawn(move || match connect(&spec.config, spec.connect_timeout) {
+        .spawn(move || match spec.connector.connect() {
             Ok((client, backend)) => {
                 // Online before the caller hears of it, so its first call finds the manager ready.
                 let online = spec.link.go_online(backend);
@@ -93,6 +92,11 @@ pub(crate) fn start_replacement(spec: Spec) -> io::Result<thread::JoinHandle<()>
 /// The most requests sent to the server in one query.
 const MAX_BATCH: usize = 64;
 
+/// How long a worker with late replies and nothing else to do waits before it looks at its
+/// connection and its heartbeat again. Callers arriving at their receive or giving up wake it
+/// sooner.
+const LATE_TICK: Duration = Duration::from_millis(5);
+
 /// What became of one request of a batch.
 #[derive(Debug, Default)]
 enum Outcome {
@@ -105,6 +109,16 @@ enum Outcome {
     Retry,
     /// The server rejected it.
     Failed(postgres::Error),
+}
+
+/// A reply claimed for a caller that was not receiving yet when it was ready.
+struct Late {
+    /// The reply and the slot it is owed to.
+    delivery: Delivery,
+    /// The lock of the request, so that a grant can be given back if its caller gives up.
+    key: LockKey,
+    /// Exclusive or shared, likewise.
+    mode: Mode,
 }
 
 /// The worker's state: one connection at a time, and the queue it serves. The vectors and the map
@@ -121,10 +135,11 @@ struct Worker {
     solo: Vec<usize>,
     /// The outcome of each request of `batch`.
     outcomes: Vec<Outcome>,
-    /// Replies claimed for callers that were not receiving yet when they were ready.
-    late: Vec<Delivery>,
-    /// A second buffer for `late`, so that flushing allocates nothing.
-    late_spare: Vec<Delivery>,
+    /// Replies claimed for callers that were not receiving yet. Kept across reconnects: a caller
+    /// waits for its reply until its own deadline, whatever happens to the connection.
+    late: Vec<Late>,
+    /// A second buffer for `late`, so that settling allocates nothing.
+    late_spare: Vec<Late>,
 }
 
 impl Worker {
@@ -145,19 +160,23 @@ impl Worker {
     fn run(mut self, mut client: Client, online: (Lease, Vec<Backend>)) {
         let (mut lease, mut suspects) = online;
         loop {
-            self.end_suspects(&mut client, std::mem::take(&mut suspects));
-            let end = self.serve(&mut client, &lease);
-            self.flush_late_waiting();
+            let end = match self.end_suspects(&mut client, &lease, std::mem::take(&mut suspects)) {
+                Ok(()) => self.serve(&mut client, &lease),
+                Err(end) => end,
+            };
             match end {
                 End::ManagerGone => {
                     log::debug!("distlock worker: last handle dropped, closing the connection");
                     return;
                 }
                 End::Superseded => {
+                    // Late replies still owed are dropped with this worker: their callers time out
+                    // at their own deadlines, and grants in them die with the stalled session.
                     log::warn!("distlock worker: replaced after a stalled statement; exiting");
                     return;
                 }
                 End::Lost => {
+                    // The loss is announced before anything else happens, late replies included.
                     if !self.spec.link.lose(lease.generation) {
                         // The monitor declared the loss first and has started a replacement.
                         return;
@@ -177,77 +196,111 @@ impl Worker {
     }
 
     /// Connects with capped exponential backoff plus jitter. While offline, queued requests are
-    /// answered at once with `Offline`. `None` when the manager is gone.
+    /// answered at once with `Offline`, and late replies are still handed over. `None` when the
+    /// manager is gone.
     fn reconnect(&mut self) -> Option<(Client, Backend)> {
         let mut backoff = Backoff::new(FIRST_RECONNECT, MAX_RECONNECT);
         loop {
-            match connect(&self.spec.config, self.spec.connect_timeout) {
+            match self.spec.connector.connect() {
                 Ok(ok) => return Some(ok),
                 Err(e) => log::warn!("distlock worker: reconnect failed: {e}"),
             }
             let until = Instant::now() + backoff.next_pause();
             loop {
-                match self.spec.requests.recv_deadline(until) {
+                // No connection: a grant given back needs no statement, its session is gone.
+                let _ = self.settle_late(None, 0);
+                match self.spec.requests.try_recv() {
                     Ok(request) => {
-                        let _ = request.reply.deliver(Reply::Failed(Error::offline()));
+                        self.answer(
+                            request.reply,
+                            Reply::Failed(Error::offline()),
+                            request.key,
+                            request.mode,
+                        );
+                        continue;
                     }
-                    Err(RecvTimeoutError::Timeout) => break,
-                    Err(RecvTimeoutError::Disconnected) => return None,
+                    Err(TryRecvError::Disconnected) => return None,
+                    Err(TryRecvError::Empty) => {}
                 }
+                let now = Instant::now();
+                if now >= until {
+                    break;
+                }
+                self.wait_for_event(until - now);
             }
         }
     }
 
     /// Ends backends of lost generations that may still hold locks (a stalled backend resumes with
     /// its locks). Those it cannot reach are kept for the next connection.
-    fn end_suspects(&mut self, client: &mut Client, suspects: Vec<Backend>) {
+    fn end_suspects(
+        &mut self,
+        client: &mut Client,
+        lease: &Lease,
+        suspects: Vec<Backend>,
+    ) -> Result<(), End> {
         if suspects.is_empty() {
-            return;
+            return Ok(());
         }
+        self.spec.link.hook(Site::BeforeEndSuspects);
         self.sql.clear();
         for s in &suspects {
             self.sql.push_terminate(s.pid, s.started_us);
         }
-        if let Err(e) = client.simple_query(self.sql.as_str()) {
+        if let Err(e) = self.query(client, lease.generation) {
             log::warn!("distlock worker: could not end the backends of lost connections: {e}");
             self.spec.link.keep_suspects(suspects);
+            self.statement_failed(client, lease, e)?;
         }
+        Ok(())
     }
 
     fn serve(&mut self, client: &mut Client, lease: &Lease) -> End {
         let link = Arc::clone(&self.spec.link);
         link.set_worker();
         loop {
-            self.flush_late();
             if !link.is_current(lease.generation) {
                 return End::Superseded;
             }
             match self.spec.requests.try_recv() {
-                Ok(first) if self.spec.requests.is_empty() => {
-                    // The uncontended case: one request, one statement.
-                    if let Err(end) = self.serve_one(client, lease, first) {
+                Ok(first) => {
+                    // Grants whose callers gave up go back before anything new runs: such a caller
+                    // let go of its reservation, so a request for the same key may be this one.
+                    if let Err(end) = self.settle_late(Some(client), lease.generation) {
+                        self.answer(
+                            first.reply,
+                            Reply::Failed(lost_error()),
+                            first.key,
+                            first.mode,
+                        );
                         return end;
                     }
-                }
-                Ok(first) => {
-                    // Whatever queued up meanwhile goes to the server in the same round trip.
-                    self.batch.push(first);
-                    while self.batch.len() < MAX_BATCH {
-                        match self.spec.requests.try_recv() {
-                            Ok(request) => self.batch.push(request),
-                            Err(_) => break,
-                        }
-                    }
-                    let outcome = self.run_batch(client, lease);
-                    // Normally empty by now; on an early exit, the rest learn why.
-                    for request in self.batch.drain(..) {
-                        let _ = request.reply.deliver(Reply::Failed(lost_error()));
-                    }
-                    if let Err(end) = outcome {
+                    let served = if self.spec.requests.is_empty() {
+                        // The uncontended case: one request, one statement.
+                        self.serve_one(client, lease, first)
+                    } else {
+                        self.serve_batch(client, lease, first)
+                    };
+                    if let Err(end) = served {
                         return end;
                     }
                 }
                 Err(TryRecvError::Disconnected) => return End::ManagerGone,
+                Err(TryRecvError::Empty) if !self.late.is_empty() => {
+                    // Nothing queued, but replies are owed to callers not yet receiving: wait for
+                    // them (or for a request, or for one to give up) without blocking on any.
+                    if let Err(end) = self.settle_late(Some(client), lease.generation) {
+                        return end;
+                    }
+                    if !self.late.is_empty() {
+                        self.wait_for_event(LATE_TICK);
+                    }
+                    if link.take_heartbeat() {
+                        if let Err(end) = self.heartbeat(client, lease) {
+                            return end;
+                        }
+                    }
+                }
                 Err(TryRecvError::Empty) => {
                     // Park rather than block in the channel's receive: a parked thread costs
                     // nothing until a caller unparks it, where the channel would spin first and
@@ -262,12 +315,8 @@ impl Worker {
                     if link.take_heartbeat() {
                         // Idle for a whole heartbeat (the monitor keeps the time): prove the
                         // connection is alive.
-                        let mark = link.begin_statement(lease.generation);
-                        let alive = client.is_valid(self.spec.request_timeout);
-                        link.end_statement(mark);
-                        if let Err(e) = alive {
-                            log::warn!("distlock worker: heartbeat failed: {e}");
-                            return End::Lost;
+                        if let Err(end) = self.heartbeat(client, lease) {
+                            return end;
                         }
                     }
                 }
@@ -275,31 +324,138 @@ impl Worker {
         }
     }
 
-    /// Completes deliveries whose callers were not yet receiving when their reply was ready. With
-    /// more work queued, only those whose callers are waiting by now; otherwise all of them, waiting
-    /// for each caller (they are on their way: each is between sending and receiving).
-    fn flush_late(&mut self) {
-        if self.late.is_empty() {
-            return;
-        }
-        // Retry each from the spare buffer; those still not received go back into `late`. Both
-        // buffers keep their capacity, so this allocates nothing.
-        std::mem::swap(&mut self.late, &mut self.late_spare);
-        for delivery in self.late_spare.drain(..) {
-            if let Err(delivery) = delivery.try_send() {
-                self.late.push(delivery);
+    /// Proves the connection alive with an empty query, watched like every statement.
+    fn heartbeat(&mut self, client: &mut Client, lease: &Lease) -> Result<(), End> {
+        let mark = self.spec.link.begin_statement(lease.generation);
+        let alive = client.is_valid(self.spec.request_timeout);
+        self.spec.link.end_statement(mark);
+        alive.map_err(|e| {
+            log::warn!("distlock worker: heartbeat failed: {e}");
+            End::Lost
+        })
+    }
+
+    /// Takes whatever requests queued behind `first` (up to a batch) and serves them together.
+    fn serve_batch(
+        &mut self,
+        client: &mut Client,
+        lease: &Lease,
+        first: Request,
+    ) -> Result<(), End> {
+        // Whatever queued up meanwhile goes to the server in the same round trip.
+        self.batch.push(first);
+        while self.batch.len() < MAX_BATCH {
+            match self.spec.requests.try_recv() {
+                Ok(request) => self.batch.push(request),
+                Err(_) => break,
             }
         }
-        if self.spec.requests.is_empty() {
-            self.flush_late_waiting();
+        let outcome = self.run_batch(client, lease);
+        // Normally empty by now; on an early exit, the rest learn why.
+        let mut batch = std::mem::take(&mut self.batch);
+        for request in batch.drain(..) {
+            self.answer(
+                request.reply,
+                Reply::Failed(lost_error()),
+                request.key,
+                request.mode,
+            );
+        }
+        self.batch = batch; // keeps its capacity
+        outcome
+    }
+
+    /// Hands `reply` to the caller of `ticket`: at once when it is receiving, later otherwise, and
+    /// never waiting for it. Returns the generation of a grant whose caller has already given up,
+    /// which the worker must give back.
+    fn answer(&mut self, ticket: Ticket, reply: Reply, key: LockKey, mode: Mode) -> Option<u64> {
+        match ticket.claim(reply) {
+            Ok(delivery) => {
+                if let Err(delivery) = delivery.try_send() {
+                    self.late.push(Late {
+                        delivery,
+                        key,
+                        mode,
+                    });
+                }
+                None
+            }
+            Err(Reply::Granted(lease)) => Some(lease.generation),
+            Err(_) => None,
         }
     }
 
-    /// Completes every pending delivery, waiting for each caller (bounded).
-    fn flush_late_waiting(&mut self) {
-        for delivery in self.late.drain(..) {
-            delivery.send();
+    /// Offers every late reply again, and gives back the grants of callers that gave up. Never
+    /// waits. `client` is the connection of `generation`, or `None` while offline.
+    fn settle_late(&mut self, mut client: Option<&mut Client>, generation: u64) -> Result<(), End> {
+        if self.late.is_empty() {
+            return Ok(());
         }
+        while self.spec.link.nudges().try_recv().is_ok() {}
+        // Offer each from the spare buffer; those still not taken go back into `late`. Both
+        // buffers keep their capacity, so this allocates nothing.
+        std::mem::swap(&mut self.late, &mut self.late_spare);
+        let mut pending = std::mem::take(&mut self.late_spare);
+        let mut result = Ok(());
+        for late in pending.drain(..) {
+            if !late.delivery.is_abandoned() {
+                if let Err(delivery) = late.delivery.try_send() {
+                    self.late.push(Late { delivery, ..late });
+                }
+                continue;
+            }
+            let Reply::Granted(grant) = late.delivery.into_reply() else {
+                continue;
+            };
+            // Once a give-back has failed, the connection is in doubt: the ending session
+            // releases the rest.
+            if let (Some(client), true) = (client.as_deref_mut(), result.is_ok()) {
+                if let Err(end) =
+                    self.give_back(client, generation, grant.generation, late.key, late.mode)
+                {
+                    result = Err(end);
+                }
+            }
+        }
+        self.late_spare = pending;
+        result
+    }
+
+    /// Waits up to `timeout` for something to do: a late caller arriving at its receive, a request,
+    /// or a caller giving up on a claimed reply. Does none of them; the caller looks again.
+    fn wait_for_event(&self, timeout: Duration) {
+        let mut select = Select::new();
+        for late in &self.late {
+            select.send(late.delivery.sender());
+        }
+        select.recv(&self.spec.requests);
+        select.recv(self.spec.link.nudges());
+        let _ = select.ready_timeout(timeout);
+    }
+
+    /// Releases a grant nobody will own, if its session is this connection's (`generation`); the
+    /// session of an earlier generation has ended, and its holds with it.
+    fn give_back(
+        &mut self,
+        client: &mut Client,
+        generation: u64,
+        grant_generation: u64,
+        key: LockKey,
+        mode: Mode,
+    ) -> Result<(), End> {
+        if grant_generation != generation {
+            return Ok(());
+        }
+        if let Err(e) = self.execute(client, generation, Op::Unlock, mode, key) {
+            log::warn!("distlock worker: releasing an abandoned grant of {key} failed: {e}");
+            // The hold may still be there with nobody to release it: end the session instead.
+            return Err(if self.spec.link.is_current(generation) {
+                End::Lost
+            } else {
+                End::Superseded
+            });
+        }
+        Ok(())
     }
 
     /// Runs the queued requests in `self.batch`, as one multi-statement query where that is exact,
@@ -368,10 +524,7 @@ impl Worker {
 
     /// Runs the batch's statements as one query and records each outcome.
     fn execute_batch(&mut self, client: &mut Client, lease: &Lease) -> Result<(), End> {
-        let mark = self.spec.link.begin_statement(lease.generation);
-        let result = client.simple_query(self.sql.as_str());
-        self.spec.link.end_statement(mark);
-        match result {
+        match self.query(client, lease.generation) {
             Ok(messages) => {
                 let mut statement = 0;
                 for m in &messages {
@@ -404,10 +557,7 @@ impl Worker {
                     let r = &self.batch[i];
                     self.sql.push(Op::Check, r.mode, r.key);
                 }
-                let mark = self.spec.link.begin_statement(lease.generation);
-                let checked = client.simple_query(self.sql.as_str());
-                self.spec.link.end_statement(mark);
-                let checked = match checked {
+                let checked = match self.query(client, lease.generation) {
                     Ok(messages) => messages,
                     Err(e) => {
                         self.statement_failed(client, lease, e)?;
@@ -505,7 +655,12 @@ impl Worker {
                 Err(e) => match self.statement_failed(client, lease, e) {
                     Ok(failed) => failed,
                     Err(end) => {
-                        let _ = request.reply.deliver(Reply::Failed(lost_error()));
+                        self.answer(
+                            request.reply,
+                            Reply::Failed(lost_error()),
+                            request.key,
+                            request.mode,
+                        );
                         return Err(end);
                     }
                 },
@@ -547,25 +702,12 @@ impl Worker {
             Outcome::Failed(e) => Reply::Failed(Error::from_query(e)),
             Outcome::Pending | Outcome::Retry => Reply::Failed(lost_error()),
         };
-        let handed_back = match reply.claim(answer) {
-            Ok(delivery) => {
-                if let Err(delivery) = delivery.try_send() {
-                    self.late.push(delivery); // its caller is not receiving yet
-                }
-                return Ok(());
-            }
-            Err(answer) => answer,
-        };
-        if let Reply::Granted(_) = handed_back {
+        match self.answer(reply, answer, key, mode) {
             // The caller gave up before the grant arrived: nobody will ever own this hold, so give
             // it back now rather than leak it for the life of the connection.
-            if let Err(e) = self.execute(client, lease.generation, Op::Unlock, mode, key) {
-                log::warn!("distlock worker: releasing an abandoned grant of {key} failed: {e}");
-                // The hold may still be there with nobody to release it: end the session instead.
-                return Err(End::Lost);
-            }
+            Some(granted_by) => self.give_back(client, lease.generation, granted_by, key, mode),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Runs one statement; `true` when it returned its row.
@@ -579,10 +721,20 @@ impl Worker {
     ) -> Result<bool, postgres::Error> {
         self.sql.clear();
         self.sql.push(op, mode, key);
+        Ok(rows(&self.query(client, generation)?) == 1)
+    }
+
+    /// Runs the statements in the buffer as one query, under the monitor's watch: every statement
+    /// the worker sends goes through here (or through `heartbeat`), so none can stall unseen.
+    fn query(
+        &mut self,
+        client: &mut Client,
+        generation: u64,
+    ) -> Result<Vec<SimpleQueryMessage>, postgres::Error> {
         let mark = self.spec.link.begin_statement(generation);
         let result = client.simple_query(self.sql.as_str());
         self.spec.link.end_statement(mark);
-        Ok(rows(&result?) == 1)
+        result
     }
 }
 
@@ -609,39 +761,6 @@ fn connection_failed(client: &Client, e: &postgres::Error) -> bool {
                 || code.code().starts_with("57")
                 || code.code().starts_with("08")
         }
-    }
-}
-
-/// Connects within `timeout` (TCP, start-up and authentication together) and identifies the backend.
-///
-/// The attempt runs on a helper thread: the blocking client bounds only the TCP connect itself, and a
-/// server that accepts but never answers must not hold the worker past the timeout. An attempt that
-/// finishes late is dropped there, closing its connection.
-fn connect(config: &postgres::Config, timeout: Duration) -> Result<(Client, Backend), Error> {
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    let config = config.clone();
-    thread::Builder::new()
-        .name("distlock-connect".into())
-        .spawn(move || {
-            let attempt = config.connect(postgres::NoTls).and_then(|mut client| {
-                let row = client.query_one(IDENTIFY, &[])?;
-                let backend = Backend {
-                    pid: row.try_get(0)?,
-                    started_us: row.try_get(1)?,
-                };
-                Ok((client, backend))
-            });
-            let _ = tx.send(attempt);
-        })
-        .map_err(|e| Error::with_source(ErrorKind::Io, "could not spawn a connect thread", e))?;
-    match rx.recv_timeout(timeout) {
-        Ok(Ok(ok)) => Ok(ok),
-        Ok(Err(e)) => Err(Error::with_source(
-            ErrorKind::Connect,
-            "could not connect to the server",
-            e,
-        )),
-        Err(_) => Err(Error::timeout("timed out connecting to the server")),
     }
 }
 

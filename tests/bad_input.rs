@@ -162,12 +162,12 @@ fn past_max_locks_is_a_typed_error_and_nothing_leaks() {
 
 #[test]
 fn a_caller_that_gives_up_never_leaks_its_grant() {
-    // A zero request timeout gives up on every reply at once: each grant then arrives with nobody
+    // A 1 ns request timeout gives up on every reply at once: each grant then arrives with nobody
     // waiting, and the worker must release it.
     let app = "t-abandoned";
     let locks = LockManager::builder()
         .application_name(app)
-        .request_timeout(Duration::ZERO)
+        .request_timeout(Duration::from_nanos(1))
         .connect(url())
         .unwrap();
     let key = LockKey::name("bad-input/abandoned");

@@ -1,0 +1,144 @@
+//! Connecting: one attempt in flight per manager, bounded by the connect timeout.
+//!
+//! The blocking client bounds only the TCP connect itself: a server that accepts the connection
+//! but never answers its start-up (a stopped postmaster, an overloaded pooler) would hold the
+//! worker for as long as TCP keeps the socket. So each attempt runs on a helper thread and the
+//! worker waits for it until the connect timeout. An attempt that outlives its timeout is not
+//! forgotten: it stays the manager's one attempt in flight, the next connect waits for it instead of
+//! starting another, and when it does finish it is closed at once (its result is too late to
+//! trust, and a server that resumes must not receive a burst of connections it is expected to
+//! keep). Exactly one of the helper and the waiting worker decides what becomes of a result, under
+//! the attempt's lock.
+
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use parking_lot::Mutex;
+use postgres::Client;
+
+use crate::error::{Error, ErrorKind};
+use crate::link::Backend;
+use crate::sql::IDENTIFY;
+
+/// What one attempt brings: a client and its backend, or why not.
+type Attempt = Result<(Client, Backend), postgres::Error>;
+
+/// Makes the manager's connections, one attempt at a time.
+pub(crate) struct Connector {
+    /// How to connect (with the builder's settings applied).
+    config: postgres::Config,
+    /// Bound on one attempt, all steps together.
+    timeout: Duration,
+    /// The attempt still running after its caller stopped waiting, if any.
+    in_flight: Mutex<Option<InFlight>>,
+}
+
+/// An attempt whose caller timed out: the helper still runs, and closes what it gets.
+struct InFlight {
+    /// Disconnects when the helper thread has finished.
+    done: Receiver<Attempt>,
+}
+
+impl Connector {
+    pub(crate) fn new(config: postgres::Config, timeout: Duration) -> Connector {
+        Connector {
+            config,
+            timeout,
+            in_flight: Mutex::new(None),
+        }
+    }
+
+    /// Connects within the connect timeout (TCP, start-up and authentication together) and
+    /// identifies the backend. Never starts a second attempt while one is still running.
+    pub(crate) fn connect(&self) -> Result<(Client, Backend), Error> {
+        // `None` when the timeout is too large to add to now: no bound of ours, as asked.
+        let deadline = Instant::now().checked_add(self.timeout);
+        let mut in_flight = self.in_flight.lock();
+        if let Some(earlier) = in_flight.take() {
+            // Its result was abandoned (the helper closes it); wait for the helper to finish.
+            match recv_until(&earlier.done, deadline) {
+                Err(RecvTimeoutError::Timeout) => {
+                    *in_flight = Some(earlier);
+                    return Err(Error::timeout(
+                        "timed out connecting to the server (an earlier attempt is still waiting \
+                         for its answer)",
+                    ));
+                }
+                Ok(_) | Err(RecvTimeoutError::Disconnected) => {}
+            }
+        }
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        // Whoever takes this lock second learns the other's decision: the helper, that its result
+        // is unwanted; the waiter, that the result is already there.
+        let abandoned = Arc::new(Mutex::new(false));
+        let helper_abandoned = Arc::clone(&abandoned);
+        let config = self.config.clone();
+        thread::Builder::new()
+            .name("distlock-connect".into())
+            .spawn(move || {
+                let attempt = attempt(&config);
+                let abandoned = helper_abandoned.lock();
+                if !*abandoned {
+                    let _ = tx.send(attempt);
+                }
+                // Otherwise `attempt` drops here, closing a connection nobody waits for.
+            })
+            .map_err(|e| {
+                Error::with_source(ErrorKind::Io, "could not spawn a connect thread", e)
+            })?;
+        let result = match recv_until(&rx, deadline) {
+            Ok(result) => result,
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(Error::new(
+                    ErrorKind::Connect,
+                    "the connect thread ended without an answer",
+                ));
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                let mut gave_up = abandoned.lock();
+                match rx.try_recv() {
+                    Ok(result) => result, // it finished just in time
+                    Err(_) => {
+                        *gave_up = true;
+                        drop(gave_up);
+                        *in_flight = Some(InFlight { done: rx });
+                        return Err(Error::timeout("timed out connecting to the server"));
+                    }
+                }
+            }
+        };
+        result.map_err(classify)
+    }
+}
+
+/// One attempt: connect, then ask the server who we are.
+fn attempt(config: &postgres::Config) -> Attempt {
+    let mut client = config.connect(postgres::NoTls)?;
+    let row = client.query_one(IDENTIFY, &[])?;
+    let backend = Backend {
+        pid: row.try_get(0)?,
+        started_us: row.try_get(1)?,
+    };
+    Ok((client, backend))
+}
+
+fn recv_until<T>(rx: &Receiver<T>, deadline: Option<Instant>) -> Result<T, RecvTimeoutError> {
+    match deadline {
+        Some(d) => rx.recv_deadline(d),
+        None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+    }
+}
+
+/// A failed attempt's kind: the client's own TCP connect timeout is a timeout like ours.
+fn classify(e: postgres::Error) -> Error {
+    let timed_out = std::error::Error::source(&e)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
+    if timed_out {
+        Error::with_source(ErrorKind::Timeout, "timed out connecting to the server", e)
+    } else {
+        Error::with_source(ErrorKind::Connect, "could not connect to the server", e)
+    }
+}
