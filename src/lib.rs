@@ -152,6 +152,8 @@ mod backoff;
 mod clock;
 mod connect;
 mod error;
+#[cfg(test)]
+mod fault_tests;
 mod guard;
 mod key;
 mod link;

@@ -360,6 +360,14 @@ impl LockManager {
     }
 }
 
+#[cfg(test)]
+impl LockManager {
+    /// The connection state, where tests install their fault hooks.
+    pub(crate) fn link(&self) -> &Arc<Link> {
+        &self.shared.link
+    }
+}
+
 impl Shared {
     fn request_deadline(&self) -> Instant {
         deadline_in(self.request_timeout)
