@@ -595,8 +595,7 @@ impl Builder {
     ///
     /// As for [`LockManager::connect`].
     pub fn connect_config(self, mut config: postgres::Config) -> Result<LockManager> {
-        self.check()?;
-        check_hosts(&config)?;
+        self.check(&config)?;
         // TCP keepalives find a peer that vanished while the connection idles between heartbeats
         // (a host that died, a NAT that forgot us); the user timeout bounds how long unacknowledged
         // data may wait on a silent network before the socket fails. Linux takes at most
@@ -656,8 +655,30 @@ impl Builder {
         })
     }
 
+    /// Checks `config` and this builder's settings as [`Builder::connect_config`] does, without
+    /// connecting: a host list the client could not use, or a zero connect timeout, request
+    /// timeout or heartbeat.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Config`], saying what is wrong.
+    ///
+    /// ```
+    /// use std::str::FromStr;
+    /// use distlock::{ErrorKind, LockManager};
+    ///
+    /// let config = postgres::Config::from_str("host=a,b,c port=5432,5433")?;
+    /// let err = LockManager::builder().check(&config).unwrap_err();
+    /// assert_eq!(err.kind(), ErrorKind::Config);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn check(&self, config: &postgres::Config) -> Result<()> {
+        self.check_settings()?;
+        check_hosts(config)
+    }
+
     /// Rejects settings that cannot work, before anything is started.
-    fn check(&self) -> Result<()> {
+    fn check_settings(&self) -> Result<()> {
         for (name, value) in [
             ("connect_timeout", self.connect_timeout),
             ("request_timeout", self.request_timeout),

@@ -348,6 +348,42 @@ fn bad_input_gets_one_readable_line_and_its_exit_code() {
             "cannot be used with",
         ),
         (vec!["frobnicate"], 64, "unrecognized subcommand"),
+        (
+            vec!["--database-url", "", "run", "--key", "x", "--", "true"],
+            64,
+            "no host given",
+        ),
+        (
+            vec!["--database-url", "host=a,b,c port=1,2 user=x", "locks"],
+            64,
+            "3 hosts but 2 ports",
+        ),
+        (
+            vec![
+                "--database-url",
+                "host=a,b,c port=1,2 user=x",
+                "run",
+                "--key",
+                "x",
+                "--",
+                "true",
+            ],
+            64,
+            "3 hosts but 2 ports",
+        ),
+        (
+            vec![
+                "run",
+                "--key",
+                "x",
+                "--wait",
+                "99999999999999999999999h",
+                "--",
+                "true",
+            ],
+            64,
+            "out of range",
+        ),
     ];
     for (args, expected, message) in cases {
         let out = output(distlock().args(&args));
@@ -378,4 +414,212 @@ fn the_demo_runs_and_finds_no_overlap() {
         text.contains("ok: no two holders ever overlapped"),
         "{text}"
     );
+}
+
+/// True while `pid` exists and is not a zombie.
+fn running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // "pid (comm) S ...": the state follows the last ')'.
+            stat.rsplit_once(')')
+                .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+fn temp_path(name: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("distlock-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
+#[test]
+fn a_distlock_killed_with_sigkill_takes_its_command_with_it() {
+    if !cfg!(target_os = "linux") {
+        eprintln!("skipped: only Linux has a parent-death signal");
+        return;
+    }
+    let key = "cli/sigkill";
+    let pidfile = temp_path("sigkill.pid");
+    let script = format!("echo $$ > {}; exec sleep 60", pidfile.display());
+    let mut run = hold(&["--key", key, "--", "sh", "-c", &script], key, 1);
+    assert!(eventually(Duration::from_secs(10), || {
+        std::fs::read_to_string(&pidfile).is_ok_and(|t| t.ends_with('\n'))
+    }));
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(running(pid));
+    run.kill().unwrap(); // SIGKILL: distlock gets no chance to do anything
+    run.wait().unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || !running(pid)),
+        "the command outlived distlock and would run beside the next holder"
+    );
+    // The lock is free, and nothing of the old run is left running beside the new one.
+    let out = output(distlock().args(["run", "--key", key, "--no-wait", "--", "true"]));
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let _ = std::fs::remove_file(&pidfile);
+}
+
+#[test]
+fn a_signal_before_the_command_starts_keeps_it_from_starting_and_frees_the_lock() {
+    let key = "cli/early-signal";
+    let marker = temp_path("early-signal.ran");
+    let mut run = distlock()
+        .env("DISTLOCK_INTERNAL_PAUSE_BEFORE_SPAWN_MS", "3000")
+        .args(["run", "--key", key, "--", "touch"])
+        .arg(&marker)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut outside = plain();
+    assert!(eventually(Duration::from_secs(10), || !holders(
+        &mut outside,
+        LockKey::name(key)
+    )
+    .is_empty()));
+    // distlock holds the lock and has not started the command yet.
+    let status = Command::new("kill")
+        .args(["-TERM", &run.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(wait_exit(&mut run, Duration::from_secs(10)), 128 + 15);
+    let mut err = String::new();
+    run.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(err.contains("not running it"), "{err}");
+    thread::sleep(Duration::from_millis(200));
+    assert!(
+        !marker.exists(),
+        "the command ran after distlock was told to stop"
+    );
+    assert!(plain_try_lock(&mut outside, LockKey::name(key)));
+    assert!(plain_unlock(&mut outside, LockKey::name(key)));
+}
+
+#[test]
+fn the_command_does_not_inherit_distlocks_connection_secrets_unless_asked() {
+    let key = "cli/secrets";
+    let url_with_secret = format!("{} password=url-secret-123", url());
+    let env_of_child = |extra: &[&str]| {
+        let out = output(
+            distlock()
+                .env("DATABASE_URL", &url_with_secret)
+                .env("PGPASSWORD", "env-secret-456")
+                .env("UNRELATED_SETTING", "kept")
+                .args(["run", "--key", key])
+                .args(extra)
+                .args(["--", "env"]),
+        );
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let env = env_of_child(&[]);
+    assert!(env.contains("UNRELATED_SETTING=kept"), "{env}");
+    assert!(!env.contains("url-secret-123"), "{env}");
+    assert!(!env.contains("env-secret-456"), "{env}");
+    assert!(!env.contains("DATABASE_URL="), "{env}");
+    let env = env_of_child(&["--keep-db-env"]);
+    assert!(env.contains("url-secret-123"), "{env}");
+    assert!(env.contains("PGPASSWORD=env-secret-456"), "{env}");
+    // The help says where a password is safer than on the command line.
+    let out = output(distlock().args(["run", "--help"]));
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("visible to every user"), "{help}");
+    assert!(help.contains("--keep-db-env"), "{help}");
+}
+
+#[test]
+fn extreme_durations_mean_forever_and_never_panic() {
+    let key = "cli/durations";
+    for wait in ["5000000000000000h", "0s", "0.000000001s"] {
+        let out = output(distlock().args([
+            "run",
+            "--key",
+            key,
+            "--wait",
+            wait,
+            "--kill-after",
+            "5000000000000000h",
+            "--",
+            "true",
+        ]));
+        assert_eq!(code(&out), 0, "--wait {wait}: {}", stderr(&out));
+    }
+    // Held elsewhere: a zero wait gives up at once, a huge one waits until the holder leaves.
+    let mut outside = plain();
+    assert!(plain_try_lock(&mut outside, LockKey::name(key)));
+    let out = output(distlock().args(["run", "--key", key, "--wait", "0s", "--", "true"]));
+    assert_eq!(code(&out), 75, "{}", stderr(&out));
+    let mut run = distlock()
+        .args([
+            "run",
+            "--key",
+            key,
+            "--wait",
+            "5000000000000000h",
+            "--",
+            "true",
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_millis(500));
+    assert!(run.try_wait().unwrap().is_none(), "it waits");
+    assert!(plain_unlock(&mut outside, LockKey::name(key)));
+    assert_eq!(wait_exit(&mut run, Duration::from_secs(10)), 0);
+}
+
+#[test]
+fn a_password_file_is_used_like_libpq_and_ignored_when_others_can_read_it() {
+    let Some(port) = cluster().port() else {
+        eprintln!("skipped: needs the local cluster, whose roles this test may create");
+        return;
+    };
+    let mut outside = plain();
+    outside
+        .batch_execute(
+            "DO $$ BEGIN CREATE ROLE distlock_pgpass LOGIN PASSWORD 'pgpass-secret'; \
+             EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+        )
+        .unwrap();
+    let passfile = temp_path("pgpass");
+    std::fs::write(
+        &passfile,
+        format!("# comment\nother:*:*:*:wrong\n127.0.0.1:{port}:*:distlock_pgpass:pgpass-secret\n"),
+    )
+    .unwrap();
+    let set_mode = |mode| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&passfile, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    let run = || {
+        output(
+            distlock()
+                .env(
+                    "DATABASE_URL",
+                    format!("host=127.0.0.1 port={port} user=distlock_pgpass dbname=postgres"),
+                )
+                .env("PGPASSFILE", &passfile)
+                .env_remove("PGPASSWORD")
+                .args(["run", "--key", "cli/pgpass", "--", "true"]),
+        )
+    };
+    set_mode(0o600);
+    let out = run();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    set_mode(0o644);
+    let out = run();
+    assert_eq!(code(&out), 69, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("group or world access"),
+        "{}",
+        stderr(&out)
+    );
+    let _ = std::fs::remove_file(&passfile);
 }

@@ -1,17 +1,33 @@
 //! Where the server is (flag, DATABASE_URL, libpq variables) and how durations are written.
 
 use std::env;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::anyhow;
+use distlock::LockManager;
 use distlock::testing::TestCluster;
+use postgres::config::Host;
 
 use crate::{Failure, exit};
 
 /// The server for `run` and `locks`: `--database-url`, else `DATABASE_URL`, else the libpq
 /// variables. A real shared server is required: there is no throwaway fallback here.
 pub fn shared_server(flag: Option<&str>) -> Result<postgres::Config, Failure> {
+    let mut config = given_server(flag)?;
+    if config.get_password().is_none() {
+        password_from_file(&mut config);
+    }
+    LockManager::builder()
+        .check(&config)
+        .map_err(|e| Failure::new(exit::USAGE, anyhow!(e)))?;
+    Ok(config)
+}
+
+fn given_server(flag: Option<&str>) -> Result<postgres::Config, Failure> {
     if let Some(url) = flag.map(str::to_owned).or_else(|| nonempty("DATABASE_URL")) {
         return postgres::Config::from_str(&url).map_err(|e| {
             Failure::new(
@@ -57,6 +73,96 @@ pub fn shared_server(flag: Option<&str>) -> Result<postgres::Config, Failure> {
         config.dbname(&db);
     }
     Ok(config)
+}
+
+/// libpq's password file: `PGPASSFILE`, else `~/.pgpass`, read as libpq reads it. Lines are
+/// `hostname:port:database:username:password`, `*` matches anything, `\` escapes `:` and `\`,
+/// and the first line that matches the first host wins (one password serves every host of the
+/// connection). A unix-domain socket matches `localhost`. A file that group or others may read is
+/// ignored with a warning, as libpq does.
+fn password_from_file(config: &mut postgres::Config) {
+    let Some(path) = nonempty("PGPASSFILE")
+        .map(PathBuf::from)
+        .or_else(|| nonempty("HOME").map(|home| Path::new(&home).join(".pgpass")))
+    else {
+        return;
+    };
+    let Ok(meta) = fs::metadata(&path) else {
+        return;
+    };
+    if !meta.is_file() {
+        return;
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        eprintln!(
+            "distlock: warning: password file {} has group or world access; permissions should be \
+             u=rw (0600) or less",
+            path.display()
+        );
+        return;
+    }
+    let Ok(text) = fs::read_to_string(&path) else {
+        return;
+    };
+    let host = match config.get_hosts().first() {
+        Some(Host::Tcp(name)) => name.clone(),
+        _ => "localhost".to_owned(),
+    };
+    let port = config
+        .get_ports()
+        .first()
+        .copied()
+        .unwrap_or(5432)
+        .to_string();
+    let user = config.get_user().unwrap_or_default().to_owned();
+    let database = config
+        .get_dbname()
+        .map_or_else(|| user.clone(), str::to_owned);
+    let wanted = [
+        host.as_str(),
+        port.as_str(),
+        database.as_str(),
+        user.as_str(),
+    ];
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let fields = pgpass_fields(line);
+        let [h, p, d, u, password] = fields.as_slice() else {
+            continue;
+        };
+        if [h, p, d, u]
+            .iter()
+            .zip(wanted)
+            .all(|(field, value)| field.as_str() == "*" || field.as_str() == value)
+        {
+            config.password(password.as_str());
+            return;
+        }
+    }
+}
+
+/// The `:`-separated fields of a password file line, with `\` escapes undone.
+fn pgpass_fields(line: &str) -> Vec<String> {
+    let mut fields = vec![String::new()];
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let (Some(next), Some(field)) = (chars.next(), fields.last_mut()) {
+                    field.push(next);
+                }
+            }
+            ':' if fields.len() < 5 => fields.push(String::new()),
+            c => {
+                if let Some(field) = fields.last_mut() {
+                    field.push(c);
+                }
+            }
+        }
+    }
+    fields
 }
 
 /// The application name a connection of the command shows: the connection string's, else
@@ -109,6 +215,15 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn password_file_lines_split_like_libpq() {
+        assert_eq!(
+            pgpass_fields(r"db\:1:5432:*:app:pa\:ss\\word:x"),
+            ["db:1", "5432", "*", "app", "pa:ss\\word:x"]
+        );
+        assert_eq!(pgpass_fields("a:b"), ["a", "b"]);
+    }
 
     #[test]
     fn durations_read_like_people_write_them() {

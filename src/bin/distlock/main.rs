@@ -1,6 +1,7 @@
 //! The `distlock` command: run anything under a lock, see who holds what.
 
 mod bench;
+mod child;
 mod cluster;
 mod connection;
 mod demo;
@@ -44,8 +45,15 @@ Examples:
   distlock key nightly-report                               the bigint id SQL uses for a name
 
 Server: --database-url, else DATABASE_URL, else the libpq variables PGHOST, PGPORT, PGUSER,
-PGPASSWORD, PGDATABASE, PGAPPNAME (PGHOST is required then). Only `demo` and `bench` fall back to a
-throwaway local cluster.
+PGPASSWORD, PGDATABASE, PGAPPNAME (PGHOST is required then); a password missing from those is looked
+up in PGPASSFILE or ~/.pgpass, as libpq does. Only `demo` and `bench` fall back to a throwaway local
+cluster. A password on the command line (--database-url) is visible to every user of the host in
+ps: prefer PGPASSWORD, ~/.pgpass or DATABASE_URL. The command run by `run` does not inherit
+DATABASE_URL or PGPASSWORD unless --keep-db-env is given.
+
+The command of `run` dies with distlock on Linux, even if distlock is killed with SIGKILL (its lock
+is then free, and the command must not run on without it). Elsewhere a command survives a
+SIGKILLed distlock; other signals are forwarded to it everywhere.
 
 Exit codes: 0-255 the command's own status (run); 128+N the command died of signal N; 64 usage
 error; 69 server unavailable; 70 internal error; 75 lock not acquired (--conflict-exit-code);
@@ -60,7 +68,8 @@ error; 69 server unavailable; 70 internal error; 75 lock not acquired (--conflic
 )]
 struct Cli {
     /// PostgreSQL connection: a postgres:// URL or libpq key=value string [default: DATABASE_URL,
-    /// then the PG* variables]
+    /// then the PG* variables]. A password given here is visible to every user of this host (ps,
+    /// /proc): keep it in PGPASSWORD, ~/.pgpass (PGPASSFILE) or DATABASE_URL instead
     #[arg(long, global = true, value_name = "URL")]
     database_url: Option<String>,
 
@@ -108,6 +117,16 @@ enum Command {
         #[arg(last = true)]
         command: Vec<String>,
     },
+    /// Internal: how `run` starts its command (see child.rs).
+    #[command(name = child::SUBCOMMAND, hide = true)]
+    Child {
+        /// The pid of the `distlock run` that started this.
+        #[arg(long)]
+        parent: u32,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -136,6 +155,10 @@ struct RunArgs {
     /// No status line while waiting.
     #[arg(long, short)]
     quiet: bool,
+    /// Pass DATABASE_URL and PGPASSWORD on to the command. By default it does not inherit
+    /// distlock's own connection secrets.
+    #[arg(long)]
+    keep_db_env: bool,
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -210,5 +233,6 @@ fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
         }
         Command::Bench { per_case, json } => Ok(bench::run(url.as_deref(), per_case, &json)?),
         Command::Cluster { command } => Ok(cluster::run(&command)?),
+        Command::Child { parent, command } => Ok(child::exec(parent, &command)),
     }
 }

@@ -3,18 +3,19 @@
 
 use std::io::{IsTerminal, Write};
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Command, ExitCode, ExitStatus, Stdio};
+use std::process::{ExitCode, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
 use crossbeam_channel::select;
 use distlock::{ErrorKind, LockGuard, LockKey, LockManager};
+use rustix::process::{Pid, Signal, kill_process};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGKILL, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::connection::{application_name, shared_server};
-use crate::{Failure, OnLost, RunArgs, exit};
+use crate::{Failure, OnLost, RunArgs, child, exit};
 
 /// How often the status line is refreshed while waiting.
 const STATUS_EVERY: Duration = Duration::from_millis(500);
@@ -45,15 +46,29 @@ pub fn run(url: Option<&str>, args: RunArgs) -> Result<ExitCode, Failure> {
         return Ok(ExitCode::from(args.conflict_exit_code));
     };
 
-    let (program, rest) = args
-        .command
-        .split_first()
+    // Signals are caught from here on, before the command exists: a SIGTERM now must not end
+    // distlock (which would free the lock) and leave a command running; it is either forwarded to
+    // the command or, if it comes before the command starts, keeps the command from starting.
+    let mut signals =
+        Signals::new([SIGINT, SIGTERM, SIGHUP]).context("installing signal handlers")?;
+    pause_before_spawn();
+    if let Some(signal) = signals.pending().next() {
+        let _ = guard.unlock();
+        eprintln!("distlock: got signal {signal} before the command started; not running it");
+        return Ok(ExitCode::from(u8::try_from(128 + signal).unwrap_or(255)));
+    }
+
+    let program = args.command.first().map(String::as_str).unwrap_or_default();
+    let mut command = child::command(&args.command)
         .ok_or_else(|| Failure::new(exit::USAGE, anyhow!("no command given after --")))?;
-    let mut child = match Command::new(program)
-        .args(rest)
-        .stdin(Stdio::inherit())
-        .spawn()
-    {
+    command.stdin(Stdio::inherit());
+    if !args.keep_db_env {
+        // distlock's own connection secrets are not the command's business.
+        command.env_remove("DATABASE_URL").env_remove("PGPASSWORD");
+    }
+    // Spawned from the main thread, which lives until distlock exits: Linux sends the parent-death
+    // signal when the spawning *thread* ends.
+    let mut child = match command.spawn() {
         Ok(child) => child,
         Err(e) => {
             let code = match e.kind() {
@@ -69,8 +84,6 @@ pub fn run(url: Option<&str>, args: RunArgs) -> Result<ExitCode, Failure> {
     let pid = child.id();
 
     // Forward SIGINT, SIGTERM and SIGHUP to the command; distlock itself stays to release the lock.
-    let mut signals =
-        Signals::new([SIGINT, SIGTERM, SIGHUP]).context("installing signal handlers")?;
     let signal_handle = signals.handle();
     thread::spawn(move || {
         for signal in signals.forever() {
@@ -87,9 +100,10 @@ pub fn run(url: Option<&str>, args: RunArgs) -> Result<ExitCode, Failure> {
     let mut killed = false;
     let never = crossbeam_channel::never();
     let status: ExitStatus = loop {
-        let timeout = match lost_at {
-            Some(at) if args.on_lost == OnLost::Terminate && !killed => {
-                (at + args.kill_after).saturating_duration_since(Instant::now())
+        let timeout = match lost_at.map(|at| at.checked_add(args.kill_after)) {
+            // A --kill-after too large to add to now never comes.
+            Some(Some(kill_at)) if args.on_lost == OnLost::Terminate && !killed => {
+                kill_at.saturating_duration_since(Instant::now())
             }
             _ => Duration::from_secs(3600),
         };
@@ -150,14 +164,25 @@ fn exit_code(status: ExitStatus) -> u8 {
     }
 }
 
-/// Sends `signal` to `pid` with kill(1): this keeps the command free of unsafe code.
+/// Sends `signal` to `pid`.
 fn send_signal(pid: u32, signal: i32) {
-    let _ = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(pid.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
+    let pid = i32::try_from(pid).ok().and_then(Pid::from_raw);
+    if let (Some(pid), Some(signal)) = (pid, Signal::from_named_raw(signal)) {
+        let _ = kill_process(pid, signal);
+    }
+}
+
+/// An internal hook for the command's own tests, not an interface: with
+/// `DISTLOCK_INTERNAL_PAUSE_BEFORE_SPAWN_MS` set, `run` sleeps that long between taking the lock
+/// (signal handling installed) and starting the command, so that a test can send a signal in
+/// that window.
+fn pause_before_spawn() {
+    if let Some(ms) = std::env::var("DISTLOCK_INTERNAL_PAUSE_BEFORE_SPAWN_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        thread::sleep(Duration::from_millis(ms.min(60_000)));
+    }
 }
 
 /// Waits for the lock as asked; `None` when it was not acquired in time.
@@ -180,7 +205,8 @@ fn acquire(
         return take(Duration::ZERO).map_err(unavailable);
     }
     let started = Instant::now();
-    let deadline = args.wait.map(|w| started + w);
+    // A --wait too large to add to now is no deadline at all.
+    let deadline = args.wait.and_then(|w| started.checked_add(w));
     let mut status = StatusLine::new(!args.quiet && std::io::stderr().is_terminal(), config);
     loop {
         let step = match deadline {
