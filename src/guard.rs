@@ -33,6 +33,12 @@ use crate::sql::{Mode, Op};
 /// (`Builder::heartbeat`), or at the request timeout for a stalled connection. Releasing a lost
 /// guard never touches the manager's newer connection, which may hold the same key again.
 ///
+/// A lost guard still reserves its key in its manager until it is dropped: the server no longer
+/// holds the lock, but the thread holding the guard may still be inside its critical section, so
+/// other threads of the manager get `Ok(None)` from `try_lock` and wait in `lock`, as they would
+/// for a live guard. Drop the lost guard (or [`LockGuard::unlock`] it, which reports
+/// [`crate::ErrorKind::LockLost`]) before taking the key again.
+///
 /// A lock is a lease, not a guarantee: between a check and the next step, the connection can fail.
 /// [`LockGuard::ensure_held`] narrows that window to one round trip before an irreversible step; it
 /// cannot close it. Where two holders at once would corrupt data, also make the protected resource

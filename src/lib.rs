@@ -74,9 +74,25 @@
 //!   touches the newer session when it is dropped, unlocked or checked: that session may hold the same
 //!   key again, for someone else.
 //! * **Nothing leaks.** A grant that arrives after its caller gave up is released by the worker at
-//!   once. When the last manager handle and the last guard are dropped, the worker closes the
-//!   connection and the server releases whatever the session held; a caller blocked in a call holds a
-//!   handle itself, so in-flight requests and waiters always finish normally first.
+//!   once — also one the worker had ready for a caller that was descheduled between sending its
+//!   request and receiving, and came back after its deadline. When the last manager handle and the
+//!   last guard are dropped, the worker closes the connection and the server releases whatever the
+//!   session held; a caller blocked in a call holds a handle itself, so in-flight requests and
+//!   waiters always finish normally first.
+//! * **Every call keeps its bound.** A call returns by its own deadline (the request timeout, or
+//!   the caller's timeout) with its own reply or [`ErrorKind::Timeout`], whatever the worker is
+//!   doing: the worker never waits for a caller to take a reply, and a reply that did not reach
+//!   its caller in time is never delivered to anyone later. [`ErrorKind::Shutdown`] means only that
+//!   the manager's worker has stopped for good.
+//! * **One connection attempt at a time.** A server that accepts connections but never answers
+//!   (a stopped postmaster, an overloaded pooler) costs each attempt the connect timeout. An attempt
+//!   that outlives it stays the manager's only one: no second attempt starts beside it, and when
+//!   it completes late, its connection is closed.
+//! * **A lost guard keeps its place in this manager.** The server freed the lock when the
+//!   connection ended, and other processes may take it; but within this manager the key stays
+//!   reserved until the lost guard is dropped, because its holder may still be inside its
+//!   critical section. `try_lock` of that key returns `Ok(None)` and `lock` waits until then, as
+//!   they would for a live guard. Drop a lost guard before taking its key again.
 //! * **A lease, not a guarantee.** [`LockGuard::ensure_held`] proves with one round trip that the
 //!   session holding the lock is alive and holds it (`pg_locks`), right before an irreversible step.
 //!   The connection can still fail a moment later; where two holders at once would corrupt data, make
@@ -112,12 +128,12 @@
 //!   nothing; blocking in the channel's receive spun and read the clock on every turn). The monitor
 //!   thread keeps the heartbeat's clock, so the request path reads no clock on the worker. Each request carries a reply channel taken from an `object-pool`
 //!   pool and returned afterwards, so steady-state calls allocate no channels.
-//! * Reply channels are rendezvous channels (`bounded(0)`). Measured per lock+unlock cycle against
-//!   `bounded(1)`, both pooled: 33,571 against 35,048 instructions and a p50 of 117–176 µs against
-//!   288–329 µs, because the caller spins less before it parks and leaves the CPU to the worker and
-//!   the server. A rendezvous send waits for its receiver, which cost throughput under load (64
-//!   threads: 30–42k against 46–68k cycles/s), so the worker hands a reply over with `try_send` and,
-//!   if its caller is not receiving yet, completes the delivery when it would otherwise go idle.
+//! * Reply channels are rendezvous channels (`bounded(0)`): measured against `bounded(1)`, the
+//!   caller spins less before it parks and leaves the CPU to the worker and the server (see the
+//!   README's Performance section). The worker hands a reply over with `try_send`, which never
+//!   waits; a reply whose caller is not receiving yet is kept and offered again whenever the worker
+//!   looks for work, and while it has nothing else to do it waits for any such caller to arrive,
+//!   for a request, or for a caller to give up, whichever comes first.
 //! * The worker runs `SELECT WHERE pg_try_advisory_lock(<id>)` (or `pg_advisory_unlock`, or the
 //!   `_shared` forms) with `simple_query`, and reads the outcome from the statement's
 //!   `CommandComplete` row count: one row (of no columns) means the function returned true. It never
@@ -139,8 +155,14 @@
 //!   handoff p99 7.6 ms), and are woken at once when a guard of the same manager releases a hold.
 //! * A reply slot's state word decides exactly once whether a reply is delivered or its caller gave
 //!   up: a grant that arrives after its caller's deadline is released by the worker at once, and a
-//!   slot reused for the next call can never carry the previous call's reply.
-//! * A monitor thread watches for a statement stuck past the request timeout (see "Failure model").
+//!   slot whose reply may still be on its way never goes back to the pool, so no call can receive
+//!   another call's reply.
+//! * Durations: any `Duration` is accepted where one is taken. One too large to add to the clock
+//!   means "no bound" (`Duration::MAX` waits forever); a zero connect timeout, request timeout or
+//!   heartbeat is an [`ErrorKind::Config`] error, since nothing could meet it.
+//! * A monitor thread watches every statement the worker sends, the heartbeat and the statement
+//!   that ends lost backends included, for one stuck past the request timeout (see "Failure
+//!   model").
 //! * Costs, measured: per lock+unlock cycle the manager spends 1.14 × the instructions of the raw
 //!   client running the same SQL (every thread counted; CI fails above 1.15) and adds no allocation
 //!   of its own. The README's Performance section has every figure and the commands that produce

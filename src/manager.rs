@@ -184,6 +184,10 @@ impl LockManager {
     /// Like `Mutex::lock`: it returns only with the lock or an error. Each try is bounded by the
     /// request timeout; the wait between tries is as for [`LockManager::try_lock_for`].
     ///
+    /// A guard of this manager whose lock was lost still reserves its key until it is dropped (its
+    /// holder may still be at work), so a `lock` of that key waits for the drop, however long
+    /// that takes; see [`LockGuard`]'s "Lost locks".
+    ///
     /// # Errors
     ///
     /// As for [`LockManager::try_lock`], except that transient failures ([`Error::is_transient`]) do

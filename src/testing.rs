@@ -187,6 +187,14 @@ impl TestCluster {
         self.local.as_ref().map(|l| l.port)
     }
 
+    /// The pid of a local cluster's postmaster (from `postmaster.pid`), for tests that stop it
+    /// with a signal.
+    pub fn server_pid(&self) -> Option<i32> {
+        let local = self.local.as_ref()?;
+        let text = fs::read_to_string(local.data.join("postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
+    }
+
     /// The directory of the PostgreSQL binaries of a local cluster (`pgbench` may live there too).
     pub fn bin_dir(&self) -> Option<&Path> {
         self.local.as_ref().map(|l| l.bin.as_path())

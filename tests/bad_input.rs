@@ -191,3 +191,154 @@ fn a_caller_that_gives_up_never_leaks_its_grant() {
     assert!(plain_try_lock(&mut outside, key));
     assert!(plain_unlock(&mut outside, key));
 }
+
+/// A `Builder` setter that takes a duration.
+type Setter = fn(distlock::Builder, Duration) -> distlock::Builder;
+
+/// The durations every setting and argument must survive.
+const EXTREMES: [Duration; 4] = [
+    Duration::ZERO,
+    Duration::from_nanos(1),
+    Duration::from_secs(u64::MAX),
+    Duration::MAX,
+];
+
+#[test]
+fn unusable_host_lists_are_config_errors_before_any_connect() {
+    for params in [
+        "",
+        "user=postgres dbname=postgres",
+        "host=a,b,c port=5432,5433 user=postgres",
+        "host=a,b hostaddr=127.0.0.1 user=postgres",
+    ] {
+        let started = std::time::Instant::now();
+        let err = LockManager::connect(params).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config, "{params:?}: {err:?}");
+        assert!(started.elapsed() < Duration::from_secs(1), "{params:?}");
+    }
+    let err = LockManager::connect("host=a,b,c port=1,2 user=x").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "3 hosts but 2 ports in the connection parameters (give one port for all, or one per host)"
+    );
+}
+
+#[test]
+fn every_builder_duration_saturates_or_is_a_config_error() {
+    let key = LockKey::name("bad-input/builder-durations");
+    let mut outside = plain();
+    for d in EXTREMES {
+        let settings: [(&str, Setter); 4] = [
+            ("connect_timeout", distlock::Builder::connect_timeout),
+            ("request_timeout", distlock::Builder::request_timeout),
+            ("heartbeat", distlock::Builder::heartbeat),
+            ("max_retry_interval", distlock::Builder::max_retry_interval),
+        ];
+        for (name, set) in settings {
+            let app = format!("t-dur-{name}");
+            let result = set(LockManager::builder().application_name(&app), d).connect(url());
+            let case = format!("{name}({d:?})");
+            match (name, d) {
+                // A zero bound can never be met: say so rather than fail every call.
+                ("connect_timeout" | "request_timeout" | "heartbeat", Duration::ZERO) => {
+                    let err = result.expect_err(&case);
+                    assert_eq!(err.kind(), ErrorKind::Config, "{case}: {err:?}");
+                    assert!(err.to_string().contains(name), "{case}: {err}");
+                }
+                // 1 ns to connect: nothing connects that fast, and it is a timeout.
+                ("connect_timeout", d) if d == Duration::from_nanos(1) => {
+                    let err = result.expect_err(&case);
+                    assert_eq!(err.kind(), ErrorKind::Timeout, "{case}: {err:?}");
+                }
+                // 1 ns per request: connected, and every call times out; nothing is left held.
+                ("request_timeout", d) if d == Duration::from_nanos(1) => {
+                    let locks = result.expect(&case);
+                    let err = locks.try_lock(key).expect_err(&case);
+                    assert_eq!(err.kind(), ErrorKind::Timeout, "{case}: {err:?}");
+                    assert!(eventually(Duration::from_secs(5), || locks_of_app(
+                        &mut outside,
+                        &app
+                    ) == 0));
+                }
+                // Everything else works; the huge ones mean "no bound".
+                _ => {
+                    let locks = result.expect(&case);
+                    let guard = locks.try_lock(key).expect(&case).expect(&case);
+                    assert!(
+                        locks
+                            .try_lock_for(key, Duration::from_millis(20))
+                            .expect(&case)
+                            .is_none()
+                    );
+                    guard.unlock().expect(&case);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn try_lock_for_takes_any_duration() {
+    let locks = manager("t-dur-wait");
+    let key = LockKey::name("bad-input/wait-durations");
+    for d in EXTREMES {
+        let guard = locks.try_lock_for(key, d).unwrap().expect("free");
+        drop(guard);
+        let guard = locks.try_lock_shared_for(key, d).unwrap().expect("free");
+        drop(guard);
+    }
+    let mut outside = plain();
+    assert!(plain_try_lock(&mut outside, key));
+    for d in [Duration::ZERO, Duration::from_nanos(1)] {
+        let started = std::time::Instant::now();
+        assert!(locks.try_lock_for(key, d).unwrap().is_none());
+        assert!(locks.try_lock_shared_for(key, d).unwrap().is_none());
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+    // The longest waits last until the holder leaves.
+    for d in [Duration::from_secs(u64::MAX), Duration::MAX] {
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            assert!(plain_unlock(&mut outside, key));
+            outside
+        });
+        let guard = locks
+            .try_lock_for(key, d)
+            .unwrap()
+            .expect("acquired once released");
+        outside = release.join().unwrap();
+        drop(guard);
+        assert!(plain_try_lock(&mut outside, key));
+    }
+    assert!(plain_unlock(&mut outside, key));
+}
+
+#[test]
+fn a_huge_retry_cap_survives_many_wake_ups() {
+    // Each release by another thread of the manager wakes the waiter and draws the next pause,
+    // which doubles: past about 60 of them a doubling overflows unless it saturates.
+    let locks = LockManager::builder()
+        .application_name("t-dur-retry-cap")
+        .max_retry_interval(Duration::MAX)
+        .connect(url())
+        .unwrap();
+    let key = LockKey::name("bad-input/retry-cap");
+    let mut outside = plain();
+    assert!(plain_try_lock(&mut outside, key));
+    let churn = {
+        let locks = locks.clone();
+        std::thread::spawn(move || {
+            for i in 0..300 {
+                drop(locks.try_lock(LockKey::pair(77, i)).unwrap());
+            }
+        })
+    };
+    assert!(
+        locks
+            .try_lock_for(key, Duration::from_secs(2))
+            .unwrap()
+            .is_none()
+    );
+    churn.join().unwrap();
+    assert!(plain_unlock(&mut outside, key));
+}

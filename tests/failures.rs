@@ -342,3 +342,49 @@ fn a_10_ms_heartbeat_works_and_notices_a_kill_quickly() {
         "noticed after {detected:?}"
     );
 }
+
+#[test]
+fn a_lost_guard_keeps_its_key_reserved_in_this_manager_until_it_is_dropped() {
+    let app = "f-lost-reserved";
+    let locks = manager_with(app, Duration::from_millis(50), Duration::from_secs(5));
+    let key = LockKey::name("failures/lost-reserved");
+    let guard = locks.try_lock(key).unwrap().expect("free");
+    let mut outside = plain();
+    assert_eq!(kill_app(&mut outside, app), 1);
+    assert!(time_to_loss(&guard, Duration::from_secs(5)).is_some());
+    // On the server nobody holds it any more: another session takes it at once.
+    assert!(plain_try_lock(&mut outside, key));
+    assert!(plain_unlock(&mut outside, key));
+    assert!(eventually(Duration::from_secs(10), || matches!(
+        locks.try_lock("failures/lost-reserved-other"),
+        Ok(Some(_))
+    )));
+    // In this manager the lost guard still reserves the key: its holder may still be inside its
+    // critical section, and no other thread of the process may enter it until the guard is gone.
+    assert!(locks.try_lock(key).unwrap().is_none());
+    assert!(locks.try_lock_shared(key).unwrap().is_none());
+    let waiter = {
+        let locks = locks.clone();
+        thread::spawn(move || {
+            let guard = locks.lock(key).unwrap();
+            (Instant::now(), guard.is_lost())
+        })
+    };
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        !waiter.is_finished(),
+        "a waiter got past a lost guard that was not dropped"
+    );
+    let dropped = Instant::now();
+    assert_eq!(
+        guard.unlock().unwrap_err().kind(),
+        ErrorKind::LockLost,
+        "unlocking a lost guard says so"
+    );
+    let (acquired, lost) = waiter.join().unwrap();
+    assert!(!lost);
+    assert!(
+        acquired.duration_since(dropped) < Duration::from_millis(500),
+        "the waiter was woken by the release"
+    );
+}

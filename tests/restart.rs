@@ -131,3 +131,67 @@ fn a_server_that_goes_away_gives_clear_errors_within_bounds_and_is_rejoined() {
         "the manager did not rejoin the server"
     );
 }
+
+/// Threads of this process whose name starts with `prefix` (Linux shows 15 bytes of a name).
+fn threads_named(prefix: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .map(|tasks| {
+            tasks
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .filter(|name| name.starts_with(prefix))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_server_that_accepts_but_never_answers_gets_one_connect_attempt_at_a_time() {
+    if !local_cluster_or_skip("silent server") {
+        return;
+    }
+    let _one_at_a_time = SERVER.lock();
+    let app = "r-silent";
+    let locks = LockManager::builder()
+        .application_name(app)
+        .heartbeat(Duration::from_millis(50))
+        .request_timeout(Duration::from_secs(1))
+        .connect_timeout(Duration::from_millis(300))
+        .connect(url())
+        .unwrap();
+    let guard = locks.try_lock("restart/silent").unwrap().expect("free");
+    let mut outside = plain();
+    // The postmaster stops answering (its socket still accepts), and the manager's backend dies.
+    let postmaster = cluster().server_pid().expect("local cluster");
+    signal(postmaster, "STOP");
+    let resume = Resume(postmaster);
+    assert_eq!(kill_app(&mut outside, app), 1);
+    assert!(time_to_loss(&guard, Duration::from_secs(5)).is_some());
+    // Reconnect attempts time out every 300 ms; none may be left running beside the next.
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut most = 0;
+    while Instant::now() < until {
+        most = most.max(threads_named("distlock-connec"));
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(most >= 1, "no connect attempt was seen");
+    assert!(most <= 1, "{most} connect attempts in flight at once");
+    // The server answers again: the attempt in flight is closed, a fresh one gets through, and
+    // the server is not left with a burst of connections.
+    drop(resume);
+    let key = LockKey::name("restart/silent-after");
+    assert!(
+        eventually(Duration::from_secs(10), || matches!(
+            locks.try_lock(key),
+            Ok(Some(_))
+        )),
+        "the manager did not come back"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || sessions_of_app(
+            &mut outside,
+            app
+        ) == 1),
+        "{} sessions of one manager",
+        sessions_of_app(&mut outside, app)
+    );
+}
