@@ -9,7 +9,7 @@ use crate::clock::deadline_in;
 use crate::error::{Error, Result};
 use crate::key::LockKey;
 use crate::link::Lease;
-use crate::manager::Shared;
+use crate::shared::{Call, Shared};
 use crate::reply::Reply;
 use crate::sql::{Mode, Op};
 
@@ -129,14 +129,15 @@ impl LockGuard {
             return Err(Error::lock_lost());
         }
         let deadline = deadline_in(self.shared.request_timeout());
-        let reply = self.shared.round_trip(
-            Op::Check,
-            self.mode,
-            self.key,
-            self.lease.generation,
-            true,
+        let reply = self.shared.round_trip(Call {
+            op: Op::Check,
+            mode: self.mode,
+            key: self.key,
+            generation: self.lease.generation,
+            // A check changes nothing, so it can always be read back after a failed batch.
+            sole_hold: true,
             deadline,
-        )?;
+        })?;
         match reply {
             Reply::Held if !self.is_lost() => Ok(()),
             _ => Err(Error::lock_lost()),
@@ -191,14 +192,14 @@ impl LockGuard {
         }
         let deadline = deadline_in(self.shared.request_timeout());
         let sole_hold = self.shared.sole_hold(self.key, self.mode);
-        let outcome = self.shared.round_trip(
-            Op::Unlock,
-            self.mode,
-            self.key,
-            self.lease.generation,
+        let outcome = self.shared.round_trip(Call {
+            op: Op::Unlock,
+            mode: self.mode,
+            key: self.key,
+            generation: self.lease.generation,
             sole_hold,
             deadline,
-        );
+        });
         // Forget the hold only now: a local waiter woken by this finds the key free on the server too.
         // On a timeout the unlock is still queued ahead of any later request for the key.
         self.shared.release_hold(self.key, self.mode);

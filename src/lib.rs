@@ -182,6 +182,7 @@ mod link;
 mod manager;
 mod monitor;
 mod reply;
+mod shared;
 mod sql;
 mod table;
 pub mod testing;

@@ -5,7 +5,6 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{SendTimeoutError, Sender};
 use object_pool::Pool;
 use parking_lot::{Condvar, Mutex};
 
@@ -15,9 +14,10 @@ use crate::connect::Connector;
 use crate::error::{Error, ErrorKind, Result};
 use crate::guard::LockGuard;
 use crate::key::LockKey;
-use crate::link::{Link, Site};
+use crate::link::Link;
 use crate::monitor;
-use crate::reply::{self, Reply, ReplySlot, Request, Waited};
+use crate::reply::{Reply, ReplySlot};
+use crate::shared::{Call, Shared, WakeOnDrop};
 use crate::sql::{Mode, Op};
 use crate::table::{Reservation, Table};
 use crate::worker::{self, Spec};
@@ -56,39 +56,6 @@ const MAX_TCP_USER_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
 #[derive(Clone)]
 pub struct LockManager {
     shared: Arc<Shared>,
-}
-
-/// State shared by every clone of a manager and every guard it handed out.
-pub(crate) struct Shared {
-    /// The worker's queue.
-    requests: Sender<Request>,
-    /// Reply slots, reused from call to call.
-    replies: Pool<Arc<ReplySlot>>,
-    /// Keys held or being acquired through this manager.
-    table: Mutex<Table>,
-    /// Signalled whenever a hold is given back, to wake local waiters at once.
-    released: Condvar,
-    /// Bound on each wait for the worker.
-    request_timeout: Duration,
-    /// Most holds at once.
-    max_locks: usize,
-    /// The cap of the backoff between tries of a held lock.
-    max_retry_interval: Duration,
-    /// The current connection's state.
-    link: Arc<Link>,
-    /// Dropped with the last handle and guard, which stops the monitor.
-    _shutdown: Sender<()>,
-    /// Declared last, so dropped after `requests`: wakes the worker to find its queue closed.
-    _wake_on_drop: WakeOnDrop,
-}
-
-/// Unparks the worker when dropped.
-struct WakeOnDrop(Arc<Link>);
-
-impl Drop for WakeOnDrop {
-    fn drop(&mut self) {
-        self.0.unpark_worker();
-    }
 }
 
 impl LockManager {
@@ -287,7 +254,14 @@ impl LockManager {
         // An exclusive reservation is always the key's only one; a shared one may have company.
         let sole_hold = mode == Mode::Exclusive || table.holds(key) == 1;
         drop(table);
-        match shared.round_trip(Op::TryLock, mode, key, 0, sole_hold, deadline) {
+        match shared.round_trip(Call {
+            op: Op::TryLock,
+            mode,
+            key,
+            generation: 0,
+            sole_hold,
+            deadline,
+        }) {
             Ok(Reply::Granted(lease)) => {
                 Ok(Some(LockGuard::new(Arc::clone(shared), key, mode, lease)))
             }
@@ -369,97 +343,6 @@ impl LockManager {
     /// The connection state, where tests install their fault hooks.
     pub(crate) fn link(&self) -> &Arc<Link> {
         &self.shared.link
-    }
-}
-
-impl Shared {
-    fn request_deadline(&self) -> Instant {
-        deadline_in(self.request_timeout)
-    }
-
-    /// Sends one request and waits for its reply until `deadline`.
-    pub(crate) fn round_trip(
-        &self,
-        op: Op,
-        mode: Mode,
-        key: LockKey,
-        generation: u64,
-        sole_hold: bool,
-        deadline: Instant,
-    ) -> Result<Reply> {
-        let slot = self.replies.pull(ReplySlot::new);
-        let ticket = reply::arm(&slot);
-        let number = ticket.number();
-        let request = Request {
-            op,
-            mode,
-            key,
-            generation,
-            sole_hold,
-            reply: ticket,
-        };
-        // The queue is almost never full: try without reading the clock first.
-        let request = match self.requests.try_send(request) {
-            Ok(()) => None,
-            Err(crossbeam_channel::TrySendError::Full(request)) => Some(request),
-            Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
-                return Err(Error::shutdown());
-            }
-        };
-        match request.map_or(Ok(()), |r| self.requests.send_deadline(r, deadline)) {
-            Ok(()) => self.link.wake_worker(),
-            Err(SendTimeoutError::Timeout(_)) => {
-                return Err(Error::timeout(
-                    "timed out waiting for the lock manager's queue",
-                ));
-            }
-            Err(SendTimeoutError::Disconnected(_)) => return Err(Error::shutdown()),
-        }
-        self.link.hook(Site::BeforeReceive);
-        match reply::wait(&slot, number, deadline) {
-            Waited::Reply(Reply::Failed(e)) => Err(e),
-            Waited::Reply(reply) => Ok(reply),
-            Waited::GaveUp { in_doubt } => {
-                if in_doubt {
-                    // The worker holds a reply for this slot that never reached us: the slot must
-                    // never serve another call. Detached, it dies with the worker's reference; the
-                    // nudge makes the worker give back a grant in the reply at once.
-                    let _ = slot.detach();
-                    self.link.nudge();
-                }
-                Err(Error::timeout(
-                    "timed out waiting for the lock manager's worker",
-                ))
-            }
-        }
-    }
-
-    /// Gives back the hold of a guard and wakes local waiters: the key may be free now.
-    pub(crate) fn release_hold(&self, key: LockKey, mode: Mode) {
-        self.table.lock().release(key, mode, true);
-        self.released.notify_all();
-    }
-
-    /// Gives back a reservation whose try failed. Nobody is woken: the try failed because another
-    /// session holds the key, so local waiters gain nothing by trying now (waking them would make
-    /// two waiters of one key wake each other in a busy loop).
-    fn unreserve(&self, key: LockKey, mode: Mode) {
-        self.table.lock().release(key, mode, false);
-    }
-
-    /// True when `key` has exactly one hold through this manager: always for an exclusive hold.
-    pub(crate) fn sole_hold(&self, key: LockKey, mode: Mode) -> bool {
-        mode == Mode::Exclusive || self.table.lock().holds(key) == 1
-    }
-
-    /// The state of the manager's connection.
-    pub(crate) fn link(&self) -> &Link {
-        &self.link
-    }
-
-    /// The request timeout, the bound on a release.
-    pub(crate) fn request_timeout(&self) -> Duration {
-        self.request_timeout
     }
 }
 
