@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// The instant `d` from now, saturating at [`NEVER`].
+#[inline]
 pub(crate) fn deadline_in(d: Duration) -> Instant {
     let now = Instant::now();
     now.checked_add(d.min(NEVER))

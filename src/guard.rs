@@ -9,8 +9,8 @@ use crate::clock::deadline_in;
 use crate::error::{Error, Result};
 use crate::key::LockKey;
 use crate::link::Lease;
-use crate::shared::{Call, Shared};
 use crate::reply::Reply;
+use crate::shared::{Call, Shared};
 use crate::sql::{Mode, Op};
 
 /// A held advisory lock.

@@ -174,7 +174,7 @@ mod backoff;
 mod clock;
 mod connect;
 mod error;
-#[cfg(test)]
+#[cfg(all(test, unix))]
 mod fault_tests;
 mod guard;
 mod key;
@@ -185,6 +185,7 @@ mod reply;
 mod shared;
 mod sql;
 mod table;
+#[cfg(unix)]
 pub mod testing;
 mod worker;
 

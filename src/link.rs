@@ -192,6 +192,7 @@ impl Link {
     }
 
     /// Wakes the worker if it is idle; called after queueing a request.
+    #[inline]
     pub(crate) fn wake_worker(&self) {
         if self.idle.load(Ordering::SeqCst) {
             self.unpark_worker();

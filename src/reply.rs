@@ -102,6 +102,7 @@ impl Ticket {
     /// Claims the right to deliver `reply`: `Ok` when the caller is still waiting (the reply is
     /// now owed to it), `Err` with the reply when the caller gave up, so that the worker can undo a
     /// grant nobody will own.
+    #[inline]
     pub(crate) fn claim(self, reply: Reply) -> Result<Delivery, Reply> {
         match self.slot.state.compare_exchange(
             state(self.ticket, WAITING),
@@ -131,6 +132,7 @@ pub(crate) struct Delivery {
 impl Delivery {
     /// Hands the reply over if the caller is blocked in its receive right now; otherwise gives the
     /// delivery back, to be offered again later. Never waits.
+    #[inline]
     pub(crate) fn try_send(self) -> Result<(), Delivery> {
         let Delivery {
             slot,
@@ -217,6 +219,7 @@ pub(crate) enum Waited {
 }
 
 /// Waits for the reply to `ticket` until `deadline`, and not a moment longer.
+#[inline]
 pub(crate) fn wait(slot: &ReplySlot, ticket: u64, deadline: Instant) -> Waited {
     if let Ok(reply) = slot.rx.recv_deadline(deadline) {
         return Waited::Reply(reply);

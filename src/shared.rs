@@ -67,8 +67,8 @@ impl Drop for WakeOnDrop {
     }
 }
 
-
 impl Shared {
+    #[inline]
     pub(crate) fn request_deadline(&self) -> Instant {
         deadline_in(self.request_timeout)
     }
@@ -151,4 +151,3 @@ impl Shared {
         self.request_timeout
     }
 }
-

@@ -10,7 +10,8 @@
 //! when the process ends without dropping it (a `static`, a panic, a kill): a small watchdog process
 //! waits on a pipe from this process and cleans up once the pipe closes.
 //!
-//! This module is for development; a deployment points the library at its real server.
+//! This module is for development (the crate's own tests, benchmarks and `distlock demo` use it);
+//! a deployment points the library at its real server. It is available on Unix only.
 
 use std::env;
 use std::ffi::{OsStr, OsString};

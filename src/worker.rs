@@ -368,6 +368,7 @@ impl Worker {
     /// Hands `reply` to the caller of `ticket`: at once when it is receiving, later otherwise, and
     /// never waiting for it. Returns the generation of a grant whose caller has already given up,
     /// which the worker must give back.
+    #[inline]
     fn answer(&mut self, ticket: Ticket, reply: Reply, key: LockKey, mode: Mode) -> Option<u64> {
         match ticket.claim(reply) {
             Ok(delivery) => {
@@ -387,10 +388,22 @@ impl Worker {
 
     /// Offers every late reply again, and gives back the grants of callers that gave up. Never
     /// waits. `client` is the connection of `generation`, or `None` while offline.
-    fn settle_late(&mut self, mut client: Option<&mut Client>, generation: u64) -> Result<(), End> {
+    #[inline]
+    fn settle_late(&mut self, client: Option<&mut Client>, generation: u64) -> Result<(), End> {
+        // Almost always empty: keep the common case to a length check at the call site.
         if self.late.is_empty() {
             return Ok(());
         }
+        self.settle_pending(client, generation)
+    }
+
+    /// The body of [`Worker::settle_late`] when something is owed.
+    #[inline(never)]
+    fn settle_pending(
+        &mut self,
+        mut client: Option<&mut Client>,
+        generation: u64,
+    ) -> Result<(), End> {
         while self.spec.link.nudges().try_recv().is_ok() {}
         // Offer each from the spare buffer; those still not taken go back into `late`. Both
         // buffers keep their capacity, so this allocates nothing.

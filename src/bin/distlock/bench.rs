@@ -3,7 +3,7 @@
 //! one run on one server, so that the ratios compare like with like.
 
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
@@ -41,23 +41,28 @@ impl Report {
     }
 
     fn json(&self) -> String {
-        let mut out = String::from("{\n  \"figures\": [\n");
-        for (i, f) in self.figures.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "    {{\"case\": \"{}\", \"value\": {:.3}, \"unit\": \"{}\"}}{}",
-                f.case.replace('"', "'"),
-                f.value,
-                f.unit,
-                if i + 1 < self.figures.len() { "," } else { "" }
-            );
-        }
-        out.push_str("  ]\n}\n");
-        out
+        let figures: Vec<serde_json::Value> = self
+            .figures
+            .iter()
+            .map(|f| serde_json::json!({"case": f.case, "value": f.value, "unit": f.unit}))
+            .collect();
+        serde_json::to_string_pretty(&serde_json::json!({ "figures": figures })).unwrap_or_default()
     }
 }
 
-pub fn run(url: Option<&str>, per_case: Duration, json: &Path) -> Result<ExitCode> {
+/// `distlock bench`'s arguments.
+#[derive(clap::Args)]
+pub struct Args {
+    /// How long each throughput case runs.
+    #[arg(long, default_value = "2s", value_parser = crate::duration::parse)]
+    per_case: Duration,
+    /// Where to write the figures.
+    #[arg(long, default_value = "target/distlock-bench.json")]
+    json: PathBuf,
+}
+
+pub fn run(url: Option<&str>, args: Args) -> Result<ExitCode> {
+    let (per_case, json) = (args.per_case, args.json.as_path());
     let cluster = crate::connection::demo_server(url).context("starting PostgreSQL")?;
     println!(
         "distlock bench: {} ({}), {} cores",

@@ -16,6 +16,17 @@ use std::process::{Command, ExitCode};
 
 use crate::exit;
 
+/// The hidden subcommand's arguments.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The pid of the `distlock run` that started this.
+    #[arg(long)]
+    parent: u32,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
 /// The hidden subcommand's name.
 pub const SUBCOMMAND: &str = "__child";
 
@@ -41,7 +52,8 @@ pub fn command(command: &[String]) -> Option<Command> {
 }
 
 /// Runs in the child: arrange to die with `parent`, then become `command`. Returns only on error.
-pub fn exec(parent: u32, command: &[String]) -> ExitCode {
+pub fn exec(args: Args) -> ExitCode {
+    let Args { parent, command } = args;
     #[cfg(target_os = "linux")]
     {
         use rustix::process::{Signal, getppid, set_parent_process_death_signal};

@@ -6,9 +6,18 @@ use std::process::{Command, ExitCode};
 use anyhow::{Context, Result};
 use distlock::testing::TestCluster;
 
-/// Starts a cluster, runs `command` with `DATABASE_URL` pointing at it (or waits for stdin to
+/// `distlock cluster`'s arguments.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The command to run; without one, prints the URL and waits until stdin closes.
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+/// Starts a cluster, runs the command with `DATABASE_URL` pointing at it (or waits for stdin to
 /// close), then stops the cluster.
-pub fn run(command: &[String]) -> Result<ExitCode> {
+pub fn run(args: Args) -> Result<ExitCode> {
+    let command = &args.command;
     let cluster = TestCluster::start().context("starting a throwaway PostgreSQL cluster")?;
     let Some((program, args)) = command.split_first() else {
         println!("{}", cluster.url());
@@ -22,9 +31,5 @@ pub fn run(command: &[String]) -> Result<ExitCode> {
         .status()
         .with_context(|| format!("running {program}"))?;
     drop(cluster);
-    Ok(match status.code() {
-        Some(0) => ExitCode::SUCCESS,
-        Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
-        None => ExitCode::from(1),
-    })
+    Ok(ExitCode::from(crate::exit::of_status(status)))
 }

@@ -1,18 +1,17 @@
-//! Where the server is (flag, DATABASE_URL, libpq variables) and how durations are written.
+//! Where the server is: the flag, DATABASE_URL, the libpq variables, the password file.
 
 use std::env;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::time::Duration;
 
 use anyhow::anyhow;
 use distlock::LockManager;
 use distlock::testing::TestCluster;
 use postgres::config::Host;
 
-use crate::{Failure, exit};
+use crate::exit::{self, Failure};
 
 /// The server for `run` and `locks`: `--database-url`, else `DATABASE_URL`, else the libpq
 /// variables. A real shared server is required: there is no throwaway fallback here.
@@ -188,30 +187,6 @@ fn nonempty(var: &str) -> Option<String> {
     env::var(var).ok().filter(|v| !v.trim().is_empty())
 }
 
-/// Parses `500ms`, `30s`, `2m`, `1h`, `1.5s`; a bare number means seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration (try 500ms, 30s, 2m, 1h)"))?;
-    let seconds = match unit.trim() {
-        "ms" => value / 1000.0,
-        "" | "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        other => {
-            return Err(format!(
-                "unknown unit {other:?} in {text:?} (use ms, s, m or h)"
-            ));
-        }
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|_| format!("{text:?} is out of range"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,18 +198,5 @@ mod tests {
             ["db:1", "5432", "*", "app", "pa:ss\\word:x"]
         );
         assert_eq!(pgpass_fields("a:b"), ["a", "b"]);
-    }
-
-    #[test]
-    fn durations_read_like_people_write_them() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("5 parsecs").is_err());
-        assert!(parse_duration("-1s").is_err());
     }
 }

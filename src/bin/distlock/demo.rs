@@ -6,6 +6,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+
+use crate::exit::Failure;
 use distlock::{LockKey, LockManager};
 
 /// Per-key overlap detectors: set while some thread believes it holds the key.
@@ -14,8 +16,23 @@ struct Key {
     held: AtomicBool,
 }
 
+/// `distlock demo`'s arguments.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Threads per manager.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    threads: u16,
+    /// How long to run.
+    #[arg(long, default_value = "3s", value_parser = crate::duration::parse)]
+    duration: Duration,
+}
+
 /// Runs the demo; exit code 1 when a check failed.
-pub fn run(url: Option<&str>, threads_per_manager: usize, run_for: Duration) -> Result<ExitCode> {
+pub fn run(url: Option<&str>, args: Args) -> Result<ExitCode, Failure> {
+    Ok(demo(url, usize::from(args.threads), args.duration)?)
+}
+
+fn demo(url: Option<&str>, threads_per_manager: usize, run_for: Duration) -> Result<ExitCode> {
     let started = Instant::now();
     let cluster = crate::connection::demo_server(url).context("starting PostgreSQL")?;
     println!(

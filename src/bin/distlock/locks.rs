@@ -5,10 +5,19 @@ use std::time::Duration;
 
 use anyhow::anyhow;
 use distlock::LockKey;
+use serde_json::json;
 
 use crate::connection::shared_server;
-use crate::run::human;
-use crate::{Failure, exit};
+use crate::duration::human;
+use crate::exit::{self, Failure};
+
+/// `distlock locks`'s arguments.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Print JSON (an array of objects) instead of a table.
+    #[arg(long)]
+    json: bool,
+}
 
 /// One advisory lock of one session, as `pg_locks` and `pg_stat_activity` show it.
 struct Row {
@@ -34,7 +43,7 @@ const QUERY: &str = "SELECT l.classid::int8, l.objid::int8, l.objsubid::int4, l.
      WHERE l.locktype = 'advisory' \
      ORDER BY l.classid, l.objid, l.objsubid, l.granted DESC, l.pid";
 
-pub fn run(url: Option<&str>, json: bool) -> Result<ExitCode, Failure> {
+pub fn run(url: Option<&str>, args: Args) -> Result<ExitCode, Failure> {
     let mut config = shared_server(url)?;
     config.connect_timeout(Duration::from_secs(10));
     if config.get_application_name().is_none() {
@@ -69,7 +78,7 @@ pub fn run(url: Option<&str>, json: bool) -> Result<ExitCode, Failure> {
             }
         })
         .collect();
-    if json {
+    if args.json {
         println!("{}", to_json(&rows));
     } else {
         print_table(&rows);
@@ -142,44 +151,30 @@ fn print_table(rows: &[Row]) {
     }
 }
 
-fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
+/// The rows as a JSON array, one object per lock and session.
 fn to_json(rows: &[Row]) -> String {
-    let items: Vec<String> = rows
+    let items: Vec<serde_json::Value> = rows
         .iter()
         .map(|r| {
-            let key = match r.key.map(|k| (k.as_id(), k.as_pair())) {
-                Some((Some(id), _)) => format!("\"key\": {id}, \"pair\": null"),
-                Some((_, Some((a, b)))) => format!("\"key\": null, \"pair\": [{a}, {b}]"),
-                _ => "\"key\": null, \"pair\": null".to_owned(),
+            let (key, pair) = match r.key.map(|k| (k.as_id(), k.as_pair())) {
+                Some((Some(id), _)) => (json!(id), json!(null)),
+                Some((_, Some((a, b)))) => (json!(null), json!([a, b])),
+                _ => (json!(null), json!(null)),
             };
-            format!(
-                "{{{key}, \"mode\": \"{}\", \"granted\": {}, \"pid\": {}, \"application_name\": {}, \
-                 \"client_addr\": {}, \"database\": {}, \"waiting_seconds\": {}, \
-                 \"connection_age_seconds\": {}}}",
-                r.mode,
-                r.granted,
-                r.pid,
-                json_string(&r.application),
-                json_string(&r.client),
-                json_string(&r.database),
-                if r.granted { "null".to_owned() } else { format!("{:.3}", r.age.as_secs_f64()) },
-                if r.granted { format!("{:.3}", r.age.as_secs_f64()) } else { "null".to_owned() },
-            )
+            let seconds = (r.age.as_secs_f64() * 1000.0).round() / 1000.0;
+            json!({
+                "key": key,
+                "pair": pair,
+                "mode": r.mode,
+                "granted": r.granted,
+                "pid": r.pid,
+                "application_name": r.application,
+                "client_addr": r.client,
+                "database": r.database,
+                "waiting_seconds": if r.granted { None } else { Some(seconds) },
+                "connection_age_seconds": if r.granted { Some(seconds) } else { None },
+            })
         })
         .collect();
-    format!("[{}]", items.join(",\n "))
+    serde_json::to_string_pretty(&items).unwrap_or_else(|_| "[]".to_owned())
 }

@@ -5,35 +5,14 @@ mod child;
 mod cluster;
 mod connection;
 mod demo;
+mod duration;
+mod exit;
 mod locks;
 mod run;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
-
-/// Exit codes of `distlock` itself (`run` otherwise exits with its command's status).
-pub mod exit {
-    /// Bad usage: an unknown flag, a missing command, a malformed duration or connection string,
-    /// no server given.
-    pub const USAGE: u8 = 64;
-    /// The server could not be reached, or refused the connection.
-    pub const UNAVAILABLE: u8 = 69;
-    /// Anything else that went wrong inside distlock.
-    pub const SOFTWARE: u8 = 70;
-    /// `run`: the lock was not acquired (`--no-wait`, or `--wait` passed). `--conflict-exit-code`
-    /// changes it.
-    pub const CONFLICT: u8 = 75;
-    /// `run`: the lock was lost while the command ran (its connection failed), and the command was
-    /// terminated (`--on-lost terminate`, the default).
-    pub const LOST: u8 = 76;
-    /// `run`: the command exists but could not be executed.
-    pub const NOT_EXECUTABLE: u8 = 126;
-    /// `run`: the command was not found.
-    pub const NOT_FOUND: u8 = 127;
-}
+use clap::{Parser, Subcommand};
 
 const AFTER_HELP: &str = "\
 Examples:
@@ -81,117 +60,23 @@ struct Cli {
 enum Command {
     /// Run a command while holding a lock, like flock(1) across hosts.
     #[command(after_help = AFTER_HELP)]
-    Run(RunArgs),
+    Run(run::Args),
     /// List every advisory lock on the server, held or awaited.
-    Locks {
-        /// Print JSON (an array of objects) instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
+    Locks(locks::Args),
     /// Print the bigint id a name maps to (FNV-1a 64, as the library and the Go libraries do).
     Key {
         /// The lock's name.
         name: String,
     },
     /// Threads on two managers contend for a few keys; checks that no two holders overlap.
-    Demo {
-        /// Threads per manager.
-        #[arg(long, default_value_t = 4)]
-        threads: usize,
-        /// How long to run.
-        #[arg(long, default_value = "3s", value_parser = connection::parse_duration)]
-        duration: Duration,
-    },
+    Demo(demo::Args),
     /// The wall-clock benchmark suite; prints a table and writes JSON.
-    Bench {
-        /// How long each throughput case runs.
-        #[arg(long, default_value = "2s", value_parser = connection::parse_duration)]
-        per_case: Duration,
-        /// Where to write the figures.
-        #[arg(long, default_value = "target/distlock-bench.json")]
-        json: PathBuf,
-    },
+    Bench(bench::Args),
     /// Start a throwaway PostgreSQL cluster and run COMMAND with DATABASE_URL set to it.
-    Cluster {
-        /// The command to run; without one, prints the URL and waits until stdin closes.
-        #[arg(last = true)]
-        command: Vec<String>,
-    },
+    Cluster(cluster::Args),
     /// Internal: how `run` starts its command (see child.rs).
     #[command(name = child::SUBCOMMAND, hide = true)]
-    Child {
-        /// The pid of the `distlock run` that started this.
-        #[arg(long)]
-        parent: u32,
-        /// The command and its arguments.
-        #[arg(last = true, required = true)]
-        command: Vec<String>,
-    },
-}
-
-#[derive(clap::Args)]
-struct RunArgs {
-    /// The lock's name (mapped to a bigint id with FNV-1a 64).
-    #[arg(long, value_name = "NAME")]
-    key: String,
-    /// Take the lock shared: shared holders run at once; exclusive ones wait for all of them.
-    #[arg(long)]
-    shared: bool,
-    /// Wait at most this long for the lock (500ms, 30s, 2m, 1h) [default: forever].
-    #[arg(long, value_name = "DURATION", value_parser = connection::parse_duration, conflicts_with = "no_wait")]
-    wait: Option<Duration>,
-    /// Do not wait: exit at once (75) if someone holds the lock.
-    #[arg(long)]
-    no_wait: bool,
-    /// What to do if the lock is lost while the command runs.
-    #[arg(long, value_enum, default_value_t = OnLost::Terminate)]
-    on_lost: OnLost,
-    /// After a lost lock, how long the command has between SIGTERM and SIGKILL.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = connection::parse_duration)]
-    kill_after: Duration,
-    /// Exit code when the lock is not acquired.
-    #[arg(long, value_name = "N", default_value_t = exit::CONFLICT)]
-    conflict_exit_code: u8,
-    /// No status line while waiting.
-    #[arg(long, short)]
-    quiet: bool,
-    /// Pass DATABASE_URL and PGPASSWORD on to the command. By default it does not inherit
-    /// distlock's own connection secrets.
-    #[arg(long)]
-    keep_db_env: bool,
-    /// The command and its arguments, after `--`.
-    #[arg(last = true, required = true, value_name = "COMMAND")]
-    command: Vec<String>,
-}
-
-/// What `run` does when its lock is lost.
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum OnLost {
-    /// SIGTERM the command, SIGKILL it after --kill-after, exit 76.
-    Terminate,
-    /// Report it on stderr and let the command finish.
-    Ignore,
-}
-
-/// An error with the exit code it should produce.
-pub struct Failure {
-    code: u8,
-    error: anyhow::Error,
-}
-
-impl Failure {
-    pub fn new(code: u8, error: impl Into<anyhow::Error>) -> Failure {
-        Failure {
-            code,
-            error: error.into(),
-        }
-    }
-}
-
-impl From<anyhow::Error> for Failure {
-    fn from(error: anyhow::Error) -> Failure {
-        Failure::new(exit::SOFTWARE, error)
-    }
+    Child(child::Args),
 }
 
 fn main() -> ExitCode {
@@ -203,36 +88,19 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    match dispatch(cli) {
-        Ok(code) => code,
-        Err(Failure { code, error }) => {
-            eprintln!("distlock: {error:#}");
-            ExitCode::from(code)
-        }
-    }
-}
-
-fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
-    let url = cli.database_url;
-    match cli.command {
-        Command::Run(args) => run::run(url.as_deref(), args),
-        Command::Locks { json } => locks::run(url.as_deref(), json),
+    let url = cli.database_url.as_deref();
+    let outcome = match cli.command {
+        Command::Run(args) => run::run(url, args),
+        Command::Locks(args) => locks::run(url, args),
         Command::Key { name } => {
             let key = distlock::LockKey::name(&name);
             println!("{}", key.as_id().unwrap_or_default());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo { threads, duration } => {
-            if threads == 0 {
-                return Err(Failure::new(
-                    exit::USAGE,
-                    anyhow::anyhow!("--threads must be positive"),
-                ));
-            }
-            Ok(demo::run(url.as_deref(), threads, duration)?)
-        }
-        Command::Bench { per_case, json } => Ok(bench::run(url.as_deref(), per_case, &json)?),
-        Command::Cluster { command } => Ok(cluster::run(&command)?),
-        Command::Child { parent, command } => Ok(child::exec(parent, &command)),
-    }
+        Command::Demo(args) => demo::run(url, args),
+        Command::Bench(args) => bench::run(url, args).map_err(Into::into),
+        Command::Cluster(args) => cluster::run(args).map_err(Into::into),
+        Command::Child(args) => Ok(child::exec(args)),
+    };
+    outcome.unwrap_or_else(exit::Failure::report)
 }

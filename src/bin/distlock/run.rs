@@ -2,7 +2,6 @@
 //! and the exit status, releases the lock when the command exits, and acts if the lock is lost.
 
 use std::io::{IsTerminal, Write};
-use std::os::unix::process::ExitStatusExt;
 use std::process::{ExitCode, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -14,13 +13,60 @@ use rustix::process::{Pid, Signal, kill_process};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGKILL, SIGTERM};
 use signal_hook::iterator::Signals;
 
+use crate::child;
 use crate::connection::{application_name, shared_server};
-use crate::{Failure, OnLost, RunArgs, child, exit};
+use crate::duration::{self, human};
+use crate::exit::{self, Failure};
+
+/// `distlock run`'s arguments.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The lock's name (mapped to a bigint id with FNV-1a 64).
+    #[arg(long, value_name = "NAME")]
+    key: String,
+    /// Take the lock shared: shared holders run at once; exclusive ones wait for all of them.
+    #[arg(long)]
+    shared: bool,
+    /// Wait at most this long for the lock (500ms, 30s, 2m, 1h) [default: forever].
+    #[arg(long, value_name = "DURATION", value_parser = duration::parse, conflicts_with = "no_wait")]
+    wait: Option<Duration>,
+    /// Do not wait: exit at once (75) if someone holds the lock.
+    #[arg(long)]
+    no_wait: bool,
+    /// What to do if the lock is lost while the command runs.
+    #[arg(long, value_enum, default_value_t = OnLost::Terminate)]
+    on_lost: OnLost,
+    /// After a lost lock, how long the command has between SIGTERM and SIGKILL.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration::parse)]
+    kill_after: Duration,
+    /// Exit code when the lock is not acquired.
+    #[arg(long, value_name = "N", default_value_t = exit::CONFLICT)]
+    conflict_exit_code: u8,
+    /// No status line while waiting.
+    #[arg(long, short)]
+    quiet: bool,
+    /// Pass DATABASE_URL and PGPASSWORD on to the command. By default it does not inherit
+    /// distlock's own connection secrets.
+    #[arg(long)]
+    keep_db_env: bool,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+/// What `run` does when its lock is lost.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnLost {
+    /// SIGTERM the command, SIGKILL it after --kill-after, exit 76.
+    Terminate,
+    /// Report it on stderr and let the command finish.
+    Ignore,
+}
 
 /// How often the status line is refreshed while waiting.
 const STATUS_EVERY: Duration = Duration::from_millis(500);
 
-pub fn run(url: Option<&str>, args: RunArgs) -> Result<ExitCode, Failure> {
+pub fn run(url: Option<&str>, args: Args) -> Result<ExitCode, Failure> {
     let config = shared_server(url)?;
     let app = application_name(&config, "distlock");
     let key = LockKey::name(&args.key);
@@ -152,16 +198,7 @@ pub fn run(url: Option<&str>, args: RunArgs) -> Result<ExitCode, Failure> {
     if lost && args.on_lost == OnLost::Terminate {
         return Ok(ExitCode::from(exit::LOST));
     }
-    Ok(ExitCode::from(exit_code(status)))
-}
-
-/// The command's status as a shell reports it: its code, or 128 + the signal that ended it.
-fn exit_code(status: ExitStatus) -> u8 {
-    match (status.code(), status.signal()) {
-        (Some(code), _) => u8::try_from(code).unwrap_or(1),
-        (None, Some(signal)) => u8::try_from(128 + signal).unwrap_or(255),
-        (None, None) => 1,
-    }
+    Ok(ExitCode::from(exit::of_status(status)))
 }
 
 /// Sends `signal` to `pid`.
@@ -189,7 +226,7 @@ fn pause_before_spawn() {
 fn acquire(
     locks: &LockManager,
     key: LockKey,
-    args: &RunArgs,
+    args: &Args,
     config: &postgres::Config,
 ) -> Result<Option<LockGuard>, Failure> {
     let take = |wait: Duration| {
@@ -314,15 +351,5 @@ impl StatusLine {
             })
             .collect();
         Ok(holders.join("; "))
-    }
-}
-
-/// `4s`, `2m05s`, `1h02m`.
-pub fn human(d: Duration) -> String {
-    let s = d.as_secs();
-    match s {
-        0..60 => format!("{s}s"),
-        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
-        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
     }
 }
