@@ -4,8 +4,8 @@
 //! reads the outcome from the `CommandComplete` row count and never decodes a value.
 //! `SELECT WHERE f(k)` (a row of no columns) is used rather than `SELECT 1 WHERE f(k)` or
 //! `SELECT 1 FROM f(k) l WHERE l`: the same row count, with no function scan to plan and no column
-//! for the client to describe and carry (measured per lock+unlock cycle on the raw client: 18 against
-//! 24 allocations and 25,587 against 27,108 instructions; see the README).
+//! for the client to describe and carry (fewer allocations and instructions per cycle on the raw
+//! client, measured: see the README's Performance section).
 
 use std::fmt::Write;
 

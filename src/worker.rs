@@ -304,7 +304,7 @@ impl Worker {
                 Err(TryRecvError::Empty) => {
                     // Park rather than block in the channel's receive: a parked thread costs
                     // nothing until a caller unparks it, where the channel would spin first and
-                    // read the clock on every turn (measured: about 1,500 instructions a request).
+                    // read the clock on every turn (measured: see the README's design notes).
                     link.set_idle(true);
                     if !self.spec.requests.is_empty() {
                         link.set_idle(false);
