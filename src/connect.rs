@@ -9,6 +9,9 @@
 //! trust, and a server that resumes must not receive a burst of connections it is expected to
 //! keep). Exactly one of the helper and the waiting worker decides what becomes of a result, under
 //! the attempt's lock.
+//!
+//! A new session's set-up lives here too: its first statement ends the backends of lost
+//! connections ([`end_suspects`]).
 
 use std::sync::Arc;
 use std::thread;
@@ -19,7 +22,8 @@ use parking_lot::Mutex;
 use postgres::Client;
 
 use crate::error::{Error, ErrorKind};
-use crate::link::Backend;
+use crate::link::{Backend, Link, Site};
+use crate::session::{Conn, Failed, Query};
 use crate::sql::IDENTIFY;
 
 /// What one attempt brings: a client and its backend, or why not.
@@ -110,6 +114,41 @@ impl Connector {
             }
         };
         result.map_err(classify)
+    }
+}
+
+/// A new connection's first statement: end the backends of lost connections that may still hold
+/// locks (a stalled backend resumes with its locks), each matched by pid and start time so that a
+/// reused pid is never touched. Those it cannot end are kept for the next connection. `Err` when
+/// the new connection itself failed meanwhile.
+pub(crate) fn end_suspects(
+    conn: &mut Conn,
+    query: &mut Query,
+    link: &Link,
+    suspects: Vec<Backend>,
+) -> Result<(), Error> {
+    if suspects.is_empty() {
+        return Ok(());
+    }
+    link.hook(Site::BeforeEndSuspects);
+    query.sql.clear();
+    for s in &suspects {
+        query.sql.push_terminate(s.pid, s.started_us);
+    }
+    match query.run(conn) {
+        Ok(()) => Ok(()),
+        Err(failed) => {
+            link.keep_suspects(suspects);
+            match failed {
+                Failed::Rejected(e) => {
+                    log::warn!(
+                        "distlock worker: could not end the backends of lost connections: {e}"
+                    );
+                    Ok(())
+                }
+                Failed::Broken(e) => Err(e),
+            }
+        }
     }
 }
 

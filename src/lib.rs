@@ -173,6 +173,7 @@
 #![deny(missing_docs)]
 
 mod backoff;
+mod batch;
 mod clock;
 mod connect;
 mod error;
@@ -184,6 +185,7 @@ mod link;
 mod manager;
 mod monitor;
 mod reply;
+mod session;
 mod shared;
 mod sql;
 mod table;

@@ -18,8 +18,8 @@
 //! * The worker claims while the caller is already receiving: the hand-over succeeds at once.
 //! * The worker claims while the caller is not receiving yet (it was descheduled between sending
 //!   its request and receiving): the hand-over is *late*. The worker never waits for it; it keeps
-//!   the [`Delivery`] and offers it again whenever it looks for work, and while it has nothing
-//!   else to do it waits for the caller to arrive at its receive (see [`Delivery::sender`]).
+//!   the [`Delivery`] in its [`LateReplies`] and offers it again whenever it looks for work, and
+//!   while it has nothing else to do it waits for any late caller to arrive at its receive.
 //! * The caller's deadline passes while a late reply is claimed (`CLAIMED -> ABANDONED`): the caller
 //!   returns a timeout on time, and the slot is *in doubt*: the worker still holds a reply for it.
 //!   The caller therefore never returns such a slot to the pool: it detaches it, and the slot dies
@@ -40,9 +40,9 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, Select, Sender};
 
 use crate::error::Error;
 use crate::key::LockKey;
@@ -161,8 +161,95 @@ impl Delivery {
 
     /// The slot's sending side, for a worker that waits (with `crossbeam_channel::Select`) until
     /// one of its late callers is receiving.
-    pub(crate) fn sender(&self) -> &Sender<Reply> {
+    fn sender(&self) -> &Sender<Reply> {
         &self.slot.tx
+    }
+}
+
+/// Replies claimed for callers that were not receiving yet when they were ready, kept by the worker
+/// until each is taken or its caller gives up. Kept across reconnects: a caller waits for its reply
+/// until its own deadline, whatever happens to the connection.
+#[derive(Debug)]
+pub(crate) struct LateReplies {
+    /// Owed now.
+    owed: Vec<Late>,
+    /// A second buffer for `owed`, so that settling allocates nothing.
+    spare: Vec<Late>,
+}
+
+/// One owed reply, with the lock it is about.
+#[derive(Debug)]
+struct Late {
+    delivery: Delivery,
+    key: LockKey,
+    mode: Mode,
+}
+
+/// A grant whose caller gave up after the worker had claimed its reply: nobody will own it, so
+/// the worker releases it if its session is still the current one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Orphan {
+    /// The lock granted.
+    pub(crate) key: LockKey,
+    /// Exclusive or shared.
+    pub(crate) mode: Mode,
+    /// The connection generation that granted it.
+    pub(crate) generation: u64,
+}
+
+impl LateReplies {
+    pub(crate) fn new(capacity: usize) -> LateReplies {
+        LateReplies {
+            owed: Vec::with_capacity(capacity),
+            spare: Vec::with_capacity(capacity),
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.owed.is_empty()
+    }
+
+    /// Keeps a reply whose caller was not receiving yet.
+    pub(crate) fn push(&mut self, delivery: Delivery, key: LockKey, mode: Mode) {
+        self.owed.push(Late {
+            delivery,
+            key,
+            mode,
+        });
+    }
+
+    /// Offers every owed reply again, and moves the grants of callers that gave up to `orphans`.
+    /// Never waits.
+    pub(crate) fn settle(&mut self, orphans: &mut Vec<Orphan>) {
+        std::mem::swap(&mut self.owed, &mut self.spare);
+        for late in self.spare.drain(..) {
+            if late.delivery.is_abandoned() {
+                if let Reply::Granted(lease) = late.delivery.into_reply() {
+                    orphans.push(Orphan {
+                        key: late.key,
+                        mode: late.mode,
+                        generation: lease.generation,
+                    });
+                }
+                continue;
+            }
+            if let Err(delivery) = late.delivery.try_send() {
+                self.owed.push(Late { delivery, ..late });
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for something to do: a late caller arriving at its receive, a request
+    /// on `requests`, or a caller giving up on a claimed reply (a nudge on `nudges`). Does none of
+    /// them; the worker looks again.
+    pub(crate) fn wait<T>(&self, requests: &Receiver<T>, nudges: &Receiver<()>, timeout: Duration) {
+        let mut select = Select::new();
+        for late in &self.owed {
+            select.send(late.delivery.sender());
+        }
+        select.recv(requests);
+        select.recv(nudges);
+        let _ = select.ready_timeout(timeout);
     }
 }
 

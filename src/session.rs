@@ -1,0 +1,140 @@
+//! The seam between the worker and the server: a [`Session`] runs statement text and reports
+//! each statement's row count. The worker's real session is [`Conn`], a `postgres::Client` whose
+//! every statement the monitor watches; the batch state machine's unit tests use a scripted one.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use postgres::error::SqlState;
+use postgres::{Client, SimpleQueryMessage};
+
+use crate::error::{Error, ErrorKind};
+use crate::key::LockKey;
+use crate::link::Link;
+use crate::sql::{Mode, Op, Sql};
+
+/// Something that runs statements: one database session.
+pub(crate) trait Session {
+    /// Runs `sql` (statements separated by `;`) as one query. On success `counts` holds each
+    /// statement's row count, in order.
+    fn run(&mut self, sql: &str, counts: &mut Vec<u64>) -> Result<(), Failed>;
+}
+
+/// Why a query failed.
+#[derive(Debug)]
+pub(crate) enum Failed {
+    /// The server rejected a statement; the session is fine. In a multi-statement query the
+    /// statements before it ran (and session locks keep their effect), those after it did not.
+    Rejected(Error),
+    /// The connection is unusable; what its last query did is unknown.
+    Broken(Error),
+}
+
+/// A reusable statement buffer and the row counts of its last run.
+#[derive(Debug, Default)]
+pub(crate) struct Query {
+    /// The statement text being built.
+    pub(crate) sql: Sql,
+    /// Row counts of the last run, one per statement.
+    pub(crate) counts: Vec<u64>,
+}
+
+impl Query {
+    pub(crate) fn new() -> Query {
+        Query {
+            sql: Sql::new(),
+            counts: Vec::with_capacity(64),
+        }
+    }
+
+    /// Runs the statements in the buffer.
+    pub(crate) fn run(&mut self, session: &mut impl Session) -> Result<(), Failed> {
+        session.run(self.sql.as_str(), &mut self.counts)
+    }
+
+    /// Runs one statement; `true` when it returned its row.
+    pub(crate) fn one(
+        &mut self,
+        session: &mut impl Session,
+        op: Op,
+        mode: Mode,
+        key: LockKey,
+    ) -> Result<bool, Failed> {
+        self.sql.clear();
+        self.sql.push(op, mode, key);
+        self.run(session)?;
+        Ok(self.counts.first() == Some(&1))
+    }
+}
+
+/// The worker's connection: one generation's `postgres::Client`, every statement marked for the
+/// monitor, so that none can stall unseen.
+pub(crate) struct Conn {
+    client: Client,
+    link: Arc<Link>,
+    /// The connection generation this client serves.
+    pub(crate) generation: u64,
+}
+
+impl Conn {
+    pub(crate) fn new(client: Client, link: Arc<Link>, generation: u64) -> Conn {
+        Conn {
+            client,
+            link,
+            generation,
+        }
+    }
+
+    /// Proves the connection alive with an empty query, watched like every statement.
+    pub(crate) fn heartbeat(&mut self, timeout: Duration) -> Result<(), postgres::Error> {
+        let mark = self.link.begin_statement(self.generation);
+        let alive = self.client.is_valid(timeout);
+        self.link.end_statement(mark);
+        alive
+    }
+}
+
+impl Session for Conn {
+    fn run(&mut self, sql: &str, counts: &mut Vec<u64>) -> Result<(), Failed> {
+        let mark = self.link.begin_statement(self.generation);
+        let result = self.client.simple_query(sql);
+        self.link.end_statement(mark);
+        match result {
+            Ok(messages) => {
+                counts.clear();
+                counts.extend(messages.iter().filter_map(|m| match m {
+                    SimpleQueryMessage::CommandComplete(n) => Some(*n),
+                    _ => None,
+                }));
+                Ok(())
+            }
+            Err(e) if connection_failed(&self.client, &e) => {
+                Err(Failed::Broken(Error::with_source(
+                    ErrorKind::ConnectionLost,
+                    "the connection to the server failed",
+                    e,
+                )))
+            }
+            Err(e) => Err(Failed::Rejected(Error::from_query(e))),
+        }
+    }
+}
+
+/// True when `e` means the connection is unusable, as opposed to one statement failing.
+fn connection_failed(client: &Client, e: &postgres::Error) -> bool {
+    if client.is_closed() {
+        return true;
+    }
+    match e.as_db_error() {
+        None => true,
+        Some(db) => {
+            let code = db.code();
+            // FATAL/PANIC end the session; class 57 (operator intervention: terminated, shutting
+            // down) and class 08 (connection exception) too.
+            matches!(db.severity(), "FATAL" | "PANIC")
+                || *code == SqlState::ADMIN_SHUTDOWN
+                || code.code().starts_with("57")
+                || code.code().starts_with("08")
+        }
+    }
+}
