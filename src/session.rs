@@ -18,6 +18,12 @@ pub(crate) trait Session {
     /// Runs `sql` (statements separated by `;`) as one query. On success `counts` holds each
     /// statement's row count, in order.
     fn run(&mut self, sql: &str, counts: &mut Vec<u64>) -> Result<(), Failed>;
+
+    /// Runs `sql`, a single statement, and returns its row count.
+    fn run_one(&mut self, sql: &str, counts: &mut Vec<u64>) -> Result<u64, Failed> {
+        self.run(sql, counts)?;
+        Ok(counts.first().copied().unwrap_or(0))
+    }
 }
 
 /// Why a query failed.
@@ -62,8 +68,7 @@ impl Query {
     ) -> Result<bool, Failed> {
         self.sql.clear();
         self.sql.push(op, mode, key);
-        self.run(session)?;
-        Ok(self.counts.first() == Some(&1))
+        Ok(session.run_one(self.sql.as_str(), &mut self.counts)? == 1)
     }
 }
 
