@@ -91,6 +91,25 @@ fn manager_cycle(cycles: u64) -> u64 {
     cycles
 }
 
+// `try_lock` + drop on a free key, by a manager whose lone caller spins for its reply
+// (`Builder::spin_wait`): reported, not gated, since spinning is CPU work by design.
+#[library_benchmark]
+#[bench::short(SHORT)]
+#[bench::long(LONG)]
+fn manager_spin_wait_cycle(cycles: u64) -> u64 {
+    let locks = LockManager::builder()
+        .application_name("distlock-iai-spin")
+        .heartbeat(std::time::Duration::from_secs(3600))
+        .spin_wait(true)
+        .connect(server().url())
+        .unwrap();
+    for i in 0..cycles {
+        let guard = locks.try_lock(LockKey::id(0x5eed_3000 + (i % 16) as i64));
+        drop(black_box(guard.unwrap().unwrap()));
+    }
+    cycles
+}
+
 // `try_lock_shared` + drop on a free key.
 #[library_benchmark]
 #[bench::short(SHORT)]
@@ -157,7 +176,7 @@ fn key_from_name(cycles: u64) -> i64 {
 library_benchmark_group!(
     name = cycles;
     benchmarks = raw_client_cycle, manager_cycle, manager_shared_cycle, manager_refused,
-        manager_8_threads, key_from_name
+        manager_8_threads, manager_spin_wait_cycle, key_from_name
 );
 
 main!(

@@ -132,21 +132,34 @@ pub(crate) struct Delivery {
 impl Delivery {
     /// Hands the reply over if the caller is blocked in its receive right now; otherwise gives the
     /// delivery back, to be offered again later. Never waits.
+    ///
+    /// `turns` is how many times to offer it: 1 normally, a few more when callers spin for their
+    /// replies (`Builder::spin_wait`).
     #[inline]
-    pub(crate) fn try_send(self) -> Result<(), Delivery> {
+    pub(crate) fn try_send(self, turns: u32) -> Result<(), Delivery> {
         let Delivery {
             slot,
             ticket,
-            reply,
+            mut reply,
         } = self;
         match slot.tx.try_send(reply) {
-            Ok(()) => Ok(()),
-            Err(e) => Err(Delivery {
-                slot,
-                ticket,
-                reply: e.into_inner(),
-            }),
+            Ok(()) => return Ok(()),
+            Err(e) => reply = e.into_inner(),
         }
+        // A spinning caller reaches its receive a moment after it sees the claim: offer the reply
+        // for those few turns more, and move on after them either way.
+        for _ in 1..turns {
+            std::hint::spin_loop();
+            match slot.tx.try_send(reply) {
+                Ok(()) => return Ok(()),
+                Err(e) => reply = e.into_inner(),
+            }
+        }
+        Err(Delivery {
+            slot,
+            ticket,
+            reply,
+        })
     }
 
     /// True when the caller gave up after the claim: the reply will never be taken.
@@ -233,7 +246,7 @@ impl LateReplies {
                 }
                 continue;
             }
-            if let Err(delivery) = late.delivery.try_send() {
+            if let Err(delivery) = late.delivery.try_send(1) {
                 self.owed.push(Late { delivery, ..late });
             }
         }
@@ -275,6 +288,10 @@ impl ReplySlot {
     }
 }
 
+/// How many times the worker offers a claimed reply before it keeps it for later, when callers
+/// spin for their replies.
+pub(crate) const SPIN_HAND_OVER_TURNS: u32 = 64;
+
 fn state(ticket: u64, phase: u64) -> u64 {
     (ticket << PHASE_BITS) | phase
 }
@@ -307,7 +324,16 @@ pub(crate) enum Waited {
 
 /// Waits for the reply to `ticket` until `deadline`, and not a moment longer.
 #[inline]
-pub(crate) fn wait(slot: &ReplySlot, ticket: u64, deadline: Instant) -> Waited {
+///
+/// With `spin` turns, the caller first watches the state word, on its CPU, for the worker's claim,
+/// and only then blocks in its receive (see `Builder::spin_wait`).
+pub(crate) fn wait(slot: &ReplySlot, ticket: u64, deadline: Instant, spin: u32) -> Waited {
+    for _ in 0..spin {
+        if slot.state.load(Ordering::Acquire) != state(ticket, WAITING) {
+            break;
+        }
+        std::hint::spin_loop();
+    }
     if let Ok(reply) = slot.rx.recv_deadline(deadline) {
         return Waited::Reply(reply);
     }
@@ -353,7 +379,7 @@ mod tests {
                 Err(_) => return false,
             };
             for _ in 0..2000 {
-                match delivery.try_send() {
+                match delivery.try_send(1) {
                     Ok(()) => return true,
                     Err(d) => delivery = d,
                 }
@@ -369,7 +395,10 @@ mod tests {
         let ticket = arm(&slot);
         let n = ticket.number();
         let worker = deliver_from_worker(ticket, Reply::Held);
-        assert!(matches!(wait(&slot, n, soon()), Waited::Reply(Reply::Held)));
+        assert!(matches!(
+            wait(&slot, n, soon(), 0),
+            Waited::Reply(Reply::Held)
+        ));
         assert!(worker.join().unwrap());
     }
 
@@ -380,19 +409,22 @@ mod tests {
         let n = ticket.number();
         // Nobody is receiving yet: the claim succeeds, the hand-over is late.
         let delivery = ticket.claim(Reply::Busy).unwrap();
-        let delivery = delivery.try_send().unwrap_err();
+        let delivery = delivery.try_send(1).unwrap_err();
         assert!(!delivery.is_abandoned());
         let worker = std::thread::spawn(move || {
             let mut delivery = delivery;
             loop {
-                match delivery.try_send() {
+                match delivery.try_send(1) {
                     Ok(()) => return,
                     Err(d) => delivery = d,
                 }
                 std::thread::yield_now();
             }
         });
-        assert!(matches!(wait(&slot, n, soon()), Waited::Reply(Reply::Busy)));
+        assert!(matches!(
+            wait(&slot, n, soon(), 0),
+            Waited::Reply(Reply::Busy)
+        ));
         worker.join().unwrap();
     }
 
@@ -401,7 +433,7 @@ mod tests {
         let slot = ReplySlot::new();
         let ticket = arm(&slot);
         assert!(matches!(
-            wait(&slot, ticket.number(), Instant::now()),
+            wait(&slot, ticket.number(), Instant::now(), 0),
             Waited::GaveUp { in_doubt: false }
         ));
         assert!(matches!(ticket.claim(Reply::Held), Err(Reply::Held)));
@@ -413,11 +445,11 @@ mod tests {
         let ticket = arm(&slot);
         let n = ticket.number();
         let delivery = ticket.claim(Reply::Held).unwrap();
-        let delivery = delivery.try_send().unwrap_err();
+        let delivery = delivery.try_send(1).unwrap_err();
         // The caller arrives after its deadline: it returns at once, and says the slot is in doubt.
         let started = Instant::now();
         assert!(matches!(
-            wait(&slot, n, Instant::now()),
+            wait(&slot, n, Instant::now(), 0),
             Waited::GaveUp { in_doubt: true }
         ));
         assert!(started.elapsed() < Duration::from_millis(50));
@@ -431,7 +463,7 @@ mod tests {
         let slot = ReplySlot::new();
         let old = arm(&slot);
         assert!(matches!(
-            wait(&slot, old.number(), Instant::now()),
+            wait(&slot, old.number(), Instant::now(), 0),
             Waited::GaveUp { in_doubt: false }
         ));
         let new = arm(&slot);
@@ -439,7 +471,10 @@ mod tests {
         // The old request's late reply is refused; the new one's is delivered.
         assert!(old.claim(Reply::Held).is_err());
         let worker = deliver_from_worker(new, Reply::Busy);
-        assert!(matches!(wait(&slot, n, soon()), Waited::Reply(Reply::Busy)));
+        assert!(matches!(
+            wait(&slot, n, soon(), 0),
+            Waited::Reply(Reply::Busy)
+        ));
         assert!(worker.join().unwrap());
         // And a ticket that was armed but never delivered to is dead once re-armed.
         let unused = arm(&slot);

@@ -3,6 +3,7 @@
 //! → table and never enters the manager's file.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{SendTimeoutError, Sender};
@@ -52,6 +53,10 @@ pub(crate) struct Shared {
     pub(crate) max_retry_interval: Duration,
     /// The current connection's state.
     pub(crate) link: Arc<Link>,
+    /// Turns a lone caller spins for its reply before it blocks (0: none; `Builder::spin_wait`).
+    pub(crate) spin_turns: u32,
+    /// Calls waiting for a reply now, counted only when `spin_turns` is not 0.
+    pub(crate) in_flight: AtomicUsize,
     /// Dropped with the last handle and guard, which stops the monitor.
     pub(crate) _shutdown: Sender<()>,
     /// Declared last, so dropped after `requests`: wakes the worker to find its queue closed.
@@ -105,7 +110,18 @@ impl Shared {
             Err(SendTimeoutError::Disconnected(_)) => return Err(Error::shutdown()),
         }
         self.link.hook(Site::BeforeReceive);
-        match reply::wait(&slot, number, deadline) {
+        let waited = if self.spin_turns == 0 {
+            reply::wait(&slot, number, deadline, 0)
+        } else {
+            // Spin only as the manager's one call in flight: many spinning callers would take
+            // the CPUs from the worker and the server.
+            let alone = self.in_flight.fetch_add(1, Ordering::AcqRel) == 0;
+            let spin = if alone { self.spin_turns } else { 0 };
+            let waited = reply::wait(&slot, number, deadline, spin);
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            waited
+        };
+        match waited {
             Waited::Reply(Reply::Failed(e)) => Err(e),
             Waited::Reply(reply) => Ok(reply),
             Waited::GaveUp { in_doubt } => {

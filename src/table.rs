@@ -22,8 +22,12 @@ enum Hold {
 /// The outcome of [`Table::reserve`].
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Reservation {
-    /// The key is free locally; the caller now asks the server.
-    Reserved,
+    /// The key is free locally; the caller now asks the server. `sole`: this reservation is the
+    /// manager's only hold of the key (always for an exclusive one).
+    Reserved {
+        /// No other hold of the key through this manager.
+        sole: bool,
+    },
     /// A thread of this manager holds or is acquiring the key in a conflicting mode.
     Conflict,
     /// The manager already holds `max_locks` locks.
@@ -44,20 +48,39 @@ pub(crate) struct Table {
 
 impl Table {
     /// Reserves a hold of `key` in `mode` unless it conflicts with one this manager has.
+    #[inline]
     pub(crate) fn reserve(&mut self, key: LockKey, mode: Mode, max: usize) -> Reservation {
-        let current = self.holds.get(&key).copied();
-        let next = match (current, mode) {
-            (None, Mode::Exclusive) => Hold::Exclusive,
-            (None, Mode::Shared) => Hold::Shared(1),
-            (Some(Hold::Shared(n)), Mode::Shared) => Hold::Shared(n + 1),
-            (Some(_), _) => return Reservation::Conflict,
+        // One hash lookup: this runs on every try.
+        let entry = self.holds.entry(key);
+        let conflict = match (&entry, mode) {
+            (Entry::Vacant(_), _) => false,
+            (Entry::Occupied(_), Mode::Exclusive) => true,
+            (Entry::Occupied(e), Mode::Shared) => *e.get() == Hold::Exclusive,
         };
+        // A conflict wins over a full table: the caller learns that someone holds the key.
+        if conflict {
+            return Reservation::Conflict;
+        }
         if self.count >= max {
             return Reservation::Full;
         }
-        self.holds.insert(key, next);
+        let sole = match entry {
+            Entry::Vacant(e) => {
+                e.insert(match mode {
+                    Mode::Exclusive => Hold::Exclusive,
+                    Mode::Shared => Hold::Shared(1),
+                });
+                true
+            }
+            Entry::Occupied(mut e) => {
+                if let Hold::Shared(n) = e.get_mut() {
+                    *n += 1;
+                }
+                false
+            }
+        };
         self.count += 1;
-        Reservation::Reserved
+        Reservation::Reserved { sole }
     }
 
     /// Gives back one hold taken by [`Table::reserve`]: a guard's released hold (`wake`: waiters are
@@ -122,25 +145,43 @@ mod tests {
     #[test]
     fn exclusive_excludes_everything_shared_admits_shared() {
         let mut t = Table::default();
-        assert_eq!(t.reserve(K, Mode::Exclusive, 10), Reservation::Reserved);
+        assert_eq!(
+            t.reserve(K, Mode::Exclusive, 10),
+            Reservation::Reserved { sole: true }
+        );
         assert_eq!(t.reserve(K, Mode::Exclusive, 10), Reservation::Conflict);
         assert_eq!(t.reserve(K, Mode::Shared, 10), Reservation::Conflict);
         t.release(K, Mode::Exclusive, true);
-        assert_eq!(t.reserve(K, Mode::Shared, 10), Reservation::Reserved);
-        assert_eq!(t.reserve(K, Mode::Shared, 10), Reservation::Reserved);
+        assert_eq!(
+            t.reserve(K, Mode::Shared, 10),
+            Reservation::Reserved { sole: true }
+        );
+        assert_eq!(
+            t.reserve(K, Mode::Shared, 10),
+            Reservation::Reserved { sole: false }
+        );
         assert_eq!(t.reserve(K, Mode::Exclusive, 10), Reservation::Conflict);
         t.release(K, Mode::Shared, true);
         assert_eq!(t.reserve(K, Mode::Exclusive, 10), Reservation::Conflict);
         t.release(K, Mode::Shared, true);
         assert_eq!(t.len(), 0);
-        assert_eq!(t.reserve(K, Mode::Exclusive, 10), Reservation::Reserved);
+        assert_eq!(
+            t.reserve(K, Mode::Exclusive, 10),
+            Reservation::Reserved { sole: true }
+        );
     }
 
     #[test]
     fn cap_counts_every_hold_and_releases_are_counted() {
         let mut t = Table::default();
-        assert_eq!(t.reserve(K, Mode::Shared, 2), Reservation::Reserved);
-        assert_eq!(t.reserve(K, Mode::Shared, 2), Reservation::Reserved);
+        assert_eq!(
+            t.reserve(K, Mode::Shared, 2),
+            Reservation::Reserved { sole: true }
+        );
+        assert_eq!(
+            t.reserve(K, Mode::Shared, 2),
+            Reservation::Reserved { sole: false }
+        );
         assert_eq!(
             t.reserve(LockKey::id(2), Mode::Exclusive, 2),
             Reservation::Full
@@ -148,12 +189,15 @@ mod tests {
         let before = t.releases();
         t.release(K, Mode::Shared, false);
         assert_eq!(t.releases(), before, "a failed try wakes nobody");
-        assert_eq!(t.reserve(K, Mode::Shared, 2), Reservation::Reserved);
+        assert_eq!(
+            t.reserve(K, Mode::Shared, 2),
+            Reservation::Reserved { sole: false }
+        );
         t.release(K, Mode::Shared, true);
         assert_ne!(t.releases(), before);
         assert_eq!(
             t.reserve(LockKey::id(2), Mode::Exclusive, 2),
-            Reservation::Reserved
+            Reservation::Reserved { sole: true }
         );
     }
 }

@@ -40,6 +40,8 @@ pub(crate) struct Spec {
     pub(crate) heartbeat: Duration,
     /// Bound on a heartbeat's round trip.
     pub(crate) request_timeout: Duration,
+    /// How many times a reply is offered before it is kept for later (more when callers spin).
+    pub(crate) hand_over_turns: u32,
 }
 
 /// How a connection's service ended.
@@ -237,16 +239,7 @@ impl Worker {
                 }
                 Err(TryRecvError::Disconnected) => return End::ManagerGone,
                 Err(TryRecvError::Empty) if !self.late.is_empty() => {
-                    // Nothing queued, but replies are owed to callers not yet receiving: wait for
-                    // them (or for a request, or for one to give up) without blocking on any.
-                    if let Err(end) = self.settle_late(Some(conn)) {
-                        return end;
-                    }
-                    if !self.late.is_empty() {
-                        self.late
-                            .wait(&self.spec.requests, link.nudges(), LATE_TICK);
-                    }
-                    if let Err(end) = self.heartbeat_if_due(conn) {
+                    if let Err(end) = self.idle_with_late_replies(conn) {
                         return end;
                     }
                 }
@@ -269,12 +262,30 @@ impl Worker {
         }
     }
 
+    /// Nothing queued, but replies are owed to callers not yet receiving: waits for them (or for a
+    /// request, or for one to give up) without blocking on any.
+    #[inline(never)]
+    fn idle_with_late_replies(&mut self, conn: &mut Conn) -> Result<(), End> {
+        self.settle_late(Some(conn))?;
+        if !self.late.is_empty() {
+            self.late
+                .wait(&self.spec.requests, self.spec.link.nudges(), LATE_TICK);
+        }
+        self.heartbeat_if_due(conn)
+    }
+
     /// Idle for a whole heartbeat (the monitor keeps the time and asks): prove the connection
     /// alive.
+    #[inline]
     fn heartbeat_if_due(&mut self, conn: &mut Conn) -> Result<(), End> {
         if !self.spec.link.take_heartbeat() {
             return Ok(());
         }
+        self.heartbeat(conn)
+    }
+
+    #[inline(never)]
+    fn heartbeat(&mut self, conn: &mut Conn) -> Result<(), End> {
         conn.heartbeat(self.spec.request_timeout).map_err(|e| {
             log::warn!("distlock worker: heartbeat failed: {e}");
             End::Lost
@@ -390,11 +401,11 @@ impl Worker {
     /// Hands `reply` to the caller of `ticket`: at once when it is receiving, later otherwise, and
     /// never waiting for it. Returns the generation of a grant whose caller has already given up,
     /// which the worker must give back.
-    #[inline]
+    #[inline(always)]
     fn answer(&mut self, ticket: Ticket, reply: Reply, key: LockKey, mode: Mode) -> Option<u64> {
         match ticket.claim(reply) {
             Ok(delivery) => {
-                if let Err(delivery) = delivery.try_send() {
+                if let Err(delivery) = delivery.try_send(self.spec.hand_over_turns) {
                     self.late.push(delivery, key, mode);
                 }
                 None

@@ -416,3 +416,37 @@ fn guards_move_between_threads_and_release_there() {
     handle.join().unwrap().unwrap();
     assert!(shared_manager.try_lock(key).unwrap().is_some());
 }
+
+#[test]
+fn a_spin_wait_manager_grants_and_excludes_like_any_other() {
+    let locks = LockManager::builder()
+        .application_name("t-spin-wait")
+        .spin_wait(true)
+        .connect(url())
+        .unwrap();
+    let mut outside = plain();
+    let key = LockKey::name("locking/spin-wait");
+    for _ in 0..50 {
+        let guard = locks.try_lock(key).unwrap().expect("free");
+        assert_eq!(holders(&mut outside, key).len(), 1);
+        assert!(locks.try_lock(key).unwrap().is_none());
+        drop(guard);
+        assert!(holders(&mut outside, key).is_empty());
+    }
+    // Many threads at once: only a lone call spins; the rest wait as usual and never overlap.
+    let inside = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| {
+                for _ in 0..30 {
+                    let guard = locks.lock(key).unwrap();
+                    assert!(!inside.swap(true, std::sync::atomic::Ordering::SeqCst));
+                    std::thread::sleep(Duration::from_micros(200));
+                    inside.store(false, std::sync::atomic::Ordering::SeqCst);
+                    drop(guard);
+                }
+            });
+        }
+    });
+    assert!(holders(&mut outside, key).is_empty());
+}

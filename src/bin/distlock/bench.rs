@@ -137,6 +137,10 @@ fn latency(cluster: &TestCluster, report: &mut Report) -> Result<()> {
     let locks = LockManager::builder()
         .application_name("distlock-bench")
         .connect(cluster.url())?;
+    let spinning = LockManager::builder()
+        .application_name("distlock-bench-spin")
+        .spin_wait(true)
+        .connect(cluster.url())?;
     let mut sql = String::with_capacity(128);
     let names = [
         "raw simple_query (SELECT WHERE)",
@@ -144,6 +148,7 @@ fn latency(cluster: &TestCluster, report: &mut Report) -> Result<()> {
         "raw simple_query (SELECT 1 FROM .. l WHERE l)",
         "raw prepared execute",
         "LockManager try_lock+drop",
+        "LockManager try_lock+drop, spin_wait",
     ];
     let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); names.len()];
     for round in 0..ROUNDS {
@@ -172,8 +177,12 @@ fn latency(cluster: &TestCluster, report: &mut Report) -> Result<()> {
                             bail!("raw prepared cycle of {key} failed");
                         }
                     }
-                    _ => {
+                    4 => {
                         let guard = locks.try_lock(key)?.context("bench key was taken")?;
+                        drop(guard);
+                    }
+                    _ => {
+                        let guard = spinning.try_lock(key)?.context("bench key was taken")?;
                         drop(guard);
                     }
                 }
@@ -199,10 +208,18 @@ fn latency(cluster: &TestCluster, report: &mut Report) -> Result<()> {
 
 /// Lock+unlock cycles per second with many threads on one manager, each on its own keys.
 fn throughput(cluster: &TestCluster, per_case: Duration, report: &mut Report) -> Result<()> {
-    let locks = LockManager::builder()
-        .application_name("distlock-bench")
-        .connect(cluster.url())?;
-    for threads in [1usize, 4, 16, 64] {
+    for (spin, threads) in [
+        (false, 1usize),
+        (false, 4),
+        (false, 16),
+        (false, 64),
+        (true, 1),
+        (true, 64),
+    ] {
+        let locks = LockManager::builder()
+            .application_name("distlock-bench")
+            .spin_wait(spin)
+            .connect(cluster.url())?;
         let cycles = AtomicU64::new(0);
         let failed = AtomicBool::new(false);
         let deadline = Instant::now() + per_case;
@@ -231,8 +248,9 @@ fn throughput(cluster: &TestCluster, per_case: Duration, report: &mut Report) ->
             bail!("a throughput thread failed to lock a free key");
         }
         let rate = cycles.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+        let variant = if spin { " spin_wait" } else { "" };
         report.add(
-            format!("throughput: LockManager, {threads} threads"),
+            format!("throughput: LockManager{variant}, {threads} threads"),
             rate,
             "cycles/s",
         );
