@@ -128,6 +128,9 @@
 //!   nothing; blocking in the channel's receive spun and read the clock on every turn). The monitor
 //!   thread keeps the heartbeat's clock, so the request path reads no clock on the worker. Each request carries a reply channel taken from an `object-pool`
 //!   pool and returned afterwards, so steady-state calls allocate no channels.
+//! * A caller sleeps while it waits for its reply, so a waiting thread costs no CPU. With
+//!   [`Builder::spin_wait`], a caller that is its manager's only call in flight spins instead,
+//!   which saves the two thread wake-ups of a round trip at the price of a busy CPU.
 //! * Reply channels are rendezvous channels (`bounded(0)`): measured against `bounded(1)`, the
 //!   caller spins less before it parks and leaves the CPU to the worker and the server (see the
 //!   README's Performance section). The worker hands a reply over with `try_send`, which never
