@@ -162,6 +162,25 @@ fn pause_caller(locks: &LockManager, thread: ThreadId) -> PausedCaller {
     PausedCaller { queued, go }
 }
 
+impl PausedCaller {
+    /// Lets the paused caller go on and waits for its call to return, which must be at once (its
+    /// deadline has passed). Returns the call's outcome.
+    fn resume(
+        self,
+        caller: thread::JoinHandle<(crate::Result<Option<crate::LockGuard>>, Instant)>,
+    ) -> crate::Result<Option<crate::LockGuard>> {
+        let resumed = Instant::now();
+        self.go.send(()).unwrap();
+        let (result, returned) = caller.join().unwrap();
+        let late_by = returned.duration_since(resumed);
+        assert!(
+            late_by < Duration::from_millis(200),
+            "returned {late_by:?} after resuming"
+        );
+        result
+    }
+}
+
 /// Starts a thread that takes `key` once; it is paused before its receive. Returns the pause, and
 /// the thread, which yields the call's outcome and the time from its resumption to its return.
 #[allow(clippy::type_complexity)]
@@ -205,17 +224,10 @@ fn a_claimed_reply_whose_caller_gave_up_is_released_at_once_and_never_delivered_
         eventually(Duration::from_secs(5), || app_holds(&mut outside, app, key)),
         "the grant reached the server"
     );
-    // Resume the caller well past both its deadline and the worker's old one-second grace.
+    // Resume the caller well past its deadline, and past the second for which a worker might
+    // have been tempted to wait for it.
     thread::sleep(Duration::from_millis(1300));
-    let resumed = Instant::now();
-    pause.go.send(()).unwrap();
-    let (result, returned) = caller.join().unwrap();
-    let late_by = returned.duration_since(resumed);
-    assert!(
-        late_by < Duration::from_millis(200),
-        "returned {late_by:?} after resuming"
-    );
-    match result {
+    match pause.resume(caller) {
         Err(e) => assert_eq!(e.kind(), ErrorKind::Timeout, "{e:?}"),
         Ok(got) => panic!("a reply reached a caller past its deadline: {got:?}"),
     }
@@ -273,15 +285,9 @@ fn a_paused_caller_behind_a_stalled_statement_gets_a_timeout_on_time_and_no_stal
     };
     // Resume the first caller after its deadline, while the worker is still stuck.
     thread::sleep(Duration::from_millis(700));
-    let resumed = Instant::now();
-    pause.go.send(()).unwrap();
-    let (result, returned) = caller.join().unwrap();
-    let late_by = returned.duration_since(resumed);
-    assert!(
-        late_by < Duration::from_millis(200),
-        "returned {late_by:?} after resuming"
-    );
-    let e = result.expect_err("no reply can arrive from a stalled worker");
+    let e = pause
+        .resume(caller)
+        .expect_err("no reply can arrive from a stalled worker");
     assert_eq!(
         e.kind(),
         ErrorKind::Timeout,

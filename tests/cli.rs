@@ -33,7 +33,12 @@ fn stderr(out: &Output) -> String {
 
 /// Starts `distlock run` in the background and waits until its lock shows in pg_locks.
 fn hold(args: &[&str], key: &str, holders_expected: usize) -> Child {
-    let child = distlock()
+    hold_with(distlock(), args, key, holders_expected)
+}
+
+/// As [`hold`], from a prepared command (extra environment, say).
+fn hold_with(mut cmd: Command, args: &[&str], key: &str, holders_expected: usize) -> Child {
+    let child = cmd
         .arg("run")
         .args(args)
         .stdout(Stdio::null())
@@ -469,20 +474,11 @@ fn a_distlock_killed_with_sigkill_takes_its_command_with_it() {
 fn a_signal_before_the_command_starts_keeps_it_from_starting_and_frees_the_lock() {
     let key = "cli/early-signal";
     let marker = temp_path("early-signal.ran");
-    let mut run = distlock()
-        .env("DISTLOCK_INTERNAL_PAUSE_BEFORE_SPAWN_MS", "3000")
-        .args(["run", "--key", key, "--", "touch"])
-        .arg(&marker)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut paused = distlock();
+    paused.env("DISTLOCK_INTERNAL_PAUSE_BEFORE_SPAWN_MS", "3000");
+    let marker_arg = marker.to_string_lossy().into_owned();
+    let mut run = hold_with(paused, &["--key", key, "--", "touch", &marker_arg], key, 1);
     let mut outside = plain();
-    assert!(eventually(Duration::from_secs(10), || !holders(
-        &mut outside,
-        LockKey::name(key)
-    )
-    .is_empty()));
     // distlock holds the lock and has not started the command yet.
     let status = Command::new("kill")
         .args(["-TERM", &run.id().to_string()])
