@@ -25,6 +25,7 @@ use crate::error::{Error, ErrorKind};
 use crate::link::{Backend, Link, Site};
 use crate::session::{Conn, Failed, Query};
 use crate::sql::IDENTIFY;
+use crate::tls;
 
 /// What one attempt brings: a client and its backend, or why not.
 type Attempt = Result<(Client, Backend), postgres::Error>;
@@ -33,6 +34,8 @@ type Attempt = Result<(Client, Backend), postgres::Error>;
 pub(crate) struct Connector {
     /// How to connect (with the builder's settings applied).
     config: postgres::Config,
+    /// Plaintext, or TLS that checks what `sslmode` asks for.
+    tls: tls::Connector,
     /// Bound on one attempt, all steps together.
     timeout: Duration,
     /// The attempt still running after its caller stopped waiting, if any.
@@ -46,9 +49,14 @@ struct InFlight {
 }
 
 impl Connector {
-    pub(crate) fn new(config: postgres::Config, timeout: Duration) -> Connector {
+    pub(crate) fn new(
+        config: postgres::Config,
+        tls: tls::Connector,
+        timeout: Duration,
+    ) -> Connector {
         Connector {
             config,
+            tls,
             timeout,
             in_flight: Mutex::new(None),
         }
@@ -79,10 +87,11 @@ impl Connector {
         let abandoned = Arc::new(Mutex::new(false));
         let helper_abandoned = Arc::clone(&abandoned);
         let config = self.config.clone();
+        let tls = self.tls.clone();
         thread::Builder::new()
             .name("distlock-connect".into())
             .spawn(move || {
-                let attempt = attempt(&config);
+                let attempt = attempt(&config, &tls);
                 let abandoned = helper_abandoned.lock();
                 if !*abandoned {
                     let _ = tx.send(attempt);
@@ -153,8 +162,8 @@ pub(crate) fn end_suspects(
 }
 
 /// One attempt: connect, then ask the server who we are.
-fn attempt(config: &postgres::Config) -> Attempt {
-    let mut client = config.connect(postgres::NoTls)?;
+fn attempt(config: &postgres::Config, tls: &tls::Connector) -> Attempt {
+    let mut client = tls.connect(config)?;
     let row = client.query_one(IDENTIFY, &[])?;
     let backend = Backend {
         pid: row.try_get(0)?,
@@ -177,6 +186,12 @@ fn classify(e: postgres::Error) -> Error {
         .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
     if timed_out {
         Error::with_source(ErrorKind::Timeout, "timed out connecting to the server", e)
+    } else if let Some(why) = tls::explain(&e) {
+        Error::with_source(
+            ErrorKind::Connect,
+            format!("could not connect to the server: {why}"),
+            e,
+        )
     } else {
         Error::with_source(ErrorKind::Connect, "could not connect to the server", e)
     }

@@ -192,6 +192,7 @@ mod session;
 mod shared;
 mod sql;
 mod table;
+mod tls;
 #[cfg(unix)]
 pub mod testing;
 mod worker;
@@ -202,6 +203,7 @@ pub use guard::LockGuard;
 pub use key::LockKey;
 pub use manager::{Builder, LockManager};
 pub use postgres;
+pub use tls::{SslMode, Tls};
 
 /// The README's examples, compiled as doctests so that they cannot rot.
 #[cfg(doctest)]

@@ -21,6 +21,7 @@ use crate::reply::{Reply, ReplySlot, SPIN_HAND_OVER_TURNS};
 use crate::shared::{Call, Shared, WakeOnDrop};
 use crate::sql::{Mode, Op};
 use crate::table::{Reservation, Table};
+use crate::tls::{self, SslMode, Tls};
 use crate::worker::{self, Spec};
 
 const DEFAULT_APPLICATION_NAME: &str = "distlock";
@@ -377,6 +378,7 @@ pub struct Builder {
     max_retry_interval: Duration,
     heartbeat: Duration,
     spin_wait: bool,
+    tls: Tls,
 }
 
 impl Default for Builder {
@@ -389,6 +391,7 @@ impl Default for Builder {
             max_retry_interval: DEFAULT_MAX_RETRY_INTERVAL,
             heartbeat: DEFAULT_HEARTBEAT,
             spin_wait: false,
+            tls: Tls::new(),
         }
     }
 }
@@ -485,14 +488,25 @@ impl Builder {
     ///
     /// As for [`LockManager::connect`].
     pub fn connect(self, params: &str) -> Result<LockManager> {
-        let config = postgres::Config::from_str(params).map_err(|e| {
+        let (rest, tls) = tls::split(params)?;
+        let config = postgres::Config::from_str(&rest).map_err(|e| {
             Error::with_source(
                 ErrorKind::Config,
                 "invalid connection parameters (expected key=value pairs or a postgres:// URL)",
                 e,
             )
         })?;
-        self.connect_config(config)
+        let tls = self.tls.overridden_by(&tls);
+        self.connect_with(config, tls)
+    }
+
+    /// TLS settings (libpq's `sslmode`, `sslrootcert`, `sslcert`, `sslkey`) for connections whose
+    /// parameters do not say otherwise; see [`Tls`] and the crate docs' "TLS".
+    ///
+    /// Defaults to `sslmode=prefer` with no root certificate, as libpq.
+    pub fn tls(mut self, tls: Tls) -> Builder {
+        self.tls = tls;
+        self
     }
 
     /// Connects with a ready `postgres::Config`; the builder's settings are applied on top of it.
@@ -500,8 +514,20 @@ impl Builder {
     /// # Errors
     ///
     /// As for [`LockManager::connect`].
-    pub fn connect_config(self, mut config: postgres::Config) -> Result<LockManager> {
+    pub fn connect_config(self, config: postgres::Config) -> Result<LockManager> {
+        // The client's own setting (disable, prefer or require) unless the builder says more.
+        let mode = match config.get_ssl_mode() {
+            postgres::config::SslMode::Disable => SslMode::Disable,
+            postgres::config::SslMode::Require => SslMode::Require,
+            _ => SslMode::Prefer,
+        };
+        let tls = Tls::new().mode(mode).overridden_by(&self.tls);
+        self.connect_with(config, tls)
+    }
+
+    fn connect_with(self, mut config: postgres::Config, tls: Tls) -> Result<LockManager> {
         self.check(&config)?;
+        let tls = tls.connector(&mut config)?;
         // TCP keepalives find a peer that vanished while the connection idles between heartbeats
         // (a host that died, a NAT that forgot us); the user timeout bounds how long unacknowledged
         // data may wait on a silent network before the socket fails. Linux takes at most
@@ -529,7 +555,7 @@ impl Builder {
         let (shutdown, shutdown_rx) = crossbeam_channel::bounded(0);
         let link = Arc::new(Link::new());
         let spec = Spec {
-            connector: Arc::new(Connector::new(config, self.connect_timeout)),
+            connector: Arc::new(Connector::new(config, tls, self.connect_timeout)),
             requests: queue,
             link: Arc::clone(&link),
             heartbeat: self.heartbeat.max(MIN_HEARTBEAT),

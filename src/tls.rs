@@ -1,0 +1,658 @@
+//! TLS the way libpq does it — `sslmode`, `sslrootcert`, `sslcert`, `sslkey` — through rustls.
+//!
+//! The `postgres` crate's own parser knows only `sslmode=disable|prefer|require` and rejects the
+//! other settings, so they are taken out of the connection string first ([`split`]) and applied
+//! here. What each mode means follows libpq:
+//!
+//! | `sslmode` | encrypted | server certificate checked |
+//! |---|---|---|
+//! | `disable` | never | – |
+//! | `allow`, `prefer` (the default) | when the server offers TLS | no |
+//! | `require` | always | no — unless a root certificate is given, then as `verify-ca` |
+//! | `verify-ca` | always | chain to the root certificate |
+//! | `verify-full` | always | chain, and the host name (or IP address) in the certificate |
+//!
+//! `sslrootcert` is a PEM file, or `system` for the operating system's trust store. Without one,
+//! `verify-ca`/`verify-full` read `~/.postgresql/root.crt`, as libpq does, and `require` turns into
+//! `verify-ca` when that file exists. `sslcert`/`sslkey` (default `~/.postgresql/postgresql.crt` and
+//! `.key`, when present) present a client certificate; a key file that group or others can read is
+//! refused, as libpq refuses it. (`allow` tries TLS first here, where libpq tries plaintext first.)
+
+use std::fmt;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// How much TLS a connection asks for: libpq's `sslmode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum SslMode {
+    /// Plaintext only.
+    Disable,
+    /// TLS when the server offers it, without checking its certificate; plaintext otherwise. The
+    /// default, as in libpq.
+    Prefer,
+    /// TLS always, without checking the server's certificate (unless a root certificate is given:
+    /// then as [`SslMode::VerifyCa`]).
+    Require,
+    /// TLS always; the server's certificate must chain to the root certificate.
+    VerifyCa,
+    /// TLS always; the certificate must chain to the root certificate and name the host.
+    VerifyFull,
+}
+
+impl SslMode {
+    fn parse(text: &str) -> Result<SslMode> {
+        Ok(match text {
+            "disable" => SslMode::Disable,
+            "allow" | "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            other => {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "invalid connection parameters: sslmode {other:?} is not disable, allow, \
+                         prefer, require, verify-ca or verify-full"
+                    ),
+                ));
+            }
+        })
+    }
+
+    /// What the `postgres` crate is told: it only decides whether TLS is asked for.
+    fn for_client(self) -> postgres::config::SslMode {
+        match self {
+            SslMode::Disable => postgres::config::SslMode::Disable,
+            SslMode::Prefer => postgres::config::SslMode::Prefer,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+                postgres::config::SslMode::Require
+            }
+        }
+    }
+}
+
+/// The trust anchors for checking a server's certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Roots {
+    /// A PEM file of CA certificates.
+    File(PathBuf),
+    /// The operating system's trust store (`sslrootcert=system`).
+    System,
+}
+
+/// TLS settings: libpq's `sslmode`, `sslrootcert`, `sslcert` and `sslkey`.
+///
+/// A connection string's own settings win over these, which serve as defaults (as the `PGSSL*`
+/// environment variables do for libpq). See the crate docs' "TLS" for what each mode checks.
+///
+/// ```
+/// use distlock::{SslMode, Tls};
+///
+/// let tls = Tls::new()
+///     .mode(SslMode::VerifyFull)
+///     .root_cert("/etc/ssl/certs/db-ca.pem")
+///     .client_cert("/etc/app/client.crt", "/etc/app/client.key");
+/// # let _ = tls;
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tls {
+    mode: Option<SslMode>,
+    roots: Option<Roots>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+}
+
+impl Tls {
+    /// No settings: `sslmode=prefer`, no root certificate, no client certificate (unless the
+    /// default files under `~/.postgresql` exist).
+    pub fn new() -> Tls {
+        Tls::default()
+    }
+
+    /// The `sslmode`.
+    pub fn mode(mut self, mode: SslMode) -> Tls {
+        self.mode = Some(mode);
+        self
+    }
+
+    /// `sslrootcert`: a PEM file of the CA certificates the server's certificate must chain to.
+    pub fn root_cert(mut self, path: impl Into<PathBuf>) -> Tls {
+        self.roots = Some(Roots::File(path.into()));
+        self
+    }
+
+    /// `sslrootcert=system`: the operating system's trust store.
+    pub fn system_roots(mut self) -> Tls {
+        self.roots = Some(Roots::System);
+        self
+    }
+
+    /// `sslcert` and `sslkey`: a client certificate and its private key, both PEM files.
+    pub fn client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Tls {
+        self.cert = Some(cert.into());
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Sets one libpq TLS parameter from its text, as a connection string or the environment has it.
+    /// `false` when `name` is not a TLS parameter.
+    pub(crate) fn set(&mut self, name: &str, value: &str) -> Result<bool> {
+        match name {
+            "sslmode" => self.mode = Some(SslMode::parse(value)?),
+            "sslrootcert" => {
+                self.roots = Some(match value {
+                    "system" => Roots::System,
+                    path => Roots::File(PathBuf::from(path)),
+                })
+            }
+            "sslcert" => self.cert = Some(PathBuf::from(value)),
+            "sslkey" => self.key = Some(PathBuf::from(value)),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// These settings, each overridden by `over`'s where it has one.
+    pub(crate) fn overridden_by(&self, over: &Tls) -> Tls {
+        Tls {
+            mode: over.mode.or(self.mode),
+            roots: over.roots.clone().or_else(|| self.roots.clone()),
+            cert: over.cert.clone().or_else(|| self.cert.clone()),
+            key: over.key.clone().or_else(|| self.key.clone()),
+        }
+    }
+
+    /// The mode, defaulting as libpq does.
+    pub(crate) fn effective_mode(&self) -> SslMode {
+        self.mode.unwrap_or(SslMode::Prefer)
+    }
+
+    /// Applies the mode to the client's configuration and builds the connector that checks what
+    /// the mode asks for.
+    pub(crate) fn connector(&self, config: &mut postgres::Config) -> Result<Connector> {
+        let mode = self.effective_mode();
+        config.ssl_mode(mode.for_client());
+        let home = std::env::var_os("HOME").map(PathBuf::from);
+        let default_file =
+            |name: &str| home.as_ref().map(|h| h.join(".postgresql").join(name));
+        let roots = match (&self.roots, mode) {
+            (Some(roots), _) => Some(roots.clone()),
+            // libpq reads the default root file for the verifying modes, and lets `require`
+            // verify when it exists.
+            (None, SslMode::VerifyCa | SslMode::VerifyFull) => Some(Roots::File(
+                default_file("root.crt").unwrap_or_else(|| PathBuf::from("root.crt")),
+            )),
+            (None, SslMode::Require) => default_file("root.crt")
+                .filter(|p| p.is_file())
+                .map(Roots::File),
+            (None, _) => None,
+        };
+        let check = match (mode, &roots) {
+            (SslMode::Disable, _) => return Ok(Connector::Plain),
+            (SslMode::VerifyFull, _) => Check::Full,
+            (SslMode::VerifyCa, _) | (SslMode::Require, Some(_)) => Check::Chain,
+            _ => Check::Nothing,
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::with_source(ErrorKind::Config, "no usable TLS versions", e))?;
+        let verifier: Arc<dyn ServerCertVerifier> = match check {
+            Check::Nothing => Arc::new(AnyCertificate(provider)),
+            Check::Chain | Check::Full => {
+                let store = root_store(roots.as_ref())?;
+                let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(store), provider)
+                    .build()
+                    .map_err(|e| {
+                        Error::with_source(ErrorKind::Config, "unusable root certificates", e)
+                    })?;
+                if check == Check::Full {
+                    webpki
+                } else {
+                    Arc::new(ChainOnly(webpki))
+                }
+            }
+        };
+        let builder = builder
+            .dangerous()
+            .with_custom_certificate_verifier(verifier);
+        let (cert, key) = match (&self.cert, &self.key) {
+            (Some(cert), key) => (
+                Some(cert.clone()),
+                key.clone()
+                    .or_else(|| Some(cert.with_extension("key"))),
+            ),
+            (None, _) => {
+                let cert = default_file("postgresql.crt").filter(|p| p.is_file());
+                let key = self
+                    .key
+                    .clone()
+                    .or_else(|| default_file("postgresql.key"));
+                (cert, key)
+            }
+        };
+        let client = match (cert, key) {
+            (Some(cert), Some(key)) => {
+                let chain = read_certs(&cert)?;
+                let key = read_key(&key)?;
+                builder.with_client_auth_cert(chain, key).map_err(|e| {
+                    Error::with_source(ErrorKind::Config, "unusable client certificate", e)
+                })?
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        Ok(Connector::Tls(MakeRustlsConnect::new(client)))
+    }
+}
+
+/// What is checked about the server's certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Check {
+    Nothing,
+    Chain,
+    Full,
+}
+
+/// The connector a connection attempt uses.
+#[derive(Clone)]
+pub(crate) enum Connector {
+    /// `sslmode=disable`.
+    Plain,
+    /// Everything else.
+    Tls(MakeRustlsConnect),
+}
+
+impl fmt::Debug for Connector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Connector::Plain => "Plain",
+            Connector::Tls(_) => "Tls",
+        })
+    }
+}
+
+impl Connector {
+    /// Connects with this connector.
+    pub(crate) fn connect(
+        &self,
+        config: &postgres::Config,
+    ) -> std::result::Result<postgres::Client, postgres::Error> {
+        match self {
+            Connector::Plain => config.connect(postgres::NoTls),
+            Connector::Tls(tls) => config.connect(tls.clone()),
+        }
+    }
+}
+
+fn root_store(roots: Option<&Roots>) -> Result<RootCertStore> {
+    let mut store = RootCertStore::empty();
+    match roots {
+        Some(Roots::File(path)) => {
+            for cert in read_certs(path)? {
+                store.add(cert).map_err(|e| {
+                    Error::with_source(
+                        ErrorKind::Config,
+                        format!("unusable root certificate in {}", path.display()),
+                        e,
+                    )
+                })?;
+            }
+        }
+        Some(Roots::System) => {
+            let found = rustls_native_certs::load_native_certs();
+            for cert in found.certs {
+                let _ = store.add(cert);
+            }
+            if store.is_empty() {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    "sslrootcert=system: the system's trust store has no usable certificate",
+                ));
+            }
+        }
+        None => {}
+    }
+    Ok(store)
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let unreadable = |e: rustls::pki_types::pem::Error| {
+        Error::with_source(
+            ErrorKind::Config,
+            format!("cannot read certificates from {}", path.display()),
+            e,
+        )
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(unreadable)?
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(unreadable)?;
+    if certs.is_empty() {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!("no certificate in {}", path.display()),
+        ));
+    }
+    Ok(certs)
+}
+
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let meta = fs::metadata(path).map_err(|e| {
+            Error::with_source(
+                ErrorKind::Config,
+                format!("cannot read the private key {}", path.display()),
+                e,
+            )
+        })?;
+        // libpq's rule: 0600 or less, or 0640 or less when root owns it.
+        let mode = meta.permissions().mode();
+        let too_open = if meta.uid() == 0 {
+            mode & 0o037 != 0
+        } else {
+            mode & 0o077 != 0
+        };
+        if too_open {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "private key file {} has group or world access; permissions should be u=rw \
+                     (0600) or less",
+                    path.display()
+                ),
+            ));
+        }
+    }
+    PrivateKeyDer::from_pem_file(path).map_err(|e| {
+        Error::with_source(
+            ErrorKind::Config,
+            format!("cannot read the private key {}", path.display()),
+            e,
+        )
+    })
+}
+
+/// `prefer` and `require` without a root certificate: encrypt, check nothing (libpq's meaning).
+#[derive(Debug)]
+struct AnyCertificate(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// `verify-ca`: the chain must lead to a trusted root; the name in the certificate is not checked.
+#[derive(Debug)]
+struct ChainOnly(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        // The chain is checked before the name: a name error means the chain was good.
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// The TLS parameters of a connection string taken out of it: what is left for the `postgres`
+/// crate's parser, and the settings. Accepts both libpq forms, `key=value` pairs (values may be
+/// single-quoted, with `\` escapes) and `postgres://` URLs (settings in the query string). Text it
+/// cannot split is passed on whole, for the client's parser to report.
+pub(crate) fn split(params: &str) -> Result<(String, Tls)> {
+    let mut tls = Tls::default();
+    let trimmed = params.trim_start();
+    if trimmed.starts_with("postgres://") || trimmed.starts_with("postgresql://") {
+        let Some((base, query)) = params.split_once('?') else {
+            return Ok((params.to_owned(), tls));
+        };
+        let mut kept: Vec<&str> = Vec::new();
+        for pair in query.split('&') {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let (Some(name), Some(value)) = (percent_decode(name), percent_decode(value)) else {
+                kept.push(pair);
+                continue;
+            };
+            if !tls.set(&name, &value)? {
+                kept.push(pair);
+            }
+        }
+        let rest = if kept.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        };
+        return Ok((rest, tls));
+    }
+    let Some(pairs) = key_values(params) else {
+        return Ok((params.to_owned(), tls));
+    };
+    let mut rest = String::with_capacity(params.len());
+    for (name, value) in pairs {
+        if tls.set(&name, &value)? {
+            continue;
+        }
+        if !rest.is_empty() {
+            rest.push(' ');
+        }
+        rest.push_str(&name);
+        rest.push_str("='");
+        for c in value.chars() {
+            if c == '\'' || c == '\\' {
+                rest.push('\\');
+            }
+            rest.push(c);
+        }
+        rest.push('\'');
+    }
+    Ok((rest, tls))
+}
+
+/// libpq's `key = value` pairs; `None` when the text is not of that form.
+fn key_values(text: &str) -> Option<Vec<(String, String)>> {
+    let mut pairs = Vec::new();
+    let mut chars = text.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.peek().is_none() {
+            return Some(pairs);
+        }
+        let mut name = String::new();
+        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
+            name.push(c);
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.next() != Some('=') || name.is_empty() {
+            return None;
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut value = String::new();
+        if chars.next_if_eq(&'\'').is_some() {
+            loop {
+                match chars.next()? {
+                    '\'' => break,
+                    '\\' => value.push(chars.next()?),
+                    c => value.push(c),
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                if c == '\\' {
+                    value.push(chars.next()?);
+                } else {
+                    value.push(c);
+                }
+            }
+        }
+        pairs.push((name, value));
+    }
+}
+
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Says what went wrong in a connection attempt when TLS was the cause, for the error's message.
+pub(crate) fn explain(e: &postgres::Error) -> Option<String> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(tls) = s.downcast_ref::<rustls::Error>() {
+            return Some(match tls {
+                rustls::Error::InvalidCertificate(
+                    CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+                ) => "the server's certificate was rejected: it is not valid for the host name \
+                      connected to (sslmode=verify-full)"
+                    .to_owned(),
+                rustls::Error::InvalidCertificate(why) => {
+                    format!("the server's certificate was rejected: {why:?}")
+                }
+                other => format!("the TLS handshake failed: {other}"),
+            });
+        }
+        source = s.source();
+    }
+    let text = e.to_string();
+    text.contains("does not support TLS").then(|| {
+        "the server does not support TLS, and the sslmode asks for it (require, verify-ca or \
+         verify-full)"
+            .to_owned()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_settings_leave_key_value_strings_and_the_rest_is_requoted() {
+        let (rest, tls) = split(
+            "host=db port = 5432 sslmode=verify-full sslrootcert='/etc/my ca.pem' \
+             password='it\\'s' user=a\\ b sslcert=/c sslkey=/k",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            tls,
+            Tls::new()
+                .mode(SslMode::VerifyFull)
+                .root_cert("/etc/my ca.pem")
+                .client_cert("/c", "/k")
+        );
+        assert!(!rest.contains("ssl"), "{rest}");
+        let config: postgres::Config = rest.parse().unwrap();
+        assert_eq!(config.get_user(), Some("a b"));
+        assert_eq!(config.get_password(), Some(&b"it's"[..]));
+        assert_eq!(config.get_ports(), [5432]);
+    }
+
+    #[test]
+    fn tls_settings_leave_urls() {
+        let (rest, tls) =
+            split("postgres://u@h/db?sslmode=verify-ca&application_name=x&sslrootcert=system")
+                .unwrap();
+        assert_eq!(rest, "postgres://u@h/db?application_name=x");
+        assert_eq!(tls, Tls::new().mode(SslMode::VerifyCa).system_roots());
+        let (rest, _) = split("postgres://u@h/db?sslrootcert=%2Ftmp%2Fca.pem").unwrap();
+        assert_eq!(rest, "postgres://u@h/db");
+    }
+
+    #[test]
+    fn a_bad_sslmode_is_a_config_error_and_odd_text_is_left_to_the_parser() {
+        assert_eq!(
+            split("host=h sslmode=sometimes").unwrap_err().kind(),
+            ErrorKind::Config
+        );
+        let (rest, _) = split("this is = not ' a connection string").unwrap();
+        assert_eq!(rest, "this is = not ' a connection string");
+    }
+}
