@@ -192,9 +192,9 @@ mod session;
 mod shared;
 mod sql;
 mod table;
-mod tls;
 #[cfg(unix)]
 pub mod testing;
+mod tls;
 mod worker;
 
 pub use crossbeam_channel;

@@ -18,7 +18,7 @@ use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io::{self, Write};
 use std::net::TcpListener;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -36,6 +36,20 @@ pub struct TestCluster {
     url: String,
     /// Present when this process started the server.
     local: Option<Local>,
+}
+
+/// Extra configuration for [`TestCluster::start_with`].
+#[derive(Debug, Clone, Default)]
+pub struct Setup {
+    /// `pg_hba.conf` lines placed before the default rules (the first matching line decides).
+    pub hba: Vec<String>,
+    /// `postgresql.conf` settings, `(name, value)`.
+    pub settings: Vec<(String, String)>,
+    /// Files written into the data directory, `(name, contents)`, readable by the server only
+    /// (certificates and keys, say).
+    pub files: Vec<(String, Vec<u8>)>,
+    /// SQL the superuser runs once the server is up (roles, say).
+    pub sql: Vec<String>,
 }
 
 /// A cluster this process started.
@@ -104,6 +118,16 @@ impl TestCluster {
     ///
     /// As for [`TestCluster::from_env`].
     pub fn start() -> io::Result<TestCluster> {
+        TestCluster::start_with(&Setup::default())
+    }
+
+    /// Starts a new local cluster with extra configuration: TLS files and settings, `pg_hba.conf`
+    /// rules, roles.
+    ///
+    /// # Errors
+    ///
+    /// As for [`TestCluster::from_env`], or when the set-up SQL fails.
+    pub fn start_with(setup: &Setup) -> io::Result<TestCluster> {
         let bin = find_bin_dir()?;
         let run_as = if is_root() {
             Some(postgres_user()?)
@@ -129,16 +153,38 @@ impl TestCluster {
         ]);
         run_quietly(initdb, &root, run_as, Duration::from_secs(120)).map_err(cleanup)?;
         // Superuser `postgres` needs no password; every other role must give a correct one, so
-        // tests can check how a wrong password is reported.
-        fs::write(
-            data.join("pg_hba.conf"),
+        // tests can check how a wrong password is reported. The set-up's rules come first: the
+        // first matching line decides.
+        let mut hba = String::new();
+        for line in &setup.hba {
+            hba.push_str(line);
+            hba.push('\n');
+        }
+        hba.push_str(
             "local all all trust\n\
              host all postgres 127.0.0.1/32 trust\n\
              host all postgres ::1/128 trust\n\
              host all all 127.0.0.1/32 scram-sha-256\n\
              host all all ::1/128 scram-sha-256\n",
-        )
-        .map_err(cleanup)?;
+        );
+        fs::write(data.join("pg_hba.conf"), hba).map_err(cleanup)?;
+        let mut conf = String::from("\n# distlock::testing::Setup\n");
+        for (name, value) in &setup.settings {
+            conf.push_str(&format!("{name} = '{}'\n", value.replace('\'', "''")));
+        }
+        fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .and_then(|mut f| f.write_all(conf.as_bytes()))
+            .map_err(cleanup)?;
+        for (name, contents) in &setup.files {
+            let path = data.join(name);
+            fs::write(&path, contents).map_err(cleanup)?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).map_err(cleanup)?;
+            if let Some((uid, gid)) = run_as {
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid)).map_err(cleanup)?;
+            }
+        }
         let watchdog = spawn_watchdog(&bin, &data, &root, run_as).map_err(cleanup)?;
         let mut local = Local {
             root,
@@ -167,10 +213,18 @@ impl TestCluster {
             "host=127.0.0.1 port={} user=postgres dbname=postgres",
             local.port
         );
-        Ok(TestCluster {
+        let cluster = TestCluster {
             url,
             local: Some(local),
-        })
+        };
+        if !setup.sql.is_empty() {
+            let mut client = postgres::Client::connect(cluster.url(), postgres::NoTls)
+                .map_err(io::Error::other)?;
+            for sql in &setup.sql {
+                client.batch_execute(sql).map_err(io::Error::other)?;
+            }
+        }
+        Ok(cluster)
     }
 
     /// libpq `key=value` connection parameters for a superuser.

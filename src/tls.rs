@@ -28,7 +28,9 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::error::{Error, ErrorKind, Result};
@@ -185,8 +187,7 @@ impl Tls {
         let mode = self.effective_mode();
         config.ssl_mode(mode.for_client());
         let home = std::env::var_os("HOME").map(PathBuf::from);
-        let default_file =
-            |name: &str| home.as_ref().map(|h| h.join(".postgresql").join(name));
+        let default_file = |name: &str| home.as_ref().map(|h| h.join(".postgresql").join(name));
         let roots = match (&self.roots, mode) {
             (Some(roots), _) => Some(roots.clone()),
             // libpq reads the default root file for the verifying modes, and lets `require`
@@ -231,19 +232,16 @@ impl Tls {
         let (cert, key) = match (&self.cert, &self.key) {
             (Some(cert), key) => (
                 Some(cert.clone()),
-                key.clone()
-                    .or_else(|| Some(cert.with_extension("key"))),
+                key.clone().or_else(|| Some(cert.with_extension("key"))),
             ),
             (None, _) => {
                 let cert = default_file("postgresql.crt").filter(|p| p.is_file());
-                let key = self
-                    .key
-                    .clone()
-                    .or_else(|| default_file("postgresql.key"));
+                let key = self.key.clone().or_else(|| default_file("postgresql.key"));
                 (cert, key)
             }
         };
-        let client = match (cert, key) {
+        // As libpq: a certificate file that does not exist means no client certificate.
+        let client = match (cert.filter(|c| c.exists()), key) {
             (Some(cert), Some(key)) => {
                 let chain = read_certs(&cert)?;
                 let key = read_key(&key)?;
@@ -408,7 +406,12 @@ impl ServerCertVerifier for AnyCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -417,7 +420,12 @@ impl ServerCertVerifier for AnyCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -586,11 +594,22 @@ fn percent_decode(text: &str) -> Option<String> {
 /// Says what went wrong in a connection attempt when TLS was the cause, for the error's message.
 pub(crate) fn explain(e: &postgres::Error) -> Option<String> {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    let mut said = String::new();
     while let Some(s) = source {
-        if let Some(tls) = s.downcast_ref::<rustls::Error>() {
+        said.push_str(&s.to_string());
+        // An `io::Error` hides the error it wraps from `source()`; look inside.
+        let inner = s
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|inner| inner as &(dyn std::error::Error + 'static));
+        let tls = inner
+            .and_then(|i| i.downcast_ref::<rustls::Error>())
+            .or_else(|| s.downcast_ref::<rustls::Error>());
+        if let Some(tls) = tls {
             return Some(match tls {
                 rustls::Error::InvalidCertificate(
-                    CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+                    CertificateError::NotValidForName
+                    | CertificateError::NotValidForNameContext { .. },
                 ) => "the server's certificate was rejected: it is not valid for the host name \
                       connected to (sslmode=verify-full)"
                     .to_owned(),
@@ -600,10 +619,9 @@ pub(crate) fn explain(e: &postgres::Error) -> Option<String> {
                 other => format!("the TLS handshake failed: {other}"),
             });
         }
-        source = s.source();
+        source = inner.or_else(|| s.source());
     }
-    let text = e.to_string();
-    text.contains("does not support TLS").then(|| {
+    said.contains("does not support TLS").then(|| {
         "the server does not support TLS, and the sslmode asks for it (require, verify-ca or \
          verify-full)"
             .to_owned()
