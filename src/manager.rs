@@ -1,7 +1,6 @@
 //! `LockManager` and its `Builder`: the handle callers use.
 
 use std::fmt;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
@@ -21,7 +20,7 @@ use crate::reply::{Reply, ReplySlot, SPIN_HAND_OVER_TURNS};
 use crate::shared::{Call, Shared, WakeOnDrop};
 use crate::sql::{Mode, Op};
 use crate::table::{Reservation, Table};
-use crate::tls::{self, SslMode, Tls};
+use crate::tls::{SslMode, Tls};
 use crate::worker::{self, Spec};
 
 const DEFAULT_APPLICATION_NAME: &str = "distlock";
@@ -488,14 +487,7 @@ impl Builder {
     ///
     /// As for [`LockManager::connect`].
     pub fn connect(self, params: &str) -> Result<LockManager> {
-        let (rest, tls) = tls::split(params)?;
-        let config = postgres::Config::from_str(&rest).map_err(|e| {
-            Error::with_source(
-                ErrorKind::Config,
-                "invalid connection parameters (expected key=value pairs or a postgres:// URL)",
-                e,
-            )
-        })?;
+        let (config, tls) = Tls::parse_params(params)?;
         let tls = self.tls.overridden_by(&tls);
         self.connect_with(config, tls)
     }

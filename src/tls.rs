@@ -148,6 +148,71 @@ impl Tls {
         self
     }
 
+    /// The settings libpq takes from the environment: `PGSSLMODE`, `PGSSLROOTCERT`, `PGSSLCERT`,
+    /// `PGSSLKEY` (those that are set and not empty).
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Config`] for a `PGSSLMODE` libpq would not accept either.
+    pub fn from_env() -> Result<Tls> {
+        let mut tls = Tls::new();
+        for (var, name) in [
+            ("PGSSLMODE", "sslmode"),
+            ("PGSSLROOTCERT", "sslrootcert"),
+            ("PGSSLCERT", "sslcert"),
+            ("PGSSLKEY", "sslkey"),
+        ] {
+            if let Some(value) = std::env::var(var).ok().filter(|v| !v.trim().is_empty()) {
+                tls.set(name, &value)?;
+            }
+        }
+        Ok(tls)
+    }
+
+    /// Parses libpq connection parameters (`key=value` pairs or a `postgres://` URL) as
+    /// `Builder::connect` does: the client's configuration, and the TLS settings they contain.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Config`] for parameters that do not parse.
+    pub fn parse_params(params: &str) -> Result<(postgres::Config, Tls)> {
+        let (rest, tls) = split(params)?;
+        let config = rest.parse::<postgres::Config>().map_err(|e| {
+            Error::with_source(
+                ErrorKind::Config,
+                "invalid connection parameters (expected key=value pairs or a postgres:// URL)",
+                e,
+            )
+        })?;
+        Ok((config, tls))
+    }
+
+    /// These settings, with `defaults`' wherever these have none (a connection string's own
+    /// settings over the environment's, say).
+    pub fn with_defaults(self, defaults: Tls) -> Tls {
+        defaults.overridden_by(&self)
+    }
+
+    /// Connects a plain `postgres::Client` with these settings, for queries of your own on the
+    /// same server (the `distlock` command's `locks` does). Blocks for as long as the client's
+    /// own connect does (its `connect_timeout`).
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Config`] for unusable TLS files, [`ErrorKind::Connect`] when the connection
+    /// fails (a rejected certificate says so).
+    pub fn connect_client(&self, config: &postgres::Config) -> Result<postgres::Client> {
+        let mut config = config.clone();
+        let connector = self.connector(&mut config)?;
+        connector.connect(&config).map_err(|e| {
+            let message = match explain(&e) {
+                Some(why) => format!("could not connect to the server: {why}"),
+                None => "could not connect to the server".to_owned(),
+            };
+            Error::with_source(ErrorKind::Connect, message, e)
+        })
+    }
+
     /// Sets one libpq TLS parameter from its text, as a connection string or the environment has it.
     /// `false` when `name` is not a TLS parameter.
     pub(crate) fn set(&mut self, name: &str, value: &str) -> Result<bool> {

@@ -345,3 +345,70 @@ fn a_hostssl_only_role_connects_over_tls_with_scram_and_channel_binding() {
     let shown = format!("{err} {err:?}");
     assert!(!shown.contains("wrong-secret-789"), "{shown}");
 }
+
+#[test]
+fn the_command_honours_the_pgssl_variables() {
+    let Some(tls) = tls() else { return };
+    let distlock = |root: &str| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_distlock"));
+        cmd.env(
+            "DATABASE_URL",
+            format!(
+                "host=127.0.0.1 port={} user=distlock_cert dbname=postgres",
+                tls.port()
+            ),
+        )
+        .env("PGSSLMODE", "verify-full")
+        .env("PGSSLROOTCERT", root)
+        .env("PGSSLCERT", tls.file("client.crt"))
+        .env("PGSSLKEY", tls.file("client.key"))
+        .env("PGAPPNAME", "tls-cli")
+        .stdin(std::process::Stdio::null());
+        cmd
+    };
+    // The client certificate logs in (the role allows nothing else), over verified TLS.
+    let out = distlock(&tls.file("ca.pem"))
+        .args(["run", "--key", "tls/cli", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = distlock(&tls.file("ca.pem")).arg("locks").output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // An unrelated CA: the certificate is rejected, and the command says so.
+    let out = distlock(&tls.file("other-ca.pem"))
+        .args(["run", "--key", "tls/cli", "--", "true"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    assert!(err.contains("certificate was rejected"), "{err}");
+    // A connection string's own sslmode wins over the variable's.
+    let out = distlock(&tls.file("other-ca.pem"))
+        .env(
+            "DATABASE_URL",
+            format!(
+                "host=127.0.0.1 port={} user=distlock_cert dbname=postgres sslmode=require",
+                tls.port()
+            ),
+        )
+        .args(["run", "--key", "tls/cli", "--", "true"])
+        .output()
+        .unwrap();
+    // require with a root certificate (from PGSSLROOTCERT) still checks the chain, as libpq does.
+    assert_eq!(
+        out.status.code(),
+        Some(69),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -4,31 +4,40 @@ use std::env;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use anyhow::anyhow;
-use distlock::LockManager;
 use distlock::testing::TestCluster;
+use distlock::{LockManager, Tls};
 use postgres::config::Host;
 
 use crate::exit::{self, Failure};
 
+/// Where the shared server is and how to reach it.
+#[derive(Clone)]
+pub struct Server {
+    /// The client's configuration.
+    pub config: postgres::Config,
+    /// TLS: the connection string's settings over `PGSSLMODE`, `PGSSLROOTCERT`, `PGSSLCERT`,
+    /// `PGSSLKEY`, as libpq combines them.
+    pub tls: Tls,
+}
+
 /// The server for `run` and `locks`: `--database-url`, else `DATABASE_URL`, else the libpq
 /// variables. A real shared server is required: there is no throwaway fallback here.
-pub fn shared_server(flag: Option<&str>) -> Result<postgres::Config, Failure> {
-    let mut config = given_server(flag)?;
+pub fn shared_server(flag: Option<&str>) -> Result<Server, Failure> {
+    let usage = |e: distlock::Error| Failure::new(exit::USAGE, anyhow!(e));
+    let (mut config, tls) = given_server(flag)?;
+    let tls = tls.with_defaults(Tls::from_env().map_err(usage)?);
     if config.get_password().is_none() {
         password_from_file(&mut config);
     }
-    LockManager::builder()
-        .check(&config)
-        .map_err(|e| Failure::new(exit::USAGE, anyhow!(e)))?;
-    Ok(config)
+    LockManager::builder().check(&config).map_err(usage)?;
+    Ok(Server { config, tls })
 }
 
-fn given_server(flag: Option<&str>) -> Result<postgres::Config, Failure> {
+fn given_server(flag: Option<&str>) -> Result<(postgres::Config, Tls), Failure> {
     if let Some(url) = flag.map(str::to_owned).or_else(|| nonempty("DATABASE_URL")) {
-        return postgres::Config::from_str(&url).map_err(|e| {
+        return Tls::parse_params(&url).map_err(|e| {
             Failure::new(
                 exit::USAGE,
                 anyhow!(e).context(
@@ -71,7 +80,7 @@ fn given_server(flag: Option<&str>) -> Result<postgres::Config, Failure> {
     if let Some(db) = nonempty("PGDATABASE") {
         config.dbname(&db);
     }
-    Ok(config)
+    Ok((config, Tls::new()))
 }
 
 /// libpq's password file: `PGPASSFILE`, else `~/.pgpass`, read as libpq reads it. Lines are

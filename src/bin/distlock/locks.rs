@@ -44,16 +44,18 @@ const QUERY: &str = "SELECT l.classid::int8, l.objid::int8, l.objsubid::int4, l.
      ORDER BY l.classid, l.objid, l.objsubid, l.granted DESC, l.pid";
 
 pub fn run(url: Option<&str>, args: Args) -> Result<ExitCode, Failure> {
-    let mut config = shared_server(url)?;
+    let server = shared_server(url)?;
+    let mut config = server.config.clone();
     config.connect_timeout(Duration::from_secs(10));
     if config.get_application_name().is_none() {
         config.application_name("distlock locks");
     }
-    let mut client = config.connect(postgres::NoTls).map_err(|e| {
-        Failure::new(
-            exit::UNAVAILABLE,
-            anyhow!(e).context("cannot connect to the server"),
-        )
+    let mut client = server.tls.connect_client(&config).map_err(|e| {
+        let code = match e.kind() {
+            distlock::ErrorKind::Config => exit::USAGE,
+            _ => exit::UNAVAILABLE,
+        };
+        Failure::new(code, anyhow!(e).context("cannot connect to the server"))
     })?;
     let rows: Vec<Row> = client
         .query(QUERY, &[])

@@ -14,7 +14,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGKILL, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::child;
-use crate::connection::{application_name, shared_server};
+use crate::connection::{Server, application_name, shared_server};
 use crate::duration::{self, human};
 use crate::exit::{self, Failure};
 
@@ -67,13 +67,14 @@ enum OnLost {
 const STATUS_EVERY: Duration = Duration::from_millis(500);
 
 pub fn run(url: Option<&str>, args: Args) -> Result<ExitCode, Failure> {
-    let config = shared_server(url)?;
-    let app = application_name(&config, "distlock");
+    let server = shared_server(url)?;
+    let app = application_name(&server.config, "distlock");
     let key = LockKey::name(&args.key);
     let locks = LockManager::builder()
         .application_name(&app)
         .heartbeat(Duration::from_secs(1))
-        .connect_config(config.clone())
+        .tls(server.tls.clone())
+        .connect_config(server.config.clone())
         .map_err(|e| {
             let code = match e.kind() {
                 ErrorKind::Config => exit::USAGE,
@@ -82,7 +83,7 @@ pub fn run(url: Option<&str>, args: Args) -> Result<ExitCode, Failure> {
             Failure::new(code, anyhow!(e).context("cannot connect to the server"))
         })?;
 
-    let Some(guard) = acquire(&locks, key, &args, &config)? else {
+    let Some(guard) = acquire(&locks, key, &args, &server)? else {
         if !args.quiet {
             eprintln!(
                 "distlock: {} is held by someone else; not running the command",
@@ -227,7 +228,7 @@ fn acquire(
     locks: &LockManager,
     key: LockKey,
     args: &Args,
-    config: &postgres::Config,
+    server: &Server,
 ) -> Result<Option<LockGuard>, Failure> {
     let take = |wait: Duration| {
         if args.shared {
@@ -244,7 +245,7 @@ fn acquire(
     let started = Instant::now();
     // A --wait too large to add to now is no deadline at all.
     let deadline = args.wait.and_then(|w| started.checked_add(w));
-    let mut status = StatusLine::new(!args.quiet && std::io::stderr().is_terminal(), config);
+    let mut status = StatusLine::new(!args.quiet && std::io::stderr().is_terminal(), server);
     loop {
         let step = match deadline {
             Some(d) => d
@@ -277,17 +278,17 @@ fn acquire(
 struct StatusLine {
     /// Set when the line is shown at all (a terminal, not --quiet).
     on: bool,
-    config: postgres::Config,
+    server: Server,
     /// A separate, lazily opened connection for the pg_locks query.
     client: Option<postgres::Client>,
     shown: bool,
 }
 
 impl StatusLine {
-    fn new(on: bool, config: &postgres::Config) -> StatusLine {
+    fn new(on: bool, server: &Server) -> StatusLine {
         StatusLine {
             on,
-            config: config.clone(),
+            server: server.clone(),
             client: None,
             shown: false,
         }
@@ -320,11 +321,11 @@ impl StatusLine {
 
     fn holders(&mut self, key: LockKey) -> anyhow::Result<String> {
         if self.client.is_none() {
-            let mut config = self.config.clone();
+            let mut config = self.server.config.clone();
             config
                 .application_name("distlock status")
                 .connect_timeout(Duration::from_secs(2));
-            self.client = Some(config.connect(postgres::NoTls)?);
+            self.client = Some(self.server.tls.connect_client(&config)?);
         }
         let client = self.client.as_mut().context("no status connection")?;
         let (classid, objid, objsubid) = key.pg_locks_tag();
