@@ -28,7 +28,7 @@ use crate::sql::IDENTIFY;
 use crate::tls;
 
 /// What one attempt brings: a client and its backend, or why not.
-type Attempt = Result<(Client, Backend), postgres::Error>;
+type Attempt = Result<(Client, Backend), Error>;
 
 /// Makes the manager's connections, one attempt at a time.
 pub(crate) struct Connector {
@@ -38,6 +38,8 @@ pub(crate) struct Connector {
     tls: tls::Connector,
     /// Bound on one attempt, all steps together.
     timeout: Duration,
+    /// Whether a standby (a server in recovery) may serve locks.
+    allow_standby: bool,
     /// The attempt still running after its caller stopped waiting, if any.
     in_flight: Mutex<Option<InFlight>>,
 }
@@ -53,10 +55,12 @@ impl Connector {
         config: postgres::Config,
         tls: tls::Connector,
         timeout: Duration,
+        allow_standby: bool,
     ) -> Connector {
         Connector {
             config,
             tls,
+            allow_standby,
             timeout,
             in_flight: Mutex::new(None),
         }
@@ -88,10 +92,11 @@ impl Connector {
         let helper_abandoned = Arc::clone(&abandoned);
         let config = self.config.clone();
         let tls = self.tls.clone();
+        let allow_standby = self.allow_standby;
         thread::Builder::new()
             .name("distlock-connect".into())
             .spawn(move || {
-                let attempt = attempt(&config, &tls);
+                let attempt = attempt(&config, &tls, allow_standby);
                 let abandoned = helper_abandoned.lock();
                 if !*abandoned {
                     let _ = tx.send(attempt);
@@ -122,7 +127,7 @@ impl Connector {
                 }
             }
         };
-        result.map_err(classify)
+        result
     }
 }
 
@@ -162,13 +167,25 @@ pub(crate) fn end_suspects(
 }
 
 /// One attempt: connect, then ask the server who we are.
-fn attempt(config: &postgres::Config, tls: &tls::Connector) -> Attempt {
-    let mut client = tls.connect(config)?;
-    let row = client.query_one(IDENTIFY, &[])?;
+/// One attempt: connect, ask the server who we are, and refuse a standby unless allowed.
+fn attempt(config: &postgres::Config, tls: &tls::Connector, allow_standby: bool) -> Attempt {
+    let mut client = tls.connect(config).map_err(classify)?;
+    let row = client.query_one(IDENTIFY, &[]).map_err(classify)?;
     let backend = Backend {
-        pid: row.try_get(0)?,
-        started_us: row.try_get(1)?,
+        pid: row.try_get(0).map_err(classify)?,
+        started_us: row.try_get(1).map_err(classify)?,
     };
+    let standby: bool = row.try_get(2).map_err(classify)?;
+    if standby && !allow_standby {
+        // Dropping the client closes the connection.
+        return Err(Error::new(
+            ErrorKind::Connect,
+            "refusing a standby: the server is in recovery (a read replica), and advisory locks \
+             taken there exclude nobody on the primary. Connect to the primary (with several \
+             hosts, add target_session_attrs=read-write), or allow it with \
+             Builder::allow_standby(true)",
+        ));
+    }
     Ok((client, backend))
 }
 

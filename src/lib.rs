@@ -66,7 +66,7 @@
 //!   when it resumes. A frozen backend does keep its locks while it stays frozen: nothing can release
 //!   them before the server ends it.
 //! * **Reconnect.** After a loss the worker reconnects by itself, with capped exponential backoff
-//!   (50 ms doubling to 2 s) plus jitter. While it is offline, `try_lock`, `unlock` and
+//!   (50 ms doubling to 1 s) plus jitter. While it is offline, `try_lock`, `unlock` and
 //!   `ensure_held` fail fast with [`ErrorKind::Offline`]; waiting calls (`lock`, `try_lock_for` and
 //!   the shared forms) keep trying within their own deadline and, if it passes while the manager is
 //!   still offline, return that error rather than `Ok(None)`.

@@ -378,6 +378,7 @@ pub struct Builder {
     heartbeat: Duration,
     spin_wait: bool,
     tls: Tls,
+    allow_standby: bool,
 }
 
 impl Default for Builder {
@@ -391,6 +392,7 @@ impl Default for Builder {
             heartbeat: DEFAULT_HEARTBEAT,
             spin_wait: false,
             tls: Tls::new(),
+            allow_standby: false,
         }
     }
 }
@@ -492,6 +494,19 @@ impl Builder {
         self.connect_with(config, tls)
     }
 
+    /// Whether a standby may serve locks. Advisory locks work on a hot standby but are local to
+    /// it — never replicated — so locks taken on a read replica exclude nobody on the primary or on
+    /// other replicas. By default every connection and reconnection checks `pg_is_in_recovery()`
+    /// and refuses a standby with [`ErrorKind::Connect`] (the message says "standby"); with several
+    /// hosts, `target_session_attrs=read-write` makes the client skip standbys by itself. Allow it
+    /// only when every process that contends for the locks uses that same standby.
+    ///
+    /// Defaults to `false`.
+    pub fn allow_standby(mut self, allow: bool) -> Builder {
+        self.allow_standby = allow;
+        self
+    }
+
     /// TLS settings (libpq's `sslmode`, `sslrootcert`, `sslcert`, `sslkey`) for connections whose
     /// parameters do not say otherwise; see [`Tls`] and the crate docs' "TLS".
     ///
@@ -547,7 +562,12 @@ impl Builder {
         let (shutdown, shutdown_rx) = crossbeam_channel::bounded(0);
         let link = Arc::new(Link::new());
         let spec = Spec {
-            connector: Arc::new(Connector::new(config, tls, self.connect_timeout)),
+            connector: Arc::new(Connector::new(
+                config,
+                tls,
+                self.connect_timeout,
+                self.allow_standby,
+            )),
             requests: queue,
             link: Arc::clone(&link),
             heartbeat: self.heartbeat.max(MIN_HEARTBEAT),

@@ -11,9 +11,10 @@ use std::fmt::Write;
 
 use crate::key::{LockKey, Space};
 
-/// Identifies a new connection's backend: its pid and start time (µs since the epoch).
+/// Identifies a new connection's backend: its pid, its start time (µs since the epoch), and
+/// whether the server is a standby (in recovery).
 pub(crate) const IDENTIFY: &str = "SELECT pg_backend_pid(), \
-     (extract(epoch FROM backend_start) * 1000000)::int8 \
+     (extract(epoch FROM backend_start) * 1000000)::int8, pg_is_in_recovery() \
      FROM pg_stat_activity WHERE pid = pg_backend_pid()";
 
 /// Exclusive or shared: which family of advisory functions a request uses.

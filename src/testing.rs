@@ -162,6 +162,8 @@ impl TestCluster {
         }
         hba.push_str(
             "local all all trust\n\
+             local replication all trust\n\
+             host replication postgres 127.0.0.1/32 trust\n\
              host all postgres 127.0.0.1/32 trust\n\
              host all postgres ::1/128 trust\n\
              host all all 127.0.0.1/32 scram-sha-256\n\
@@ -186,37 +188,7 @@ impl TestCluster {
             }
         }
         let watchdog = spawn_watchdog(&bin, &data, &root, run_as).map_err(cleanup)?;
-        let mut local = Local {
-            root,
-            data,
-            bin,
-            port: 0,
-            run_as,
-            watchdog: Mutex::new(Some(watchdog)),
-        };
-        // A free port can be taken by someone else between our probe and the server's bind; try again.
-        let mut last = None;
-        for _ in 0..5 {
-            local.port = free_port()?;
-            match local.pg_ctl_start() {
-                Ok(()) => {
-                    last = None;
-                    break;
-                }
-                Err(e) => last = Some(e),
-            }
-        }
-        if let Some(e) = last {
-            return Err(e); // dropping `local` stops the watchdog, which removes the directory
-        }
-        let url = format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
-            local.port
-        );
-        let cluster = TestCluster {
-            url,
-            local: Some(local),
-        };
+        let cluster = Local::start(root, data, bin, run_as, watchdog)?;
         if !setup.sql.is_empty() {
             let mut client = postgres::Client::connect(cluster.url(), postgres::NoTls)
                 .map_err(io::Error::other)?;
@@ -225,6 +197,69 @@ impl TestCluster {
             }
         }
         Ok(cluster)
+    }
+
+    /// Starts a streaming standby of this local cluster (`pg_basebackup -R`), listening on a port
+    /// of its own; it is stopped and removed like any [`TestCluster`].
+    ///
+    /// # Errors
+    ///
+    /// For a cluster named by `DATABASE_URL`, or when `pg_basebackup` or the server fails.
+    pub fn start_standby(&self) -> io::Result<TestCluster> {
+        let primary = self.local_or_err()?;
+        let (bin, run_as) = (primary.bin.clone(), primary.run_as);
+        let root = make_root_dir(run_as)?;
+        let data = root.join("data");
+        let mut basebackup = Command::new(bin.join("pg_basebackup"));
+        basebackup
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-R",
+                "-X",
+                "stream",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-p",
+            ])
+            .arg(primary.port.to_string());
+        if let Err(e) = run_quietly(basebackup, &root, run_as, Duration::from_secs(120)) {
+            let _ = fs::remove_dir_all(&root);
+            return Err(e);
+        }
+        let watchdog = spawn_watchdog(&bin, &data, &root, run_as)?;
+        Local::start(root, data, bin, run_as, watchdog)
+    }
+
+    /// Promotes a standby to a primary and waits until it accepts writes (`pg_ctl promote -w`).
+    ///
+    /// # Errors
+    ///
+    /// For a cluster named by `DATABASE_URL`, or when `pg_ctl` fails.
+    pub fn promote(&self) -> io::Result<()> {
+        let local = self.local_or_err()?;
+        let mut cmd = Command::new(local.bin.join("pg_ctl"));
+        cmd.arg("-D")
+            .arg(&local.data)
+            .args(["-w", "-t", "60", "promote"]);
+        run_quietly(cmd, &local.root, local.run_as, Duration::from_secs(90))
+    }
+
+    /// Stops a local server at once, as a crash would (`pg_ctl stop -m immediate`): no checkpoint,
+    /// sessions cut. [`TestCluster::start_again`] brings it back (with crash recovery).
+    ///
+    /// # Errors
+    ///
+    /// For a cluster named by `DATABASE_URL`, or when `pg_ctl` fails.
+    pub fn crash(&self) -> io::Result<()> {
+        let local = self.local_or_err()?;
+        let mut cmd = Command::new(local.bin.join("pg_ctl"));
+        cmd.arg("-D")
+            .arg(&local.data)
+            .args(["-m", "immediate", "-w", "-t", "60", "stop"]);
+        run_quietly(cmd, &local.root, local.run_as, Duration::from_secs(90))
     }
 
     /// libpq `key=value` connection parameters for a superuser.
@@ -307,6 +342,48 @@ impl TestCluster {
 }
 
 impl Local {
+    /// Starts the server of a prepared data directory on a free loopback port.
+    fn start(
+        root: PathBuf,
+        data: PathBuf,
+        bin: PathBuf,
+        run_as: Option<(u32, u32)>,
+        watchdog: (Child, ChildStdin),
+    ) -> io::Result<TestCluster> {
+        let mut local = Local {
+            root,
+            data,
+            bin,
+            port: 0,
+            run_as,
+            watchdog: Mutex::new(Some(watchdog)),
+        };
+        // A free port can be taken by someone else between our probe and the server's bind; try
+        // again.
+        let mut last = None;
+        for _ in 0..5 {
+            local.port = free_port()?;
+            match local.pg_ctl_start() {
+                Ok(()) => {
+                    last = None;
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        if let Some(e) = last {
+            return Err(e); // dropping `local` stops the watchdog, which removes the directory
+        }
+        let url = format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            local.port
+        );
+        Ok(TestCluster {
+            url,
+            local: Some(local),
+        })
+    }
+
     fn pg_ctl_start(&self) -> io::Result<()> {
         let options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
@@ -442,7 +519,13 @@ fn find_bin_dir() -> io::Result<PathBuf> {
     if let Some(path) = env::var_os("PATH") {
         for dir in env::split_paths(&path) {
             if has_tools(&dir) {
-                return Ok(dir);
+                // Links on PATH (Debian's wrappers, say) lead to the installation's own
+                // directory, which has the other tools (pg_basebackup, pgbench) too.
+                let real = fs::canonicalize(dir.join("initdb"))
+                    .ok()
+                    .and_then(|p| p.parent().map(Path::to_path_buf))
+                    .filter(|real| has_tools(real));
+                return Ok(real.unwrap_or(dir));
             }
         }
     }

@@ -25,7 +25,7 @@ use crate::sql::{Mode, Op};
 
 /// The first and the largest pause between two reconnect attempts.
 const FIRST_RECONNECT: Duration = Duration::from_millis(50);
-const MAX_RECONNECT: Duration = Duration::from_secs(2);
+const MAX_RECONNECT: Duration = Duration::from_secs(1);
 
 /// Everything a worker needs; the monitor keeps a copy to start a replacement.
 #[derive(Clone)]

@@ -1,0 +1,164 @@
+//! A primary and a streaming standby (`pg_basebackup -R`) of this binary's own: a standby is
+//! refused, and a manager given both hosts follows a failover by itself — every guard is told it
+//! is lost, and the promoted standby grants again. These tests stop servers, so they run one at a
+//! time and only on throwaway clusters.
+
+mod common;
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::eventually;
+use distlock::testing::TestCluster;
+use distlock::{ErrorKind, LockKey, LockManager};
+use parking_lot::Mutex;
+
+/// Serializes the tests of this binary: each one builds and breaks its own pair of servers.
+static PAIR: Mutex<()> = Mutex::new(());
+
+/// A primary and its streaming standby, or `None` (with the reason said) where they cannot run.
+fn pair() -> Option<(TestCluster, TestCluster)> {
+    if std::env::var("DATABASE_URL").is_ok_and(|v| !v.trim().is_empty()) {
+        eprintln!(
+            "skipped: DATABASE_URL is set, and these tests stop and promote servers of their own"
+        );
+        return None;
+    }
+    let primary = TestCluster::start().expect("start the primary");
+    let standby = primary.start_standby().expect("start the standby");
+    let mut client = postgres::Client::connect(primary.url(), postgres::NoTls).unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'",
+                    &[],
+                )
+                .unwrap()
+                .get::<_, i64>(0)
+                == 1
+        }),
+        "the standby never streamed"
+    );
+    Some((primary, standby))
+}
+
+#[test]
+fn a_standby_is_refused_unless_allowed() {
+    let _one_at_a_time = PAIR.lock();
+    let Some((_primary, standby)) = pair() else {
+        return;
+    };
+    let err = LockManager::connect(standby.url()).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Connect, "{err:?}");
+    assert!(err.to_string().contains("standby"), "{err}");
+    let locks = LockManager::builder()
+        .allow_standby(true)
+        .connect(standby.url())
+        .expect("allowed");
+    assert!(locks.try_lock("failover/on-standby").unwrap().is_some());
+}
+
+#[test]
+fn a_failover_loses_every_guard_and_the_promoted_standby_grants_again() {
+    let _one_at_a_time = PAIR.lock();
+    let Some((primary, standby)) = pair() else {
+        return;
+    };
+    let both = format!(
+        "host=127.0.0.1,127.0.0.1 port={},{} user=postgres dbname=postgres \
+         target_session_attrs=read-write",
+        primary.port().unwrap(),
+        standby.port().unwrap()
+    );
+    // Default settings, as a user would have them.
+    let locks = LockManager::builder()
+        .application_name("failover")
+        .connect(&both)
+        .expect("connects to the primary");
+    let keys: Vec<LockKey> = (0..3).map(|i| LockKey::pair(4242, i)).collect();
+    let guards: Vec<_> = keys
+        .iter()
+        .map(|&k| locks.try_lock(k).unwrap().expect("free"))
+        .collect();
+    // Watch each guard's loss signal from the moment the primary dies.
+    let watchers: Vec<_> = guards
+        .iter()
+        .map(|g| {
+            let lost = g.lost().clone();
+            thread::spawn(move || {
+                let _ = lost.recv_timeout(Duration::from_secs(60));
+                Instant::now()
+            })
+        })
+        .collect();
+
+    let crashed = Instant::now();
+    primary.crash().expect("crash the primary");
+    standby.promote().expect("promote the standby");
+    let promoted = Instant::now();
+    let key = LockKey::name("failover/after");
+    let mut granted = None;
+    let until = promoted + Duration::from_secs(30);
+    while Instant::now() < until {
+        if let Ok(Some(guard)) = locks.try_lock(key) {
+            granted = Some((Instant::now(), guard));
+            break;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    let (granted_at, _guard) = granted.expect("the manager found the promoted standby");
+    let took = granted_at.duration_since(promoted);
+    eprintln!(
+        "failover: `pg_ctl promote -w` returned -> first new grant {took:?}; \
+         primary crashed -> first new grant {:?} (default settings)",
+        granted_at.duration_since(crashed)
+    );
+    // Every old guard was told before anything was granted again.
+    for (watcher, guard) in watchers.into_iter().zip(&guards) {
+        let lost_at = watcher.join().unwrap();
+        assert!(guard.is_lost());
+        assert!(
+            lost_at <= granted_at,
+            "a new grant came before a holder was told"
+        );
+    }
+    // On the new primary the old keys are free: another process takes them.
+    let other = LockManager::connect(&both).unwrap();
+    for &k in &keys {
+        assert!(other.try_lock(k).unwrap().is_some(), "{k} was still held");
+    }
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+}
+
+#[test]
+fn a_late_promotion_is_found_within_a_reconnect_pause() {
+    let _one_at_a_time = PAIR.lock();
+    let Some((primary, standby)) = pair() else {
+        return;
+    };
+    let both = format!(
+        "host=127.0.0.1,127.0.0.1 port={},{} user=postgres dbname=postgres \
+         target_session_attrs=read-write",
+        primary.port().unwrap(),
+        standby.port().unwrap()
+    );
+    let locks = LockManager::connect(&both).unwrap();
+    let guard = locks.try_lock("failover/late").unwrap().unwrap();
+    primary.crash().expect("crash the primary");
+    // An HA system takes seconds to decide; meanwhile the manager's reconnect pauses grow to their
+    // cap.
+    thread::sleep(Duration::from_secs(4));
+    assert!(guard.is_lost());
+    standby.promote().expect("promote the standby");
+    let promoted = Instant::now();
+    assert!(eventually(Duration::from_secs(30), || matches!(
+        locks.try_lock("failover/late-after"),
+        Ok(Some(_))
+    )));
+    let took = promoted.elapsed();
+    eprintln!(
+        "failover: promoted 4 s after the crash -> first new grant {took:?} (default settings)"
+    );
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+}
