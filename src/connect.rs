@@ -106,7 +106,7 @@ impl Connector {
             .map_err(|e| {
                 Error::with_source(ErrorKind::Io, "could not spawn a connect thread", e)
             })?;
-        let result = match recv_until(&rx, deadline) {
+        match recv_until(&rx, deadline) {
             Ok(result) => result,
             Err(RecvTimeoutError::Disconnected) => {
                 return Err(Error::new(
@@ -122,12 +122,11 @@ impl Connector {
                         *gave_up = true;
                         drop(gave_up);
                         *in_flight = Some(InFlight { done: rx });
-                        return Err(Error::timeout("timed out connecting to the server"));
+                        Err(Error::timeout("timed out connecting to the server"))
                     }
                 }
             }
-        };
-        result
+        }
     }
 }
 
