@@ -108,12 +108,10 @@ impl Connector {
             })?;
         match recv_until(&rx, deadline) {
             Ok(result) => result,
-            Err(RecvTimeoutError::Disconnected) => {
-                return Err(Error::new(
-                    ErrorKind::Connect,
-                    "the connect thread ended without an answer",
-                ));
-            }
+            Err(RecvTimeoutError::Disconnected) => Err(Error::new(
+                ErrorKind::Connect,
+                "the connect thread ended without an answer",
+            )),
             Err(RecvTimeoutError::Timeout) => {
                 let mut gave_up = abandoned.lock();
                 match rx.try_recv() {
