@@ -29,6 +29,32 @@ fn server() -> &'static TestCluster {
     TestCluster::shared()
 }
 
+/// A throwaway cluster of this process's own with `ssl = on` and a self-signed certificate, for
+/// the cost of a cycle over TLS. Certificate generation and start-up cancel out like connecting.
+fn tls_server() -> &'static TestCluster {
+    static TLS: std::sync::OnceLock<TestCluster> = std::sync::OnceLock::new();
+    TLS.get_or_init(|| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let setup = distlock::testing::Setup {
+            settings: vec![
+                ("ssl".into(), "on".into()),
+                ("ssl_cert_file".into(), "server.crt".into()),
+                ("ssl_key_file".into(), "server.key".into()),
+            ],
+            files: vec![
+                ("server.crt".into(), cert.pem().into_bytes()),
+                ("server.key".into(), key.serialize_pem().into_bytes()),
+            ],
+            ..Default::default()
+        };
+        TestCluster::start_with(&setup).unwrap()
+    })
+}
+
 fn rows(messages: &[SimpleQueryMessage]) -> u64 {
     messages
         .iter()
@@ -110,6 +136,25 @@ fn manager_spin_wait_cycle(cycles: u64) -> u64 {
     cycles
 }
 
+// `try_lock` + drop on a free key over TLS (`sslmode=require`), against `manager_cycle` in plain
+// text: the steady-state cost of encryption. Reported, not gated.
+#[library_benchmark]
+#[bench::short(SHORT)]
+#[bench::long(LONG)]
+fn manager_tls_cycle(cycles: u64) -> u64 {
+    let params = format!("{} sslmode=require", tls_server().url());
+    let locks = LockManager::builder()
+        .application_name("distlock-iai-tls")
+        .heartbeat(std::time::Duration::from_secs(3600))
+        .connect(&params)
+        .unwrap();
+    for i in 0..cycles {
+        let guard = locks.try_lock(LockKey::id(0x5eed_4000 + (i % 16) as i64));
+        drop(black_box(guard.unwrap().unwrap()));
+    }
+    cycles
+}
+
 // `try_lock_shared` + drop on a free key.
 #[library_benchmark]
 #[bench::short(SHORT)]
@@ -176,7 +221,7 @@ fn key_from_name(cycles: u64) -> i64 {
 library_benchmark_group!(
     name = cycles;
     benchmarks = raw_client_cycle, manager_cycle, manager_shared_cycle, manager_refused,
-        manager_8_threads, manager_spin_wait_cycle, key_from_name
+        manager_8_threads, manager_spin_wait_cycle, manager_tls_cycle, key_from_name
 );
 
 main!(

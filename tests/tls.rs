@@ -8,6 +8,7 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+use std::time::Instant;
 
 use distlock::testing::{Setup, TestCluster};
 use distlock::{ErrorKind, LockKey, LockManager};
@@ -411,4 +412,67 @@ fn the_command_honours_the_pgssl_variables() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Prints (asserts nothing about timing) what TLS costs in wall-clock time on this machine: the
+/// time to connect a manager, and the lock+unlock cycle, each plaintext against TLS, interleaved.
+/// `cargo test --release --test tls measured -- --nocapture` reproduces the README's figures.
+#[test]
+fn measured_tls_cost_in_wall_clock_time() {
+    let Some(tls) = tls() else { return };
+    let ca = tls.file("ca.pem");
+    let cases = [
+        (
+            "plaintext",
+            tls.params("127.0.0.1", "postgres", "sslmode=disable"),
+        ),
+        (
+            "TLS, require",
+            tls.params("127.0.0.1", "postgres", "sslmode=require"),
+        ),
+        (
+            "TLS, verify-full",
+            tls.params(
+                "127.0.0.1",
+                "postgres",
+                &format!("sslmode=verify-full sslrootcert={ca}"),
+            ),
+        ),
+    ];
+    let p50 = |mut v: Vec<std::time::Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let mut connects = vec![Vec::new(); cases.len()];
+    for _ in 0..20 {
+        for (i, (_, params)) in cases.iter().enumerate() {
+            let started = Instant::now();
+            let locks = LockManager::connect(params).unwrap();
+            connects[i].push(started.elapsed());
+            drop(locks);
+        }
+    }
+    let managers: Vec<LockManager> = cases
+        .iter()
+        .map(|(_, params)| LockManager::connect(params).unwrap())
+        .collect();
+    let mut cycles = vec![Vec::new(); cases.len()];
+    for round in 0..10 {
+        for (i, locks) in managers.iter().enumerate() {
+            for n in 0..200 {
+                let key = LockKey::pair(9000 + i as i32, round * 200 + n);
+                let started = Instant::now();
+                drop(locks.try_lock(key).unwrap().unwrap());
+                cycles[i].push(started.elapsed());
+            }
+        }
+    }
+    for (i, (name, _)) in cases.iter().enumerate() {
+        eprintln!(
+            "tls cost: {name:<17} connect p50 {:>10.2?}   lock+unlock cycle p50 {:>9.2?}",
+            p50(connects[i].clone()),
+            p50(cycles[i].clone())
+        );
+    }
+    assert!(!connects[0].is_empty() && !cycles[0].is_empty());
 }
