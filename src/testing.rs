@@ -272,6 +272,11 @@ impl TestCluster {
         self.local.is_some()
     }
 
+    /// The directory of a local cluster's unix-domain socket (`host=<dir>` connects through it).
+    pub fn socket_dir(&self) -> Option<&Path> {
+        self.local.as_ref().map(|l| l.root.as_path())
+    }
+
     /// The TCP port of a local cluster.
     pub fn port(&self) -> Option<u16> {
         self.local.as_ref().map(|l| l.port)

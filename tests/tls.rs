@@ -77,6 +77,7 @@ fn tls() -> Option<&'static Tls> {
                 "hostssl all distlock_tls_only 127.0.0.1/32 scram-sha-256".into(),
                 "host all distlock_tls_only 127.0.0.1/32 reject".into(),
                 "hostssl all distlock_cert 127.0.0.1/32 cert".into(),
+                "host all distlock_md5 127.0.0.1/32 md5".into(),
                 "host all distlock_cert 127.0.0.1/32 reject".into(),
             ],
             settings: vec![
@@ -93,6 +94,9 @@ fn tls() -> Option<&'static Tls> {
             sql: vec![
                 "CREATE ROLE distlock_tls_only LOGIN PASSWORD 'tls-only-secret'".into(),
                 "CREATE ROLE distlock_cert LOGIN".into(),
+                "SET password_encryption = 'md5'; \
+                 CREATE ROLE distlock_md5 LOGIN PASSWORD 'md5-secret'"
+                    .into(),
             ],
         };
         let cluster = TestCluster::start_with(&setup).expect("start the TLS cluster");
@@ -475,4 +479,32 @@ fn measured_tls_cost_in_wall_clock_time() {
         );
     }
     assert!(!connects[0].is_empty() && !cycles[0].is_empty());
+}
+
+#[test]
+fn md5_roles_and_unix_domain_sockets_connect() {
+    let Some(tls) = tls() else { return };
+    assert!(works(
+        tls,
+        &tls.params("127.0.0.1", "distlock_md5", "password=md5-secret"),
+        "md5-role"
+    ));
+    let dir = tls.cluster.socket_dir().unwrap().display().to_string();
+    let locks = LockManager::builder()
+        .application_name("unix-socket")
+        .connect(&format!(
+            "host={dir} port={} user=postgres dbname=postgres",
+            tls.port()
+        ))
+        .expect("unix socket");
+    assert!(locks.try_lock("tls/unix").unwrap().is_some());
+    let mut client = postgres::Client::connect(tls.cluster.url(), postgres::NoTls).unwrap();
+    let local: bool = client
+        .query_one(
+            "SELECT client_addr IS NULL FROM pg_stat_activity WHERE application_name = 'unix-socket'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(local, "connected through the socket, not TCP");
 }
