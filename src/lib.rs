@@ -126,7 +126,11 @@
 //!   ```
 //! * **Passwords**: SCRAM-SHA-256 and md5 roles, in the parameters. (The `distlock` command also
 //!   reads `PGPASSWORD` and `~/.pgpass`/`PGPASSFILE`, as libpq does.) Unix-domain sockets are a
-//!   `host=/path/to/socket/dir`. No password appears in any `Display`, `Debug` or log line.
+//!   `host=/path/to/socket/dir`; parameters that name no host mean libpq's default socket
+//!   (`/var/run/postgresql` where it exists, as Debian's and Ubuntu's libpq, else `/tmp`), and no
+//!   user means the operating-system user (`USER`). An entirely empty string is an
+//!   [`ErrorKind::Config`] error: it is far more often a variable that was never set. No password
+//!   appears in any `Display`, `Debug` or log line.
 //! * **Never a standby.** Advisory locks work on a hot standby but are local to it, so a lock taken
 //!   on a read replica excludes nobody on the primary. Every connection and reconnection checks
 //!   `pg_is_in_recovery()` and refuses a standby (the error says "standby") unless

@@ -10,7 +10,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::backoff::Backoff;
 use crate::clock::deadline_in;
-use crate::connect::Connector;
+use crate::connect::{self, Connector};
 use crate::error::{Error, ErrorKind, Result};
 use crate::guard::LockGuard;
 use crate::key::LockKey;
@@ -489,6 +489,14 @@ impl Builder {
     ///
     /// As for [`LockManager::connect`].
     pub fn connect(self, params: &str) -> Result<LockManager> {
+        if params.trim().is_empty() {
+            // libpq would try the default socket as the OS user; an empty string is far more
+            // often a variable that was never set.
+            return Err(Error::new(
+                ErrorKind::Config,
+                "no connection parameters given (an empty string)",
+            ));
+        }
         let (config, tls) = Tls::parse_params(params)?;
         let tls = self.tls.overridden_by(&tls);
         self.connect_with(config, tls)
@@ -533,6 +541,7 @@ impl Builder {
     }
 
     fn connect_with(self, mut config: postgres::Config, tls: Tls) -> Result<LockManager> {
+        connect::libpq_defaults(&mut config)?;
         self.check(&config)?;
         let tls = tls.connector(&mut config)?;
         // TCP keepalives find a peer that vanished while the connection idles between heartbeats
@@ -663,12 +672,6 @@ impl Builder {
 fn check_hosts(config: &postgres::Config) -> Result<()> {
     let hosts = config.get_hosts().len();
     let addrs = config.get_hostaddrs().len();
-    if hosts == 0 && addrs == 0 {
-        return Err(Error::new(
-            ErrorKind::Config,
-            "no host given in the connection parameters (host=... or postgres://HOST/...)",
-        ));
-    }
     if hosts != 0 && addrs != 0 && hosts != addrs {
         return Err(Error::new(
             ErrorKind::Config,

@@ -50,6 +50,15 @@ pub struct Setup {
     pub files: Vec<(String, Vec<u8>)>,
     /// SQL the superuser runs once the server is up (roles, say).
     pub sql: Vec<String>,
+    /// Directories for more unix-domain sockets, besides the cluster's own directory (the default
+    /// socket directory, say: [`default_socket_dir`]).
+    pub socket_dirs: Vec<PathBuf>,
+}
+
+/// Where a connection whose parameters name no host looks for the server's socket, as libpq does:
+/// `/var/run/postgresql` where it exists, else `/tmp`.
+pub fn default_socket_dir() -> &'static Path {
+    crate::connect::default_socket_dir()
 }
 
 /// A cluster this process started.
@@ -63,6 +72,8 @@ struct Local {
     bin: PathBuf,
     /// The TCP port on 127.0.0.1.
     port: u16,
+    /// The unix-domain socket directories, comma-separated (the root first).
+    sockets: String,
     /// `(uid, gid)` to run the server as, when this process is root.
     run_as: Option<(u32, u32)>,
     /// The watchdog and the write end of its pipe; dropping the pipe makes it stop the server.
@@ -188,7 +199,12 @@ impl TestCluster {
             }
         }
         let watchdog = spawn_watchdog(&bin, &data, &root, run_as).map_err(cleanup)?;
-        let cluster = Local::start(root, data, bin, run_as, watchdog)?;
+        let mut sockets = root.display().to_string();
+        for dir in &setup.socket_dirs {
+            sockets.push(',');
+            sockets.push_str(&dir.display().to_string());
+        }
+        let cluster = Local::start(root, data, bin, run_as, watchdog, sockets)?;
         if !setup.sql.is_empty() {
             let mut client = postgres::Client::connect(cluster.url(), postgres::NoTls)
                 .map_err(io::Error::other)?;
@@ -230,7 +246,8 @@ impl TestCluster {
             return Err(e);
         }
         let watchdog = spawn_watchdog(&bin, &data, &root, run_as)?;
-        Local::start(root, data, bin, run_as, watchdog)
+        let sockets = root.display().to_string();
+        Local::start(root, data, bin, run_as, watchdog, sockets)
     }
 
     /// Promotes a standby to a primary and waits until it accepts writes (`pg_ctl promote -w`).
@@ -354,8 +371,10 @@ impl Local {
         bin: PathBuf,
         run_as: Option<(u32, u32)>,
         watchdog: (Child, ChildStdin),
+        sockets: String,
     ) -> io::Result<TestCluster> {
         let mut local = Local {
+            sockets,
             root,
             data,
             bin,
@@ -393,8 +412,7 @@ impl Local {
         let options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
              -c full_page_writes=off -c max_connections=300 -c shared_buffers=32MB",
-            self.port,
-            self.root.display()
+            self.port, self.sockets
         );
         let mut cmd = Command::new(self.bin.join("pg_ctl"));
         cmd.arg("-D")

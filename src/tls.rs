@@ -203,6 +203,7 @@ impl Tls {
     /// fails (a rejected certificate says so).
     pub fn connect_client(&self, config: &postgres::Config) -> Result<postgres::Client> {
         let mut config = config.clone();
+        crate::connect::libpq_defaults(&mut config)?;
         let connector = self.connector(&mut config)?;
         connector.connect(&config).map_err(|e| {
             let message = match explain(&e) {

@@ -207,7 +207,7 @@ const EXTREMES: [Duration; 4] = [
 fn unusable_host_lists_are_config_errors_before_any_connect() {
     for params in [
         "",
-        "user=postgres dbname=postgres",
+        "  ",
         "host=a,b,c port=5432,5433 user=postgres",
         "host=a,b hostaddr=127.0.0.1 user=postgres",
     ] {

@@ -356,7 +356,7 @@ fn bad_input_gets_one_readable_line_and_its_exit_code() {
         (
             vec!["--database-url", "", "run", "--key", "x", "--", "true"],
             64,
-            "no host given",
+            "empty connection string",
         ),
         (
             vec!["--database-url", "host=a,b,c port=1,2 user=x", "locks"],

@@ -98,6 +98,8 @@ fn tls() -> Option<&'static Tls> {
                  CREATE ROLE distlock_md5 LOGIN PASSWORD 'md5-secret'"
                     .into(),
             ],
+            // Also listen where a connection without a host looks, as libpq's would.
+            socket_dirs: vec![distlock::testing::default_socket_dir().to_path_buf()],
         };
         let cluster = TestCluster::start_with(&setup).expect("start the TLS cluster");
         Some(Tls { cluster, dir })
@@ -507,4 +509,33 @@ fn md5_roles_and_unix_domain_sockets_connect() {
         .unwrap()
         .get(0);
     assert!(local, "connected through the socket, not TCP");
+}
+
+#[test]
+fn no_host_means_libpqs_default_socket_for_the_library_and_the_command() {
+    let Some(tls) = tls() else { return };
+    let locks = LockManager::builder()
+        .application_name("default-socket")
+        .connect(&format!(
+            "port={} user=postgres dbname=postgres",
+            tls.port()
+        ))
+        .expect("the default socket");
+    assert!(locks.try_lock("tls/default-socket").unwrap().is_some());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_distlock"))
+        .env_remove("DATABASE_URL")
+        .env_remove("PGHOST")
+        .env("PGPORT", tls.port().to_string())
+        .env("PGUSER", "postgres")
+        .env("PGDATABASE", "postgres")
+        .args(["run", "--key", "tls/default-socket-cli", "--", "true"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

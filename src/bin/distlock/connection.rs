@@ -37,6 +37,12 @@ pub fn shared_server(flag: Option<&str>) -> Result<Server, Failure> {
 
 fn given_server(flag: Option<&str>) -> Result<(postgres::Config, Tls), Failure> {
     if let Some(url) = flag.map(str::to_owned).or_else(|| nonempty("DATABASE_URL")) {
+        if url.trim().is_empty() {
+            return Err(Failure::new(
+                exit::USAGE,
+                anyhow!("empty connection string given to --database-url"),
+            ));
+        }
         return Tls::parse_params(&url).map_err(|e| {
             Failure::new(
                 exit::USAGE,
@@ -46,18 +52,23 @@ fn given_server(flag: Option<&str>) -> Result<(postgres::Config, Tls), Failure> 
             )
         });
     }
-    let Some(hosts) = nonempty("PGHOST") else {
+    if ["PGHOST", "PGPORT", "PGUSER", "PGDATABASE"]
+        .iter()
+        .all(|var| nonempty(var).is_none())
+    {
         return Err(Failure::new(
             exit::USAGE,
             anyhow!(
-                "no server given: pass --database-url, or set DATABASE_URL or PGHOST (with PGPORT, \
-                 PGUSER, PGPASSWORD, PGDATABASE as needed). The lock must live on the server that \
-                 every host shares."
+                "no server given: pass --database-url, or set DATABASE_URL or the libpq variables \
+                 PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE (without PGHOST, libpq's default \
+                 socket). The lock must live on the server that every host shares."
             ),
         ));
-    };
+    }
     let mut config = postgres::Config::new();
-    for host in hosts.split(',') {
+    // Without PGHOST the library uses libpq's default socket; a host starting with `/` is a
+    // socket directory.
+    for host in nonempty("PGHOST").iter().flat_map(|h| h.split(',')) {
         config.host(host);
     }
     if let Some(port) = nonempty("PGPORT") {

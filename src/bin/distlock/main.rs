@@ -24,7 +24,7 @@ Examples:
   distlock key nightly-report                               the bigint id SQL uses for a name
 
 Server: --database-url, else DATABASE_URL, else the libpq variables PGHOST, PGPORT, PGUSER,
-PGPASSWORD, PGDATABASE, PGAPPNAME (PGHOST is required then); a password missing from those is looked
+PGPASSWORD, PGDATABASE, PGAPPNAME (no PGHOST: libpq's default socket); a password missing from those is looked
 up in PGPASSFILE or ~/.pgpass, as libpq does. Only `demo` and `bench` fall back to a throwaway local
 cluster. A password on the command line (--database-url) is visible to every user of the host in
 ps: prefer PGPASSWORD, ~/.pgpass or DATABASE_URL. The command run by `run` does not inherit
