@@ -619,3 +619,44 @@ fn a_password_file_is_used_like_libpq_and_ignored_when_others_can_read_it() {
     );
     let _ = std::fs::remove_file(&passfile);
 }
+
+#[test]
+fn a_rejected_password_never_appears_in_the_commands_output() {
+    let Some(port) = cluster().port() else {
+        eprintln!("skipped: needs the local cluster, whose roles this test may create");
+        return;
+    };
+    let mut outside = plain();
+    outside
+        .batch_execute(
+            "DO $$ BEGIN CREATE ROLE distlock_cli_pw LOGIN PASSWORD 'the-right-one'; \
+             EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+        )
+        .unwrap();
+    let base = format!("host=127.0.0.1 port={port} user=distlock_cli_pw dbname=postgres");
+    for (url, env_password) in [
+        (format!("{base} password=url-wrong-secret-31"), None),
+        (base.clone(), Some("env-wrong-secret-32")),
+    ] {
+        for args in [vec!["run", "--key", "cli/pw", "--", "true"], vec!["locks"]] {
+            let mut cmd = distlock();
+            cmd.env("DATABASE_URL", &url).env_remove("PGPASSWORD");
+            if let Some(p) = env_password {
+                cmd.env("PGPASSWORD", p);
+            }
+            let out = output(cmd.args(&args));
+            assert_eq!(code(&out), 69, "{args:?}: {}", stderr(&out));
+            let shown = format!("{}{}", stderr(&out), String::from_utf8_lossy(&out.stdout));
+            assert!(!shown.contains("wrong-secret"), "{args:?}: {shown}");
+            assert!(shown.contains("password"), "the reason is said: {shown}");
+        }
+    }
+    // PGPASSWORD serves a connection string without a password, as in libpq.
+    let out = output(
+        distlock()
+            .env("DATABASE_URL", &base)
+            .env("PGPASSWORD", "the-right-one")
+            .args(["run", "--key", "cli/pw", "--", "true"]),
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+}

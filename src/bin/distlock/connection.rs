@@ -28,8 +28,13 @@ pub fn shared_server(flag: Option<&str>) -> Result<Server, Failure> {
     let usage = |e: distlock::Error| Failure::new(exit::USAGE, anyhow!(e));
     let (mut config, tls) = given_server(flag)?;
     let tls = tls.with_defaults(Tls::from_env().map_err(usage)?);
+    // As libpq: the connection string's password, else PGPASSWORD, else the password file.
     if config.get_password().is_none() {
-        password_from_file(&mut config);
+        if let Some(password) = nonempty("PGPASSWORD") {
+            config.password(password);
+        } else {
+            password_from_file(&mut config);
+        }
     }
     LockManager::builder().check(&config).map_err(usage)?;
     Ok(Server { config, tls })
@@ -85,9 +90,6 @@ fn given_server(flag: Option<&str>) -> Result<(postgres::Config, Tls), Failure> 
         .or_else(|| nonempty("LOGNAME"))
         .ok_or_else(|| Failure::new(exit::USAGE, anyhow!("no user: set PGUSER")))?;
     config.user(&user);
-    if let Some(password) = nonempty("PGPASSWORD") {
-        config.password(password);
-    }
     if let Some(db) = nonempty("PGDATABASE") {
         config.dbname(&db);
     }
