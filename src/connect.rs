@@ -25,7 +25,7 @@ use postgres::Client;
 use crate::error::{Error, ErrorKind};
 use crate::link::{Backend, Link, Site};
 use crate::session::{Conn, Failed, Query};
-use crate::sql::IDENTIFY;
+use crate::sql::{IDENTIFY, ServerKeepalive, Sql};
 use crate::tls;
 
 /// What one attempt brings: a client and its backend, or why not.
@@ -41,6 +41,8 @@ pub(crate) struct Connector {
     timeout: Duration,
     /// Whether a standby (a server in recovery) may serve locks.
     allow_standby: bool,
+    /// The server-side keepalives each lock session sets, if any.
+    keepalive: Option<ServerKeepalive>,
     /// The attempt still running after its caller stopped waiting, if any.
     in_flight: Mutex<Option<InFlight>>,
 }
@@ -57,11 +59,13 @@ impl Connector {
         tls: tls::Connector,
         timeout: Duration,
         allow_standby: bool,
+        keepalive: Option<ServerKeepalive>,
     ) -> Connector {
         Connector {
             config,
             tls,
             allow_standby,
+            keepalive,
             timeout,
             in_flight: Mutex::new(None),
         }
@@ -93,11 +97,11 @@ impl Connector {
         let helper_abandoned = Arc::clone(&abandoned);
         let config = self.config.clone();
         let tls = self.tls.clone();
-        let allow_standby = self.allow_standby;
+        let (allow_standby, keepalive) = (self.allow_standby, self.keepalive);
         thread::Builder::new()
             .name("distlock-connect".into())
             .spawn(move || {
-                let attempt = attempt(&config, &tls, allow_standby);
+                let attempt = attempt(&config, &tls, allow_standby, keepalive);
                 let abandoned = helper_abandoned.lock();
                 if !*abandoned {
                     let _ = tx.send(attempt);
@@ -200,7 +204,12 @@ pub(crate) fn end_suspects(
 
 /// One attempt: connect, then ask the server who we are.
 /// One attempt: connect, ask the server who we are, and refuse a standby unless allowed.
-fn attempt(config: &postgres::Config, tls: &tls::Connector, allow_standby: bool) -> Attempt {
+fn attempt(
+    config: &postgres::Config,
+    tls: &tls::Connector,
+    allow_standby: bool,
+    keepalive: Option<ServerKeepalive>,
+) -> Attempt {
     let mut client = tls.connect(config).map_err(classify)?;
     let row = client.query_one(IDENTIFY, &[]).map_err(classify)?;
     let backend = Backend {
@@ -218,6 +227,11 @@ fn attempt(config: &postgres::Config, tls: &tls::Connector, allow_standby: bool)
              Builder::allow_standby(true)",
         ));
     }
+    // The session lives as long as its locks: no culls, and a vanished client is noticed.
+    let version: i32 = row.try_get(3).map_err(classify)?;
+    let mut setup = Sql::new();
+    setup.push_session_setup(version, keepalive);
+    client.batch_execute(setup.as_str()).map_err(classify)?;
     Ok((client, backend))
 }
 

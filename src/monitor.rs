@@ -23,7 +23,7 @@ const MIN_STALL: Duration = Duration::from_millis(100);
 
 /// Starts the monitor; it ends when `shutdown` disconnects (the manager is gone).
 pub(crate) fn start(spec: Spec, shutdown: Receiver<()>) -> std::io::Result<()> {
-    let limit = spec.request_timeout.max(MIN_STALL);
+    let limit = spec.stall_limit.max(MIN_STALL);
     let heartbeat = spec.heartbeat;
     // Check often enough to act within a small fraction of the stall bound and of the heartbeat,
     // but never spin.

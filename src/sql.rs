@@ -14,8 +14,39 @@ use crate::key::{LockKey, Space};
 /// Identifies a new connection's backend: its pid, its start time (µs since the epoch), and
 /// whether the server is a standby (in recovery).
 pub(crate) const IDENTIFY: &str = "SELECT pg_backend_pid(), \
-     (extract(epoch FROM backend_start) * 1000000)::int8, pg_is_in_recovery() \
+     (extract(epoch FROM backend_start) * 1000000)::int8, pg_is_in_recovery(), \
+     current_setting('server_version_num')::int4 \
      FROM pg_stat_activity WHERE pid = pg_backend_pid()";
+
+/// How the server should watch a lock session's client, so that a client whose host vanished
+/// (no FIN, no RST) loses its session, and its locks, within a bound: TCP keepalive probes after
+/// `idle_s` seconds of silence, every `interval_s` seconds, `count` of them unanswered; and at most
+/// `user_timeout_ms` for data the client never acknowledges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ServerKeepalive {
+    pub(crate) idle_s: u32,
+    pub(crate) interval_s: u32,
+    pub(crate) count: u32,
+    pub(crate) user_timeout_ms: u32,
+}
+
+impl ServerKeepalive {
+    /// Settings under which a silent client's session ends within `bound` (whole seconds, at
+    /// least 2): half of it idle, the rest in probes a second or more apart (Linux allows 127 at
+    /// most).
+    pub(crate) fn within(bound: std::time::Duration) -> ServerKeepalive {
+        let total = u32::try_from(bound.as_secs()).unwrap_or(u32::MAX).max(2);
+        let idle_s = total / 2;
+        let rest = total - idle_s;
+        let count = rest.min(10);
+        ServerKeepalive {
+            idle_s,
+            interval_s: rest / count,
+            count,
+            user_timeout_ms: total.saturating_mul(1000).min(i32::MAX as u32),
+        }
+    }
+}
 
 /// Exclusive or shared: which family of advisory functions a request uses.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
@@ -123,6 +154,33 @@ impl Sql {
         );
     }
 
+    /// Appends the lock session's set-up for a server of `version` (`server_version_num`): no
+    /// idle-session culls (they would end the session, and its locks, between two statements),
+    /// and the server-side keepalives, when given. Only settings the server has are set.
+    pub(crate) fn push_session_setup(&mut self, version: i32, keepalive: Option<ServerKeepalive>) {
+        let set = |buf: &mut String, name: &str, value: u32| {
+            if !buf.is_empty() {
+                buf.push(';');
+            }
+            buf.push_str("SET ");
+            buf.push_str(name);
+            buf.push_str(" = ");
+            push_integer(buf, i64::from(value));
+        };
+        set(&mut self.buf, "idle_in_transaction_session_timeout", 0);
+        if version >= 140_000 {
+            set(&mut self.buf, "idle_session_timeout", 0);
+        }
+        if let Some(k) = keepalive {
+            set(&mut self.buf, "tcp_keepalives_idle", k.idle_s);
+            set(&mut self.buf, "tcp_keepalives_interval", k.interval_s);
+            set(&mut self.buf, "tcp_keepalives_count", k.count);
+            if version >= 120_000 {
+                set(&mut self.buf, "tcp_user_timeout", k.user_timeout_ms);
+            }
+        }
+    }
+
     /// The statement text built so far.
     pub(crate) fn as_str(&self) -> &str {
         &self.buf
@@ -184,6 +242,35 @@ fn push_integer(out: &mut String, v: i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn session_setup_sets_only_what_the_server_has() {
+        let keepalive = ServerKeepalive::within(std::time::Duration::from_secs(12));
+        assert_eq!(
+            keepalive,
+            ServerKeepalive {
+                idle_s: 6,
+                interval_s: 1,
+                count: 6,
+                user_timeout_ms: 12_000
+            }
+        );
+        let mut sql = Sql::new();
+        sql.push_session_setup(150_004, Some(keepalive));
+        assert_eq!(
+            sql.as_str(),
+            "SET idle_in_transaction_session_timeout = 0;SET idle_session_timeout = 0;\
+             SET tcp_keepalives_idle = 6;SET tcp_keepalives_interval = 1;\
+             SET tcp_keepalives_count = 6;SET tcp_user_timeout = 12000"
+        );
+        sql.clear();
+        sql.push_session_setup(110_000, None);
+        assert_eq!(sql.as_str(), "SET idle_in_transaction_session_timeout = 0");
+        let long = ServerKeepalive::within(std::time::Duration::from_secs(100));
+        assert_eq!((long.idle_s, long.interval_s, long.count), (50, 5, 10));
+        let tiny = ServerKeepalive::within(std::time::Duration::from_millis(1));
+        assert_eq!((tiny.idle_s, tiny.interval_s, tiny.count), (1, 1, 1));
+    }
 
     #[test]
     fn integers_format_like_display() {

@@ -38,8 +38,9 @@ pub(crate) struct Spec {
     pub(crate) link: Arc<Link>,
     /// Idle time after which the worker checks its connection.
     pub(crate) heartbeat: Duration,
-    /// Bound on a heartbeat's round trip.
-    pub(crate) request_timeout: Duration,
+    /// How long a heartbeat or statement may go unanswered before the connection is given up:
+    /// the request timeout, or half the dead-holder bound if that is shorter.
+    pub(crate) stall_limit: Duration,
     /// How many times a reply is offered before it is kept for later (more when callers spin).
     pub(crate) hand_over_turns: u32,
 }
@@ -286,7 +287,7 @@ impl Worker {
 
     #[inline(never)]
     fn heartbeat(&mut self, conn: &mut Conn) -> Result<(), End> {
-        conn.heartbeat(self.spec.request_timeout).map_err(|e| {
+        conn.heartbeat(self.spec.stall_limit).map_err(|e| {
             log::warn!("distlock worker: heartbeat failed: {e}");
             End::Lost
         })

@@ -1,0 +1,187 @@
+//! Real networks: a holder whose host vanishes (packets dropped, no FIN, no RST) and server-side
+//! culls of idle sessions. The dead-host scenario runs in a private network namespace (`unshare
+//! -n`, as root) with its own loopback: a server, a holder over TCP, a contender over the unix
+//! socket; then the loopback goes down, which cuts every TCP connection there silently.
+
+mod common;
+
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::eventually;
+use distlock::testing::{Setup, TestCluster};
+use distlock::{LockKey, LockManager};
+
+/// Set in the re-executed test process that runs inside the namespace: which scenario.
+const INSIDE: &str = "DISTLOCK_NETNS_SCENARIO";
+
+#[test]
+fn idle_session_culls_do_not_end_a_lock_session() {
+    if std::env::var(INSIDE).is_ok() {
+        return;
+    }
+    if std::env::var("DATABASE_URL").is_ok_and(|v| !v.trim().is_empty()) {
+        eprintln!("skipped: DATABASE_URL is set, and this test configures a server of its own");
+        return;
+    }
+    let setup = Setup {
+        settings: vec![
+            ("idle_session_timeout".into(), "1s".into()),
+            ("idle_in_transaction_session_timeout".into(), "1s".into()),
+        ],
+        ..Default::default()
+    };
+    let cluster = TestCluster::start_with(&setup).expect("a culling cluster");
+    // A heartbeat longer than the cull: without the session's own settings the server would end
+    // it after a second of idleness, and its lock with it.
+    let locks = LockManager::builder()
+        .application_name("cull")
+        .heartbeat(Duration::from_secs(10))
+        .connect(cluster.url())
+        .unwrap();
+    let key = LockKey::name("network/cull");
+    let guard = locks.try_lock(key).unwrap().expect("free");
+    thread::sleep(Duration::from_secs(5));
+    assert!(!guard.is_lost(), "reported lost");
+    guard.ensure_held().expect("still held after 5 s idle");
+    let mut plain = postgres::Client::connect(cluster.url(), postgres::NoTls).unwrap();
+    let taken: bool = plain
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&key.as_id().unwrap()])
+        .unwrap()
+        .get(0);
+    assert!(
+        !taken,
+        "another session took the lock: the holder's session was culled"
+    );
+    // The cull itself is real: a plain session idle for 2 s is ended.
+    thread::sleep(Duration::from_secs(2));
+    assert!(
+        plain.simple_query("SELECT 1").is_err(),
+        "the cluster does not cull"
+    );
+}
+
+/// Runs `scenario` in a private network namespace; returns its stderr, or `None` (said why) where
+/// the machine does not allow namespaces.
+fn in_namespace(scenario: &str) -> Option<String> {
+    let exe = std::env::current_exe().unwrap();
+    let out = Command::new("unshare")
+        .args(["-n", "--"])
+        .arg(&exe)
+        .args([
+            "--exact",
+            "scenario_inside_a_namespace",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(INSIDE, scenario)
+        .output();
+    let out = match out {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!("skipped: cannot run unshare ({e}); this test needs a network namespace");
+            return None;
+        }
+    };
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    if !out.status.success() && err.contains("unshare failed") {
+        eprintln!(
+            "skipped: this machine forbids network namespaces (unshare -n needs root): {}",
+            err.trim()
+        );
+        return None;
+    }
+    assert!(
+        out.status.success(),
+        "scenario {scenario} failed:\n{}\n{err}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    Some(err)
+}
+
+#[test]
+fn a_vanished_holders_locks_are_free_within_the_bound_and_the_holder_is_told_first() {
+    if std::env::var(INSIDE).is_ok() || std::env::var("DATABASE_URL").is_ok_and(|v| !v.is_empty()) {
+        return;
+    }
+    // Both at once: the baseline has to wait a minute either way.
+    let baseline = thread::spawn(|| in_namespace("baseline"));
+    let Some(configured) = in_namespace("configured") else {
+        return;
+    };
+    for line in configured.lines().filter(|l| l.starts_with("dead host:")) {
+        eprintln!("{line}");
+    }
+    assert!(configured.contains("dead host: configured"), "{configured}");
+    if let Some(baseline) = baseline.join().unwrap() {
+        for line in baseline.lines().filter(|l| l.starts_with("dead host:")) {
+            eprintln!("{line}");
+        }
+        assert!(baseline.contains("dead host: baseline"), "{baseline}");
+    }
+}
+
+fn ip(args: &[&str]) {
+    let status = Command::new("ip")
+        .args(args)
+        .status()
+        .expect("ip (iproute2)");
+    assert!(status.success(), "ip {args:?}");
+}
+
+/// Inside the namespace (the test above runs it): the holder over TCP, the contender over the
+/// unix socket, then the loopback goes down.
+#[test]
+fn scenario_inside_a_namespace() {
+    let Ok(scenario) = std::env::var(INSIDE) else {
+        return;
+    };
+    ip(&["link", "set", "lo", "up"]);
+    let cluster = TestCluster::start().expect("a cluster in the namespace");
+    let port = cluster.port().unwrap();
+    let socket = cluster.socket_dir().unwrap().display().to_string();
+    let mut holder = LockManager::builder().application_name("dead-holder");
+    if scenario == "baseline" {
+        // The server's own (kernel) keepalive settings: about two hours.
+        holder = holder.dead_holder_timeout(Duration::MAX);
+    }
+    let holder = holder.connect(cluster.url()).unwrap();
+    let contender = LockManager::connect(&format!(
+        "host={socket} port={port} user=postgres dbname=postgres"
+    ))
+    .unwrap();
+    let key = LockKey::name("network/dead-host");
+    let guard = holder.try_lock(key).unwrap().expect("free");
+    assert!(contender.try_lock(key).unwrap().is_none());
+    let lost = guard.lost().clone();
+    let cut = Instant::now();
+    ip(&["link", "set", "lo", "down"]);
+    let told = thread::spawn(move || {
+        let _ = lost.recv_timeout(Duration::from_secs(120));
+        cut.elapsed()
+    });
+    let limit = if scenario == "baseline" {
+        Duration::from_secs(60)
+    } else {
+        Duration::from_secs(40)
+    };
+    let acquired = eventually(limit, || matches!(contender.try_lock(key), Ok(Some(_))));
+    let waited = cut.elapsed();
+    if scenario == "baseline" {
+        assert!(!acquired, "acquired after {waited:?} without the settings");
+        eprintln!("dead host: baseline — still held {waited:?} after the cut");
+    } else {
+        assert!(acquired, "never acquired");
+        let told = told.join().unwrap();
+        eprintln!(
+            "dead host: configured (12 s bound) — the holder was told after {told:?}, the \
+             contender acquired after {waited:?}"
+        );
+        assert!(
+            told <= waited,
+            "the holder was told after the lock was taken"
+        );
+        assert!(waited < Duration::from_secs(15), "{waited:?}");
+    }
+}
