@@ -58,13 +58,24 @@
 //!   on). The worker checks an idle connection every [`Builder::heartbeat`] (1 s by default) and
 //!   TCP keepalives are on, so a killed backend or a restarted server is noticed within one heartbeat
 //!   plus a round trip; a busy connection notices at its next statement.
-//! * **Stalled.** The blocking client cannot time out a statement. If one runs longer than
-//!   [`Builder::request_timeout`] (a backend stopped with SIGSTOP, a silent network), callers get
-//!   [`ErrorKind::Timeout`] at that bound, a monitor thread declares the connection lost (its guards
+//! * **Stalled.** The blocking client cannot time out a statement. Callers get
+//!   [`ErrorKind::Timeout`] at [`Builder::request_timeout`] all the same, and if a statement runs
+//!   longer than that or than half the dead-holder bound, whichever is shorter (a backend stopped
+//!   with SIGSTOP, a silent network), a monitor thread declares the connection lost (its guards
 //!   are told) and starts a replacement connection, whose first act is to end the stalled backend
 //!   with `pg_terminate_backend` (matched by pid *and* start time), so that it cannot keep its locks
 //!   when it resumes. A frozen backend does keep its locks while it stays frozen: nothing can release
 //!   them before the server ends it.
+//! * **Vanished hosts.** A host that loses power or its network sends no FIN and no RST; the server
+//!   would keep its session, and its locks, until TCP gives up (about two hours with kernel
+//!   defaults). Every lock session sets the server's TCP keepalives for itself so that the server
+//!   frees a silent holder's locks within [`Builder::dead_holder_timeout`] (12 s by default), and
+//!   the holder, whose heartbeats and statements then go unanswered, gives the connection up and is
+//!   told within half of that — before anyone else can take its locks. Measured with real packet
+//!   loss: see the README's Performance section.
+//! * **Culls.** Cluster-wide `idle_session_timeout` and `idle_in_transaction_session_timeout`
+//!   would end a lock session idle between statements, and free its locks; every lock session sets
+//!   both to 0 for itself.
 //! * **Reconnect.** After a loss the worker reconnects by itself, with capped exponential backoff
 //!   (50 ms doubling to 1 s) plus jitter. While it is offline, `try_lock`, `unlock` and
 //!   `ensure_held` fail fast with [`ErrorKind::Offline`]; waiting calls (`lock`, `try_lock_for` and

@@ -425,8 +425,9 @@ impl Builder {
     /// [`ErrorKind::Timeout`].
     ///
     /// It also bounds how long the manager stays behind a stalled connection: when one statement has
-    /// run for longer than this (or 100 ms, whichever is longer), the connection is declared lost,
-    /// its locks are reported lost, and a new connection takes over.
+    /// run for longer than this or than half of [`Builder::dead_holder_timeout`], whichever is
+    /// shorter (but at least 100 ms), the connection is declared lost, its locks are reported lost,
+    /// and a new connection takes over.
     ///
     /// Defaults to 10 s.
     pub fn request_timeout(mut self, timeout: Duration) -> Builder {
