@@ -421,6 +421,22 @@ fn the_demo_runs_and_finds_no_overlap() {
     );
 }
 
+/// Creates a login role with a password on the local cluster (once) and returns the cluster's
+/// port; `None` (said why) when the server comes from `DATABASE_URL`.
+fn role_on_local_cluster(role: &str, password: &str) -> Option<u16> {
+    let Some(port) = cluster().port() else {
+        eprintln!("skipped: needs the local cluster, whose roles this test may create");
+        return None;
+    };
+    plain()
+        .batch_execute(&format!(
+            "DO $$ BEGIN CREATE ROLE {role} LOGIN PASSWORD '{password}'; \
+             EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+        ))
+        .unwrap();
+    Some(port)
+}
+
 /// True while `pid` exists and is not a zombie.
 fn running(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -573,17 +589,9 @@ fn extreme_durations_mean_forever_and_never_panic() {
 
 #[test]
 fn a_password_file_is_used_like_libpq_and_ignored_when_others_can_read_it() {
-    let Some(port) = cluster().port() else {
-        eprintln!("skipped: needs the local cluster, whose roles this test may create");
+    let Some(port) = role_on_local_cluster("distlock_pgpass", "pgpass-secret") else {
         return;
     };
-    let mut outside = plain();
-    outside
-        .batch_execute(
-            "DO $$ BEGIN CREATE ROLE distlock_pgpass LOGIN PASSWORD 'pgpass-secret'; \
-             EXCEPTION WHEN duplicate_object THEN NULL; END $$",
-        )
-        .unwrap();
     let passfile = temp_path("pgpass");
     std::fs::write(
         &passfile,
@@ -622,17 +630,9 @@ fn a_password_file_is_used_like_libpq_and_ignored_when_others_can_read_it() {
 
 #[test]
 fn a_rejected_password_never_appears_in_the_commands_output() {
-    let Some(port) = cluster().port() else {
-        eprintln!("skipped: needs the local cluster, whose roles this test may create");
+    let Some(port) = role_on_local_cluster("distlock_cli_pw", "the-right-one") else {
         return;
     };
-    let mut outside = plain();
-    outside
-        .batch_execute(
-            "DO $$ BEGIN CREATE ROLE distlock_cli_pw LOGIN PASSWORD 'the-right-one'; \
-             EXCEPTION WHEN duplicate_object THEN NULL; END $$",
-        )
-        .unwrap();
     let base = format!("host=127.0.0.1 port={port} user=distlock_cli_pw dbname=postgres");
     for (url, env_password) in [
         (format!("{base} password=url-wrong-secret-31"), None),

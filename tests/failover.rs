@@ -43,6 +43,16 @@ fn pair() -> Option<(TestCluster, TestCluster)> {
     Some((primary, standby))
 }
 
+/// Connection parameters naming both servers, for whichever is the writable primary.
+fn both_hosts(primary: &TestCluster, standby: &TestCluster) -> String {
+    format!(
+        "host=127.0.0.1,127.0.0.1 port={},{} user=postgres dbname=postgres \
+         target_session_attrs=read-write",
+        primary.port().unwrap(),
+        standby.port().unwrap()
+    )
+}
+
 #[test]
 fn a_standby_is_refused_unless_allowed() {
     let _one_at_a_time = PAIR.lock();
@@ -65,12 +75,7 @@ fn a_failover_loses_every_guard_and_the_promoted_standby_grants_again() {
     let Some((primary, standby)) = pair() else {
         return;
     };
-    let both = format!(
-        "host=127.0.0.1,127.0.0.1 port={},{} user=postgres dbname=postgres \
-         target_session_attrs=read-write",
-        primary.port().unwrap(),
-        standby.port().unwrap()
-    );
+    let both = both_hosts(&primary, &standby);
     // Default settings, as a user would have them.
     let locks = LockManager::builder()
         .application_name("failover")
@@ -137,12 +142,7 @@ fn a_late_promotion_is_found_within_a_reconnect_pause() {
     let Some((primary, standby)) = pair() else {
         return;
     };
-    let both = format!(
-        "host=127.0.0.1,127.0.0.1 port={},{} user=postgres dbname=postgres \
-         target_session_attrs=read-write",
-        primary.port().unwrap(),
-        standby.port().unwrap()
-    );
+    let both = both_hosts(&primary, &standby);
     let locks = LockManager::connect(&both).unwrap();
     let guard = locks.try_lock("failover/late").unwrap().unwrap();
     primary.crash().expect("crash the primary");
