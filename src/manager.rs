@@ -244,11 +244,7 @@ impl LockManager {
     fn try_once(&self, key: LockKey, mode: Mode, deadline: Instant) -> Result<Option<LockGuard>> {
         let shared = &self.shared;
         if !shared.link.is_online() {
-            return Err(if shared.link.is_pooled() {
-                Error::pooler()
-            } else {
-                Error::offline()
-            });
+            return Err(Error::offline());
         }
         let reserved = shared.table.lock().reserve(key, mode, shared.max_locks);
         let sole_hold = match reserved {
