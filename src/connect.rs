@@ -215,7 +215,14 @@ fn attempt(
     let backend = Backend {
         pid: row.try_get(0).map_err(classify)?,
         started_us: row.try_get(1).map_err(classify)?,
+        marker: new_marker(),
     };
+    // A session of our own has never been marked; one that has is shared with another client
+    // through a pooler (or was left to us by one without a reset).
+    let found: String = row.try_get(4).map_err(classify)?;
+    if !found.is_empty() {
+        return Err(Error::pooler());
+    }
     let standby: bool = row.try_get(2).map_err(classify)?;
     if standby && !allow_standby {
         // Dropping the client closes the connection.
@@ -230,9 +237,22 @@ fn attempt(
     // The session lives as long as its locks: no culls, and a vanished client is noticed.
     let version: i32 = row.try_get(3).map_err(classify)?;
     let mut setup = Sql::new();
-    setup.push_session_setup(version, keepalive);
+    setup.push_session_setup(version, keepalive, backend.marker);
     client.batch_execute(setup.as_str()).map_err(classify)?;
     Ok((client, backend))
+}
+
+/// A fresh session mark, different for every connection of every process.
+fn new_marker() -> i64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    (h.finish() & i64::MAX as u64) as i64
 }
 
 fn recv_until<T>(rx: &Receiver<T>, deadline: Option<Instant>) -> Result<T, RecvTimeoutError> {

@@ -35,6 +35,11 @@ pub enum ErrorKind {
     Server,
     /// An operating-system call failed, such as spawning the worker thread.
     Io,
+    /// The manager's server session is shared with other clients: a connection pooler in
+    /// transaction or statement mode sits between it and PostgreSQL, and session advisory locks
+    /// taken through it exclude nobody. Connect directly, or through session pooling. Once seen,
+    /// every call of the manager returns it.
+    Pooler,
 }
 
 /// The error of every fallible call in this crate.
@@ -93,6 +98,17 @@ impl Error {
         Error::new(
             ErrorKind::Offline,
             "the lock manager is reconnecting to the server",
+        )
+    }
+
+    pub(crate) fn pooler() -> Error {
+        Error::new(
+            ErrorKind::Pooler,
+            "the server session is shared with other clients: a connection pooler in transaction \
+             or statement mode (pgbouncer pool_mode=transaction or statement) hands this \
+             manager's statements to sessions others use, and session advisory locks then \
+             exclude nobody. Connect to PostgreSQL directly, or through session pooling \
+             (pool_mode=session)",
         )
     }
 

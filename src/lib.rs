@@ -167,8 +167,13 @@
 //!   `classid = k >> 32`, `objid = k & 0xffffffff`, `objsubid = 1` (`2` for a pair), next to the
 //!   session's `application_name` in `pg_stat_activity`.
 //! * **Not through a transaction pooler.** pgbouncer in transaction (or statement) pooling mode hands
-//!   each statement to any server connection, so a lock and its unlock land in different sessions and
-//!   locks are held by nobody you know. Connect directly, or through session pooling.
+//!   each statement to any server connection, so a lock and its unlock land in different sessions,
+//!   or two clients' locks stack in one shared session, and locks exclude nobody. Connect
+//!   directly, or through session pooling. distlock detects it: each lock session carries a mark
+//!   of its own (`distlock.session`); a session found already marked at connect, or a heartbeat
+//!   or a failed [`LockGuard::ensure_held`] check that lands in another backend or finds another
+//!   client's mark, makes the manager fail for good with [`ErrorKind::Pooler`] (its guards are
+//!   told they are lost). Between two heartbeats a pooler can go unseen: the heartbeat bounds it.
 //! * **Slots are finite.** Each held lock uses a slot of the server's shared lock table
 //!   (`max_locks_per_transaction × max_connections`); [`Builder::max_locks`] caps one manager.
 //!

@@ -18,6 +18,9 @@ pub(crate) struct Backend {
     pub(crate) pid: i32,
     /// `backend_start` of that pid in `pg_stat_activity`, in microseconds since the epoch.
     pub(crate) started_us: i64,
+    /// The value this connection set in its session's `distlock.session`: a session that shows
+    /// another value, or a statement that runs in another backend, means a pooler shares it.
+    pub(crate) marker: i64,
 }
 
 /// What is known about the current connection.
@@ -36,6 +39,8 @@ pub(crate) struct Link {
     /// Set by the monitor when the connection has been idle for a heartbeat: the worker, unparked,
     /// then checks the connection. Keeping the clock in the monitor keeps it off the request path.
     heartbeat_due: AtomicBool,
+    /// Set for good once a pooler was seen sharing the manager's session (see `ErrorKind::Pooler`).
+    pooled: AtomicBool,
     /// The thread of the worker serving now, unparked when a request is queued while it is idle.
     worker: Mutex<Option<Thread>>,
     /// A caller that gave up on a reply the worker had already claimed sends here, so that the
@@ -110,6 +115,7 @@ impl Link {
             busy: AtomicU64::new(0),
             idle: AtomicBool::new(false),
             heartbeat_due: AtomicBool::new(false),
+            pooled: AtomicBool::new(false),
             worker: Mutex::new(None),
             nudge_tx,
             nudge_rx,
@@ -206,6 +212,16 @@ impl Link {
         }
     }
 
+    /// Records, for good, that a pooler shares the manager's session.
+    pub(crate) fn set_pooled(&self) {
+        self.pooled.store(true, Ordering::SeqCst);
+    }
+
+    /// True once a pooler was seen sharing the manager's session.
+    pub(crate) fn is_pooled(&self) -> bool {
+        self.pooled.load(Ordering::Acquire)
+    }
+
     /// True while a connection is serving.
     pub(crate) fn is_online(&self) -> bool {
         self.current.load(Ordering::Acquire) != 0
@@ -291,6 +307,7 @@ mod tests {
     const B: Backend = Backend {
         pid: 7,
         started_us: 1,
+        marker: 3,
     };
 
     #[test]

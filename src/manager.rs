@@ -244,7 +244,11 @@ impl LockManager {
     fn try_once(&self, key: LockKey, mode: Mode, deadline: Instant) -> Result<Option<LockGuard>> {
         let shared = &self.shared;
         if !shared.link.is_online() {
-            return Err(Error::offline());
+            return Err(if shared.link.is_pooled() {
+                Error::pooler()
+            } else {
+                Error::offline()
+            });
         }
         let reserved = shared.table.lock().reserve(key, mode, shared.max_locks);
         let sole_hold = match reserved {

@@ -3,14 +3,13 @@
 //! every statement the monitor watches; the batch state machine's unit tests use a scripted one.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use postgres::error::SqlState;
 use postgres::{Client, SimpleQueryMessage};
 
 use crate::error::{Error, ErrorKind};
 use crate::key::LockKey;
-use crate::link::Link;
+use crate::link::{Backend, Link};
 use crate::sql::{Mode, Op, Sql};
 
 /// Something that runs statements: one database session.
@@ -79,23 +78,29 @@ pub(crate) struct Conn {
     link: Arc<Link>,
     /// The connection generation this client serves.
     pub(crate) generation: u64,
+    /// The statement that proves this is still the connection's own session (`Sql::push_probe`).
+    probe: Sql,
 }
 
 impl Conn {
-    pub(crate) fn new(client: Client, link: Arc<Link>, generation: u64) -> Conn {
+    pub(crate) fn new(client: Client, link: Arc<Link>, generation: u64, backend: Backend) -> Conn {
+        let mut probe = Sql::new();
+        probe.push_probe(backend.pid, backend.marker);
         Conn {
             client,
             link,
             generation,
+            probe,
         }
     }
 
-    /// Proves the connection alive with an empty query, watched like every statement.
-    pub(crate) fn heartbeat(&mut self, timeout: Duration) -> Result<(), postgres::Error> {
-        let mark = self.link.begin_statement(self.generation);
-        let alive = self.client.is_valid(timeout);
-        self.link.end_statement(mark);
-        alive
+    /// Proves the connection alive and its session its own, watched like every statement (the
+    /// monitor gives it up past the stall limit). `Ok(false)`: a pooler shares the session.
+    pub(crate) fn heartbeat(&mut self) -> Result<bool, Failed> {
+        let probe = std::mem::take(&mut self.probe);
+        let own = self.run_one(probe.as_str(), &mut Vec::new());
+        self.probe = probe;
+        Ok(own? == 1)
     }
 }
 

@@ -15,7 +15,8 @@ use crate::key::{LockKey, Space};
 /// whether the server is a standby (in recovery).
 pub(crate) const IDENTIFY: &str = "SELECT pg_backend_pid(), \
      (extract(epoch FROM backend_start) * 1000000)::int8, pg_is_in_recovery(), \
-     current_setting('server_version_num')::int4 \
+     current_setting('server_version_num')::int4, \
+     coalesce(current_setting('distlock.session', true), '') \
      FROM pg_stat_activity WHERE pid = pg_backend_pid()";
 
 /// How the server should watch a lock session's client, so that a client whose host vanished
@@ -157,7 +158,12 @@ impl Sql {
     /// Appends the lock session's set-up for a server of `version` (`server_version_num`): no
     /// idle-session culls (they would end the session, and its locks, between two statements),
     /// and the server-side keepalives, when given. Only settings the server has are set.
-    pub(crate) fn push_session_setup(&mut self, version: i32, keepalive: Option<ServerKeepalive>) {
+    pub(crate) fn push_session_setup(
+        &mut self,
+        version: i32,
+        keepalive: Option<ServerKeepalive>,
+        marker: i64,
+    ) {
         let set = |buf: &mut String, name: &str, value: u32| {
             if !buf.is_empty() {
                 buf.push(';');
@@ -167,6 +173,10 @@ impl Sql {
             buf.push_str(" = ");
             push_integer(buf, i64::from(value));
         };
+        // The session's own mark, which only this connection sets (see `push_probe`).
+        self.buf.push_str("SET distlock.session = '");
+        push_int8(&mut self.buf, marker);
+        self.buf.push('\'');
         set(&mut self.buf, "idle_in_transaction_session_timeout", 0);
         if version >= 140_000 {
             set(&mut self.buf, "idle_session_timeout", 0);
@@ -179,6 +189,21 @@ impl Sql {
                 set(&mut self.buf, "tcp_user_timeout", k.user_timeout_ms);
             }
         }
+    }
+
+    /// Appends a statement that returns its row only in this connection's own session: the
+    /// backend `pid` it identified, still carrying its `marker`. No row means a pooler handed the
+    /// statement to another session, or another client set its mark in this one.
+    pub(crate) fn push_probe(&mut self, pid: i32, marker: i64) {
+        if !self.buf.is_empty() {
+            self.buf.push(';');
+        }
+        self.buf.push_str("SELECT WHERE pg_backend_pid() = ");
+        push_int4(&mut self.buf, pid);
+        self.buf
+            .push_str(" AND current_setting('distlock.session', true) = '");
+        push_int8(&mut self.buf, marker);
+        self.buf.push('\'');
     }
 
     /// The statement text built so far.
@@ -256,16 +281,25 @@ mod tests {
             }
         );
         let mut sql = Sql::new();
-        sql.push_session_setup(150_004, Some(keepalive));
+        sql.push_session_setup(150_004, Some(keepalive), -5);
         assert_eq!(
             sql.as_str(),
-            "SET idle_in_transaction_session_timeout = 0;SET idle_session_timeout = 0;\
+            "SET distlock.session = '-5';SET idle_in_transaction_session_timeout = 0;SET idle_session_timeout = 0;\
              SET tcp_keepalives_idle = 6;SET tcp_keepalives_interval = 1;\
              SET tcp_keepalives_count = 6;SET tcp_user_timeout = 12000"
         );
         sql.clear();
-        sql.push_session_setup(110_000, None);
-        assert_eq!(sql.as_str(), "SET idle_in_transaction_session_timeout = 0");
+        sql.push_session_setup(110_000, None, 7);
+        assert_eq!(
+            sql.as_str(),
+            "SET distlock.session = '7';SET idle_in_transaction_session_timeout = 0"
+        );
+        sql.clear();
+        sql.push_probe(42, 7);
+        assert_eq!(
+            sql.as_str(),
+            "SELECT WHERE pg_backend_pid() = 42 AND current_setting('distlock.session', true) = '7'"
+        );
         let long = ServerKeepalive::within(std::time::Duration::from_secs(100));
         assert_eq!((long.idle_s, long.interval_s, long.count), (50, 5, 10));
         let tiny = ServerKeepalive::within(std::time::Duration::from_millis(1));

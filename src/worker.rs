@@ -67,7 +67,7 @@ pub(crate) fn start_first(
                 // Online before the caller hears of it, so its first call finds the manager ready.
                 let online = spec.link.go_online(backend);
                 if ready.send(Ok(())).is_ok() {
-                    Worker::new(spec).run(client, online);
+                    Worker::new(spec).run(client, backend, online);
                 } else {
                     // The caller has given up (timed out): drop the connection and end.
                     let (lease, _) = online;
@@ -88,7 +88,7 @@ pub(crate) fn start_replacement(spec: Spec) -> io::Result<thread::JoinHandle<()>
             let mut worker = Worker::new(spec);
             if let Some((client, backend)) = worker.reconnect() {
                 let online = worker.spec.link.go_online(backend);
-                worker.run(client, online);
+                worker.run(client, backend, online);
             }
         })
 }
@@ -123,9 +123,14 @@ impl Worker {
     }
 
     /// Serves connection after connection until the manager is gone or this worker is replaced.
-    fn run(mut self, client: Client, online: (Lease, Vec<Backend>)) {
+    fn run(mut self, client: Client, backend: Backend, online: (Lease, Vec<Backend>)) {
         let (mut lease, mut suspects) = online;
-        let mut conn = Conn::new(client, Arc::clone(&self.spec.link), lease.generation);
+        let mut conn = Conn::new(
+            client,
+            Arc::clone(&self.spec.link),
+            lease.generation,
+            backend,
+        );
         loop {
             let end = match connect::end_suspects(
                 &mut conn,
@@ -161,7 +166,12 @@ impl Worker {
                 return;
             };
             (lease, suspects) = self.spec.link.go_online(backend);
-            conn = Conn::new(client, Arc::clone(&self.spec.link), lease.generation);
+            conn = Conn::new(
+                client,
+                Arc::clone(&self.spec.link),
+                lease.generation,
+                backend,
+            );
         }
     }
 
@@ -180,8 +190,15 @@ impl Worker {
     fn reconnect(&mut self) -> Option<(Client, Backend)> {
         let mut backoff = Backoff::new(FIRST_RECONNECT, MAX_RECONNECT);
         loop {
+            if self.spec.link.is_pooled() {
+                return self.refuse_for_good();
+            }
             match self.spec.connector.connect() {
                 Ok(ok) => return Some(ok),
+                Err(e) if e.kind() == ErrorKind::Pooler => {
+                    self.spec.link.set_pooled();
+                    continue;
+                }
                 Err(e) => log::warn!("distlock worker: reconnect failed: {e}"),
             }
             let until = Instant::now() + backoff.next_pause();
@@ -205,6 +222,24 @@ impl Worker {
                 }
                 self.late
                     .wait(&self.spec.requests, self.spec.link.nudges(), until - now);
+            }
+        }
+    }
+
+    /// After a pooler was seen: no more connections; every request is answered with the pooler
+    /// error until the manager is gone.
+    fn refuse_for_good(&mut self) -> Option<(Client, Backend)> {
+        loop {
+            let _ = self.settle_late(None);
+            match self.spec.requests.recv_timeout(Duration::from_millis(100)) {
+                Ok(request) => {
+                    let Request {
+                        reply, key, mode, ..
+                    } = request;
+                    self.answer(reply, Reply::Failed(Error::pooler()), key, mode);
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return None,
             }
         }
     }
@@ -287,10 +322,22 @@ impl Worker {
 
     #[inline(never)]
     fn heartbeat(&mut self, conn: &mut Conn) -> Result<(), End> {
-        conn.heartbeat(self.spec.stall_limit).map_err(|e| {
-            log::warn!("distlock worker: heartbeat failed: {e}");
-            End::Lost
-        })
+        match conn.heartbeat() {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(self.pooler_seen()),
+            Err(Failed::Rejected(e) | Failed::Broken(e)) => {
+                log::warn!("distlock worker: heartbeat failed: {e}");
+                Err(End::Lost)
+            }
+        }
+    }
+
+    /// A pooler shares the session: from now on the manager answers every call with
+    /// `ErrorKind::Pooler`, and this connection's guards are lost.
+    fn pooler_seen(&self) -> End {
+        log::error!("distlock worker: {}", Error::pooler());
+        self.spec.link.set_pooled();
+        End::Lost
     }
 
     /// The uncontended case: one request, one statement, no batch bookkeeping.
@@ -369,6 +416,16 @@ impl Worker {
             reply,
             ..
         } = request;
+        // A lock this session should hold and does not: first make sure the session is ours.
+        if op == Op::Check
+            && generation == lease.generation
+            && matches!(outcome, Outcome::Done(false))
+        {
+            if let Ok(false) = conn.heartbeat() {
+                self.answer(reply, Reply::Failed(Error::pooler()), key, mode);
+                return Err(self.pooler_seen());
+            }
+        }
         let answer = match outcome {
             _ if op != Op::TryLock && generation != lease.generation => Reply::NotHeld,
             _ if !current => Reply::Failed(lost_error()),

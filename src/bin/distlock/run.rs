@@ -77,7 +77,7 @@ pub fn run(url: Option<&str>, args: Args) -> Result<ExitCode, Failure> {
         .connect_config(server.config.clone())
         .map_err(|e| {
             let code = match e.kind() {
-                ErrorKind::Config => exit::USAGE,
+                ErrorKind::Config | ErrorKind::Pooler => exit::USAGE,
                 _ => exit::UNAVAILABLE,
             };
             Failure::new(code, anyhow!(e).context("cannot connect to the server"))
