@@ -219,8 +219,8 @@ fn attempt(
     };
     // A session of our own has never been marked; one that has is shared with another client
     // through a pooler (or was left to us by one without a reset).
-    let found: String = row.try_get(4).map_err(classify)?;
-    if !found.is_empty() {
+    let marked: bool = row.try_get(4).map_err(classify)?;
+    if marked {
         return Err(Error::pooler());
     }
     let standby: bool = row.try_get(2).map_err(classify)?;

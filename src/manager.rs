@@ -244,11 +244,7 @@ impl LockManager {
     fn try_once(&self, key: LockKey, mode: Mode, deadline: Instant) -> Result<Option<LockGuard>> {
         let shared = &self.shared;
         if !shared.link.is_online() {
-            return Err(if shared.link.is_pooled() {
-                Error::pooler()
-            } else {
-                Error::offline()
-            });
+            return Err(offline_error(&shared.link));
         }
         let reserved = shared.table.lock().reserve(key, mode, shared.max_locks);
         let sole_hold = match reserved {
@@ -703,6 +699,18 @@ impl Builder {
             }
         }
         Ok(())
+    }
+}
+
+/// Why a call finds no connection: a reconnect under way, or, for good, a pooler seen sharing the
+/// session. Out of line: the request path only ever tests `is_online`.
+#[cold]
+#[inline(never)]
+fn offline_error(link: &Link) -> Error {
+    if link.is_pooled() {
+        Error::pooler()
+    } else {
+        Error::offline()
     }
 }
 

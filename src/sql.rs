@@ -16,7 +16,7 @@ use crate::key::{LockKey, Space};
 pub(crate) const IDENTIFY: &str = "SELECT pg_backend_pid(), \
      (extract(epoch FROM backend_start) * 1000000)::int8, pg_is_in_recovery(), \
      current_setting('server_version_num')::int4, \
-     coalesce(current_setting('distlock.session', true), '') \
+     coalesce(current_setting('distlock.session', true), '') <> '' \
      FROM pg_stat_activity WHERE pid = pg_backend_pid()";
 
 /// How the server should watch a lock session's client, so that a client whose host vanished

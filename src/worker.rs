@@ -231,15 +231,18 @@ impl Worker {
     fn refuse_for_good(&mut self) -> Option<(Client, Backend)> {
         loop {
             let _ = self.settle_late(None);
-            match self.spec.requests.recv_timeout(Duration::from_millis(100)) {
+            match self.spec.requests.try_recv() {
                 Ok(request) => {
                     let Request {
                         reply, key, mode, ..
                     } = request;
                     self.answer(reply, Reply::Failed(Error::pooler()), key, mode);
                 }
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return None,
+                Err(TryRecvError::Disconnected) => return None,
+                Err(TryRecvError::Empty) => {
+                    self.late
+                        .wait(&self.spec.requests, self.spec.link.nudges(), LATE_TICK);
+                }
             }
         }
     }
