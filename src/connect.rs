@@ -24,6 +24,7 @@ use postgres::Client;
 
 use crate::error::{Error, ErrorKind};
 use crate::link::{Backend, Link, Site};
+use crate::pooler;
 use crate::session::{Conn, Failed, Query};
 use crate::sql::{IDENTIFY, ServerKeepalive, Sql};
 use crate::tls;
@@ -45,6 +46,8 @@ pub(crate) struct Connector {
     keepalive: Option<ServerKeepalive>,
     /// The attempt still running after its caller stopped waiting, if any.
     in_flight: Mutex<Option<InFlight>>,
+    /// Makes this manager's session marks differ from every other client's (see `session_mark`).
+    salt: u64,
 }
 
 /// An attempt whose caller timed out: the helper still runs, and closes what it gets.
@@ -68,7 +71,16 @@ impl Connector {
             keepalive,
             timeout,
             in_flight: Mutex::new(None),
+            salt: pooler::random_salt(),
         }
+    }
+
+    /// The mark this manager sets in `backend`'s session (`distlock.session`) and later expects
+    /// to read there: a session that shows another mark, or a statement that runs in another
+    /// backend, means a pooler shares the session. Different for every connection of every
+    /// manager.
+    pub(crate) fn session_mark(&self, backend: &Backend) -> i64 {
+        pooler::session_mark(self.salt, backend)
     }
 
     /// Connects within the connect timeout (TCP, start-up and authentication together) and
@@ -97,11 +109,11 @@ impl Connector {
         let helper_abandoned = Arc::clone(&abandoned);
         let config = self.config.clone();
         let tls = self.tls.clone();
-        let (allow_standby, keepalive) = (self.allow_standby, self.keepalive);
+        let (allow_standby, keepalive, salt) = (self.allow_standby, self.keepalive, self.salt);
         thread::Builder::new()
             .name("distlock-connect".into())
             .spawn(move || {
-                let attempt = attempt(&config, &tls, allow_standby, keepalive);
+                let attempt = attempt(&config, &tls, allow_standby, keepalive, salt);
                 let abandoned = helper_abandoned.lock();
                 if !*abandoned {
                     let _ = tx.send(attempt);
@@ -209,13 +221,13 @@ fn attempt(
     tls: &tls::Connector,
     allow_standby: bool,
     keepalive: Option<ServerKeepalive>,
+    salt: u64,
 ) -> Attempt {
     let mut client = tls.connect(config).map_err(classify)?;
     let row = client.query_one(IDENTIFY, &[]).map_err(classify)?;
     let backend = Backend {
         pid: row.try_get(0).map_err(classify)?,
         started_us: row.try_get(1).map_err(classify)?,
-        marker: new_marker(),
     };
     // A session of our own has never been marked; one that has is shared with another client
     // through a pooler (or was left to us by one without a reset).
@@ -237,22 +249,9 @@ fn attempt(
     // The session lives as long as its locks: no culls, and a vanished client is noticed.
     let version: i32 = row.try_get(3).map_err(classify)?;
     let mut setup = Sql::new();
-    setup.push_session_setup(version, keepalive, backend.marker);
+    setup.push_session_setup(version, keepalive, pooler::session_mark(salt, &backend));
     client.batch_execute(setup.as_str()).map_err(classify)?;
     Ok((client, backend))
-}
-
-/// A fresh session mark, different for every connection of every process.
-fn new_marker() -> i64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(std::process::id());
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    (h.finish() & i64::MAX as u64) as i64
 }
 
 fn recv_until<T>(rx: &Receiver<T>, deadline: Option<Instant>) -> Result<T, RecvTimeoutError> {

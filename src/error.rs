@@ -101,6 +101,7 @@ impl Error {
         )
     }
 
+    #[cold]
     pub(crate) fn pooler() -> Error {
         Error::new(
             ErrorKind::Pooler,

@@ -241,6 +241,7 @@ mod fault_tests;
 mod guard;
 mod key;
 mod link;
+mod pooler;
 mod manager;
 mod monitor;
 mod reply;

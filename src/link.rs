@@ -18,9 +18,6 @@ pub(crate) struct Backend {
     pub(crate) pid: i32,
     /// `backend_start` of that pid in `pg_stat_activity`, in microseconds since the epoch.
     pub(crate) started_us: i64,
-    /// The value this connection set in its session's `distlock.session`: a session that shows
-    /// another value, or a statement that runs in another backend, means a pooler shares it.
-    pub(crate) marker: i64,
 }
 
 /// What is known about the current connection.
@@ -50,7 +47,7 @@ pub(crate) struct Link {
     /// The rest, changed only on connect and loss.
     state: Mutex<State>,
     /// Test-only fault injection (see [`Site`]).
-    #[cfg(test)]
+#[cfg(test)]
     hook: Mutex<Option<TestHook>>,
 }
 
@@ -307,7 +304,6 @@ mod tests {
     const B: Backend = Backend {
         pid: 7,
         started_us: 1,
-        marker: 3,
     };
 
     #[test]

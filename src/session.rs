@@ -83,9 +83,15 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    pub(crate) fn new(client: Client, link: Arc<Link>, generation: u64, backend: Backend) -> Conn {
+    pub(crate) fn new(
+        client: Client,
+        link: Arc<Link>,
+        generation: u64,
+        backend: Backend,
+        mark: i64,
+    ) -> Conn {
         let mut probe = Sql::new();
-        probe.push_probe(backend.pid, backend.marker);
+        probe.push_probe(backend.pid, mark);
         Conn {
             client,
             link,
@@ -96,15 +102,20 @@ impl Conn {
 
     /// Proves the connection alive and its session its own, watched like every statement (the
     /// monitor gives it up past the stall limit). `Ok(false)`: a pooler shares the session.
-    pub(crate) fn heartbeat(&mut self) -> Result<bool, Failed> {
-        let probe = std::mem::take(&mut self.probe);
-        let own = self.run_one(probe.as_str(), &mut Vec::new());
-        self.probe = probe;
-        Ok(own? == 1)
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn heartbeat(&mut self) -> Result<bool, postgres::Error> {
+        let mark = self.link.begin_statement(self.generation);
+        let result = self.client.simple_query(self.probe.as_str());
+        self.link.end_statement(mark);
+        Ok(result?
+            .iter()
+            .any(|m| matches!(m, SimpleQueryMessage::Row(_))))
     }
 }
 
 impl Session for Conn {
+    #[inline(never)]
     fn run(&mut self, sql: &str, counts: &mut Vec<u64>) -> Result<(), Failed> {
         let mark = self.link.begin_statement(self.generation);
         let result = self.client.simple_query(sql);

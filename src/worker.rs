@@ -130,6 +130,7 @@ impl Worker {
             Arc::clone(&self.spec.link),
             lease.generation,
             backend,
+            self.spec.connector.session_mark(&backend),
         );
         loop {
             let end = match connect::end_suspects(
@@ -171,6 +172,7 @@ impl Worker {
                 Arc::clone(&self.spec.link),
                 lease.generation,
                 backend,
+                self.spec.connector.session_mark(&backend),
             );
         }
     }
@@ -328,10 +330,25 @@ impl Worker {
         match conn.heartbeat() {
             Ok(true) => Ok(()),
             Ok(false) => Err(self.pooler_seen()),
-            Err(Failed::Rejected(e) | Failed::Broken(e)) => {
+            Err(e) => {
                 log::warn!("distlock worker: heartbeat failed: {e}");
                 Err(End::Lost)
             }
+        }
+    }
+
+    /// Probes whether a pooler shares the session (the probe failing says nothing: the next
+    /// statement or heartbeat notices a broken connection). Out of line: the request path only
+    /// comes here when a lock the session should hold is missing.
+    #[cold]
+    #[inline(never)]
+    fn session_shared(&self, conn: &mut Conn) -> bool {
+        match conn.heartbeat() {
+            Ok(false) => {
+                self.pooler_seen();
+                true
+            }
+            Ok(true) | Err(_) => false,
         }
     }
 
@@ -423,11 +440,10 @@ impl Worker {
         if op == Op::Check
             && generation == lease.generation
             && matches!(outcome, Outcome::Done(false))
+            && self.session_shared(conn)
         {
-            if let Ok(false) = conn.heartbeat() {
-                self.answer(reply, Reply::Failed(Error::pooler()), key, mode);
-                return Err(self.pooler_seen());
-            }
+            self.answer(reply, Reply::Failed(Error::pooler()), key, mode);
+            return Err(End::Lost);
         }
         let answer = match outcome {
             _ if op != Op::TryLock && generation != lease.generation => Reply::NotHeld,
