@@ -10,6 +10,7 @@
 //! client overwrote (or a mark already there when connecting).
 
 use crate::link::Backend;
+use crate::sql::{push_int4, push_int8};
 
 /// The mark a manager with `salt` sets in `backend`'s session.
 pub(crate) fn session_mark(salt: u64, backend: &Backend) -> i64 {
@@ -34,3 +35,15 @@ pub(crate) fn random_salt() -> u64 {
     h.finish()
 }
 
+
+/// A statement that returns its row only in the connection's own session: the backend `pid` it
+/// identified, still carrying its `mark`. No row means a pooler handed the statement to another
+/// session, or another client set its mark in this one.
+pub(crate) fn probe(pid: i32, mark: i64) -> String {
+    let mut sql = String::from("SELECT WHERE pg_backend_pid() = ");
+    push_int4(&mut sql, pid);
+    sql.push_str(" AND current_setting('distlock.session', true) = '");
+    push_int8(&mut sql, mark);
+    sql.push('\'');
+    sql
+}

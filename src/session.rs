@@ -78,8 +78,8 @@ pub(crate) struct Conn {
     link: Arc<Link>,
     /// The connection generation this client serves.
     pub(crate) generation: u64,
-    /// The statement that proves this is still the connection's own session (`Sql::push_probe`).
-    probe: Sql,
+    /// The statement that proves this is still the connection's own session (`pooler::probe`).
+    probe: String,
 }
 
 impl Conn {
@@ -90,8 +90,7 @@ impl Conn {
         backend: Backend,
         mark: i64,
     ) -> Conn {
-        let mut probe = Sql::new();
-        probe.push_probe(backend.pid, mark);
+        let probe = crate::pooler::probe(backend.pid, mark);
         Conn {
             client,
             link,

@@ -173,7 +173,7 @@ impl Sql {
             buf.push_str(" = ");
             push_integer(buf, i64::from(value));
         };
-        // The session's own mark, which only this connection sets (see `push_probe`).
+        // The session's own mark, which only this connection sets (see `pooler::probe`).
         self.buf.push_str("SET distlock.session = '");
         push_int8(&mut self.buf, marker);
         self.buf.push('\'');
@@ -191,21 +191,6 @@ impl Sql {
         }
     }
 
-    /// Appends a statement that returns its row only in this connection's own session: the
-    /// backend `pid` it identified, still carrying its `marker`. No row means a pooler handed the
-    /// statement to another session, or another client set its mark in this one.
-    pub(crate) fn push_probe(&mut self, pid: i32, marker: i64) {
-        if !self.buf.is_empty() {
-            self.buf.push(';');
-        }
-        self.buf.push_str("SELECT WHERE pg_backend_pid() = ");
-        push_int4(&mut self.buf, pid);
-        self.buf
-            .push_str(" AND current_setting('distlock.session', true) = '");
-        push_int8(&mut self.buf, marker);
-        self.buf.push('\'');
-    }
-
     /// The statement text built so far.
     pub(crate) fn as_str(&self) -> &str {
         &self.buf
@@ -215,7 +200,7 @@ impl Sql {
 // The minimum of each type needs care: PostgreSQL reads `-9223372036854775808` as the negation of
 // a literal too large for bigint, which becomes `numeric`, and no advisory function takes
 // `numeric`. Spelling it as an expression keeps the type.
-fn push_int8(out: &mut String, v: i64) {
+pub(crate) fn push_int8(out: &mut String, v: i64) {
     if v == i64::MIN {
         out.push_str("(-9223372036854775807-1)");
     } else {
@@ -223,7 +208,7 @@ fn push_int8(out: &mut String, v: i64) {
     }
 }
 
-fn push_int4(out: &mut String, v: i32) {
+pub(crate) fn push_int4(out: &mut String, v: i32) {
     if v == i32::MIN {
         out.push_str("(-2147483647-1)");
     } else {
@@ -294,10 +279,8 @@ mod tests {
             sql.as_str(),
             "SET distlock.session = '7';SET idle_in_transaction_session_timeout = 0"
         );
-        sql.clear();
-        sql.push_probe(42, 7);
         assert_eq!(
-            sql.as_str(),
+            crate::pooler::probe(42, 7),
             "SELECT WHERE pg_backend_pid() = 42 AND current_setting('distlock.session', true) = '7'"
         );
         let long = ServerKeepalive::within(std::time::Duration::from_secs(100));
