@@ -47,7 +47,7 @@ pub(crate) struct Link {
     /// The rest, changed only on connect and loss.
     state: Mutex<State>,
     /// Test-only fault injection (see [`Site`]).
-#[cfg(test)]
+    #[cfg(test)]
     hook: Mutex<Option<TestHook>>,
 }
 

@@ -35,7 +35,6 @@ pub(crate) fn random_salt() -> u64 {
     h.finish()
 }
 
-
 /// A statement that returns its row only in the connection's own session: the backend `pid` it
 /// identified, still carrying its `mark`. No row means a pooler handed the statement to another
 /// session, or another client set its mark in this one.
