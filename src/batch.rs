@@ -270,6 +270,7 @@ mod tests {
             generation: if op == Op::TryLock { 0 } else { 1 },
             sole_hold,
             reply: reply::arm(&ReplySlot::new()),
+            special: None,
         }
     }
 

@@ -129,6 +129,14 @@ impl Error {
         self.kind
     }
 
+    /// The SQLSTATE of the server error behind this one, if any.
+    pub(crate) fn sql_state(&self) -> Option<&postgres::error::SqlState> {
+        self.source
+            .as_deref()
+            .and_then(|s| s.downcast_ref::<postgres::Error>())
+            .and_then(postgres::Error::code)
+    }
+
     /// True when a call waited longer than its bound.
     pub fn is_timeout(&self) -> bool {
         self.kind == ErrorKind::Timeout

@@ -55,6 +55,8 @@ pub struct LockGuard {
     lease: Lease,
     /// Set once the release has been sent, so that `drop` after `unlock` does nothing.
     released: bool,
+    /// The fencing token of a fenced grant.
+    token: Option<u64>,
 }
 
 impl LockGuard {
@@ -65,7 +67,34 @@ impl LockGuard {
             mode,
             lease,
             released: false,
+            token: None,
         }
+    }
+
+    /// A guard for a fenced grant, with its token.
+    pub(crate) fn fenced(
+        shared: Arc<Shared>,
+        key: LockKey,
+        lease: Lease,
+        token: Option<u64>,
+    ) -> LockGuard {
+        let mut guard = LockGuard::new(shared, key, Mode::Exclusive, lease);
+        guard.token = token;
+        guard
+    }
+
+    /// The fencing token of this grant: `Some` only for a guard from a fenced call
+    /// ([`crate::LockManager::try_lock_fenced`] and friends).
+    ///
+    /// A token is strictly greater than every token issued before it for the same key on the same
+    /// cluster — by any manager, in any process, across reconnects and server crashes — because
+    /// every token comes from one sequence, drawn after the lock was granted, in the same
+    /// statement. Pass it to the resource the lock protects, and have that resource refuse any
+    /// write carrying a token lower than the highest it has seen: a holder that lost the lock
+    /// while paused is then refused, even if it acts long after. See the crate documentation
+    /// ("Fencing tokens") for what holds after a failover.
+    pub fn fencing_token(&self) -> Option<u64> {
+        self.token
     }
 
     /// True once the connection that holds this lock has been lost: the server has released the lock
@@ -144,7 +173,7 @@ impl LockGuard {
         }
     }
 
-    /// The key this guard holds.
+    /// The key this guard holds (for a semaphore permit, the key of its slot).
     pub fn key(&self) -> LockKey {
         self.key
     }

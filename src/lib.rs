@@ -234,11 +234,13 @@
 mod backoff;
 mod batch;
 mod clock;
+mod compound;
 mod connect;
 mod error;
 #[cfg(all(test, unix))]
 mod fault_tests;
 mod guard;
+mod holder;
 mod key;
 mod link;
 mod manager;
@@ -247,6 +249,7 @@ mod pooler;
 mod reply;
 mod session;
 mod shared;
+mod special;
 mod sql;
 mod table;
 #[cfg(unix)]
@@ -257,6 +260,7 @@ mod worker;
 pub use crossbeam_channel;
 pub use error::{Error, ErrorKind, Result};
 pub use guard::LockGuard;
+pub use holder::Holder;
 pub use key::LockKey;
 pub use manager::{Builder, LockManager};
 pub use postgres;

@@ -288,6 +288,20 @@ impl LockManager {
         mode: Mode,
         deadline: Option<Instant>,
     ) -> Result<Option<LockGuard>> {
+        self.wait_until(deadline, &key, |try_deadline| {
+            self.try_once(key, mode, try_deadline)
+        })
+    }
+
+    /// Makes `attempt` (one try, bounded by the deadline it is given) until it grants or
+    /// `deadline` (`None`: no deadline) passes, with the backoff of `try_lock_for`, at once when
+    /// a guard of this manager gives a hold back. `what` names the lock in logs.
+    pub(crate) fn wait_until<T>(
+        &self,
+        deadline: Option<Instant>,
+        what: &dyn fmt::Display,
+        mut attempt: impl FnMut(Instant) -> Result<Option<T>>,
+    ) -> Result<Option<T>> {
         let shared = &self.shared;
         let mut backoff = Backoff::new(FIRST_RETRY, shared.max_retry_interval);
         // The first try may use the whole request timeout, so that a zero timeout still tries once.
@@ -298,8 +312,8 @@ impl LockManager {
         let mut failing: Option<Error> = None;
         loop {
             let seen = shared.table.lock().releases();
-            match self.try_once(key, mode, try_deadline) {
-                Ok(Some(guard)) => return Ok(Some(guard)),
+            match attempt(try_deadline) {
+                Ok(Some(granted)) => return Ok(Some(granted)),
                 Ok(None) => failing = None,
                 // A try cut short by the caller's own deadline (not by the request timeout) means
                 // "not acquired in time"; a grant that arrives later is released by the worker.
@@ -309,7 +323,7 @@ impl LockManager {
                 // A lost connection, a reconnect in progress or a stalled worker may pass: keep
                 // waiting, within the caller's deadline.
                 Err(e) if e.is_transient() => {
-                    log::debug!("distlock: waiting for {key} through: {e}");
+                    log::debug!("distlock: waiting for {what} through: {e}");
                     failing = Some(e);
                 }
                 Err(e) => return Err(e),
@@ -338,6 +352,13 @@ impl LockManager {
                 _ => (request_deadline, false),
             };
         }
+    }
+}
+
+impl LockManager {
+    /// The state every clone and guard shares.
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
 }
 
@@ -706,7 +727,7 @@ impl Builder {
 /// session. Out of line: the request path only ever tests `is_online`.
 #[cold]
 #[inline(never)]
-fn offline_error(link: &Link) -> Error {
+pub(crate) fn offline_error(link: &Link) -> Error {
     if link.is_pooled() {
         Error::pooler()
     } else {

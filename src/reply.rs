@@ -47,6 +47,7 @@ use crossbeam_channel::{Receiver, Select, Sender};
 use crate::error::Error;
 use crate::key::LockKey;
 use crate::link::Lease;
+use crate::special::{Extra, Special};
 use crate::sql::{Mode, Op};
 
 const WAITING: u64 = 0;
@@ -71,6 +72,8 @@ pub(crate) struct Request {
     pub(crate) sole_hold: bool,
     /// Where the outcome goes.
     pub(crate) reply: Ticket,
+    /// For a special request, what it asks for (`op` is then `TryLock`, and `key` its first key).
+    pub(crate) special: Option<Box<Special>>,
 }
 
 /// The worker's answer to one request.
@@ -89,6 +92,8 @@ pub(crate) enum Reply {
     NotHeld,
     /// The statement failed.
     Failed(Error),
+    /// The reply to a special request (a fenced grant, a permit, an all-or-nothing grant, holders).
+    Extra(Box<Extra>),
 }
 
 /// A slot armed for one request: the slot and the ticket that request may deliver under.
@@ -237,12 +242,14 @@ impl LateReplies {
         std::mem::swap(&mut self.owed, &mut self.spare);
         for late in self.spare.drain(..) {
             if late.delivery.is_abandoned() {
-                if let Reply::Granted(lease) = late.delivery.into_reply() {
-                    orphans.push(Orphan {
+                match late.delivery.into_reply() {
+                    Reply::Granted(lease) => orphans.push(Orphan {
                         key: late.key,
                         mode: late.mode,
                         generation: lease.generation,
-                    });
+                    }),
+                    Reply::Extra(extra) => extra.orphans(orphans),
+                    _ => {}
                 }
                 continue;
             }

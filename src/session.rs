@@ -113,6 +113,30 @@ impl Conn {
     }
 }
 
+impl Conn {
+    /// Runs `sql` and returns its messages, rows included: for the statements that read values
+    /// (tokens, slots, holders). Watched like every statement.
+    pub(crate) fn rows(&mut self, sql: &str) -> Result<Vec<SimpleQueryMessage>, Failed> {
+        let mark = self.link.begin_statement(self.generation);
+        let result = self.client.simple_query(sql);
+        self.link.end_statement(mark);
+        result.map_err(|e| classify(&self.client, e))
+    }
+}
+
+/// Sorts a failed query's error into a rejected statement or a broken connection.
+fn classify(client: &Client, e: postgres::Error) -> Failed {
+    if connection_failed(client, &e) {
+        Failed::Broken(Error::with_source(
+            ErrorKind::ConnectionLost,
+            "the connection to the server failed",
+            e,
+        ))
+    } else {
+        Failed::Rejected(Error::from_query(e))
+    }
+}
+
 impl Session for Conn {
     #[inline(never)]
     fn run(&mut self, sql: &str, counts: &mut Vec<u64>) -> Result<(), Failed> {

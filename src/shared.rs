@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::key::LockKey;
 use crate::link::{Link, Site};
 use crate::reply::{self, Reply, ReplySlot, Request, Waited};
+use crate::special::Special;
 use crate::sql::{Mode, Op};
 use crate::table::Table;
 
@@ -80,6 +81,17 @@ impl Shared {
 
     /// Sends one request and waits for its reply until the call's deadline.
     pub(crate) fn round_trip(&self, call: Call) -> Result<Reply> {
+        self.exchange(call, None)
+    }
+
+    /// Sends one special request (see `crate::special`) and waits for its reply until the call's
+    /// deadline.
+    pub(crate) fn round_trip_special(&self, call: Call, special: Special) -> Result<Reply> {
+        self.exchange(call, Some(Box::new(special)))
+    }
+
+    #[inline(always)]
+    fn exchange(&self, call: Call, special: Option<Box<Special>>) -> Result<Reply> {
         let slot = self.replies.pull(ReplySlot::new);
         let ticket = reply::arm(&slot);
         let number = ticket.number();
@@ -90,6 +102,7 @@ impl Shared {
             generation: call.generation,
             sole_hold: call.sole_hold,
             reply: ticket,
+            special,
         };
         let deadline = call.deadline;
         // The queue is almost never full: try without reading the clock first.

@@ -157,7 +157,10 @@ impl Sql {
 
     /// Appends the lock session's set-up for a server of `version` (`server_version_num`): no
     /// idle-session culls (they would end the session, and its locks, between two statements),
-    /// and the server-side keepalives, when given. Only settings the server has are set.
+    /// and the server-side keepalives, when given. Only settings the server has are set. A cluster
+    /// whose `synchronous_commit` is `off` gets `local` for this session: the sequence record
+    /// behind a fencing token is then on disk before the token is returned, so a crash never
+    /// issues it again (stronger settings are kept).
     pub(crate) fn push_session_setup(
         &mut self,
         version: i32,
@@ -178,6 +181,10 @@ impl Sql {
         push_int8(&mut self.buf, marker);
         self.buf.push('\'');
         set(&mut self.buf, "idle_in_transaction_session_timeout", 0);
+        self.buf.push_str(
+            ";SELECT set_config('synchronous_commit', 'local', false) \
+             WHERE current_setting('synchronous_commit') = 'off'",
+        );
         if version >= 140_000 {
             set(&mut self.buf, "idle_session_timeout", 0);
         }
@@ -269,7 +276,9 @@ mod tests {
         sql.push_session_setup(150_004, Some(keepalive), -5);
         assert_eq!(
             sql.as_str(),
-            "SET distlock.session = '-5';SET idle_in_transaction_session_timeout = 0;SET idle_session_timeout = 0;\
+            "SET distlock.session = '-5';SET idle_in_transaction_session_timeout = 0;\
+             SELECT set_config('synchronous_commit', 'local', false) \
+             WHERE current_setting('synchronous_commit') = 'off';SET idle_session_timeout = 0;\
              SET tcp_keepalives_idle = 6;SET tcp_keepalives_interval = 1;\
              SET tcp_keepalives_count = 6;SET tcp_user_timeout = 12000"
         );
@@ -277,7 +286,9 @@ mod tests {
         sql.push_session_setup(110_000, None, 7);
         assert_eq!(
             sql.as_str(),
-            "SET distlock.session = '7';SET idle_in_transaction_session_timeout = 0"
+            "SET distlock.session = '7';SET idle_in_transaction_session_timeout = 0;\
+             SELECT set_config('synchronous_commit', 'local', false) \
+             WHERE current_setting('synchronous_commit') = 'off'"
         );
         assert_eq!(
             crate::pooler::probe(42, 7),

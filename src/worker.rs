@@ -21,6 +21,7 @@ use crate::key::LockKey;
 use crate::link::{Backend, Lease, Link};
 use crate::reply::{LateReplies, Orphan, Reply, Request, Ticket};
 use crate::session::{Conn, Failed, Query};
+use crate::special;
 use crate::sql::{Mode, Op};
 
 /// The first and the largest pause between two reconnect attempts.
@@ -268,7 +269,9 @@ impl Worker {
                         self.answer(reply, Reply::Failed(lost_error()), key, mode);
                         return end;
                     }
-                    let served = if self.spec.requests.is_empty() {
+                    let served = if first.special.is_some() {
+                        self.serve_special(conn, lease, first)
+                    } else if self.spec.requests.is_empty() {
                         // The uncontended case: one request, one statement.
                         self.serve_one(conn, lease, first)
                     } else {
@@ -387,8 +390,14 @@ impl Worker {
     fn serve_batch(&mut self, conn: &mut Conn, lease: &Lease, first: Request) -> Result<(), End> {
         // Whatever queued up meanwhile goes to the server in the same round trip.
         self.batch.requests.push(first);
+        // A special request ends the batch and runs after it, alone.
+        let mut special = None;
         while self.batch.requests.len() < MAX_BATCH {
             match self.spec.requests.try_recv() {
+                Ok(request) if request.special.is_some() => {
+                    special = Some(request);
+                    break;
+                }
                 Ok(request) => self.batch.requests.push(request),
                 Err(_) => break,
             }
@@ -416,7 +425,69 @@ impl Worker {
             }
         }
         self.batch.requests = requests; // keeps its capacity
-        result
+        match special {
+            Some(request) if result.is_ok() => self.serve_special(conn, lease, request),
+            Some(request) => {
+                let Request {
+                    reply, key, mode, ..
+                } = request;
+                self.answer(reply, Reply::Failed(lost_error()), key, mode);
+                result
+            }
+            None => result,
+        }
+    }
+
+    /// A special request (see `crate::special`): one statement of its own.
+    #[inline(never)]
+    fn serve_special(
+        &mut self,
+        conn: &mut Conn,
+        lease: &Lease,
+        mut request: Request,
+    ) -> Result<(), End> {
+        let Some(special) = request.special.take() else {
+            return self.serve_one(conn, lease, request);
+        };
+        let Request {
+            reply, key, mode, ..
+        } = request;
+        let answer = match special::serve(&special, conn, lease) {
+            Ok(answer) => answer,
+            Err(e) => {
+                log::warn!("distlock worker: connection failed: {e}");
+                self.answer(reply, Reply::Failed(lost_error()), key, mode);
+                return Err(self.ended(lease.generation));
+            }
+        };
+        let answer = match answer {
+            // Granted by a session that is already being replaced: its holds are gone.
+            Reply::Extra(extra)
+                if extra.lease.is_some() && !self.spec.link.is_current(lease.generation) =>
+            {
+                drop(extra);
+                Reply::Failed(lost_error())
+            }
+            answer => answer,
+        };
+        match reply.claim(answer) {
+            Ok(delivery) => {
+                if let Err(delivery) = delivery.try_send(self.spec.hand_over_turns) {
+                    self.late.push(delivery, key, mode);
+                }
+                Ok(())
+            }
+            // The caller gave up: nobody will own these holds.
+            Err(Reply::Extra(extra)) => {
+                let mut orphans = Vec::new();
+                extra.orphans(&mut orphans);
+                for orphan in orphans {
+                    self.give_back(conn, orphan)?;
+                }
+                Ok(())
+            }
+            Err(_) => Ok(()),
+        }
     }
 
     /// Answers one request from its outcome; gives back a grant whose caller has gone.
