@@ -236,6 +236,7 @@ mod batch;
 mod clock;
 mod compound;
 mod connect;
+mod election;
 mod error;
 #[cfg(all(test, unix))]
 mod fault_tests;
@@ -258,6 +259,7 @@ mod tls;
 mod worker;
 
 pub use crossbeam_channel;
+pub use election::{Election, Leadership, Watch};
 pub use error::{Error, ErrorKind, Result};
 pub use guard::LockGuard;
 pub use holder::Holder;

@@ -517,3 +517,68 @@ impl IdOrZero for LockKey {
         ((u64::from(hi) << 32) | u64::from(lo)) as i64
     }
 }
+
+#[test]
+fn an_election_has_one_leader_that_is_told_when_it_stops_leading() {
+    use distlock::Election;
+    let a = LockManager::builder()
+        .application_name("candidate-a")
+        .heartbeat(Duration::from_millis(100))
+        .connect(url())
+        .unwrap();
+    let b = manager("candidate-b");
+    let observer = manager("election-observer");
+    let (ea, eb) = (
+        Election::new(&a, "election/x"),
+        Election::new(&b, "election/x"),
+    );
+    let watching = Election::new(&observer, "election/x");
+    assert!(watching.leader().unwrap().is_none());
+    let lead_a = ea.try_campaign().unwrap().expect("nobody leads");
+    assert!(lead_a.is_leading());
+    lead_a.ensure_leading().unwrap();
+    assert!(eb.try_campaign().unwrap().is_none(), "two leaders");
+    let leader = watching.leader().unwrap().expect("a leader");
+    assert_eq!(leader.application_name(), Some("candidate-a"));
+    let watch = watching.watch(Duration::from_millis(20)).unwrap();
+    let first = watch
+        .changes()
+        .recv_timeout(Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(first.unwrap().application_name(), Some("candidate-a"));
+    // B campaigns (waiting) while A leads; A's backend is killed.
+    let campaign = thread::spawn(move || eb.campaign_for(Duration::from_secs(10)).unwrap());
+    thread::sleep(Duration::from_millis(100));
+    let mut outside = plain();
+    let killed_at = Instant::now();
+    for pid in pids_of_app(&mut outside, "candidate-a") {
+        outside
+            .execute("SELECT pg_terminate_backend($1)", &[&pid])
+            .unwrap();
+    }
+    lead_a
+        .lost()
+        .recv_timeout(Duration::from_secs(5))
+        .expect_err("lost() is disconnected, never sent to");
+    assert!(!lead_a.is_leading());
+    eprintln!("the deposed leader knew after {:?}", killed_at.elapsed());
+    let lead_b = campaign.join().unwrap().expect("B leads after A");
+    assert!(
+        lead_b.term() > lead_a.term(),
+        "{} after {}",
+        lead_b.term(),
+        lead_a.term()
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            matches!(watch.changes().try_recv(), Ok(Some(h)) if h.application_name() == Some("candidate-b"))
+        }),
+        "the observer never saw B lead"
+    );
+    lead_b.resign().unwrap();
+    assert!(eventually(Duration::from_secs(5), || watching
+        .leader()
+        .unwrap()
+        .is_none()));
+    drop(lead_a);
+}
