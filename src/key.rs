@@ -111,6 +111,35 @@ impl LockKey {
             Space::Pair(a, b) => Some((a, b)),
         }
     }
+
+    /// The key of slot `slot` of the semaphore named by this key (see
+    /// [`crate::LockManager::try_acquire_permit`]): a pair whose first int folds this key's 64
+    /// bits and whose second is `i32::MIN + slot`. `slot` is taken modulo 2³¹.
+    ///
+    /// ```
+    /// use distlock::LockKey;
+    /// let slot = LockKey::id(7).permit_slot(2);
+    /// assert_eq!(slot, LockKey::pair(7, i32::MIN + 2));
+    /// assert_eq!(slot.semaphore_slot(), Some(2));
+    /// ```
+    pub const fn permit_slot(self, slot: u32) -> LockKey {
+        let wide = match self.0 {
+            Space::Id(id) => id as u64,
+            Space::Pair(a, b) => ((a as u32 as u64) << 32) | b as u32 as u64,
+        };
+        let class = ((wide >> 32) ^ wide) as u32 as i32;
+        LockKey(Space::Pair(class, (0x8000_0000 | slot) as i32))
+    }
+
+    /// For the key of a semaphore slot ([`LockKey::permit_slot`]), the slot: `Some` for every
+    /// pair whose second int is negative, which is how `distlock locks` tells semaphore slots
+    /// from other locks.
+    pub const fn semaphore_slot(self) -> Option<u32> {
+        match self.0 {
+            Space::Pair(_, b) if b < 0 => Some(b as u32 & 0x7fff_ffff),
+            _ => None,
+        }
+    }
 }
 
 /// A fast hasher for maps keyed by [`LockKey`] (the manager's table, the worker's ledger): a

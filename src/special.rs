@@ -81,23 +81,12 @@ impl Extra {
     }
 }
 
-/// The key of slot `slot` of the semaphore `key`: a two-int key whose first int folds the
-/// semaphore's key and whose second is `i32::MIN + slot` (so `pg_locks` shows an `objid` of
-/// 2147483648 + slot, which `distlock locks` reads as a semaphore slot).
-pub(crate) fn slot_key(key: LockKey, slot: u32) -> LockKey {
-    LockKey(Space::Pair(semaphore_class(key), slot_objid(slot) as i32))
-}
-
+/// The first int of the slot keys of the semaphore `key` (see [`LockKey::permit_slot`]).
 fn semaphore_class(key: LockKey) -> i32 {
-    let wide = match key.0 {
-        Space::Id(id) => id as u64,
-        Space::Pair(a, b) => (u64::from(a as u32) << 32) | u64::from(b as u32),
-    };
-    ((wide >> 32) ^ wide) as u32 as i32
-}
-
-fn slot_objid(slot: u32) -> u32 {
-    0x8000_0000 | slot
+    match key.permit_slot(0).as_pair() {
+        Some((class, _)) => class,
+        None => 0,
+    }
 }
 
 fn push_args(sql: &mut String, key: LockKey) {
@@ -228,7 +217,7 @@ fn read(special: &Special, rows: &[SimpleQueryMessage], lease: &Lease) -> Reply 
         Special::Permit { key, .. } => match found.next() {
             Some(row) => match row.get(0).and_then(|t| t.parse::<u32>().ok()) {
                 Some(slot) => {
-                    Extra::grant(lease, vec![slot_key(*key, slot)], Mode::Exclusive, None)
+                    Extra::grant(lease, vec![key.permit_slot(slot)], Mode::Exclusive, None)
                 }
                 None => Reply::Failed(Error::new(
                     ErrorKind::Server,
@@ -372,11 +361,16 @@ mod tests {
 
     #[test]
     fn slot_keys_are_pairs_with_the_high_bit_of_objid_set() {
-        let a = slot_key(LockKey::id(7), 0);
-        let b = slot_key(LockKey::id(7), 4);
+        let a = LockKey::id(7).permit_slot(0);
+        let b = LockKey::id(7).permit_slot(4);
         assert_ne!(a, b);
         assert_eq!(a.pg_locks_tag(), (7, 0x8000_0000, 2));
         assert_eq!(b.pg_locks_tag(), (7, 0x8000_0004, 2));
-        assert_eq!(slot_key(LockKey::pair(1, 2), 0), LockKey::pair(3, i32::MIN));
+        assert_eq!(
+            LockKey::pair(1, 2).permit_slot(0),
+            LockKey::pair(3, i32::MIN)
+        );
+        assert_eq!(b.semaphore_slot(), Some(4));
+        assert_eq!(semaphore_class(LockKey::id(7)), 7);
     }
 }

@@ -660,3 +660,113 @@ fn a_rejected_password_never_appears_in_the_commands_output() {
     );
     assert_eq!(code(&out), 0, "{}", stderr(&out));
 }
+
+#[test]
+fn fence_passes_a_growing_token_to_the_command() {
+    let token = |_: usize| -> u64 {
+        let out = output(distlock().args([
+            "run",
+            "--key",
+            "cli/fence",
+            "--fence",
+            "--",
+            "sh",
+            "-c",
+            "echo \"$DISTLOCK_TOKEN\"",
+        ]));
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("DISTLOCK_TOKEN is a number")
+    };
+    let tokens: Vec<u64> = (0..3).map(token).collect();
+    assert!(tokens.windows(2).all(|w| w[1] > w[0]), "{tokens:?}");
+    // Without --fence there is no token.
+    let out = output(distlock().args([
+        "run",
+        "--key",
+        "cli/fence",
+        "--",
+        "sh",
+        "-c",
+        "echo \"[${DISTLOCK_TOKEN-unset}]\"",
+    ]));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[unset]");
+}
+
+#[test]
+fn limit_runs_at_most_n_commands_at_once_and_locks_shows_the_slots() {
+    let key = "cli/limit";
+    let slot0 = LockKey::name(key).permit_slot(0);
+    let slot1 = LockKey::name(key).permit_slot(1);
+    let spawn = || {
+        distlock()
+            .env("PGAPPNAME", "cli-limit-test")
+            .args(["run", "--key", key, "--limit", "2", "--", "sleep", "3"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut first = spawn();
+    let mut second = spawn();
+    let mut outside = plain();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            holders(&mut outside, slot0).len() == 1 && holders(&mut outside, slot1).len() == 1
+        }),
+        "two permits were not taken"
+    );
+    let out = output(distlock().args([
+        "run",
+        "--key",
+        key,
+        "--limit",
+        "2",
+        "--no-wait",
+        "--",
+        "true",
+    ]));
+    assert_eq!(code(&out), 75, "a third holder got in: {}", stderr(&out));
+    let out = output(distlock().arg("locks"));
+    let table = String::from_utf8_lossy(&out.stdout);
+    let slots = table
+        .lines()
+        .filter(|l| l.contains("cli-limit-test") && l.starts_with("semaphore "))
+        .count();
+    assert_eq!(slots, 2, "{table}");
+    let out = output(distlock().args(["locks", "--json"]));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let permits: Vec<u64> = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["application_name"] == "cli-limit-test")
+        .filter_map(|r| r["permit"]["slot"].as_u64())
+        .collect();
+    assert_eq!(permits.len(), 2, "{json}");
+    assert_eq!(wait_exit(&mut first, Duration::from_secs(15)), 0);
+    assert_eq!(wait_exit(&mut second, Duration::from_secs(15)), 0);
+    // The slot reaches the command; bad limits are usage errors.
+    let out = output(distlock().args([
+        "run",
+        "--key",
+        key,
+        "--limit",
+        "2",
+        "--",
+        "sh",
+        "-c",
+        "echo $DISTLOCK_SLOT",
+    ]));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0");
+    for bad in ["0", "10001", "-1", "x"] {
+        let out = output(distlock().args(["run", "--key", key, "--limit", bad, "--", "true"]));
+        assert_eq!(code(&out), 64, "--limit {bad}: {}", stderr(&out));
+    }
+    let out = output(distlock().args([
+        "run", "--key", key, "--limit", "2", "--shared", "--", "true",
+    ]));
+    assert_eq!(code(&out), 64);
+}

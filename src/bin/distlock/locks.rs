@@ -89,6 +89,9 @@ pub fn run(url: Option<&str>, args: Args) -> Result<ExitCode, Failure> {
 }
 
 fn key_text(key: Option<LockKey>) -> String {
+    if let Some((class, slot)) = semaphore(key) {
+        return format!("semaphore {class} slot {slot}");
+    }
     match key.map(|k| (k.as_id(), k.as_pair())) {
         Some((Some(id), _)) => id.to_string(),
         Some((_, Some((a, b)))) => format!("({a}, {b})"),
@@ -153,6 +156,13 @@ fn print_table(rows: &[Row]) {
     }
 }
 
+/// For a semaphore slot's key (`distlock run --limit`, `LockManager::try_acquire_permit`): the
+/// semaphore's first int and the slot.
+fn semaphore(key: Option<LockKey>) -> Option<(i32, u32)> {
+    let key = key?;
+    Some((key.as_pair()?.0, key.semaphore_slot()?))
+}
+
 /// The rows as a JSON array, one object per lock and session.
 fn to_json(rows: &[Row]) -> String {
     let items: Vec<serde_json::Value> = rows
@@ -164,9 +174,12 @@ fn to_json(rows: &[Row]) -> String {
                 _ => (json!(null), json!(null)),
             };
             let seconds = (r.age.as_secs_f64() * 1000.0).round() / 1000.0;
+            let semaphore =
+                semaphore(r.key).map(|(class, slot)| json!({"semaphore": class, "slot": slot}));
             json!({
                 "key": key,
                 "pair": pair,
+                "permit": semaphore,
                 "mode": r.mode,
                 "granted": r.granted,
                 "pid": r.pid,

@@ -25,8 +25,17 @@ pub struct Args {
     #[arg(long, value_name = "NAME")]
     key: String,
     /// Take the lock shared: shared holders run at once; exclusive ones wait for all of them.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["fence", "limit"])]
     shared: bool,
+    /// Take the lock with a fencing token and pass it to the command as DISTLOCK_TOKEN: a number
+    /// greater than every token issued before for this lock, for the resources the command
+    /// writes to (they refuse lower tokens).
+    #[arg(long, conflicts_with = "limit")]
+    fence: bool,
+    /// Run as one of at most N holders at once (a semaphore of N permits named by --key); every
+    /// holder must pass the same N. The slot taken is passed as DISTLOCK_SLOT.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    limit: Option<u32>,
     /// Wait at most this long for the lock (500ms, 30s, 2m, 1h) [default: forever].
     #[arg(long, value_name = "DURATION", value_parser = duration::parse, conflicts_with = "no_wait")]
     wait: Option<Duration>,
@@ -109,6 +118,14 @@ pub fn run(url: Option<&str>, args: Args) -> Result<ExitCode, Failure> {
     let mut command = child::command(&args.command)
         .ok_or_else(|| Failure::new(exit::USAGE, anyhow!("no command given after --")))?;
     command.stdin(Stdio::inherit());
+    if let Some(token) = guard.fencing_token() {
+        command.env("DISTLOCK_TOKEN", token.to_string());
+    }
+    if args.limit.is_some() {
+        if let Some(slot) = distlock::LockKey::semaphore_slot(guard.key()) {
+            command.env("DISTLOCK_SLOT", slot.to_string());
+        }
+    }
     if !args.keep_db_env {
         // distlock's own connection secrets are not the command's business.
         command.env_remove("DATABASE_URL").env_remove("PGPASSWORD");
@@ -233,6 +250,10 @@ fn acquire(
     let take = |wait: Duration| {
         if args.shared {
             locks.try_lock_shared_for(key, wait)
+        } else if args.fence {
+            locks.try_lock_fenced_for(key, wait)
+        } else if let Some(permits) = args.limit {
+            locks.try_acquire_permit_for(key, permits, wait)
         } else {
             locks.try_lock_for(key, wait)
         }
