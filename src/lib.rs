@@ -46,6 +46,52 @@
 //! * Names map to ids with FNV-1a 64, the mapping of Go's `ldelossa/distlock` and `quay/claircore`,
 //!   stable across versions and platforms (see [`LockKey`]).
 //!
+//! # Beyond one lock
+//!
+//! Each of these is one statement, one round trip, on the manager's own connection, granted
+//! (like every lock here) when its statement returns its row:
+//!
+//! * **Fencing tokens.** [`LockManager::try_lock_fenced`], [`LockManager::try_lock_fenced_for`]
+//!   and [`LockManager::lock_fenced`] grant like `try_lock`, and [`LockGuard::fencing_token`]
+//!   returns a number strictly greater than every token issued before for that key on the
+//!   cluster — across managers, processes, reconnects and server crashes. A lock is a lease: a
+//!   holder paused by a GC or a network stall can act after it lost the lock; a resource that
+//!   refuses writes with a token lower than the highest it has seen refuses that holder. Tokens
+//!   come from one sequence, `public.distlock_fence`, drawn after the grant in the same
+//!   statement (`SELECT nextval(..) WHERE pg_try_advisory_lock(k)`), so a later holder's token is
+//!   always higher. The first fenced call creates the sequence if it is missing; a role that may
+//!   not gets an error naming what to run once (`CREATE SEQUENCE IF NOT EXISTS
+//!   public.distlock_fence; GRANT USAGE ON SEQUENCE public.distlock_fence TO ..`). Crashes: a
+//!   sequence writes its WAL ahead of the values it hands out, and the lock session raises
+//!   `synchronous_commit = off` to `local`, so that WAL is on disk before a token is returned and
+//!   no token is issued twice after a crash. **Failover with asynchronous replication:** the
+//!   promoted standby's sequence is where the WAL it had received left it, so tokens the old
+//!   primary issued within the replication lag (plus up to the 32 values a sequence logs ahead)
+//!   can be issued again by the new primary, and a resource that saw one of them refuses new
+//!   holders until the sequence passes it. With a synchronous standby (`synchronous_commit` `on`,
+//!   `remote_write` or `remote_apply`, which the lock session keeps), the sequence's WAL reaches
+//!   the standby before a token is returned, and tokens only grow across failover too. After
+//!   failing over to an asynchronous standby, restore the guarantee with `SELECT
+//!   setval('public.distlock_fence', <a value above any token issued>)`.
+//! * **Semaphores.** [`LockManager::try_acquire_permit`] (and `_for`, [`LockManager::acquire_permit`])
+//!   admit at most `permits` holders at once across all processes, with no DDL: each permit is a
+//!   slot, a lock of its own ([`LockKey::permit_slot`]); a try takes the first free slot in one
+//!   statement, skipping slots its own session already holds. A dropped or lost permit frees its
+//!   slot.
+//! * **All-or-nothing.** [`LockManager::try_lock_all`] (and `_for`, [`LockManager::lock_all`])
+//!   takes every key or none in one statement: the keys it got are released in that same
+//!   statement when any was busy, so a failure leaves no partial hold. Waiting forms retry whole
+//!   tries and never hold some keys while waiting for others, so they cannot deadlock each other
+//!   whatever order callers list the keys in.
+//! * **Who holds it.** [`LockManager::holders`] reads `pg_locks` joined with `pg_stat_activity`:
+//!   pid, application name, client address, backend start, shared or exclusive, granted or
+//!   waiting ([`Holder`]). Every role sees every session's locks, but the session details only of
+//!   its own role's sessions (or with `pg_read_all_stats`).
+//! * **Leader election.** [`Election`] campaigns (waiting or trying) on one lock; a
+//!   [`Leadership`] knows whether it leads, is told the moment it stops
+//!   ([`Leadership::lost`]), and has a term (its fencing token). Observers ask who leads
+//!   ([`Election::leader`]) or [`Election::watch`] for changes.
+//!
 //! # Failure model
 //!
 //! A session advisory lock lives exactly as long as the connection that took it. When a backend is

@@ -76,6 +76,7 @@ pub fn run(url: Option<&str>, args: Args) -> Result<ExitCode> {
     );
     let mut report = Report::default();
     latency(&cluster, &mut report)?;
+    capabilities(&cluster, &mut report)?;
     throughput(&cluster, per_case, &mut report)?;
     pgbench(&cluster, per_case, &mut report)?;
     handoff(&cluster, &mut report)?;
@@ -202,6 +203,102 @@ fn latency(cluster: &TestCluster, report: &mut Report) -> Result<()> {
             micros(percentile(&s, 0.99)),
             "µs",
         );
+    }
+    Ok(())
+}
+
+/// Fenced grants, permits and all-or-nothing grants against their plain counterparts, one thread,
+/// interleaved in rounds like `latency`.
+fn capabilities(cluster: &TestCluster, report: &mut Report) -> Result<()> {
+    const ROUNDS: usize = 10;
+    const PER_ROUND: usize = 100;
+    let locks = LockManager::builder()
+        .application_name("distlock-bench-capabilities")
+        .connect(cluster.url())?;
+    // The fencing sequence exists before anything is timed.
+    drop(locks.try_lock_fenced(0x0be1_ffff)?);
+    let names = [
+        "try_lock+drop",
+        "try_lock_fenced+drop",
+        "try_acquire_permit (4 permits)+drop",
+        "8 x try_lock, then 8 drops",
+        "try_lock_all of 8, then 8 drops",
+        "8 x try_lock (acquiring only)",
+        "try_lock_all of 8 (acquiring only)",
+    ];
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); names.len()];
+    let eight = |i: usize| -> Vec<i64> {
+        (0..8)
+            .map(|k| 0x0be1_0000 + (i % 8 * 8 + k) as i64)
+            .collect()
+    };
+    for round in 0..ROUNDS {
+        for case in 0..names.len() {
+            for i in 0..PER_ROUND {
+                let key = 0x0be1_1000 + ((round * PER_ROUND + i) % 64) as i64;
+                let start = Instant::now();
+                let mut acquired = None;
+                match case {
+                    0 => drop(locks.try_lock(key)?.context("bench key was taken")?),
+                    1 => drop(locks.try_lock_fenced(key)?.context("bench key was taken")?),
+                    2 => drop(
+                        locks
+                            .try_acquire_permit(key, 4)?
+                            .context("no free permit")?,
+                    ),
+                    3 | 5 => {
+                        let guards = eight(i)
+                            .into_iter()
+                            .map(|k| locks.try_lock(k)?.context("bench key was taken"))
+                            .collect::<Result<Vec<_>>>()?;
+                        acquired = Some(start.elapsed());
+                        drop(guards);
+                    }
+                    _ => {
+                        let guards = locks
+                            .try_lock_all(eight(i))?
+                            .context("bench keys were taken")?;
+                        acquired = Some(start.elapsed());
+                        drop(guards);
+                    }
+                }
+                samples[case].push(match case {
+                    5 | 6 => acquired.unwrap_or_default(),
+                    _ => start.elapsed(),
+                });
+            }
+        }
+    }
+    for (name, mut s) in names.iter().zip(samples) {
+        s.sort();
+        report.add(
+            format!("capability p50: {name}"),
+            micros(percentile(&s, 0.5)),
+            "µs",
+        );
+    }
+    let ratio = |a: &str, b: &str| {
+        let (a, b) = (
+            report.get(&format!("capability p50: {a}")),
+            report.get(&format!("capability p50: {b}")),
+        );
+        a.zip(b).map(|(a, b)| a / b)
+    };
+    for (a, b) in [
+        ("try_lock_fenced+drop", "try_lock+drop"),
+        ("try_acquire_permit (4 permits)+drop", "try_lock+drop"),
+        (
+            "try_lock_all of 8, then 8 drops",
+            "8 x try_lock, then 8 drops",
+        ),
+        (
+            "try_lock_all of 8 (acquiring only)",
+            "8 x try_lock (acquiring only)",
+        ),
+    ] {
+        if let Some(r) = ratio(a, b) {
+            println!("ratio p50 {a} / {b}: {r:.2}");
+        }
     }
     Ok(())
 }
