@@ -208,8 +208,8 @@ impl LockManager {
     /// `pg_stat_activity`: granted holders first, then waiters, each by pid. This manager's own
     /// session is among them when it holds the key.
     ///
-    /// What a role sees: every session's locks; the application name, client address and
-    /// backend start only of sessions of its own role, unless it is a member of
+    /// What a role sees: every session's locks, pid and application name; the client address
+    /// and backend start only of sessions of its own role, unless it is a member of
     /// `pg_read_all_stats` (see [`Holder`]). One round trip on the manager's connection, bounded
     /// by the request timeout.
     ///

@@ -5,10 +5,10 @@ use std::time::SystemTime;
 /// A server session holding or waiting for a lock, as [`crate::LockManager::holders`] finds it in
 /// `pg_locks` and `pg_stat_activity`.
 ///
-/// Every role sees every session's locks (`pg_locks` is readable by all). The details from
-/// `pg_stat_activity` — application name, client address, backend start — are shown only for
-/// sessions of the same role, or to members of `pg_read_all_stats` (and superusers); for other
-/// sessions they are `None`.
+/// Every role sees every session's locks (`pg_locks` is readable by all), with the pid and the
+/// application name. The client address and the backend start come from `pg_stat_activity`,
+/// which shows them only for sessions of the same role, or to members of `pg_read_all_stats`
+/// (and superusers); for other sessions they are `None`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Holder {
     pub(crate) pid: i32,
@@ -25,8 +25,7 @@ impl Holder {
         self.pid
     }
 
-    /// The session's `application_name` (`Builder::application_name` for a distlock manager), if
-    /// visible to this role.
+    /// The session's `application_name` (`Builder::application_name` for a distlock manager).
     pub fn application_name(&self) -> Option<&str> {
         self.application_name.as_deref()
     }

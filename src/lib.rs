@@ -85,8 +85,9 @@
 //!   whatever order callers list the keys in.
 //! * **Who holds it.** [`LockManager::holders`] reads `pg_locks` joined with `pg_stat_activity`:
 //!   pid, application name, client address, backend start, shared or exclusive, granted or
-//!   waiting ([`Holder`]). Every role sees every session's locks, but the session details only of
-//!   its own role's sessions (or with `pg_read_all_stats`).
+//!   waiting ([`Holder`]). Every role sees every session's locks, pids and application names,
+//!   but client addresses and backend starts only of its own role's sessions (or with
+//!   `pg_read_all_stats`).
 //! * **Leader election.** [`Election`] campaigns (waiting or trying) on one lock; a
 //!   [`Leadership`] knows whether it leads, is told the moment it stops
 //!   ([`Leadership::lost`]), and has a term (its fencing token). Observers ask who leads

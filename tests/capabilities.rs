@@ -226,6 +226,26 @@ fn the_fencing_sequence_is_created_on_first_use_and_a_refusal_leaks_nothing() {
     // The key is free for anyone else, and the refused manager still works for plain locks.
     assert!(locks.try_lock("fence/refused").unwrap().is_some());
     assert!(user.try_lock("fence/other").unwrap().is_some());
+    // What an unprivileged role sees of another role's holder: the lock, its pid and application
+    // name, not the client address or the backend start.
+    let held = locks.try_lock("fence/seen").unwrap().unwrap();
+    let seen = user.holders("fence/seen").unwrap();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(seen[0].pid() > 0 && seen[0].is_granted() && !seen[0].is_shared());
+    assert_eq!(seen[0].application_name(), Some("distlock"), "{seen:?}");
+    assert_eq!(seen[0].backend_start(), None, "{seen:?}");
+    assert_eq!(seen[0].client_addr(), None, "{seen:?}");
+    drop(held);
+    // Its own session's details it does see.
+    let own = user.try_lock("fence/own").unwrap().unwrap();
+    let seen = user.holders("fence/own").unwrap();
+    assert_eq!(
+        seen[0].application_name(),
+        Some("fence-refused"),
+        "{seen:?}"
+    );
+    assert!(seen[0].backend_start().is_some(), "{seen:?}");
+    drop(own);
 }
 
 #[test]

@@ -233,7 +233,7 @@ fn capabilities(cluster: &TestCluster, report: &mut Report) -> Result<()> {
             .collect()
     };
     for round in 0..ROUNDS {
-        for case in 0..names.len() {
+        for (case, out) in samples.iter_mut().enumerate() {
             for i in 0..PER_ROUND {
                 let key = 0x0be1_1000 + ((round * PER_ROUND + i) % 64) as i64;
                 let start = Instant::now();
@@ -262,7 +262,7 @@ fn capabilities(cluster: &TestCluster, report: &mut Report) -> Result<()> {
                         drop(guards);
                     }
                 }
-                samples[case].push(match case {
+                out.push(match case {
                     5 | 6 => acquired.unwrap_or_default(),
                     _ => start.elapsed(),
                 });
