@@ -718,16 +718,12 @@ fn limit_runs_at_most_n_commands_at_once_and_locks_shows_the_slots() {
         }),
         "two permits were not taken"
     );
-    let out = output(distlock().args([
-        "run",
-        "--key",
-        key,
-        "--limit",
-        "2",
-        "--no-wait",
-        "--",
-        "true",
-    ]));
+    let limited = |extra: &[&str]| {
+        let mut args = vec!["run", "--key", key, "--limit", "2"];
+        args.extend_from_slice(extra);
+        output(distlock().args(args))
+    };
+    let out = limited(&["--no-wait", "--", "true"]);
     assert_eq!(code(&out), 75, "a third holder got in: {}", stderr(&out));
     let out = output(distlock().arg("locks"));
     let table = String::from_utf8_lossy(&out.stdout);
@@ -749,17 +745,7 @@ fn limit_runs_at_most_n_commands_at_once_and_locks_shows_the_slots() {
     assert_eq!(wait_exit(&mut first, Duration::from_secs(15)), 0);
     assert_eq!(wait_exit(&mut second, Duration::from_secs(15)), 0);
     // The slot reaches the command; bad limits are usage errors.
-    let out = output(distlock().args([
-        "run",
-        "--key",
-        key,
-        "--limit",
-        "2",
-        "--",
-        "sh",
-        "-c",
-        "echo $DISTLOCK_SLOT",
-    ]));
+    let out = limited(&["--", "sh", "-c", "echo $DISTLOCK_SLOT"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0");
     for bad in ["0", "10001", "-1", "x"] {
         let out = output(distlock().args(["run", "--key", key, "--limit", bad, "--", "true"]));

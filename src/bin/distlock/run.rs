@@ -291,7 +291,7 @@ fn acquire(
             status.clear();
             return Ok(None);
         }
-        status.show(&args.key, key, started.elapsed());
+        status.show(&args.key, key, args.limit, started.elapsed());
     }
 }
 
@@ -315,12 +315,13 @@ impl StatusLine {
         }
     }
 
-    fn show(&mut self, name: &str, key: LockKey, waited: Duration) {
+    /// `limit`: the key names a semaphore of that many permits (`--limit`), whose slots are shown.
+    fn show(&mut self, name: &str, key: LockKey, limit: Option<u32>, waited: Duration) {
         if !self.on {
             return;
         }
         let holders = self
-            .holders(key)
+            .holders(key, limit)
             .unwrap_or_else(|e| format!("(holders unknown: {e})"));
         let mut err = std::io::stderr().lock();
         let _ = write!(
@@ -340,7 +341,7 @@ impl StatusLine {
         }
     }
 
-    fn holders(&mut self, key: LockKey) -> anyhow::Result<String> {
+    fn holders(&mut self, key: LockKey, limit: Option<u32>) -> anyhow::Result<String> {
         if self.client.is_none() {
             let mut config = self.server.config.clone();
             config
@@ -349,14 +350,26 @@ impl StatusLine {
             self.client = Some(self.server.tls.connect_client(&config)?);
         }
         let client = self.client.as_mut().context("no status connection")?;
-        let (classid, objid, objsubid) = key.pg_locks_tag();
+        // A lock is one (classid, objid, objsubid); a semaphore's slots share the classid and
+        // take consecutive objids.
+        let (classid, objid, objsubid, slots) = match limit {
+            Some(n) => {
+                let (classid, objid, objsubid) = key.permit_slot(0).pg_locks_tag();
+                (classid, objid, objsubid, n)
+            }
+            None => {
+                let (classid, objid, objsubid) = key.pg_locks_tag();
+                (classid, objid, objsubid, 1)
+            }
+        };
+        let last = i64::from(objid) + i64::from(slots) - 1;
         let rows = client.query(
             "SELECT l.pid, coalesce(a.application_name, ''), coalesce(host(a.client_addr), 'local'), \
                     extract(epoch FROM now() - a.backend_start)::float8 \
              FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
              WHERE l.locktype = 'advisory' AND l.granted AND l.classid::int8 = $1 \
-               AND l.objid::int8 = $2 AND l.objsubid = $3 ORDER BY l.pid",
-            &[&i64::from(classid), &i64::from(objid), &objsubid],
+               AND l.objid::int8 BETWEEN $2 AND $4 AND l.objsubid = $3 ORDER BY l.pid",
+            &[&i64::from(classid), &i64::from(objid), &objsubid, &last],
         )?;
         if rows.is_empty() {
             return Ok("free a moment ago, retrying".to_owned());
