@@ -56,6 +56,9 @@ pub struct Args {
     /// How long each throughput case runs.
     #[arg(long, default_value = "2s", value_parser = crate::duration::parse)]
     per_case: Duration,
+    /// How long the 8 contending processes of the fairness case run.
+    #[arg(long, default_value = "30s", value_parser = crate::duration::parse)]
+    fairness_for: Duration,
     /// Where to write the figures.
     #[arg(long, default_value = "target/distlock-bench.json")]
     json: PathBuf,
@@ -80,6 +83,7 @@ pub fn run(url: Option<&str>, args: Args) -> Result<ExitCode> {
     throughput(&cluster, per_case, &mut report)?;
     pgbench(&cluster, per_case, &mut report)?;
     handoff(&cluster, &mut report)?;
+    fairness(&cluster, args.fairness_for, &mut report)?;
     loss_detection(&cluster, &mut report)?;
 
     println!();
@@ -460,6 +464,64 @@ fn handoff(cluster: &TestCluster, report: &mut Report) -> Result<()> {
         "handoff p99: manager A release -> manager B acquire",
         micros(percentile(&delays, 0.99)),
         "µs",
+    );
+    Ok(())
+}
+
+/// Waiting across processes: handoff between two processes, and 8 processes on one key.
+fn fairness(cluster: &TestCluster, run_for: Duration, report: &mut Report) -> Result<()> {
+    let hold = Duration::from_millis(5);
+    let two = crate::fairness::measure(
+        cluster,
+        "bench/handoff-2",
+        2,
+        hold,
+        run_for.min(Duration::from_secs(10)),
+    )?;
+    let mut handoffs = two.handoffs;
+    handoffs.sort();
+    if !handoffs.is_empty() {
+        report.add(
+            "handoff p50: between two processes (5 ms holds)",
+            micros(percentile(&handoffs, 0.5)),
+            "µs",
+        );
+        report.add(
+            "handoff p99: between two processes (5 ms holds)",
+            micros(percentile(&handoffs, 0.99)),
+            "µs",
+        );
+    }
+    report.add(
+        "handoffs between two processes (of grants)",
+        handoffs.len() as f64 / two.grants as f64 * 100.0,
+        "%",
+    );
+    let eight = crate::fairness::measure(cluster, "bench/fair-8", 8, hold, run_for)?;
+    let what = format!(
+        "8 processes, 5 ms holds, {}",
+        crate::duration::human(run_for)
+    );
+    report.add(format!("{what}: grants"), eight.grants as f64, "");
+    report.add(
+        format!("{what}: grants that overtook an earlier waiter"),
+        eight.overtakes as f64 / eight.grants as f64 * 100.0,
+        "%",
+    );
+    report.add(
+        format!("{what}: mean wait"),
+        micros(eight.mean_wait) / 1000.0,
+        "ms",
+    );
+    report.add(
+        format!("{what}: longest wait"),
+        micros(eight.longest_wait) / 1000.0,
+        "ms",
+    );
+    report.add(
+        format!("{what}: longest / mean wait"),
+        eight.longest_wait.as_secs_f64() / eight.mean_wait.as_secs_f64().max(1e-9),
+        "x",
     );
     Ok(())
 }

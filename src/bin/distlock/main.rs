@@ -7,6 +7,7 @@ mod connection;
 mod demo;
 mod duration;
 mod exit;
+mod fairness;
 mod locks;
 mod run;
 
@@ -77,6 +78,9 @@ enum Command {
     /// Internal: how `run` starts its command (see child.rs).
     #[command(name = child::SUBCOMMAND, hide = true)]
     Child(child::Args),
+    /// Internal: one contender of `bench`'s fairness measurement (see fairness.rs).
+    #[command(name = fairness::SUBCOMMAND, hide = true)]
+    Contend(fairness::Args),
 }
 
 fn main() -> ExitCode {
@@ -101,6 +105,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(url, args).map_err(Into::into),
         Command::Cluster(args) => cluster::run(args).map_err(Into::into),
         Command::Child(args) => Ok(child::exec(args)),
+        Command::Contend(args) => fairness::contend(url, args).map_err(Into::into),
     };
     outcome.unwrap_or_else(exit::Failure::report)
 }
