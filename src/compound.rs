@@ -58,10 +58,7 @@ impl LockManager {
         key: impl Into<LockKey>,
         timeout: Duration,
     ) -> Result<Option<LockGuard>> {
-        let key = key.into();
-        self.wait_until(Some(deadline_in(timeout)), &key, |d| {
-            self.try_fenced_once(key, d)
-        })
+        self.fenced_wait(key.into(), Some(deadline_in(timeout)))
     }
 
     /// Takes the exclusive lock on `key` with a fencing token, waiting for as long as it is held.
@@ -70,8 +67,33 @@ impl LockManager {
     ///
     /// As for [`LockManager::lock`] and [`LockManager::try_lock_fenced`].
     pub fn lock_fenced(&self, key: impl Into<LockKey>) -> Result<LockGuard> {
-        let key = key.into();
-        wait_forever(self.wait_until(None, &key, |d| self.try_fenced_once(key, d)))
+        wait_forever(self.fenced_wait(key.into(), None))
+    }
+
+    /// A fenced grant within `deadline`: in the lock queue when the manager has waiting
+    /// connections, else by polling.
+    fn fenced_wait(&self, key: LockKey, deadline: Option<Instant>) -> Result<Option<LockGuard>> {
+        if self.shared().waits.is_some() {
+            return Ok(self
+                .wait_in_queue(&[key], Mode::Exclusive, true, deadline)?
+                .and_then(|mut guards| guards.pop()));
+        }
+        self.wait_until(deadline, &key, |d| self.try_fenced_once(key, d))
+    }
+
+    /// Every one of `keys` within `deadline`: in the lock queue when the manager has waiting
+    /// connections, else by polling whole tries.
+    fn all_wait(&self, keys: &[LockKey], deadline: Option<Instant>) -> Result<Option<Vec<LockGuard>>> {
+        if keys.is_empty() {
+            return Ok(Some(Vec::new()));
+        }
+        if self.shared().waits.is_some() {
+            return self.wait_in_queue(keys, Mode::Exclusive, false, deadline);
+        }
+        let what = KeysOf(keys);
+        self.wait_until(deadline, &what, |d| {
+            self.try_all_once(keys, Mode::Exclusive, d)
+        })
     }
 
     /// Tries once to take one of `permits` permits of the semaphore `key`, without waiting.
@@ -182,10 +204,7 @@ impl LockManager {
         timeout: Duration,
     ) -> Result<Option<Vec<LockGuard>>> {
         let keys = key_list(keys)?;
-        let what = KeysOf(&keys);
-        self.wait_until(Some(deadline_in(timeout)), &what, |d| {
-            self.try_all_once(&keys, Mode::Exclusive, d)
-        })
+        self.all_wait(&keys, Some(deadline_in(timeout)))
     }
 
     /// Takes every one of `keys` exclusively, waiting for as long as any of them is held.
@@ -198,10 +217,7 @@ impl LockManager {
         keys: impl IntoIterator<Item = K>,
     ) -> Result<Vec<LockGuard>> {
         let keys = key_list(keys)?;
-        let what = KeysOf(&keys);
-        wait_forever(self.wait_until(None, &what, |d| {
-            self.try_all_once(&keys, Mode::Exclusive, d)
-        }))
+        wait_forever(self.all_wait(&keys, None))
     }
 
     /// The sessions that hold or wait for `key`, from `pg_locks` joined with

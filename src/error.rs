@@ -40,6 +40,10 @@ pub enum ErrorKind {
     /// taken through it exclude nobody. Connect directly, or through session pooling. Once seen,
     /// every call of the manager returns it.
     Pooler,
+    /// PostgreSQL found a deadlock while the call waited in its lock queue (two sessions each
+    /// waiting for a lock the other holds) and ended this call's wait to break it. Nothing was
+    /// acquired; release what the caller holds, and try again.
+    Deadlock,
 }
 
 /// The error of every fallible call in this crate.

@@ -57,6 +57,9 @@ pub struct LockGuard {
     released: bool,
     /// The fencing token of a fenced grant.
     token: Option<u64>,
+    /// For a lock granted on a waiting connection: that connection, back in its pool once every
+    /// guard of the wait is dropped (after the release).
+    waiter: Option<crate::waiting::WaitHold>,
 }
 
 impl LockGuard {
@@ -68,7 +71,16 @@ impl LockGuard {
             lease,
             released: false,
             token: None,
+            waiter: None,
         }
+    }
+
+    pub(crate) fn set_token(&mut self, token: Option<u64>) {
+        self.token = token;
+    }
+
+    pub(crate) fn keep_waiter(&mut self, hold: crate::waiting::WaitHold) {
+        self.waiter = Some(hold);
     }
 
     /// A guard for a fenced grant, with its token.

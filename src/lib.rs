@@ -303,6 +303,7 @@ mod table;
 #[cfg(unix)]
 pub mod testing;
 mod tls;
+mod waiting;
 mod worker;
 
 pub use crossbeam_channel;

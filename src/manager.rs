@@ -18,10 +18,12 @@ use crate::link::Link;
 use crate::monitor;
 use crate::reply::{Reply, ReplySlot, SPIN_HAND_OVER_TURNS};
 use crate::shared::{Call, Shared, WakeOnDrop};
+use crate::special::Special;
 use crate::sql::ServerKeepalive;
 use crate::sql::{Mode, Op};
 use crate::table::{Reservation, Table};
 use crate::tls::{SslMode, Tls};
+use crate::waiting::{self, WaitHold, WaitPool};
 use crate::worker::{self, Spec};
 
 const DEFAULT_APPLICATION_NAME: &str = "distlock";
@@ -30,6 +32,7 @@ const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
 const DEFAULT_MAX_LOCKS: usize = 1024;
 const DEFAULT_DEAD_HOLDER_TIMEOUT: Duration = Duration::from_secs(12);
+const DEFAULT_WAIT_CONNECTIONS: usize = 4;
 /// Requests that may queue for the worker before senders wait (within their own bound).
 const QUEUE_CAPACITY: usize = 1024;
 /// Reply slots made up front; the pool grows to the number of calls in flight at once.
@@ -288,6 +291,11 @@ impl LockManager {
         mode: Mode,
         deadline: Option<Instant>,
     ) -> Result<Option<LockGuard>> {
+        if self.shared.waits.is_some() {
+            return Ok(self
+                .wait_in_queue(&[key], mode, false, deadline)?
+                .and_then(|mut guards| guards.pop()));
+        }
         self.wait_until(deadline, &key, |try_deadline| {
             self.try_once(key, mode, try_deadline)
         })
@@ -356,6 +364,238 @@ impl LockManager {
 }
 
 impl LockManager {
+    /// Waits for every one of `keys` in PostgreSQL's lock queue on a waiting connection (see
+    /// `crate::waiting`), after one try on the manager's own; `fenced`: one key, with a token.
+    /// Only for a manager with waiting connections.
+    pub(crate) fn wait_in_queue(
+        &self,
+        keys: &[LockKey],
+        mode: Mode,
+        fenced: bool,
+        deadline: Option<Instant>,
+    ) -> Result<Option<Vec<LockGuard>>> {
+        let Some(pool) = &self.shared.waits else {
+            return Err(Error::new(ErrorKind::Config, "no waiting connections"));
+        };
+        let first = match keys {
+            [key] if fenced => self
+                .try_lock_fenced(*key)
+                .map(|g| g.map(|g| vec![g])),
+            [key] => self
+                .try_once(*key, mode, self.shared.request_deadline())
+                .map(|g| g.map(|g| vec![g])),
+            _ => self.try_lock_all(keys.iter().copied()),
+        };
+        let failing = match first {
+            Ok(Some(guards)) => return Ok(Some(guards)),
+            Ok(None) => None,
+            Err(e) if e.is_transient() => Some(e),
+            Err(e) => return Err(e),
+        };
+        // Reserved in this manager's table for the whole wait, as a try reserves: threads of this
+        // manager exclude each other here (lost guards included) before anyone queues.
+        if !self.reserve_all_until(keys, mode, deadline)? {
+            return failing.map_or(Ok(None), Err);
+        }
+        let result = self.queue_for(pool, keys, mode, fenced, deadline, failing);
+        match &result {
+            Ok(Some(_)) => {}
+            _ => {
+                let mut table = self.shared.table.lock();
+                for &key in keys {
+                    table.release(key, mode, false);
+                }
+            }
+        }
+        result
+    }
+
+    /// Reserves every one of `keys` in this manager's table, waiting (until `deadline`) for its
+    /// other threads to give back holds in the way. `false` at the deadline.
+    fn reserve_all_until(&self, keys: &[LockKey], mode: Mode, deadline: Option<Instant>) -> Result<bool> {
+        let shared = &self.shared;
+        let mut table = shared.table.lock();
+        loop {
+            let mut conflict = false;
+            for (i, &key) in keys.iter().enumerate() {
+                match table.reserve(key, mode, shared.max_locks) {
+                    Reservation::Reserved { .. } => continue,
+                    Reservation::Conflict => conflict = true,
+                    Reservation::Full => {
+                        for &taken in &keys[..i] {
+                            table.release(taken, mode, false);
+                        }
+                        return Err(Error::new(
+                            ErrorKind::TooManyLocks,
+                            "the lock manager already holds its maximum number of locks",
+                        ));
+                    }
+                }
+                for &taken in &keys[..i] {
+                    table.release(taken, mode, false);
+                }
+                break;
+            }
+            if !conflict {
+                return Ok(true);
+            }
+            let timed_out = match deadline {
+                Some(d) => shared.released.wait_until(&mut table, d).timed_out(),
+                None => {
+                    shared.released.wait(&mut table);
+                    false
+                }
+            };
+            if timed_out {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// The queue wait of [`LockManager::wait_in_queue`], keys reserved.
+    fn queue_for(
+        &self,
+        pool: &Arc<WaitPool>,
+        keys: &[LockKey],
+        mode: Mode,
+        fenced: bool,
+        deadline: Option<Instant>,
+        mut failing: Option<Error>,
+    ) -> Result<Option<Vec<LockGuard>>> {
+        let mut backoff = Backoff::new(FIRST_RETRY, self.shared.max_retry_interval);
+        loop {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return failing.map_or(Ok(None), Err);
+            }
+            let waiter = match pool.take(deadline) {
+                Ok(Some(waiter)) => Arc::new(waiter),
+                Ok(None) => return failing.map_or(Ok(None), Err),
+                Err(e) => {
+                    let e = waiting::unavailable(e);
+                    if !e.is_transient() {
+                        return Err(e);
+                    }
+                    failing = Some(e);
+                    pause(backoff.next_pause(), deadline);
+                    continue;
+                }
+            };
+            match waiter.manager().wait_here(keys, mode, fenced, deadline) {
+                Ok(Some(mut guards)) => {
+                    for guard in &mut guards {
+                        guard.keep_waiter(WaitHold {
+                            main: Arc::clone(&self.shared),
+                            key: guard.key(),
+                            mode,
+                            _waiter: Arc::clone(&waiter),
+                        });
+                    }
+                    return Ok(Some(guards));
+                }
+                Ok(None) => return Ok(None),
+                // That connection failed (or is reconnecting): wait again on another, within the
+                // deadline.
+                Err(e) if e.is_transient() => {
+                    failing = Some(e);
+                    drop(waiter);
+                    pause(backoff.next_pause(), deadline);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// On a waiting connection: waits for `keys` in the lock queue until `deadline`.
+    fn wait_here(
+        &self,
+        keys: &[LockKey],
+        mode: Mode,
+        fenced: bool,
+        deadline: Option<Instant>,
+    ) -> Result<Option<Vec<LockGuard>>> {
+        let shared = &self.shared;
+        if !shared.link.is_online() {
+            return Err(offline_error(&shared.link));
+        }
+        {
+            let mut table = shared.table.lock();
+            for (i, &key) in keys.iter().enumerate() {
+                if !matches!(
+                    table.reserve(key, mode, usize::MAX),
+                    Reservation::Reserved { .. }
+                ) {
+                    for &taken in &keys[..i] {
+                        table.release(taken, mode, false);
+                    }
+                    return Err(Error::new(ErrorKind::Config, "a key is listed twice"));
+                }
+            }
+        }
+        let unreserve = || {
+            let mut table = shared.table.lock();
+            for &key in keys {
+                table.release(key, mode, false);
+            }
+        };
+        // In one order for every caller, so that waits for several keys cannot deadlock each
+        // other.
+        let mut sorted = keys.to_vec();
+        sorted.sort();
+        // The server ends the wait at the deadline; the reply may take a request timeout more.
+        let call_deadline = deadline
+            .and_then(|d| d.checked_add(shared.request_timeout))
+            .unwrap_or_else(|| deadline_in(Duration::MAX));
+        let reply = shared.round_trip_special(
+            Call {
+                op: Op::TryLock,
+                mode,
+                key: keys[0],
+                generation: 0,
+                sole_hold: false,
+                deadline: call_deadline,
+            },
+            Special::Wait {
+                keys: sorted,
+                mode,
+                fenced,
+                deadline,
+            },
+        );
+        match reply {
+            Ok(Reply::Extra(extra)) => match extra.lease {
+                Some(lease) => Ok(Some(
+                    keys.iter()
+                        .map(|&key| {
+                            let mut guard =
+                                LockGuard::new(Arc::clone(shared), key, mode, lease.clone());
+                            if fenced {
+                                guard.set_token(extra.token);
+                            }
+                            guard
+                        })
+                        .collect(),
+                )),
+                None => {
+                    unreserve();
+                    Err(Error::new(ErrorKind::Server, "a wait granted without its lease"))
+                }
+            },
+            Ok(_) => {
+                unreserve();
+                Ok(None)
+            }
+            Err(e) => {
+                unreserve();
+                Err(e)
+            }
+        }
+    }
+
+    /// True while the manager can serve: connected, and no pooler seen.
+    pub(crate) fn is_usable(&self) -> bool {
+        self.shared.link.is_online()
+    }
+
     /// The state every clone and guard shares.
     pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.shared
@@ -403,6 +643,7 @@ pub struct Builder {
     tls: Tls,
     allow_standby: bool,
     dead_holder_timeout: Duration,
+    wait_connections: usize,
 }
 
 impl Default for Builder {
@@ -418,6 +659,7 @@ impl Default for Builder {
             tls: Tls::new(),
             allow_standby: false,
             dead_holder_timeout: DEFAULT_DEAD_HOLDER_TIMEOUT,
+            wait_connections: DEFAULT_WAIT_CONNECTIONS,
         }
     }
 }
@@ -490,6 +732,29 @@ impl Builder {
     /// Defaults to 8 ms: a release by another process is seen within about 8 ms plus a round trip.
     pub fn max_retry_interval(mut self, interval: Duration) -> Builder {
         self.max_retry_interval = interval;
+        self
+    }
+
+    /// How many extra connections the manager may open to wait in PostgreSQL's own lock queue
+    /// (`lock`, `try_lock_for`, their shared and fenced forms, `lock_all`, `try_lock_all_for`).
+    ///
+    /// Waiting there is fair and fast: PostgreSQL grants a released lock to the session that has
+    /// waited longest, across every process and host, straight from the release, and a try
+    /// cannot barge past a queued waiter. A waiting call first tries once on the manager's own
+    /// connection; if the lock is held, it waits on one of these connections, which then holds
+    /// the lock for its guard (an ordinary guard: released on drop, loss announced,
+    /// `ensure_held`). The connections are opened when first needed, serve one wait (and its
+    /// guards) at a time, and close after 10 s unused; a call that finds all of them busy waits
+    /// for one, in arrival order. They use this builder's settings, application name included.
+    ///
+    /// `0` waits by polling on the manager's own connection instead (see
+    /// [`Builder::max_retry_interval`]): no extra connection, but a release by another process is
+    /// noticed up to a backoff later, and callers are served in no particular order. Semaphore
+    /// permits always wait by polling.
+    ///
+    /// Defaults to 4.
+    pub fn wait_connections(mut self, connections: usize) -> Builder {
+        self.wait_connections = connections;
         self
     }
 
@@ -588,7 +853,16 @@ impl Builder {
         self.connect_with(config, tls)
     }
 
-    fn connect_with(self, mut config: postgres::Config, tls: Tls) -> Result<LockManager> {
+    /// Connects with `config` and `tls` as given (the builder's settings applied on top).
+    pub(crate) fn connect_with(self, mut config: postgres::Config, tls: Tls) -> Result<LockManager> {
+        let waits = (self.wait_connections > 0).then(|| {
+            Arc::new(WaitPool::new(
+                self.clone(),
+                config.clone(),
+                tls.clone(),
+                self.wait_connections,
+            ))
+        });
         connect::libpq_defaults(&mut config)?;
         self.check(&config)?;
         let tls = tls.connector(&mut config)?;
@@ -678,6 +952,7 @@ impl Builder {
                 in_flight: AtomicUsize::new(0),
                 _shutdown: shutdown,
                 _wake_on_drop: WakeOnDrop(link),
+                waits,
             }),
         })
     }
@@ -733,6 +1008,13 @@ pub(crate) fn offline_error(link: &Link) -> Error {
     } else {
         Error::offline()
     }
+}
+
+/// Sleeps `pause`, but not past `deadline`.
+fn pause(pause: Duration, deadline: Option<Instant>) {
+    let until = deadline_in(pause);
+    let until = deadline.map_or(until, |d| until.min(d));
+    std::thread::sleep(until.saturating_duration_since(Instant::now()));
 }
 
 /// Rejects host lists the client would only refuse once it tries to connect, so that they are

@@ -61,6 +61,12 @@ pub(crate) fn start(spec: Spec, shutdown: Receiver<()>) -> std::io::Result<()> {
                         seen = None;
                         None
                     }
+                    // A wait in the lock queue runs until its own deadline: it counts as stalled
+                    // only past that, by the same limit.
+                    (Some((mark, _)), _) if spec.link.wait_left(mark).is_some_and(|left| !left.is_zero()) => {
+                        seen = None;
+                        None
+                    }
                     (Some((mark, generation)), Some((last, since))) if mark == last => {
                         // It began at most one tick before it was first seen, so it is declared
                         // stalled between `limit` and `limit + tick` after it began.

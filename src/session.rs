@@ -124,6 +124,21 @@ impl Conn {
     }
 }
 
+impl Conn {
+    /// As [`Conn::rows`], for a statement that waits in PostgreSQL's lock queue until `deadline`
+    /// at most (`None`: until granted): the monitor lets it run that long.
+    pub(crate) fn rows_waiting(
+        &mut self,
+        sql: &str,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<Vec<SimpleQueryMessage>, Failed> {
+        let mark = self.link.begin_wait(self.generation, deadline);
+        let result = self.client.simple_query(sql);
+        self.link.end_statement(mark);
+        result.map_err(|e| classify(&self.client, e))
+    }
+}
+
 /// Sorts a failed query's error into a rejected statement or a broken connection.
 fn classify(client: &Client, e: postgres::Error) -> Failed {
     if connection_failed(client, &e) {

@@ -60,8 +60,10 @@ pub(crate) struct Shared {
     pub(crate) in_flight: AtomicUsize,
     /// Dropped with the last handle and guard, which stops the monitor.
     pub(crate) _shutdown: Sender<()>,
-    /// Declared last, so dropped after `requests`: wakes the worker to find its queue closed.
+    /// Declared after `requests`, so dropped after it: wakes the worker to find its queue closed.
     pub(crate) _wake_on_drop: WakeOnDrop,
+    /// The connections that wait in PostgreSQL's lock queue (`Builder::wait_connections`).
+    pub(crate) waits: Option<Arc<crate::waiting::WaitPool>>,
 }
 
 /// Unparks the worker when dropped.

@@ -40,6 +40,15 @@ pub(crate) enum Special {
     All { keys: Vec<LockKey>, mode: Mode },
     /// Who holds or waits for `key`.
     Holders(LockKey),
+    /// Waits in PostgreSQL's lock queue for every one of `keys` (sorted), in `mode`, until
+    /// `deadline` (`None`: until granted); with a fencing token when `fenced`. Runs on a waiting
+    /// connection, never on the manager's own.
+    Wait {
+        keys: Vec<LockKey>,
+        mode: Mode,
+        fenced: bool,
+        deadline: Option<std::time::Instant>,
+    },
 }
 
 /// The reply to a special request (boxed in [`Reply::Extra`]).
@@ -171,6 +180,7 @@ pub(crate) fn statement(special: &Special) -> String {
             }
             sql.push_str(" END) < 0 END");
         }
+        Special::Wait { .. } => {}
         Special::Holders(key) => {
             let (classid, objid, objsubid) = key.pg_locks_tag();
             let _ = write!(
@@ -191,6 +201,15 @@ pub(crate) fn statement(special: &Special) -> String {
 /// Runs `special` in `conn`'s session and says what to reply. `Err`: the connection broke, and
 /// what the statement did is unknown (the session is going, and its holds with it).
 pub(crate) fn serve(special: &Special, conn: &mut Conn, lease: &Lease) -> Result<Reply, Error> {
+    if let Special::Wait {
+        keys,
+        mode,
+        fenced,
+        deadline,
+    } = special
+    {
+        return serve_wait(keys, *mode, *fenced, *deadline, conn, lease);
+    }
     let sql = statement(special);
     let result = conn.rows(&sql);
     let rows = match result {
@@ -230,6 +249,7 @@ fn read(special: &Special, rows: &[SimpleQueryMessage], lease: &Lease) -> Reply 
             Some(_) => Extra::grant(lease, keys.clone(), *mode, None),
             None => Reply::Busy,
         },
+        Special::Wait { .. } => Reply::Busy,
         Special::Holders(_) => {
             let holders = found.filter_map(holder_of).collect();
             Reply::Extra(Box::new(Extra {
@@ -305,6 +325,170 @@ fn recover(
                 return Err(e);
             }
             Ok(Reply::Failed(fencing_error(e)))
+        }
+    }
+}
+
+/// The longest `lock_timeout` PostgreSQL accepts, in milliseconds.
+const MAX_LOCK_TIMEOUT_MS: u128 = i32::MAX as u128;
+
+/// Waits in the lock queue for `keys` (one statement each, in order, in one round trip), the
+/// server ending the wait at `deadline` (`lock_timeout`). On any failure, the keys this wait took
+/// are given back before the reply, so that a failed or timed-out wait leaves nothing held.
+/// `lock_timeout` can fire just as the lock is granted, and then still raises its error: the
+/// holds are read back from `pg_locks`, and a wait whose every key was granted is a grant.
+fn serve_wait(
+    keys: &[LockKey],
+    mode: Mode,
+    fenced: bool,
+    deadline: Option<std::time::Instant>,
+    conn: &mut Conn,
+    lease: &Lease,
+) -> Result<Reply, Error> {
+    let timeout_ms = match deadline {
+        None => 0,
+        Some(d) => match d.saturating_duration_since(std::time::Instant::now()).as_millis() {
+            // Past: no wait at all. 0 would mean "no timeout" to PostgreSQL.
+            0 => 1,
+            ms if ms > MAX_LOCK_TIMEOUT_MS => 0,
+            ms => ms,
+        },
+    };
+    let mut sql = format!("SET lock_timeout = {timeout_ms}");
+    let wait_fn = match mode {
+        Mode::Exclusive => "pg_advisory_lock(",
+        Mode::Shared => "pg_advisory_lock_shared(",
+    };
+    for key in keys {
+        sql.push_str(";SELECT FROM ");
+        sql.push_str(wait_fn);
+        push_args(&mut sql, *key);
+        sql.push(')');
+    }
+    if fenced {
+        let _ = write!(sql, ";SELECT nextval('{FENCE_SEQUENCE}')");
+    }
+    #[cfg(test)]
+    crate::special::fault::rewrite_wait(&mut sql);
+    let error = match conn.rows_waiting(&sql, deadline) {
+        Ok(rows) => {
+            let token = rows.iter().rev().find_map(|m| match m {
+                SimpleQueryMessage::Row(row) if fenced => row.get(0)?.parse::<u64>().ok(),
+                _ => None,
+            });
+            if fenced && token.is_none() {
+                return Ok(Reply::Failed(Error::new(
+                    ErrorKind::Server,
+                    "the server granted a fenced wait without its token",
+                )));
+            }
+            return Ok(Extra::grant(lease, keys.to_vec(), mode, token));
+        }
+        Err(Failed::Broken(e)) => return Err(e),
+        Err(Failed::Rejected(e)) => e,
+    };
+    // Which of the keys does the session hold now?
+    let held = held_of(keys, mode, conn)?;
+    let timed_out = error.sql_state() == Some(&SqlState::LOCK_NOT_AVAILABLE);
+    if timed_out && held.len() == keys.len() {
+        // Granted as the timeout fired.
+        let token = if fenced {
+            match conn.rows(&format!("SELECT nextval('{FENCE_SEQUENCE}')")) {
+                Ok(rows) => rows.iter().find_map(|m| match m {
+                    SimpleQueryMessage::Row(row) => row.get(0)?.parse::<u64>().ok(),
+                    _ => None,
+                }),
+                Err(Failed::Broken(e)) => return Err(e),
+                Err(Failed::Rejected(e)) => {
+                    give_back(&held, mode, conn)?;
+                    return Ok(Reply::Failed(fencing_error(e)));
+                }
+            }
+        } else {
+            None
+        };
+        return Ok(Extra::grant(lease, keys.to_vec(), mode, token));
+    }
+    give_back(&held, mode, conn)?;
+    if timed_out {
+        return Ok(Reply::Busy);
+    }
+    if error.sql_state() == Some(&SqlState::T_R_DEADLOCK_DETECTED) {
+        return Ok(Reply::Failed(Error::with_source(
+            ErrorKind::Deadlock,
+            "PostgreSQL found a deadlock while this call waited for the lock, and ended the wait",
+            error,
+        )));
+    }
+    Ok(Reply::Failed(if fenced {
+        fencing_error(error)
+    } else {
+        error
+    }))
+}
+
+/// The keys among `keys` that this session holds in `mode`.
+fn held_of(keys: &[LockKey], mode: Mode, conn: &mut Conn) -> Result<Vec<LockKey>, Error> {
+    let mut held = Vec::new();
+    for key in keys {
+        let (classid, objid, objsubid) = key.pg_locks_tag();
+        let mode_name = match mode {
+            Mode::Exclusive => "ExclusiveLock",
+            Mode::Shared => "ShareLock",
+        };
+        let sql = format!(
+            "SELECT FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() \
+             AND granted AND mode = '{mode_name}' AND classid = {classid} AND objid = {objid} \
+             AND objsubid = {objsubid}"
+        );
+        match conn.rows(&sql) {
+            Ok(rows) if rows.iter().any(|m| matches!(m, SimpleQueryMessage::Row(_))) => {
+                held.push(*key);
+            }
+            Ok(_) => {}
+            Err(Failed::Broken(e)) => return Err(e),
+            Err(Failed::Rejected(e)) => return Err(e),
+        }
+    }
+    Ok(held)
+}
+
+/// Releases one hold of each of `keys`.
+fn give_back(keys: &[LockKey], mode: Mode, conn: &mut Conn) -> Result<(), Error> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let mut sql = String::new();
+    for key in keys {
+        if !sql.is_empty() {
+            sql.push(';');
+        }
+        sql.push_str("SELECT ");
+        sql.push_str(unlock_fn(mode));
+        push_args(&mut sql, *key);
+        sql.push(')');
+    }
+    match conn.rows(&sql) {
+        Ok(_) => Ok(()),
+        Err(Failed::Broken(e) | Failed::Rejected(e)) => Err(e),
+    }
+}
+
+/// Test-only: makes a wait statement misbehave the way the server can.
+#[cfg(test)]
+pub(crate) mod fault {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// Set: the next wait statement takes its locks and then fails as `lock_timeout` does when it
+    /// fires just as the lock is granted.
+    pub(crate) static GRANT_THEN_TIME_OUT: AtomicBool = AtomicBool::new(false);
+
+    pub(crate) fn rewrite_wait(sql: &mut String) {
+        if GRANT_THEN_TIME_OUT.swap(false, Ordering::AcqRel) {
+            sql.push_str(
+                ";DO $$ BEGIN RAISE EXCEPTION 'canceling statement due to lock timeout' \
+                 USING ERRCODE = 'lock_not_available'; END $$",
+            );
         }
     }
 }

@@ -88,9 +88,10 @@ fn a_killed_backend_is_reported_lost_and_the_manager_recovers() {
             Ok(Some(g)) => g,
             other => panic!("manager did not come back: {other:?}"),
         };
-        // Kill at a random point of the heartbeat cycle.
+        // Kill at a random point of the heartbeat cycle (an idle waiting connection of the
+        // manager, opened by a wait while it reconnected, may go with it).
         thread::sleep(Duration::from_millis(17 * (i as u64 + 1)));
-        assert_eq!(kill_app(&mut outside, app), 1);
+        assert!(kill_app(&mut outside, app) >= 1);
         samples.push(time_to_loss(&guard, Duration::from_secs(10)).expect("loss signal"));
     }
     samples.sort();
