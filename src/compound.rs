@@ -83,7 +83,11 @@ impl LockManager {
 
     /// Every one of `keys` within `deadline`: in the lock queue when the manager has waiting
     /// connections, else by polling whole tries.
-    fn all_wait(&self, keys: &[LockKey], deadline: Option<Instant>) -> Result<Option<Vec<LockGuard>>> {
+    fn all_wait(
+        &self,
+        keys: &[LockKey],
+        deadline: Option<Instant>,
+    ) -> Result<Option<Vec<LockGuard>>> {
         if keys.is_empty() {
             return Ok(Some(Vec::new()));
         }
@@ -167,9 +171,13 @@ impl LockManager {
     /// The guards come back in the order of `keys`, each released on its own. An empty list is
     /// granted at once.
     ///
-    /// Waiting forms ([`LockManager::try_lock_all_for`], [`LockManager::lock_all`]) never hold
-    /// some keys while waiting for others, so callers listing the same keys in any order cannot
-    /// deadlock each other.
+    /// Waiting forms ([`LockManager::try_lock_all_for`], [`LockManager::lock_all`]) wait in
+    /// PostgreSQL's lock queue, taking the keys one after another in the order of their ids,
+    /// whatever order the caller lists them in: they may hold some keys while waiting for others,
+    /// but two such callers cannot deadlock each other. A client of another kind that waits for
+    /// them the other way round can: PostgreSQL then ends one wait ([`ErrorKind::Deadlock`] when it
+    /// is ours, with nothing left held). Without waiting connections they poll whole tries
+    /// instead, never holding some keys while waiting for others.
     ///
     /// # Errors
     ///

@@ -45,6 +45,14 @@
 //!   once.
 //! * Names map to ids with FNV-1a 64, the mapping of Go's `ldelossa/distlock` and `quay/claircore`,
 //!   stable across versions and platforms (see [`LockKey`]).
+//! * **Fair, fast waiting.** `lock`, `try_lock_for` and their shared, fenced and multi-key forms
+//!   wait in PostgreSQL's own lock queue, on waiting connections of the manager
+//!   ([`Builder::wait_connections`], 4 by default, opened when needed, closed after 10 s unused):
+//!   waiters of every process and host are served in arrival order, a try cannot barge past a
+//!   queued waiter, and a release reaches the next waiter straight from the server. A lock granted
+//!   there is an ordinary guard. The server ends a wait at its deadline (`lock_timeout`); a grant
+//!   that races the timeout is read back from `pg_locks` and handed out, and a wait that ends
+//!   without a grant leaves nothing held. Semaphore permits wait by polling.
 //!
 //! # Beyond one lock
 //!
@@ -80,9 +88,11 @@
 //!   slot.
 //! * **All-or-nothing.** [`LockManager::try_lock_all`] (and `_for`, [`LockManager::lock_all`])
 //!   takes every key or none in one statement: the keys it got are released in that same
-//!   statement when any was busy, so a failure leaves no partial hold. Waiting forms retry whole
-//!   tries and never hold some keys while waiting for others, so they cannot deadlock each other
-//!   whatever order callers list the keys in.
+//!   statement when any was busy, so a failure leaves no partial hold. Waiting forms queue for
+//!   the keys in the order of their ids, whatever order callers list them in, so they cannot
+//!   deadlock each other; a client of another kind waiting the other way round can deadlock with
+//!   them, and PostgreSQL then ends one wait ([`ErrorKind::Deadlock`] when it is ours, with
+//!   nothing left held).
 //! * **Who holds it.** [`LockManager::holders`] reads `pg_locks` joined with `pg_stat_activity`:
 //!   pid, application name, client address, backend start, shared or exclusive, granted or
 //!   waiting ([`Holder`]). Every role sees every session's locks, pids and application names,

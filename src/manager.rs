@@ -125,9 +125,15 @@ impl LockManager {
 
     /// Takes the exclusive lock on `key`, waiting up to `timeout` for its holders to release it.
     ///
-    /// Retries with capped exponential backoff and jitter (1 ms doubling up to
-    /// [`Builder::max_retry_interval`], 8 ms by default), and at once when a guard of this manager
-    /// releases a hold. Returns `Ok(None)` if the lock was still held at the
+    /// Tries once on the manager's connection; if the lock is held, waits in PostgreSQL's own lock
+    /// queue on one of the manager's waiting connections ([`Builder::wait_connections`]), where
+    /// waiters from every process and host are served in arrival order and a release reaches the
+    /// next waiter at once (measured: see the README's Performance section); the server ends the
+    /// wait at the deadline (`lock_timeout`), and a grant that races the timeout is still handed
+    /// out, never leaked. Threads of this manager wait for each other's holds locally first. With
+    /// no waiting connections, it polls instead, with capped exponential backoff and jitter (1 ms
+    /// doubling up to [`Builder::max_retry_interval`], 8 ms by default), and at once when a guard
+    /// of this manager releases a hold. Returns `Ok(None)` if the lock was still held at the
     /// deadline; it returns within a few milliseconds of it. The first try always runs to completion
     /// (bounded by the request timeout), so a zero `timeout` behaves like [`LockManager::try_lock`].
     ///
@@ -136,6 +142,8 @@ impl LockManager {
     /// As for [`LockManager::try_lock`], except that transient failures ([`Error::is_transient`]:
     /// a reconnect in progress, a lost connection, a stalled worker) do not end the wait: it keeps
     /// trying until the deadline, and returns the latest such error if the last try failed with it.
+    /// [`ErrorKind::Deadlock`] when PostgreSQL broke a deadlock by ending this wait (possible only
+    /// when other clients also wait for locks this manager holds).
     ///
     /// ```no_run
     /// # use std::time::Duration;
@@ -157,8 +165,9 @@ impl LockManager {
 
     /// Takes the exclusive lock on `key`, waiting for as long as it takes.
     ///
-    /// Like `Mutex::lock`: it returns only with the lock or an error. Each try is bounded by the
-    /// request timeout; the wait between tries is as for [`LockManager::try_lock_for`].
+    /// Like `Mutex::lock`: it returns only with the lock or an error. It waits as
+    /// [`LockManager::try_lock_for`] does (in PostgreSQL's lock queue, in arrival order), without
+    /// a deadline.
     ///
     /// A guard of this manager whose lock was lost still reserves its key until it is dropped (its
     /// holder may still be at work), so a `lock` of that key waits for the drop, however long
@@ -378,9 +387,7 @@ impl LockManager {
             return Err(Error::new(ErrorKind::Config, "no waiting connections"));
         };
         let first = match keys {
-            [key] if fenced => self
-                .try_lock_fenced(*key)
-                .map(|g| g.map(|g| vec![g])),
+            [key] if fenced => self.try_lock_fenced(*key).map(|g| g.map(|g| vec![g])),
             [key] => self
                 .try_once(*key, mode, self.shared.request_deadline())
                 .map(|g| g.map(|g| vec![g])),
@@ -412,7 +419,12 @@ impl LockManager {
 
     /// Reserves every one of `keys` in this manager's table, waiting (until `deadline`) for its
     /// other threads to give back holds in the way. `false` at the deadline.
-    fn reserve_all_until(&self, keys: &[LockKey], mode: Mode, deadline: Option<Instant>) -> Result<bool> {
+    fn reserve_all_until(
+        &self,
+        keys: &[LockKey],
+        mode: Mode,
+        deadline: Option<Instant>,
+    ) -> Result<bool> {
         let shared = &self.shared;
         let mut table = shared.table.lock();
         loop {
@@ -577,7 +589,10 @@ impl LockManager {
                 )),
                 None => {
                     unreserve();
-                    Err(Error::new(ErrorKind::Server, "a wait granted without its lease"))
+                    Err(Error::new(
+                        ErrorKind::Server,
+                        "a wait granted without its lease",
+                    ))
                 }
             },
             Ok(_) => {
@@ -854,7 +869,11 @@ impl Builder {
     }
 
     /// Connects with `config` and `tls` as given (the builder's settings applied on top).
-    pub(crate) fn connect_with(self, mut config: postgres::Config, tls: Tls) -> Result<LockManager> {
+    pub(crate) fn connect_with(
+        self,
+        mut config: postgres::Config,
+        tls: Tls,
+    ) -> Result<LockManager> {
         let waits = (self.wait_connections > 0).then(|| {
             Arc::new(WaitPool::new(
                 self.clone(),

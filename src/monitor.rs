@@ -63,7 +63,12 @@ pub(crate) fn start(spec: Spec, shutdown: Receiver<()>) -> std::io::Result<()> {
                     }
                     // A wait in the lock queue runs until its own deadline: it counts as stalled
                     // only past that, by the same limit.
-                    (Some((mark, _)), _) if spec.link.wait_left(mark).is_some_and(|left| !left.is_zero()) => {
+                    (Some((mark, _)), _)
+                        if spec
+                            .link
+                            .wait_left(mark)
+                            .is_some_and(|left| !left.is_zero()) =>
+                    {
                         seen = None;
                         None
                     }

@@ -347,7 +347,10 @@ fn serve_wait(
 ) -> Result<Reply, Error> {
     let timeout_ms = match deadline {
         None => 0,
-        Some(d) => match d.saturating_duration_since(std::time::Instant::now()).as_millis() {
+        Some(d) => match d
+            .saturating_duration_since(std::time::Instant::now())
+            .as_millis()
+        {
             // Past: no wait at all. 0 would mean "no timeout" to PostgreSQL.
             0 => 1,
             ms if ms > MAX_LOCK_TIMEOUT_MS => 0,
@@ -477,14 +480,20 @@ fn give_back(keys: &[LockKey], mode: Mode, conn: &mut Conn) -> Result<(), Error>
 /// Test-only: makes a wait statement misbehave the way the server can.
 #[cfg(test)]
 pub(crate) mod fault {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicI64, Ordering};
 
-    /// Set: the next wait statement takes its locks and then fails as `lock_timeout` does when it
-    /// fires just as the lock is granted.
-    pub(crate) static GRANT_THEN_TIME_OUT: AtomicBool = AtomicBool::new(false);
+    /// Set to a bigint key (0: none): the next wait statement for it takes its locks and then
+    /// fails as `lock_timeout` does when it fires just as the lock is granted.
+    pub(crate) static GRANT_THEN_TIME_OUT: AtomicI64 = AtomicI64::new(0);
 
     pub(crate) fn rewrite_wait(sql: &mut String) {
-        if GRANT_THEN_TIME_OUT.swap(false, Ordering::AcqRel) {
+        let id = GRANT_THEN_TIME_OUT.load(Ordering::Acquire);
+        if id != 0
+            && sql.contains(&format!("({id})"))
+            && GRANT_THEN_TIME_OUT
+                .compare_exchange(id, 0, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
             sql.push_str(
                 ";DO $$ BEGIN RAISE EXCEPTION 'canceling statement due to lock timeout' \
                  USING ERRCODE = 'lock_not_available'; END $$",

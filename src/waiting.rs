@@ -22,9 +22,9 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::key::LockKey;
+use crate::manager::{Builder, LockManager};
 use crate::shared::Shared;
 use crate::sql::Mode;
-use crate::manager::{Builder, LockManager};
 use crate::tls::Tls;
 
 /// A waiting connection idle this long is closed.
@@ -87,7 +87,9 @@ pub(crate) struct Waiter {
 
 impl Waiter {
     pub(crate) fn manager(&self) -> &LockManager {
-        self.manager.as_ref().expect("a waiter holds its manager until dropped")
+        self.manager
+            .as_ref()
+            .expect("a waiter holds its manager until dropped")
     }
 }
 
@@ -106,7 +108,12 @@ impl std::fmt::Debug for Waiter {
 }
 
 impl WaitPool {
-    pub(crate) fn new(builder: Builder, config: postgres::Config, tls: Tls, max: usize) -> WaitPool {
+    pub(crate) fn new(
+        builder: Builder,
+        config: postgres::Config,
+        tls: Tls,
+        max: usize,
+    ) -> WaitPool {
         WaitPool {
             builder,
             config,

@@ -468,61 +468,72 @@ fn handoff(cluster: &TestCluster, report: &mut Report) -> Result<()> {
     Ok(())
 }
 
-/// Waiting across processes: handoff between two processes, and 8 processes on one key.
+/// Waiting across processes, in PostgreSQL's lock queue (the default) and by polling: handoff
+/// between two processes, and 8 processes on one key.
 fn fairness(cluster: &TestCluster, run_for: Duration, report: &mut Report) -> Result<()> {
     let hold = Duration::from_millis(5);
-    let two = crate::fairness::measure(
-        cluster,
-        "bench/handoff-2",
-        2,
-        hold,
-        run_for.min(Duration::from_secs(10)),
-    )?;
-    let mut handoffs = two.handoffs;
-    handoffs.sort();
-    if !handoffs.is_empty() {
+    for (how, polling) in [("lock queue", false), ("polling", true)] {
+        let two = crate::fairness::measure(
+            cluster,
+            &format!("bench/handoff-2-{how}"),
+            2,
+            hold,
+            run_for.min(Duration::from_secs(10)),
+            polling,
+        )?;
+        let mut handoffs = two.handoffs;
+        handoffs.sort();
+        if !handoffs.is_empty() {
+            report.add(
+                format!("handoff p50: between two processes, {how}"),
+                micros(percentile(&handoffs, 0.5)),
+                "µs",
+            );
+            report.add(
+                format!("handoff p99: between two processes, {how}"),
+                micros(percentile(&handoffs, 0.99)),
+                "µs",
+            );
+        }
         report.add(
-            "handoff p50: between two processes (5 ms holds)",
-            micros(percentile(&handoffs, 0.5)),
-            "µs",
+            format!("grants handed to the other process (of all), {how}"),
+            handoffs.len() as f64 / two.grants as f64 * 100.0,
+            "%",
+        );
+        let eight = crate::fairness::measure(
+            cluster,
+            &format!("bench/fair-8-{how}"),
+            8,
+            hold,
+            run_for,
+            polling,
+        )?;
+        let what = format!(
+            "8 processes, 5 ms holds, {}, {how}",
+            crate::duration::human(run_for)
+        );
+        report.add(format!("{what}: grants"), eight.grants as f64, "");
+        report.add(
+            format!("{what}: grants overtaking an earlier waiter"),
+            eight.overtakes as f64 / eight.grants as f64 * 100.0,
+            "%",
         );
         report.add(
-            "handoff p99: between two processes (5 ms holds)",
-            micros(percentile(&handoffs, 0.99)),
-            "µs",
+            format!("{what}: mean wait"),
+            micros(eight.mean_wait) / 1000.0,
+            "ms",
+        );
+        report.add(
+            format!("{what}: longest wait"),
+            micros(eight.longest_wait) / 1000.0,
+            "ms",
+        );
+        report.add(
+            format!("{what}: longest / mean wait"),
+            eight.longest_wait.as_secs_f64() / eight.mean_wait.as_secs_f64().max(1e-9),
+            "x",
         );
     }
-    report.add(
-        "handoffs between two processes (of grants)",
-        handoffs.len() as f64 / two.grants as f64 * 100.0,
-        "%",
-    );
-    let eight = crate::fairness::measure(cluster, "bench/fair-8", 8, hold, run_for)?;
-    let what = format!(
-        "8 processes, 5 ms holds, {}",
-        crate::duration::human(run_for)
-    );
-    report.add(format!("{what}: grants"), eight.grants as f64, "");
-    report.add(
-        format!("{what}: grants that overtook an earlier waiter"),
-        eight.overtakes as f64 / eight.grants as f64 * 100.0,
-        "%",
-    );
-    report.add(
-        format!("{what}: mean wait"),
-        micros(eight.mean_wait) / 1000.0,
-        "ms",
-    );
-    report.add(
-        format!("{what}: longest wait"),
-        micros(eight.longest_wait) / 1000.0,
-        "ms",
-    );
-    report.add(
-        format!("{what}: longest / mean wait"),
-        eight.longest_wait.as_secs_f64() / eight.mean_wait.as_secs_f64().max(1e-9),
-        "x",
-    );
     Ok(())
 }
 

@@ -28,6 +28,9 @@ pub struct Args {
     /// This contender's number, printed with its records.
     #[arg(long)]
     id: u32,
+    /// Wait by polling (no waiting connections) instead of in PostgreSQL's lock queue.
+    #[arg(long)]
+    polling: bool,
 }
 
 fn now_ns() -> u128 {
@@ -45,6 +48,7 @@ pub fn contend(url: Option<&str>, args: Args) -> Result<ExitCode> {
         .context("__contend needs the server's URL (DATABASE_URL)")?;
     let locks = LockManager::builder()
         .application_name(&format!("distlock-contend-{}", args.id))
+        .wait_connections(if args.polling { 0 } else { 4 })
         .connect(&url)?;
     let started = Instant::now();
     let mut out = String::new();
@@ -91,6 +95,7 @@ pub fn measure(
     processes: u32,
     hold: Duration,
     run_for: Duration,
+    polling: bool,
 ) -> Result<Fairness> {
     let exe = std::env::current_exe().context("finding the distlock executable")?;
     let children = (0..processes)
@@ -100,6 +105,7 @@ pub fn measure(
                 .args([SUBCOMMAND, "--key", key, "--id", &id.to_string()])
                 .args(["--hold", &format!("{}ms", hold.as_millis())])
                 .args(["--for", &format!("{}ms", run_for.as_millis())])
+                .args(polling.then_some("--polling"))
                 .stdout(Stdio::piped())
                 .spawn()
                 .context("starting a contender")
