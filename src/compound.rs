@@ -148,9 +148,7 @@ impl LockManager {
     ) -> Result<Option<LockGuard>> {
         let key = key.into();
         check_permits(permits)?;
-        self.wait_until(Some(deadline_in(timeout)), &key, |d| {
-            self.try_permit_once(key, permits, d)
-        })
+        self.permit_wait(key, permits, Some(deadline_in(timeout)))
     }
 
     /// Takes one of `permits` permits of the semaphore `key`, waiting for as long as all are held.
@@ -161,7 +159,52 @@ impl LockManager {
     pub fn acquire_permit(&self, key: impl Into<LockKey>, permits: u32) -> Result<LockGuard> {
         let key = key.into();
         check_permits(permits)?;
-        wait_forever(self.wait_until(None, &key, |d| self.try_permit_once(key, permits, d)))
+        wait_forever(self.permit_wait(key, permits, None))
+    }
+
+    /// A permit within `deadline`. With waiting connections, waiters of the semaphore queue in
+    /// arrival order for its turnstile (a lock of its own, [`TURNSTILE_SLOT`]) in PostgreSQL's
+    /// lock queue; the one holding it alone tries the slots, a try every `TURNSTILE_PAUSE`, until
+    /// one is free, then passes the turnstile on. Without, every waiter polls.
+    fn permit_wait(
+        &self,
+        key: LockKey,
+        permits: u32,
+        deadline: Option<Instant>,
+    ) -> Result<Option<LockGuard>> {
+        if self.shared().waits.is_none() {
+            return self.wait_until(deadline, &key, |d| self.try_permit_once(key, permits, d));
+        }
+        match self.try_permit_once(key, permits, self.shared().request_deadline()) {
+            Ok(Some(permit)) => return Ok(Some(permit)),
+            Ok(None) => {}
+            Err(e) if e.is_transient() => {}
+            Err(e) => return Err(e),
+        }
+        let turnstile = key.permit_slot(TURNSTILE_SLOT);
+        let Some(mut turn) = self.wait_in_queue(&[turnstile], Mode::Exclusive, false, deadline)?
+        else {
+            return Ok(None);
+        };
+        let turn = turn.pop();
+        let permit = loop {
+            let failing = match self.try_permit_once(key, permits, self.shared().request_deadline())
+            {
+                Ok(Some(permit)) => break Ok(Some(permit)),
+                Ok(None) => None,
+                Err(e) if e.is_transient() => Some(e),
+                Err(e) => break Err(e),
+            };
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                break failing.map_or(Ok(None), Err);
+            }
+            let until = deadline_in(TURNSTILE_PAUSE);
+            let until = deadline.map_or(until, |d| until.min(d));
+            std::thread::sleep(until.saturating_duration_since(now));
+        };
+        drop(turn);
+        permit
     }
 
     /// Tries once to take every one of `keys` exclusively, or none, without waiting.
@@ -422,6 +465,14 @@ impl LockManager {
         }
     }
 }
+
+/// The slot number of a semaphore's turnstile, the lock its waiters queue for (never a permit:
+/// a semaphore has at most `MAX_PERMITS` slots).
+pub(crate) const TURNSTILE_SLOT: u32 = 0x7fff_ffff;
+
+/// The pause between two tries of the slots by the turnstile's holder: a freed permit is taken
+/// within about this much plus a round trip, at one statement per pause and semaphore.
+const TURNSTILE_PAUSE: Duration = Duration::from_micros(500);
 
 fn plain_call(key: LockKey, mode: Mode, deadline: Instant) -> Call {
     Call {

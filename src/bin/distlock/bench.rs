@@ -426,45 +426,50 @@ fn pgbench(cluster: &TestCluster, per_case: Duration, report: &mut Report) -> Re
 /// from A's unlock returning (the server has released) to B's acquisition.
 fn handoff(cluster: &TestCluster, report: &mut Report) -> Result<()> {
     const SAMPLES: usize = 200;
-    let a = LockManager::builder()
-        .application_name("distlock-bench-a")
-        .connect(cluster.url())?;
-    let b = LockManager::builder()
-        .application_name("distlock-bench-b")
-        .connect(cluster.url())?;
-    let key = LockKey::name("bench/handoff");
-    let mut delays = Vec::with_capacity(SAMPLES);
-    for i in 0..SAMPLES {
-        let guard = a.try_lock(key)?.context("handoff key taken")?;
-        let waiter = {
-            let b = b.clone();
-            thread::spawn(move || {
-                b.try_lock_for(key, Duration::from_secs(10))
-                    .map(|g| (Instant::now(), g))
-            })
+    for (how, wait_connections) in [("lock queue", 4), ("polling", 0)] {
+        let connect = |app: &str| {
+            LockManager::builder()
+                .application_name(app)
+                .wait_connections(wait_connections)
+                .connect(cluster.url())
         };
-        // Hold for a varying time, so that the waiter is caught at every point of its backoff.
-        thread::sleep(Duration::from_micros(2_000 + (i as u64 * 7_919) % 40_000));
-        guard.unlock()?;
-        let released = Instant::now();
-        let (acquired, got) = waiter
-            .join()
-            .map_err(|_| anyhow::anyhow!("waiter panicked"))??;
-        let got = got.context("the waiter did not get the key within 10 s")?;
-        delays.push(acquired.saturating_duration_since(released));
-        drop(got);
+        let a = connect("distlock-bench-a")?;
+        let b = connect("distlock-bench-b")?;
+        let key = LockKey::name("bench/handoff");
+        let mut delays = Vec::with_capacity(SAMPLES);
+        for i in 0..SAMPLES {
+            let guard = a.try_lock(key)?.context("handoff key taken")?;
+            let waiter = {
+                let b = b.clone();
+                thread::spawn(move || {
+                    b.try_lock_for(key, Duration::from_secs(10))
+                        .map(|g| (Instant::now(), g))
+                })
+            };
+            // Hold for a varying time, so that a polling waiter is caught at every point of its
+            // backoff.
+            thread::sleep(Duration::from_micros(2_000 + (i as u64 * 7_919) % 40_000));
+            guard.unlock()?;
+            let released = Instant::now();
+            let (acquired, got) = waiter
+                .join()
+                .map_err(|_| anyhow::anyhow!("waiter panicked"))??;
+            let got = got.context("the waiter did not get the key within 10 s")?;
+            delays.push(acquired.saturating_duration_since(released));
+            drop(got);
+        }
+        delays.sort();
+        report.add(
+            format!("handoff p50: manager A release -> waiting manager B, {how}"),
+            micros(percentile(&delays, 0.5)),
+            "µs",
+        );
+        report.add(
+            format!("handoff p99: manager A release -> waiting manager B, {how}"),
+            micros(percentile(&delays, 0.99)),
+            "µs",
+        );
     }
-    delays.sort();
-    report.add(
-        "handoff p50: manager A release -> manager B acquire",
-        micros(percentile(&delays, 0.5)),
-        "µs",
-    );
-    report.add(
-        "handoff p99: manager A release -> manager B acquire",
-        micros(percentile(&delays, 0.99)),
-        "µs",
-    );
     Ok(())
 }
 
