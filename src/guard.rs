@@ -59,7 +59,7 @@ pub struct LockGuard {
     token: Option<u64>,
     /// For a lock granted on a waiting connection: that connection, back in its pool once every
     /// guard of the wait is dropped (after the release).
-    waiter: Option<crate::waiting::WaitHold>,
+    waiter: Option<Box<crate::waiting::WaitHold>>,
 }
 
 impl LockGuard {
@@ -80,7 +80,7 @@ impl LockGuard {
     }
 
     pub(crate) fn keep_waiter(&mut self, hold: crate::waiting::WaitHold) {
-        self.waiter = Some(hold);
+        self.waiter = Some(Box::new(hold));
     }
 
     /// A guard for a fenced grant, with its token.

@@ -330,7 +330,7 @@ pub(crate) enum Waited {
 }
 
 /// Waits for the reply to `ticket` until `deadline`, and not a moment longer.
-#[inline]
+#[inline(always)]
 ///
 /// With `spin` turns, the caller first watches the state word, on its CPU, for the worker's claim,
 /// and only then blocks in its receive (see `Builder::spin_wait`).

@@ -108,22 +108,16 @@ impl Shared {
         };
         let deadline = call.deadline;
         // The queue is almost never full: try without reading the clock first.
-        let request = match self.requests.try_send(request) {
-            Ok(()) => None,
-            Err(crossbeam_channel::TrySendError::Full(request)) => Some(request),
+        match self.requests.try_send(request) {
+            Ok(()) => {}
+            Err(crossbeam_channel::TrySendError::Full(request)) => {
+                self.send_when_room(request, deadline)?;
+            }
             Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
                 return Err(Error::shutdown());
             }
-        };
-        match request.map_or(Ok(()), |r| self.requests.send_deadline(r, deadline)) {
-            Ok(()) => self.link.wake_worker(),
-            Err(SendTimeoutError::Timeout(_)) => {
-                return Err(Error::timeout(
-                    "timed out waiting for the lock manager's queue",
-                ));
-            }
-            Err(SendTimeoutError::Disconnected(_)) => return Err(Error::shutdown()),
         }
+        self.link.wake_worker();
         self.link.hook(Site::BeforeReceive);
         let waited = if self.spin_turns == 0 {
             reply::wait(&slot, number, deadline, 0)
@@ -151,6 +145,19 @@ impl Shared {
                     "timed out waiting for the lock manager's worker",
                 ))
             }
+        }
+    }
+
+    /// Queues `request` in a full queue, waiting for room until `deadline`.
+    #[cold]
+    #[inline(never)]
+    fn send_when_room(&self, request: Request, deadline: Instant) -> Result<()> {
+        match self.requests.send_deadline(request, deadline) {
+            Ok(()) => Ok(()),
+            Err(SendTimeoutError::Timeout(_)) => Err(Error::timeout(
+                "timed out waiting for the lock manager's queue",
+            )),
+            Err(SendTimeoutError::Disconnected(_)) => Err(Error::shutdown()),
         }
     }
 

@@ -340,5 +340,8 @@ fn permit_waiters_are_served_in_arrival_order() {
         t.join().unwrap();
     }
     assert_eq!(*order.lock().unwrap(), vec![0, 1, 2, 3]);
-    eprintln!("4 permit waiters served in order in {:?}", released.elapsed());
+    eprintln!(
+        "4 permit waiters served in order in {:?}",
+        released.elapsed()
+    );
 }
