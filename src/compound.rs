@@ -304,7 +304,11 @@ impl LockManager {
         }
     }
 
-    fn try_fenced_once(&self, key: LockKey, deadline: Instant) -> Result<Option<LockGuard>> {
+    pub(crate) fn try_fenced_once(
+        &self,
+        key: LockKey,
+        deadline: Instant,
+    ) -> Result<Option<LockGuard>> {
         let shared = self.shared();
         if !shared.link.is_online() {
             return Err(offline_error(&shared.link));
@@ -401,7 +405,7 @@ impl LockManager {
         }
     }
 
-    fn try_all_once(
+    pub(crate) fn try_all_once(
         &self,
         keys: &[LockKey],
         mode: Mode,
@@ -536,7 +540,7 @@ fn wait_forever<T>(waited: Result<Option<T>>) -> Result<T> {
 }
 
 /// Names a list of keys in logs.
-struct KeysOf<'a>(&'a [LockKey]);
+pub(crate) struct KeysOf<'a>(pub(crate) &'a [LockKey]);
 
 impl std::fmt::Display for KeysOf<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

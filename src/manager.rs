@@ -405,16 +405,35 @@ impl LockManager {
             return failing.map_or(Ok(None), Err);
         }
         let result = self.queue_for(pool, keys, mode, fenced, deadline, failing);
-        match &result {
-            Ok(Some(_)) => {}
-            _ => {
-                let mut table = self.shared.table.lock();
-                for &key in keys {
-                    table.release(key, mode, false);
-                }
+        if !matches!(result, Queued::Done(Ok(Some(_)))) {
+            let mut table = self.shared.table.lock();
+            for &key in keys {
+                table.release(key, mode, false);
             }
         }
-        result
+        match result {
+            Queued::Done(result) => result,
+            // No waiting connection can be opened (the server's connection limit, say): poll on
+            // the manager's own connection instead, which is still there.
+            Queued::Poll => match (keys, fenced) {
+                ([key], false) => {
+                    let key = *key;
+                    Ok(self
+                        .wait_until(deadline, &key, |d| self.try_once(key, mode, d))?
+                        .map(|guard| vec![guard]))
+                }
+                ([key], true) => {
+                    let key = *key;
+                    Ok(self
+                        .wait_until(deadline, &key, |d| self.try_fenced_once(key, d))?
+                        .map(|guard| vec![guard]))
+                }
+                _ => {
+                    let what = crate::compound::KeysOf(keys);
+                    self.wait_until(deadline, &what, |d| self.try_all_once(keys, mode, d))
+                }
+            },
+        }
     }
 
     /// Reserves every one of `keys` in this manager's table, waiting (until `deadline`) for its
@@ -472,27 +491,27 @@ impl LockManager {
         mode: Mode,
         fenced: bool,
         deadline: Option<Instant>,
-        mut failing: Option<Error>,
-    ) -> Result<Option<Vec<LockGuard>>> {
+        failing: Option<Error>,
+    ) -> Queued {
+        let mut failing = failing;
         let mut backoff = Backoff::new(FIRST_RETRY, self.shared.max_retry_interval);
         loop {
             if deadline.is_some_and(|d| Instant::now() >= d) {
-                return failing.map_or(Ok(None), Err);
+                return Queued::Done(failing.map_or(Ok(None), Err));
             }
             let waiter = match pool.take(deadline) {
                 Ok(Some(waiter)) => Arc::new(waiter),
-                Ok(None) => return failing.map_or(Ok(None), Err),
+                Ok(None) => return Queued::Done(failing.map_or(Ok(None), Err)),
+                Err(e) if waiting::fails_everywhere(&e) => return Queued::Done(Err(e)),
                 Err(e) => {
-                    let e = waiting::unavailable(e);
-                    if !e.is_transient() {
-                        return Err(e);
-                    }
-                    failing = Some(e);
-                    pause(backoff.next_pause(), deadline);
-                    continue;
+                    log::warn!("distlock: waiting by polling: no waiting connection: {e}");
+                    return Queued::Poll;
                 }
             };
-            match waiter.manager().wait_here(keys, mode, fenced, deadline) {
+            let Some(manager) = waiter.manager() else {
+                return Queued::Poll;
+            };
+            match manager.wait_here(keys, mode, fenced, deadline) {
                 Ok(Some(mut guards)) => {
                     for guard in &mut guards {
                         guard.keep_waiter(WaitHold {
@@ -502,9 +521,9 @@ impl LockManager {
                             _waiter: Arc::clone(&waiter),
                         });
                     }
-                    return Ok(Some(guards));
+                    return Queued::Done(Ok(Some(guards)));
                 }
-                Ok(None) => return Ok(None),
+                Ok(None) => return Queued::Done(Ok(None)),
                 // That connection failed (or is reconnecting): wait again on another, within the
                 // deadline.
                 Err(e) if e.is_transient() => {
@@ -512,7 +531,7 @@ impl LockManager {
                     drop(waiter);
                     pause(backoff.next_pause(), deadline);
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Queued::Done(Err(e)),
             }
         }
     }
@@ -526,6 +545,9 @@ impl LockManager {
         deadline: Option<Instant>,
     ) -> Result<Option<Vec<LockGuard>>> {
         let shared = &self.shared;
+        let Some(&first) = keys.first() else {
+            return Ok(Some(Vec::new()));
+        };
         if !shared.link.is_online() {
             return Err(offline_error(&shared.link));
         }
@@ -561,7 +583,7 @@ impl LockManager {
             Call {
                 op: Op::TryLock,
                 mode,
-                key: keys[0],
+                key: first,
                 generation: 0,
                 sole_hold: false,
                 deadline: call_deadline,
@@ -761,6 +783,8 @@ impl Builder {
     /// `ensure_held`). The connections are opened when first needed, serve one wait (and its
     /// guards) at a time, and close after 10 s unused; a call that finds all of them busy waits
     /// for one, in arrival order. They use this builder's settings, application name included.
+    /// When one cannot be opened (the server's or the role's connection limit, say), that call
+    /// waits by polling instead.
     ///
     /// `0` waits by polling on the manager's own connection instead (see
     /// [`Builder::max_retry_interval`]): no extra connection, but a release by another process is
@@ -1027,6 +1051,12 @@ pub(crate) fn offline_error(link: &Link) -> Error {
     } else {
         Error::offline()
     }
+}
+
+/// How a wait in the queue ended: done, or no waiting connection to be had (poll instead).
+enum Queued {
+    Done(Result<Option<Vec<LockGuard>>>),
+    Poll,
 }
 
 /// Sleeps `pause`, but not past `deadline`.

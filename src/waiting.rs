@@ -86,10 +86,9 @@ pub(crate) struct Waiter {
 }
 
 impl Waiter {
-    pub(crate) fn manager(&self) -> &LockManager {
-        self.manager
-            .as_ref()
-            .expect("a waiter holds its manager until dropped")
+    /// The waiting connection's manager (always there until the waiter is dropped).
+    pub(crate) fn manager(&self) -> Option<&LockManager> {
+        self.manager.as_ref()
     }
 }
 
@@ -249,15 +248,8 @@ fn reap(pool: &Weak<WaitPool>) {
     }
 }
 
-/// The error for a pool that cannot open a waiting connection.
-pub(crate) fn unavailable(e: Error) -> Error {
-    if e.kind() == ErrorKind::Config {
-        e
-    } else {
-        Error::with_source(
-            ErrorKind::Offline,
-            "could not open a connection to wait for the lock on",
-            e,
-        )
-    }
+/// True when `e`, from opening a waiting connection, would fail the manager's own connection
+/// too (bad settings, a pooler), so that waiting by polling instead gains nothing.
+pub(crate) fn fails_everywhere(e: &Error) -> bool {
+    matches!(e.kind(), ErrorKind::Config | ErrorKind::Pooler)
 }

@@ -345,3 +345,41 @@ fn permit_waiters_are_served_in_arrival_order() {
         released.elapsed()
     );
 }
+
+#[test]
+fn without_a_waiting_connection_to_be_had_the_wait_polls() {
+    if !distlock::testing::TestCluster::shared().is_local() {
+        eprintln!("skipped: DATABASE_URL is set, and this test creates a role");
+        return;
+    }
+    let mut outside = plain();
+    outside
+        .batch_execute(
+            "DO $$ BEGIN CREATE ROLE waiting_one LOGIN PASSWORD 'one-secret' CONNECTION LIMIT 1; \
+             EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+        )
+        .unwrap();
+    // The role's one connection is the manager's own: no waiting connection can be opened.
+    let locks = LockManager::builder()
+        .application_name("waiting-one")
+        .connect(&format!(
+            "{} user=waiting_one password=one-secret",
+            common::url()
+        ))
+        .unwrap();
+    let key = "waiting/one-connection";
+    outside
+        .execute("SELECT pg_advisory_lock($1)", &[&id(key)])
+        .unwrap();
+    let waiter = {
+        let locks = locks.clone();
+        thread::spawn(move || locks.try_lock_for(key, Duration::from_secs(10)))
+    };
+    thread::sleep(Duration::from_millis(300));
+    outside
+        .execute("SELECT pg_advisory_unlock($1)", &[&id(key)])
+        .unwrap();
+    let guard = waiter.join().unwrap().unwrap().expect("granted by polling");
+    guard.ensure_held().unwrap();
+    assert_eq!(pids_of_app(&mut outside, "waiting-one").len(), 1);
+}
