@@ -341,8 +341,12 @@ pub(crate) fn wait(slot: &ReplySlot, ticket: u64, deadline: Instant, spin: u32) 
         }
         std::hint::spin_loop();
     }
-    if let Ok(reply) = slot.rx.recv_deadline(deadline) {
-        return Waited::Reply(reply);
+    // A caller that comes to its receive past its deadline (descheduled, or paused) gives up
+    // without receiving: the worker may be offering the reply right now, and would hand it over.
+    if Instant::now() < deadline {
+        if let Ok(reply) = slot.rx.recv_deadline(deadline) {
+            return Waited::Reply(reply);
+        }
     }
     // The receive is over, so no reply can reach this caller any more; decide the ticket's fate.
     match slot.state.compare_exchange(
