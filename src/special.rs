@@ -293,21 +293,7 @@ fn recover(
         return Ok(Reply::Failed(error));
     };
     let missing = error.sql_state() == Some(&SqlState::UNDEFINED_TABLE);
-    let mut undo = String::from("SELECT pg_advisory_unlock(");
-    push_args(&mut undo, *key);
-    undo.push_str(
-        ") FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted",
-    );
-    let (classid, objid, objsubid) = key.pg_locks_tag();
-    let _ = write!(
-        undo,
-        " AND mode = 'ExclusiveLock' AND classid = {classid} AND objid = {objid} AND objsubid = {objsubid}"
-    );
-    match conn.rows(&undo) {
-        Ok(_) => {}
-        Err(Failed::Broken(e)) => return Err(e),
-        Err(Failed::Rejected(e)) => return Ok(Reply::Failed(e)),
-    }
+    undo(&[*key], Mode::Exclusive, conn)?;
     if !missing {
         return Ok(Reply::Failed(fencing_error(error)));
     }
@@ -321,9 +307,7 @@ fn recover(
         Err(Failed::Broken(e)) => Err(e),
         Err(Failed::Rejected(e)) => {
             // Undo a grant the second try may have made too.
-            if let Err(Failed::Broken(e)) = conn.rows(&undo) {
-                return Err(e);
-            }
+            undo(&[*key], Mode::Exclusive, conn)?;
             Ok(Reply::Failed(fencing_error(e)))
         }
     }
@@ -454,6 +438,13 @@ fn held_of(keys: &[LockKey], mode: Mode, conn: &mut Conn) -> Result<Vec<LockKey>
         }
     }
     Ok(held)
+}
+
+/// Gives back whichever of `keys` this session holds in `mode`: after a failed statement, the
+/// grants it made (session locks outlive the statement's error).
+fn undo(keys: &[LockKey], mode: Mode, conn: &mut Conn) -> Result<(), Error> {
+    let held = held_of(keys, mode, conn)?;
+    give_back(&held, mode, conn)
 }
 
 /// Releases one hold of each of `keys`.
