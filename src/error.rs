@@ -117,6 +117,29 @@ impl Error {
         )
     }
 
+    pub(crate) fn too_many_locks() -> Error {
+        Error::new(
+            ErrorKind::TooManyLocks,
+            "the lock manager already holds its maximum number of locks",
+        )
+    }
+
+    /// A reply of a kind the request never gets: a defect, reported rather than trusted.
+    #[cold]
+    pub(crate) fn unexpected(reply: &dyn fmt::Debug) -> Error {
+        Error::new(
+            ErrorKind::Server,
+            format!("the lock manager's worker gave an unexpected reply: {reply:?}"),
+        )
+    }
+
+    /// A wait without a deadline ends only with a grant or an error; this is its error if it
+    /// ever ended otherwise.
+    #[cold]
+    pub(crate) fn wait_ended() -> Error {
+        Error::new(ErrorKind::Timeout, "lock wait ended without a deadline")
+    }
+
     pub(crate) fn lock_lost() -> Error {
         Error::new(
             ErrorKind::LockLost,

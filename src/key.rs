@@ -131,6 +131,21 @@ impl LockKey {
         LockKey(Space::Pair(class, (0x8000_0000 | slot) as i32))
     }
 
+    /// The slot number of a semaphore's queue (turnstile), the lock its waiters queue for in
+    /// PostgreSQL's lock queue: never a permit, since a semaphore has at most 10,000.
+    pub(crate) const TURNSTILE_SLOT: u32 = 0x7fff_ffff;
+
+    /// True for the key of a semaphore's queue: the lock that waiters for a permit of the
+    /// semaphore queue for, one at a time ([`crate::LockManager::acquire_permit`]).
+    ///
+    /// ```
+    /// use distlock::LockKey;
+    /// assert!(!LockKey::id(7).permit_slot(2).is_semaphore_queue());
+    /// ```
+    pub const fn is_semaphore_queue(self) -> bool {
+        matches!(self.semaphore_slot(), Some(LockKey::TURNSTILE_SLOT))
+    }
+
     /// For the key of a semaphore slot ([`LockKey::permit_slot`]), the slot: `Some` for every
     /// pair whose second int is negative, which is how `distlock locks` tells semaphore slots
     /// from other locks.

@@ -288,43 +288,39 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+// The ground floor: leaf types, importing nothing of the crate.
 mod backoff;
-mod batch;
 mod clock;
-mod compound;
-mod connect;
-mod election;
 mod error;
-#[cfg(all(test, unix))]
-mod fault_tests;
-mod guard;
 mod holder;
 mod key;
-mod link;
-mod manager;
-mod monitor;
-mod pooler;
-mod reply;
-mod session;
-mod shared;
-mod special;
-mod sql;
-mod table;
+mod mode;
+// The messages between the two sides of the worker's channel.
+mod protocol;
+// The caller side: the handle, its shared state, the table, guards, acquiring and waiting.
+mod caller;
+// One room per capability, built on the caller side.
+mod capability;
+// The worker side: the thread that owns the connection, and connecting.
+mod worker;
+// The top: starting both sides.
+mod builder;
+#[cfg(all(test, unix))]
+mod fault_tests;
+mod start;
 #[cfg(unix)]
 pub mod testing;
-mod tls;
-mod waiting;
-mod worker;
 
+pub use builder::Builder;
+pub use caller::guard::LockGuard;
+pub use caller::handle::LockManager;
+pub use capability::election::{Election, Leadership, Watch};
 pub use crossbeam_channel;
-pub use election::{Election, Leadership, Watch};
 pub use error::{Error, ErrorKind, Result};
-pub use guard::LockGuard;
 pub use holder::Holder;
 pub use key::LockKey;
-pub use manager::{Builder, LockManager};
 pub use postgres;
-pub use tls::{SslMode, Tls};
+pub use worker::connect::tls::{SslMode, Tls};
 
 /// The README's examples, compiled as doctests so that they cannot rot.
 #[cfg(doctest)]

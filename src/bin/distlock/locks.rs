@@ -90,8 +90,7 @@ pub fn run(url: Option<&str>, args: Args) -> Result<ExitCode, Failure> {
 
 fn key_text(key: Option<LockKey>) -> String {
     if let Some((class, slot)) = semaphore(key) {
-        // The lock a semaphore's waiters queue for (see LockManager::acquire_permit).
-        if slot == 0x7fff_ffff {
+        if key.is_some_and(LockKey::is_semaphore_queue) {
             return format!("semaphore {class} queue");
         }
         return format!("semaphore {class} slot {slot}");

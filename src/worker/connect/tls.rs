@@ -19,21 +19,19 @@
 //! refused, as libpq refuses it. (`allow` tries TLS first here, where libpq tries plaintext first.)
 
 use std::fmt;
-use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use rustls::client::WebPkiServerVerifier;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
-};
+use rustls::client::danger::ServerCertVerifier;
+use rustls::{CertificateError, ClientConfig};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::worker::connect::certs::{
+    AnyCertificate, ChainOnly, Roots, read_certs, read_key, root_store,
+};
+use crate::worker::connect::params;
 
 /// How much TLS a connection asks for: libpq's `sslmode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -83,15 +81,6 @@ impl SslMode {
             }
         }
     }
-}
-
-/// The trust anchors for checking a server's certificate.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Roots {
-    /// A PEM file of CA certificates.
-    File(PathBuf),
-    /// The operating system's trust store (`sslrootcert=system`).
-    System,
 }
 
 /// TLS settings: libpq's `sslmode`, `sslrootcert`, `sslcert` and `sslkey`.
@@ -203,7 +192,7 @@ impl Tls {
     /// fails (a rejected certificate says so).
     pub fn connect_client(&self, config: &postgres::Config) -> Result<postgres::Client> {
         let mut config = config.clone();
-        crate::connect::libpq_defaults(&mut config)?;
+        params::libpq_defaults(&mut config)?;
         let connector = self.connector(&mut config)?;
         connector.connect(&config).map_err(|e| {
             let message = match explain(&e) {
@@ -360,301 +349,12 @@ impl Connector {
     }
 }
 
-fn root_store(roots: Option<&Roots>) -> Result<RootCertStore> {
-    let mut store = RootCertStore::empty();
-    match roots {
-        Some(Roots::File(path)) => {
-            for cert in read_certs(path)? {
-                store.add(cert).map_err(|e| {
-                    Error::with_source(
-                        ErrorKind::Config,
-                        format!("unusable root certificate in {}", path.display()),
-                        e,
-                    )
-                })?;
-            }
-        }
-        Some(Roots::System) => {
-            let found = rustls_native_certs::load_native_certs();
-            for cert in found.certs {
-                let _ = store.add(cert);
-            }
-            if store.is_empty() {
-                return Err(Error::new(
-                    ErrorKind::Config,
-                    "sslrootcert=system: the system's trust store has no usable certificate",
-                ));
-            }
-        }
-        None => {}
-    }
-    Ok(store)
-}
-
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
-    let unreadable = |e: rustls::pki_types::pem::Error| {
-        Error::with_source(
-            ErrorKind::Config,
-            format!("cannot read certificates from {}", path.display()),
-            e,
-        )
-    };
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(unreadable)?
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(unreadable)?;
-    if certs.is_empty() {
-        return Err(Error::new(
-            ErrorKind::Config,
-            format!("no certificate in {}", path.display()),
-        ));
-    }
-    Ok(certs)
-}
-
-fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::{MetadataExt, PermissionsExt};
-        let meta = fs::metadata(path).map_err(|e| {
-            Error::with_source(
-                ErrorKind::Config,
-                format!("cannot read the private key {}", path.display()),
-                e,
-            )
-        })?;
-        // libpq's rule: 0600 or less, or 0640 or less when root owns it.
-        let mode = meta.permissions().mode();
-        let too_open = if meta.uid() == 0 {
-            mode & 0o037 != 0
-        } else {
-            mode & 0o077 != 0
-        };
-        if too_open {
-            return Err(Error::new(
-                ErrorKind::Config,
-                format!(
-                    "private key file {} has group or world access; permissions should be u=rw \
-                     (0600) or less",
-                    path.display()
-                ),
-            ));
-        }
-    }
-    PrivateKeyDer::from_pem_file(path).map_err(|e| {
-        Error::with_source(
-            ErrorKind::Config,
-            format!("cannot read the private key {}", path.display()),
-            e,
-        )
-    })
-}
-
-/// `prefer` and `require` without a root certificate: encrypt, check nothing (libpq's meaning).
-#[derive(Debug)]
-struct AnyCertificate(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// `verify-ca`: the chain must lead to a trusted root; the name in the certificate is not checked.
-#[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
-
-impl ServerCertVerifier for ChainOnly {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        // The chain is checked before the name: a name error means the chain was good.
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
-            other => other,
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
 /// The TLS parameters of a connection string taken out of it: what is left for the `postgres`
-/// crate's parser, and the settings. Accepts both libpq forms, `key=value` pairs (values may be
-/// single-quoted, with `\` escapes) and `postgres://` URLs (settings in the query string). Text it
-/// cannot split is passed on whole, for the client's parser to report.
+/// crate's parser, and the settings (see [`params::split`]).
 pub(crate) fn split(params: &str) -> Result<(String, Tls)> {
     let mut tls = Tls::default();
-    let trimmed = params.trim_start();
-    if trimmed.starts_with("postgres://") || trimmed.starts_with("postgresql://") {
-        let Some((base, query)) = params.split_once('?') else {
-            return Ok((params.to_owned(), tls));
-        };
-        let mut kept: Vec<&str> = Vec::new();
-        for pair in query.split('&') {
-            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let (Some(name), Some(value)) = (percent_decode(name), percent_decode(value)) else {
-                kept.push(pair);
-                continue;
-            };
-            if !tls.set(&name, &value)? {
-                kept.push(pair);
-            }
-        }
-        let rest = if kept.is_empty() {
-            base.to_owned()
-        } else {
-            format!("{base}?{}", kept.join("&"))
-        };
-        return Ok((rest, tls));
-    }
-    let Some(pairs) = key_values(params) else {
-        return Ok((params.to_owned(), tls));
-    };
-    let mut rest = String::with_capacity(params.len());
-    for (name, value) in pairs {
-        if tls.set(&name, &value)? {
-            continue;
-        }
-        if !rest.is_empty() {
-            rest.push(' ');
-        }
-        rest.push_str(&name);
-        rest.push_str("='");
-        for c in value.chars() {
-            if c == '\'' || c == '\\' {
-                rest.push('\\');
-            }
-            rest.push(c);
-        }
-        rest.push('\'');
-    }
+    let rest = params::split(params, |name, value| tls.set(name, value))?;
     Ok((rest, tls))
-}
-
-/// libpq's `key = value` pairs; `None` when the text is not of that form.
-fn key_values(text: &str) -> Option<Vec<(String, String)>> {
-    let mut pairs = Vec::new();
-    let mut chars = text.chars().peekable();
-    loop {
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        if chars.peek().is_none() {
-            return Some(pairs);
-        }
-        let mut name = String::new();
-        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
-            name.push(c);
-        }
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        if chars.next() != Some('=') || name.is_empty() {
-            return None;
-        }
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        let mut value = String::new();
-        if chars.next_if_eq(&'\'').is_some() {
-            loop {
-                match chars.next()? {
-                    '\'' => break,
-                    '\\' => value.push(chars.next()?),
-                    c => value.push(c),
-                }
-            }
-        } else {
-            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
-                if c == '\\' {
-                    value.push(chars.next()?);
-                } else {
-                    value.push(c);
-                }
-            }
-        }
-        pairs.push((name, value));
-    }
-}
-
-fn percent_decode(text: &str) -> Option<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// Says what went wrong in a connection attempt when TLS was the cause, for the error's message.
@@ -695,48 +395,6 @@ pub(crate) fn explain(e: &postgres::Error) -> Option<String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tls_settings_leave_key_value_strings_and_the_rest_is_requoted() {
-        let (rest, tls) = split(
-            "host=db port = 5432 sslmode=verify-full sslrootcert='/etc/my ca.pem' \
-             password='it\\'s' user=a\\ b sslcert=/c sslkey=/k",
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(
-            tls,
-            Tls::new()
-                .mode(SslMode::VerifyFull)
-                .root_cert("/etc/my ca.pem")
-                .client_cert("/c", "/k")
-        );
-        assert!(!rest.contains("ssl"), "{rest}");
-        let config: postgres::Config = rest.parse().unwrap();
-        assert_eq!(config.get_user(), Some("a b"));
-        assert_eq!(config.get_password(), Some(&b"it's"[..]));
-        assert_eq!(config.get_ports(), [5432]);
-    }
-
-    #[test]
-    fn tls_settings_leave_urls() {
-        let (rest, tls) =
-            split("postgres://u@h/db?sslmode=verify-ca&application_name=x&sslrootcert=system")
-                .unwrap();
-        assert_eq!(rest, "postgres://u@h/db?application_name=x");
-        assert_eq!(tls, Tls::new().mode(SslMode::VerifyCa).system_roots());
-        let (rest, _) = split("postgres://u@h/db?sslrootcert=%2Ftmp%2Fca.pem").unwrap();
-        assert_eq!(rest, "postgres://u@h/db");
-    }
-
-    #[test]
-    fn a_bad_sslmode_is_a_config_error_and_odd_text_is_left_to_the_parser() {
-        assert_eq!(
-            split("host=h sslmode=sometimes").unwrap_err().kind(),
-            ErrorKind::Config
-        );
-        let (rest, _) = split("this is = not ' a connection string").unwrap();
-        assert_eq!(rest, "this is = not ' a connection string");
-    }
-}
+#[cfg(test)]
+#[path = "tls_tests.rs"]
+mod tests;

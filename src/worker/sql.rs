@@ -10,6 +10,9 @@
 use std::fmt::Write;
 
 use crate::key::{LockKey, Space};
+use crate::mode::Mode;
+use crate::protocol::request::{Fencing, Op};
+use crate::worker::fencing::NEXT_TOKEN;
 
 /// Identifies a new connection's backend: its pid, its start time (µs since the epoch), and
 /// whether the server is a standby (in recovery).
@@ -49,26 +52,6 @@ impl ServerKeepalive {
     }
 }
 
-/// Exclusive or shared: which family of advisory functions a request uses.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
-pub(crate) enum Mode {
-    /// `pg_try_advisory_lock` / `pg_advisory_unlock`.
-    Exclusive,
-    /// `pg_try_advisory_lock_shared` / `pg_advisory_unlock_shared`.
-    Shared,
-}
-
-/// What a statement does to a key.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(crate) enum Op {
-    /// Try once to take the lock; never waits on the server.
-    TryLock,
-    /// Release one hold of the lock.
-    Unlock,
-    /// Prove that this session holds the lock: one row when `pg_locks` shows it granted to us.
-    Check,
-}
-
 /// A reusable statement buffer: once it has grown to its working size, formatting allocates nothing.
 #[derive(Debug, Default)]
 pub(crate) struct Sql {
@@ -90,6 +73,13 @@ impl Sql {
         }
     }
 
+    /// Separates the next statement from any before it.
+    fn separate(&mut self) {
+        if !self.buf.is_empty() {
+            self.buf.push(';');
+        }
+    }
+
     /// Empties the buffer, keeping its capacity.
     pub(crate) fn clear(&mut self) {
         self.buf.clear();
@@ -97,57 +87,41 @@ impl Sql {
 
     /// Appends one statement, separated from any before it by `;`.
     pub(crate) fn push(&mut self, op: Op, mode: Mode, key: LockKey) {
-        if !self.buf.is_empty() {
-            self.buf.push(';');
-        }
-        self.buf.push_str(match (op, mode) {
-            (Op::TryLock, Mode::Exclusive) => "SELECT WHERE pg_try_advisory_lock(",
-            (Op::TryLock, Mode::Shared) => "SELECT WHERE pg_try_advisory_lock_shared(",
-            (Op::Unlock, Mode::Exclusive) => "SELECT WHERE pg_advisory_unlock(",
-            (Op::Unlock, Mode::Shared) => "SELECT WHERE pg_advisory_unlock_shared(",
-            (Op::Check, _) => return self.push_check(mode, key),
-        });
+        let function = match op {
+            Op::TryLock => try_fn(mode),
+            Op::Unlock => unlock_fn(mode),
+            Op::Check => return self.push_check(mode, key),
+        };
+        self.separate();
+        self.buf.push_str("SELECT WHERE ");
+        self.buf.push_str(function);
         if self.key_of_text != Some(key) {
             self.key_text.clear();
-            match key.0 {
-                Space::Id(id) => push_int8(&mut self.key_text, id),
-                Space::Pair(a, b) => {
-                    push_int4(&mut self.key_text, a);
-                    self.key_text.push(',');
-                    push_int4(&mut self.key_text, b);
-                }
-            }
+            push_args(&mut self.key_text, key);
             self.key_of_text = Some(key);
         }
         self.buf.push_str(&self.key_text);
         self.buf.push(')');
     }
 
-    // `pg_locks` shows a bigint key k as classid = k >> 32, objid = k & 0xffffffff, objsubid = 1,
-    // and a pair (a, b) as classid = a, objid = b, objsubid = 2 (each as an unsigned 32-bit oid).
-    fn push_check(&mut self, mode: Mode, key: LockKey) {
-        let (classid, objid, objsubid) = match key.0 {
-            Space::Id(k) => ((k >> 32) as u32, k as u32, 1),
-            Space::Pair(a, b) => (a as u32, b as u32, 2),
-        };
-        let mode = match mode {
-            Mode::Exclusive => "ExclusiveLock",
-            Mode::Shared => "ShareLock",
-        };
+    /// Appends a statement that returns one row when `pg_locks` shows `key` granted in `mode` to
+    /// this very session.
+    pub(crate) fn push_check(&mut self, mode: Mode, key: LockKey) {
+        self.separate();
+        let (classid, objid, objsubid) = key.pg_locks_tag();
         let _ = write!(
             self.buf,
             "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() \
              AND granted AND mode = '{mode}' AND classid = {classid} AND objid = {objid} \
-             AND objsubid = {objsubid}"
+             AND objsubid = {objsubid}",
+            mode = mode.pg_locks_name(),
         );
     }
 
     /// Appends a statement that ends the backend `pid` if, and only if, it is still the one that
     /// started at `started_us` (µs since the epoch), so a pid reused since is never touched.
     pub(crate) fn push_terminate(&mut self, pid: i32, started_us: i64) {
-        if !self.buf.is_empty() {
-            self.buf.push(';');
-        }
+        self.separate();
         let _ = write!(
             self.buf,
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = {pid} \
@@ -256,108 +230,144 @@ fn push_integer(out: &mut String, v: i64) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn session_setup_sets_only_what_the_server_has() {
-        let keepalive = ServerKeepalive::within(std::time::Duration::from_secs(12));
-        assert_eq!(
-            keepalive,
-            ServerKeepalive {
-                idle_s: 6,
-                interval_s: 1,
-                count: 6,
-                user_timeout_ms: 12_000
-            }
-        );
-        let mut sql = Sql::new();
-        sql.push_session_setup(150_004, Some(keepalive), -5);
-        assert_eq!(
-            sql.as_str(),
-            "SET distlock.session = '-5';SET idle_in_transaction_session_timeout = 0;\
-             SELECT set_config('synchronous_commit', 'local', false) \
-             WHERE current_setting('synchronous_commit') = 'off';SET idle_session_timeout = 0;\
-             SET tcp_keepalives_idle = 6;SET tcp_keepalives_interval = 1;\
-             SET tcp_keepalives_count = 6;SET tcp_user_timeout = 12000"
-        );
-        sql.clear();
-        sql.push_session_setup(110_000, None, 7);
-        assert_eq!(
-            sql.as_str(),
-            "SET distlock.session = '7';SET idle_in_transaction_session_timeout = 0;\
-             SELECT set_config('synchronous_commit', 'local', false) \
-             WHERE current_setting('synchronous_commit') = 'off'"
-        );
-        assert_eq!(
-            crate::pooler::probe(42, 7),
-            "SELECT WHERE pg_backend_pid() = 42 AND current_setting('distlock.session', true) = '7'"
-        );
-        let long = ServerKeepalive::within(std::time::Duration::from_secs(100));
-        assert_eq!((long.idle_s, long.interval_s, long.count), (50, 5, 10));
-        let tiny = ServerKeepalive::within(std::time::Duration::from_millis(1));
-        assert_eq!((tiny.idle_s, tiny.interval_s, tiny.count), (1, 1, 1));
-    }
-
-    #[test]
-    fn integers_format_like_display() {
-        for v in [
-            0,
-            1,
-            -1,
-            9,
-            10,
-            -10,
-            42,
-            i64::MAX,
-            i64::MIN + 1,
-            1 << 40,
-            -(1 << 40),
-        ] {
-            let mut text = String::new();
-            push_integer(&mut text, v);
-            assert_eq!(text, v.to_string());
+/// The arguments of an advisory function for `key`: `id` or `a,b`.
+pub(crate) fn push_args(out: &mut String, key: LockKey) {
+    match key.0 {
+        Space::Id(id) => push_int8(out, id),
+        Space::Pair(a, b) => {
+            push_int4(out, a);
+            out.push(',');
+            push_int4(out, b);
         }
     }
+}
 
-    #[test]
-    fn a_cached_key_text_is_reused_only_for_its_own_key() {
-        let mut sql = Sql::new();
-        sql.push(Op::TryLock, Mode::Exclusive, LockKey::id(12));
-        sql.push(Op::Unlock, Mode::Exclusive, LockKey::id(12));
-        sql.push(Op::Unlock, Mode::Exclusive, LockKey::pair(1, 2));
-        sql.push(Op::Unlock, Mode::Exclusive, LockKey::id(3));
-        assert_eq!(
-            sql.as_str(),
-            "SELECT WHERE pg_try_advisory_lock(12);SELECT WHERE pg_advisory_unlock(12);\
-             SELECT WHERE pg_advisory_unlock(1,2);SELECT WHERE pg_advisory_unlock(3)"
-        );
-    }
-
-    #[test]
-    fn statements_hold_only_formatted_integers() {
-        let mut sql = Sql::new();
-        sql.push(Op::TryLock, Mode::Exclusive, LockKey::id(-42));
-        assert_eq!(sql.as_str(), "SELECT WHERE pg_try_advisory_lock(-42)");
-        sql.clear();
-        sql.push(Op::Unlock, Mode::Shared, LockKey::pair(1, i32::MIN));
-        assert_eq!(
-            sql.as_str(),
-            "SELECT WHERE pg_advisory_unlock_shared(1,(-2147483647-1))"
-        );
-        sql.clear();
-        sql.push(Op::TryLock, Mode::Shared, LockKey::id(i64::MIN));
-        sql.push(Op::Unlock, Mode::Exclusive, LockKey::id(i64::MAX));
-        assert_eq!(
-            sql.as_str(),
-            "SELECT WHERE pg_try_advisory_lock_shared((-9223372036854775807-1));\
-             SELECT WHERE pg_advisory_unlock(9223372036854775807)"
-        );
-        sql.clear();
-        sql.push(Op::Check, Mode::Shared, LockKey::id(-1));
-        assert!(sql.as_str().ends_with(
-            "mode = 'ShareLock' AND classid = 4294967295 AND objid = 4294967295 AND objsubid = 1"
-        ));
+/// The function that tries once, up to its opening parenthesis.
+fn try_fn(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Exclusive => "pg_try_advisory_lock(",
+        Mode::Shared => "pg_try_advisory_lock_shared(",
     }
 }
+
+/// The function that releases one hold, up to its opening parenthesis.
+fn unlock_fn(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Exclusive => "pg_advisory_unlock(",
+        Mode::Shared => "pg_advisory_unlock_shared(",
+    }
+}
+
+/// The function that waits in the lock queue, up to its opening parenthesis.
+fn wait_fn(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Exclusive => "pg_advisory_lock(",
+        Mode::Shared => "pg_advisory_lock_shared(",
+    }
+}
+
+/// An exclusive try that draws a token when, and only when, it granted. The target list is
+/// evaluated for rows that passed the WHERE, after the grant: every token drawn before for the
+/// key was drawn by a holder that had it before, and the sequence only grows.
+pub(crate) fn fenced(key: LockKey) -> String {
+    let mut sql = String::with_capacity(96);
+    sql.push_str(NEXT_TOKEN);
+    sql.push_str(" WHERE ");
+    sql.push_str(try_fn(Mode::Exclusive));
+    push_args(&mut sql, key);
+    sql.push(')');
+    sql
+}
+
+/// A try of the first free slot of a semaphore whose slot keys are `(class, i32::MIN + slot)`:
+/// slots in order, the first free one taken, and no further one tried (LIMIT 1 stops the scan).
+/// A slot this session already holds is skipped before its try: session locks stack, so trying
+/// it would succeed again and count one holder twice. CASE fixes the order.
+pub(crate) fn permit(class: i32, permits: u32) -> String {
+    let mut sql = String::with_capacity(320);
+    let _ = write!(
+        sql,
+        "SELECT s FROM generate_series(0, {last}) s WHERE CASE WHEN EXISTS (SELECT FROM \
+         pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND classid = \
+         {classid} AND objid::int8 = 2147483648 + s AND objsubid = 2) THEN false ELSE \
+         pg_try_advisory_lock(",
+        last = permits.saturating_sub(1),
+        classid = class as u32,
+    );
+    push_int4(&mut sql, class);
+    sql.push_str(", (s - 2147483648)::int4) END LIMIT 1");
+    sql
+}
+
+/// Every key tried once (a materialized CTE runs each try exactly once); then either all were
+/// granted and the row comes back, or the ones granted are released in the same statement and
+/// no row comes back. CASE fixes the order: the release only runs when not all were granted,
+/// and only for keys this statement took.
+pub(crate) fn all(keys: &[LockKey], mode: Mode) -> String {
+    let mut sql = String::with_capacity(64 + 80 * keys.len());
+    sql.push_str("WITH t(n, got) AS MATERIALIZED (VALUES ");
+    for (n, key) in keys.iter().enumerate() {
+        if n > 0 {
+            sql.push(',');
+        }
+        let _ = write!(sql, "({n}, ");
+        sql.push_str(try_fn(mode));
+        push_args(&mut sql, *key);
+        sql.push_str("))");
+    }
+    sql.push_str(
+        ") SELECT WHERE CASE WHEN (SELECT bool_and(got) FROM t) THEN true ELSE \
+         (SELECT count(*) FROM t WHERE CASE WHEN NOT got THEN false",
+    );
+    for (n, key) in keys.iter().enumerate() {
+        let _ = write!(sql, " WHEN n = {n} THEN ");
+        sql.push_str(unlock_fn(mode));
+        push_args(&mut sql, *key);
+        sql.push(')');
+    }
+    sql.push_str(" END) < 0 END");
+    sql
+}
+
+/// The sessions that hold or wait for `key` in this database, granted holders first.
+pub(crate) fn holders(key: LockKey) -> String {
+    let (classid, objid, objsubid) = key.pg_locks_tag();
+    format!(
+        "SELECT l.pid, l.mode = 'ShareLock', l.granted, a.application_name, \
+         host(a.client_addr), (extract(epoch FROM a.backend_start) * 1000000)::int8 \
+         FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND l.pid IS NOT NULL \
+         AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+         AND l.classid = {classid} AND l.objid = {objid} AND l.objsubid = {objsubid} \
+         ORDER BY NOT l.granted, l.pid"
+    )
+}
+
+/// A wait in the lock queue for `keys`, one statement each in the order of their ids (every
+/// caller's order, so that waits cannot deadlock each other), ended by the server after
+/// `lock_timeout_ms` (0: never); a token drawn after the grant when `fencing` asks for one.
+pub(crate) fn wait(
+    keys: &[LockKey],
+    mode: Mode,
+    lock_timeout_ms: u128,
+    fencing: Fencing,
+) -> String {
+    let mut sorted = keys.to_vec();
+    sorted.sort();
+    let mut sql = format!("SET lock_timeout = {lock_timeout_ms}");
+    for key in sorted {
+        sql.push_str(";SELECT FROM ");
+        sql.push_str(wait_fn(mode));
+        push_args(&mut sql, key);
+        sql.push(')');
+    }
+    if fencing == Fencing::Token {
+        sql.push(';');
+        sql.push_str(NEXT_TOKEN);
+    }
+    sql
+}
+
+#[cfg(test)]
+#[path = "sql_tests.rs"]
+mod tests;

@@ -13,7 +13,6 @@
 //! A new session's set-up lives here too: its first statement ends the backends of lost
 //! connections ([`end_suspects`]).
 
-use std::path::Path;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -23,11 +22,14 @@ use parking_lot::Mutex;
 use postgres::Client;
 
 use crate::error::{Error, ErrorKind};
-use crate::link::{Backend, Link, Site};
-use crate::pooler;
-use crate::session::{Conn, Failed, Query};
-use crate::sql::{IDENTIFY, ServerKeepalive, Sql};
-use crate::tls;
+use crate::protocol::link::{Backend, Link, Site};
+use crate::worker::session::{Conn, Failed, Query};
+use crate::worker::sql::{IDENTIFY, ServerKeepalive, Sql};
+
+mod certs;
+pub(crate) mod params;
+pub(crate) mod pooler;
+pub(crate) mod tls;
 
 /// What one attempt brings: a client and its backend, or why not.
 type Attempt = Result<(Client, Backend), Error>;
@@ -145,40 +147,6 @@ impl Connector {
     }
 }
 
-/// The directory of the server's unix-domain socket when the parameters name no host, as libpq
-/// has it: `/var/run/postgresql` where that directory exists (Debian's and Ubuntu's libpq), else
-/// `/tmp` (upstream PostgreSQL's default).
-pub(crate) fn default_socket_dir() -> &'static Path {
-    let debian = Path::new("/var/run/postgresql");
-    if debian.is_dir() {
-        debian
-    } else {
-        Path::new("/tmp")
-    }
-}
-
-/// Fills in what libpq would when the parameters leave it out: no host (and no `hostaddr`) means
-/// the default unix-domain socket, and no user means the operating-system user (`USER`, else
-/// `LOGNAME`).
-pub(crate) fn libpq_defaults(config: &mut postgres::Config) -> Result<(), Error> {
-    if config.get_hosts().is_empty() && config.get_hostaddrs().is_empty() {
-        config.host_path(default_socket_dir());
-    }
-    if config.get_user().is_none() {
-        let user = ["USER", "LOGNAME"]
-            .iter()
-            .find_map(|var| std::env::var(var).ok().filter(|v| !v.is_empty()))
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::Config,
-                    "no user given in the connection parameters, and none in USER or LOGNAME",
-                )
-            })?;
-        config.user(&user);
-    }
-    Ok(())
-}
-
 /// A new connection's first statement: end the backends of lost connections that may still hold
 /// locks (a stalled backend resumes with its locks), each matched by pid and start time so that a
 /// reused pid is never touched. Those it cannot end are kept for the next connection. `Err` when
@@ -214,7 +182,6 @@ pub(crate) fn end_suspects(
     }
 }
 
-/// One attempt: connect, then ask the server who we are.
 /// One attempt: connect, ask the server who we are, and refuse a standby unless allowed.
 fn attempt(
     config: &postgres::Config,

@@ -5,11 +5,11 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
+use crate::caller::guard::LockGuard;
+use crate::caller::handle::LockManager;
 use crate::error::{Error, ErrorKind, Result};
-use crate::guard::LockGuard;
 use crate::holder::Holder;
 use crate::key::LockKey;
-use crate::manager::LockManager;
 
 /// Leader election on one advisory lock: whoever holds the lock leads.
 ///

@@ -5,13 +5,15 @@ use std::sync::Arc;
 
 use crossbeam_channel::Receiver;
 
+use crate::caller::pool::Taken;
+use crate::caller::shared::{Call, Shared};
 use crate::clock::deadline_in;
 use crate::error::{Error, Result};
 use crate::key::LockKey;
-use crate::link::Lease;
-use crate::reply::Reply;
-use crate::shared::{Call, Shared};
-use crate::sql::{Mode, Op};
+use crate::mode::Mode;
+use crate::protocol::link::Lease;
+use crate::protocol::reply::Reply;
+use crate::protocol::request::Op;
 
 /// A held advisory lock.
 ///
@@ -57,42 +59,45 @@ pub struct LockGuard {
     released: bool,
     /// The fencing token of a fenced grant.
     token: Option<u64>,
-    /// For a lock granted on a waiting connection: that connection, back in its pool once every
-    /// guard of the wait is dropped (after the release).
-    waiter: Option<Box<crate::waiting::WaitHold>>,
+    /// For a lock granted on a waiting connection: its reservation in the manager's own table
+    /// and the connection (see [`Borrowed`]).
+    borrowed: Option<Box<Borrowed>>,
+}
+
+/// What a guard granted on a waiting connection keeps besides its lock: its key's reservation in
+/// the manager's own table (given back when the guard is gone, after its release) and the waiting
+/// connection (back in the pool when every guard of the wait is gone).
+pub(crate) struct Borrowed {
+    /// The manager the caller called.
+    pub(crate) main: Arc<Shared>,
+    /// The waiting connection that holds the lock.
+    pub(crate) _conn: Arc<Taken<Arc<Shared>>>,
 }
 
 impl LockGuard {
-    pub(crate) fn new(shared: Arc<Shared>, key: LockKey, mode: Mode, lease: Lease) -> LockGuard {
+    /// A guard of the lock `key`, held in `mode` under `lease`; `token` for a fenced grant.
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        key: LockKey,
+        mode: Mode,
+        lease: Lease,
+        token: Option<u64>,
+    ) -> LockGuard {
         LockGuard {
             shared,
             key,
             mode,
             lease,
             released: false,
-            token: None,
-            waiter: None,
+            token,
+            borrowed: None,
         }
     }
 
-    pub(crate) fn set_token(&mut self, token: Option<u64>) {
-        self.token = token;
-    }
-
-    pub(crate) fn keep_waiter(&mut self, hold: crate::waiting::WaitHold) {
-        self.waiter = Some(Box::new(hold));
-    }
-
-    /// A guard for a fenced grant, with its token.
-    pub(crate) fn fenced(
-        shared: Arc<Shared>,
-        key: LockKey,
-        lease: Lease,
-        token: Option<u64>,
-    ) -> LockGuard {
-        let mut guard = LockGuard::new(shared, key, Mode::Exclusive, lease);
-        guard.token = token;
-        guard
+    /// This guard, granted on a waiting connection of `borrowed.main`.
+    pub(crate) fn borrowed_from(mut self, borrowed: Borrowed) -> LockGuard {
+        self.borrowed = Some(Box::new(borrowed));
+        self
     }
 
     /// The fencing token of this grant: `Some` only for a guard from a fenced call
@@ -228,7 +233,7 @@ impl LockGuard {
         self.released = true;
         if self.is_lost() {
             // The server released it with the connection; a newer connection must not be touched.
-            self.shared.release_hold(self.key, self.mode);
+            self.give_back();
             return Err(Error::lock_lost());
         }
         let deadline = deadline_in(self.shared.request_timeout());
@@ -243,10 +248,22 @@ impl LockGuard {
         });
         // Forget the hold only now: a local waiter woken by this finds the key free on the server too.
         // On a timeout the unlock is still queued ahead of any later request for the key.
-        self.shared.release_hold(self.key, self.mode);
+        self.give_back();
         match outcome? {
             Reply::Released => Ok(()),
             _ => Err(Error::lock_lost()),
+        }
+    }
+}
+
+impl LockGuard {
+    /// Gives the hold back in the table of the manager that granted it and, for a guard of a
+    /// waiting connection, in the table of the manager the caller called.
+    fn give_back(&mut self) {
+        let key = std::slice::from_ref(&self.key);
+        self.shared.release_holds(key, self.mode);
+        if let Some(borrowed) = self.borrowed.take() {
+            borrowed.main.release_holds(key, self.mode);
         }
     }
 }

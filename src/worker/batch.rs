@@ -22,9 +22,8 @@
 //! it.
 
 use crate::error::Error;
-use crate::reply::Request;
-use crate::session::{Failed, Query, Session};
-use crate::sql::Op;
+use crate::protocol::request::{Op, Plain};
+use crate::worker::session::{Failed, Query, Session};
 
 /// The most requests sent to the server in one query.
 pub(crate) const MAX_BATCH: usize = 64;
@@ -32,10 +31,12 @@ pub(crate) const MAX_BATCH: usize = 64;
 /// What became of one request of a batch.
 #[derive(Debug, Default)]
 pub(crate) enum Outcome {
-    /// Not run (a release or check of another generation, answered without the session; or a
-    /// batch cut short).
+    /// Not run: the batch was cut short.
     #[default]
     Pending,
+    /// Not run: a release or check of another generation, whose session is gone (answered
+    /// `NotHeld` without touching this session).
+    OtherGeneration,
     /// Ran; whether its statement returned its row.
     Done(bool),
     /// Must run again alone (during recovery only).
@@ -53,7 +54,7 @@ pub(crate) struct Broken(pub(crate) Error);
 #[derive(Debug)]
 pub(crate) struct Batch {
     /// The requests, in arrival order.
-    pub(crate) requests: Vec<Request>,
+    pub(crate) requests: Vec<Plain>,
     /// Indices into `requests` of the statements in the query, in query order.
     order: Vec<usize>,
     /// Indices into `requests` of requests that run alone after the query.
@@ -113,8 +114,13 @@ impl Batch {
             }
         }
         self.outcomes.clear();
-        self.outcomes
-            .resize_with(self.requests.len(), Outcome::default);
+        self.outcomes.extend(self.requests.iter().map(|r| {
+            if r.op != Op::TryLock && r.generation != generation {
+                Outcome::OtherGeneration
+            } else {
+                Outcome::Pending
+            }
+        }));
         if !self.order.is_empty() {
             match query.run(session) {
                 Ok(()) => self.record(&query.counts)?,
@@ -202,7 +208,7 @@ impl Batch {
 
 fn count_mismatch(got: usize, sent: usize) -> Error {
     Error::new(
-        crate::ErrorKind::ConnectionLost,
+        crate::error::ErrorKind::ConnectionLost,
         format!("the server answered {got} statements of {sent}"),
     )
 }
@@ -212,10 +218,10 @@ mod tests {
     use std::collections::VecDeque;
 
     use super::*;
-    use crate::ErrorKind;
+    use crate::error::ErrorKind;
     use crate::key::LockKey;
-    use crate::reply::{self, ReplySlot};
-    use crate::sql::Mode;
+    use crate::mode::Mode;
+    use crate::protocol::slot::{self, ReplySlot};
 
     /// A session that answers from a script: each query must be the expected text, and gets the
     /// scripted row counts or failure.
@@ -262,15 +268,14 @@ mod tests {
         }
     }
 
-    fn request(op: Op, key: i64, sole_hold: bool) -> Request {
-        Request {
+    fn request(op: Op, key: i64, sole_hold: bool) -> Plain {
+        Plain {
             op,
             mode: Mode::Exclusive,
             key: LockKey::id(key),
             generation: if op == Op::TryLock { 0 } else { 1 },
             sole_hold,
-            reply: reply::arm(&ReplySlot::new()),
-            special: None,
+            reply: slot::arm(&ReplySlot::new()),
         }
     }
 
@@ -278,6 +283,7 @@ mod tests {
         (0..batch.requests.len())
             .map(|i| match batch.take_outcome(i) {
                 Outcome::Pending => "pending".to_owned(),
+                Outcome::OtherGeneration => "other generation".to_owned(),
                 Outcome::Done(row) => format!("done {row}"),
                 Outcome::Retry => "retry".to_owned(),
                 Outcome::Failed(e) => format!("failed {:?}", e.kind()),
@@ -421,7 +427,7 @@ mod tests {
             // The same key and mode twice: only the first can be read back.
             request(Op::TryLock, 2, true),
             // A release for another generation: answered without the session.
-            Request {
+            Plain {
                 generation: 9,
                 ..request(Op::Unlock, 3, true)
             },
@@ -435,7 +441,7 @@ mod tests {
         assert!(session.done());
         assert_eq!(
             outcomes(&mut batch),
-            ["done true", "done true", "done true", "pending"]
+            ["done true", "done true", "done true", "other generation"]
         );
     }
 }

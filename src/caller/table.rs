@@ -8,7 +8,7 @@
 use std::collections::hash_map::Entry;
 
 use crate::key::{KeyMap, LockKey};
-use crate::sql::Mode;
+use crate::mode::Mode;
 
 /// How a key is held (or being acquired) through this manager.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +32,17 @@ pub(crate) enum Reservation {
     Conflict,
     /// The manager already holds `max_locks` locks.
     Full,
+}
+
+/// Why a hold is given back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Release {
+    /// A guard's hold, released: local waiters are told through the release counter.
+    Returned,
+    /// A reservation whose try did not grant: nobody is told (the try failed because another
+    /// session holds the key, so local waiters gain nothing by trying now, and two waiters of
+    /// one key would wake each other in a busy loop).
+    Unused,
 }
 
 /// Keys held or being acquired, and a counter of releases for waiters to watch.
@@ -83,9 +94,32 @@ impl Table {
         Reservation::Reserved { sole }
     }
 
-    /// Gives back one hold taken by [`Table::reserve`]: a guard's released hold (`wake`: waiters are
-    /// told through the release counter) or a reservation whose try failed.
-    pub(crate) fn release(&mut self, key: LockKey, mode: Mode, wake: bool) {
+    /// Reserves a hold of every one of `keys` in `mode`, or of none: on a conflict or a full
+    /// table the ones reserved are given back and the first refusal is the outcome (`sole`: every
+    /// key's reservation is the manager's only hold of it).
+    pub(crate) fn reserve_all(&mut self, keys: &[LockKey], mode: Mode, max: usize) -> Reservation {
+        let mut all_sole = true;
+        for (i, &key) in keys.iter().enumerate() {
+            match self.reserve(key, mode, max) {
+                Reservation::Reserved { sole } => all_sole &= sole,
+                refused => {
+                    self.release_all(&keys[..i], mode, Release::Unused);
+                    return refused;
+                }
+            }
+        }
+        Reservation::Reserved { sole: all_sole }
+    }
+
+    /// Gives back one hold of each of `keys`, taken by [`Table::reserve_all`].
+    pub(crate) fn release_all(&mut self, keys: &[LockKey], mode: Mode, why: Release) {
+        for &key in keys {
+            self.release(key, mode, why);
+        }
+    }
+
+    /// Gives back one hold taken by [`Table::reserve`].
+    pub(crate) fn release(&mut self, key: LockKey, mode: Mode, why: Release) {
         // One hash lookup: this runs on every release.
         match (self.holds.entry(key), mode) {
             (Entry::Occupied(mut e), Mode::Shared) if matches!(e.get(), Hold::Shared(n) if *n > 1) => {
@@ -111,7 +145,7 @@ impl Table {
             }
         }
         self.count -= 1;
-        if wake {
+        if why == Release::Returned {
             self.releases = self.releases.wrapping_add(1);
         }
     }
@@ -151,7 +185,7 @@ mod tests {
         );
         assert_eq!(t.reserve(K, Mode::Exclusive, 10), Reservation::Conflict);
         assert_eq!(t.reserve(K, Mode::Shared, 10), Reservation::Conflict);
-        t.release(K, Mode::Exclusive, true);
+        t.release(K, Mode::Exclusive, Release::Returned);
         assert_eq!(
             t.reserve(K, Mode::Shared, 10),
             Reservation::Reserved { sole: true }
@@ -161,9 +195,9 @@ mod tests {
             Reservation::Reserved { sole: false }
         );
         assert_eq!(t.reserve(K, Mode::Exclusive, 10), Reservation::Conflict);
-        t.release(K, Mode::Shared, true);
+        t.release(K, Mode::Shared, Release::Returned);
         assert_eq!(t.reserve(K, Mode::Exclusive, 10), Reservation::Conflict);
-        t.release(K, Mode::Shared, true);
+        t.release(K, Mode::Shared, Release::Returned);
         assert_eq!(t.len(), 0);
         assert_eq!(
             t.reserve(K, Mode::Exclusive, 10),
@@ -187,17 +221,49 @@ mod tests {
             Reservation::Full
         );
         let before = t.releases();
-        t.release(K, Mode::Shared, false);
+        t.release(K, Mode::Shared, Release::Unused);
         assert_eq!(t.releases(), before, "a failed try wakes nobody");
         assert_eq!(
             t.reserve(K, Mode::Shared, 2),
             Reservation::Reserved { sole: false }
         );
-        t.release(K, Mode::Shared, true);
+        t.release(K, Mode::Shared, Release::Returned);
         assert_ne!(t.releases(), before);
         assert_eq!(
             t.reserve(LockKey::id(2), Mode::Exclusive, 2),
             Reservation::Reserved { sole: true }
         );
+    }
+
+    #[test]
+    fn reserve_all_takes_every_key_or_none() {
+        let mut t = Table::default();
+        let keys = [LockKey::id(1), LockKey::id(2), LockKey::id(3)];
+        assert_eq!(
+            t.reserve(LockKey::id(3), Mode::Exclusive, 10),
+            Reservation::Reserved { sole: true }
+        );
+        assert_eq!(
+            t.reserve_all(&keys, Mode::Exclusive, 10),
+            Reservation::Conflict
+        );
+        assert_eq!(
+            t.len(),
+            1,
+            "the keys reserved before the conflict are given back"
+        );
+        assert_eq!(
+            t.reserve_all(&keys[..2], Mode::Exclusive, 2),
+            Reservation::Full
+        );
+        assert_eq!(t.len(), 1);
+        assert_eq!(
+            t.reserve_all(&keys[..2], Mode::Exclusive, 10),
+            Reservation::Reserved { sole: true }
+        );
+        let before = t.releases();
+        t.release_all(&keys[..2], Mode::Exclusive, Release::Returned);
+        assert_eq!(t.len(), 1);
+        assert_ne!(t.releases(), before);
     }
 }

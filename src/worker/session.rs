@@ -5,12 +5,15 @@
 use std::sync::Arc;
 
 use postgres::error::SqlState;
-use postgres::{Client, SimpleQueryMessage};
+use postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
 
 use crate::error::{Error, ErrorKind};
 use crate::key::LockKey;
-use crate::link::{Backend, Link};
-use crate::sql::{Mode, Op, Sql};
+use crate::mode::Mode;
+use crate::protocol::link::{Backend, Link};
+use crate::protocol::request::Op;
+use crate::worker::connect::pooler;
+use crate::worker::sql::Sql;
 
 /// Something that runs statements: one database session.
 pub(crate) trait Session {
@@ -33,6 +36,15 @@ pub(crate) enum Failed {
     Rejected(Error),
     /// The connection is unusable; what its last query did is unknown.
     Broken(Error),
+}
+
+impl Failed {
+    /// The error, whichever way the query failed.
+    pub(crate) fn into_error(self) -> Error {
+        match self {
+            Failed::Rejected(e) | Failed::Broken(e) => e,
+        }
+    }
 }
 
 /// A reusable statement buffer and the row counts of its last run.
@@ -90,12 +102,11 @@ impl Conn {
         backend: Backend,
         mark: i64,
     ) -> Conn {
-        let probe = crate::pooler::probe(backend.pid, mark);
         Conn {
             client,
             link,
             generation,
-            probe,
+            probe: pooler::probe(backend.pid, mark),
         }
     }
 
@@ -103,28 +114,22 @@ impl Conn {
     /// monitor gives it up past the stall limit). `Ok(false)`: a pooler shares the session.
     #[cold]
     #[inline(never)]
-    pub(crate) fn heartbeat(&mut self) -> Result<bool, postgres::Error> {
+    pub(crate) fn heartbeat(&mut self) -> Result<bool, Failed> {
         let mark = self.link.begin_statement(self.generation);
-        let result = self.client.simple_query(self.probe.as_str());
-        self.link.end_statement(mark);
-        Ok(result?
+        let messages = watched(&mut self.client, &self.link, mark, &self.probe)?;
+        Ok(messages
             .iter()
             .any(|m| matches!(m, SimpleQueryMessage::Row(_))))
     }
-}
 
-impl Conn {
     /// Runs `sql` and returns its messages, rows included: for the statements that read values
     /// (tokens, slots, holders). Watched like every statement.
+    #[inline]
     pub(crate) fn rows(&mut self, sql: &str) -> Result<Vec<SimpleQueryMessage>, Failed> {
         let mark = self.link.begin_statement(self.generation);
-        let result = self.client.simple_query(sql);
-        self.link.end_statement(mark);
-        result.map_err(|e| classify(&self.client, e))
+        watched(&mut self.client, &self.link, mark, sql)
     }
-}
 
-impl Conn {
     /// As [`Conn::rows`], for a statement that waits in PostgreSQL's lock queue until `deadline`
     /// at most (`None`: until granted): the monitor lets it run that long.
     pub(crate) fn rows_waiting(
@@ -133,13 +138,33 @@ impl Conn {
         deadline: Option<std::time::Instant>,
     ) -> Result<Vec<SimpleQueryMessage>, Failed> {
         let mark = self.link.begin_wait(self.generation, deadline);
-        let result = self.client.simple_query(sql);
-        self.link.end_statement(mark);
-        result.map_err(|e| classify(&self.client, e))
+        watched(&mut self.client, &self.link, mark, sql)
     }
 }
 
+/// The text of column `i` of `row`: `None` for a NULL, and for a column the row does not have
+/// (a server that answers with other columns than asked for is read, never trusted to the point
+/// of a panic).
+pub(crate) fn column(row: &SimpleQueryRow, i: usize) -> Option<&str> {
+    row.try_get(i).ok().flatten()
+}
+
+/// Runs `sql` as the statement `mark` the monitor watches, and sorts a failure into a rejected
+/// statement or a broken connection.
+#[inline(always)]
+fn watched(
+    client: &mut Client,
+    link: &Link,
+    mark: u64,
+    sql: &str,
+) -> Result<Vec<SimpleQueryMessage>, Failed> {
+    let result = client.simple_query(sql);
+    link.end_statement(mark);
+    result.map_err(|e| classify(client, e))
+}
+
 /// Sorts a failed query's error into a rejected statement or a broken connection.
+#[cold]
 fn classify(client: &Client, e: postgres::Error) -> Failed {
     if connection_failed(client, &e) {
         Failed::Broken(Error::with_source(
@@ -155,27 +180,13 @@ fn classify(client: &Client, e: postgres::Error) -> Failed {
 impl Session for Conn {
     #[inline(never)]
     fn run(&mut self, sql: &str, counts: &mut Vec<u64>) -> Result<(), Failed> {
-        let mark = self.link.begin_statement(self.generation);
-        let result = self.client.simple_query(sql);
-        self.link.end_statement(mark);
-        match result {
-            Ok(messages) => {
-                counts.clear();
-                counts.extend(messages.iter().filter_map(|m| match m {
-                    SimpleQueryMessage::CommandComplete(n) => Some(*n),
-                    _ => None,
-                }));
-                Ok(())
-            }
-            Err(e) if connection_failed(&self.client, &e) => {
-                Err(Failed::Broken(Error::with_source(
-                    ErrorKind::ConnectionLost,
-                    "the connection to the server failed",
-                    e,
-                )))
-            }
-            Err(e) => Err(Failed::Rejected(Error::from_query(e))),
-        }
+        let messages = self.rows(sql)?;
+        counts.clear();
+        counts.extend(messages.iter().filter_map(|m| match m {
+            SimpleQueryMessage::CommandComplete(n) => Some(*n),
+            _ => None,
+        }));
+        Ok(())
     }
 }
 

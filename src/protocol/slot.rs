@@ -1,4 +1,4 @@
-//! Requests to the worker, its replies, and the pool of reusable reply slots.
+//! Reply slots: how a reply reaches exactly the caller that waits for it, and never another.
 //!
 //! A caller takes a [`ReplySlot`] from the manager's pool, arms it with a fresh ticket, sends the
 //! request and waits on the slot's channel until its own deadline. The slot's state word,
@@ -44,57 +44,14 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Select, Sender};
 
-use crate::error::Error;
 use crate::key::LockKey;
-use crate::link::Lease;
-use crate::special::{Extra, Special};
-use crate::sql::{Mode, Op};
+use crate::mode::Mode;
+use crate::protocol::reply::{Orphan, Reply};
 
 const WAITING: u64 = 0;
 const CLAIMED: u64 = 1;
 const ABANDONED: u64 = 2;
 const PHASE_BITS: u32 = 2;
-
-/// One request to the worker.
-#[derive(Debug)]
-pub(crate) struct Request {
-    /// Lock or unlock.
-    pub(crate) op: Op,
-    /// Exclusive or shared.
-    pub(crate) mode: Mode,
-    /// The advisory lock it concerns.
-    pub(crate) key: LockKey,
-    /// For `Unlock` and `Check`: the connection generation that granted the hold. A worker of any
-    /// other generation answers without touching its session, whose holds are not this guard's.
-    pub(crate) generation: u64,
-    /// The manager holds (or is taking) this key exactly once: this request's own hold. Then its
-    /// statement's effect can be read back from `pg_locks` if a batch fails, so it may be batched.
-    pub(crate) sole_hold: bool,
-    /// Where the outcome goes.
-    pub(crate) reply: Ticket,
-    /// For a special request, what it asks for (`op` is then `TryLock`, and `key` its first key).
-    pub(crate) special: Option<Box<Special>>,
-}
-
-/// The worker's answer to one request.
-#[derive(Debug)]
-pub(crate) enum Reply {
-    /// `TryLock`: the session now holds the lock, under this lease.
-    Granted(Lease),
-    /// `TryLock`: another session holds it in a conflicting mode.
-    Busy,
-    /// `Unlock`: the session released one hold.
-    Released,
-    /// `Check`: the session holds the lock.
-    Held,
-    /// `Unlock`, `Check`: the session does not hold the lock (the connection that took it ended, and
-    /// the server freed it).
-    NotHeld,
-    /// The statement failed.
-    Failed(Error),
-    /// The reply to a special request (a fenced grant, a permit, an all-or-nothing grant, holders).
-    Extra(Box<Extra>),
-}
 
 /// A slot armed for one request: the slot and the ticket that request may deliver under.
 #[derive(Debug)]
@@ -195,24 +152,12 @@ pub(crate) struct LateReplies {
     spare: Vec<Late>,
 }
 
-/// One owed reply, with the lock it is about.
+/// One owed reply, with the plain lock it is about (for a grant beyond a plain one, the reply
+/// names its holds itself).
 #[derive(Debug)]
 struct Late {
     delivery: Delivery,
-    key: LockKey,
-    mode: Mode,
-}
-
-/// A grant whose caller gave up after the worker had claimed its reply: nobody will own it, so
-/// the worker releases it if its session is still the current one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Orphan {
-    /// The lock granted.
-    pub(crate) key: LockKey,
-    /// Exclusive or shared.
-    pub(crate) mode: Mode,
-    /// The connection generation that granted it.
-    pub(crate) generation: u64,
+    plain: Option<(LockKey, Mode)>,
 }
 
 impl LateReplies {
@@ -228,12 +173,8 @@ impl LateReplies {
     }
 
     /// Keeps a reply whose caller was not receiving yet.
-    pub(crate) fn push(&mut self, delivery: Delivery, key: LockKey, mode: Mode) {
-        self.owed.push(Late {
-            delivery,
-            key,
-            mode,
-        });
+    pub(crate) fn push(&mut self, delivery: Delivery, plain: Option<(LockKey, Mode)>) {
+        self.owed.push(Late { delivery, plain });
     }
 
     /// Offers every owed reply again, and moves the grants of callers that gave up to `orphans`.
@@ -242,15 +183,7 @@ impl LateReplies {
         std::mem::swap(&mut self.owed, &mut self.spare);
         for late in self.spare.drain(..) {
             if late.delivery.is_abandoned() {
-                match late.delivery.into_reply() {
-                    Reply::Granted(lease) => orphans.push(Orphan {
-                        key: late.key,
-                        mode: late.mode,
-                        generation: lease.generation,
-                    }),
-                    Reply::Extra(extra) => extra.orphans(orphans),
-                    _ => {}
-                }
+                late.delivery.into_reply().orphans(late.plain, orphans);
                 continue;
             }
             if let Err(delivery) = late.delivery.try_send(1) {
@@ -374,122 +307,5 @@ impl Ticket {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    fn soon() -> Instant {
-        Instant::now() + Duration::from_millis(200)
-    }
-
-    /// Claims and offers the reply from another thread, as the worker does, until it is taken.
-    fn deliver_from_worker(ticket: Ticket, reply: Reply) -> std::thread::JoinHandle<bool> {
-        std::thread::spawn(move || {
-            let mut delivery = match ticket.claim(reply) {
-                Ok(d) => d,
-                Err(_) => return false,
-            };
-            for _ in 0..2000 {
-                match delivery.try_send(1) {
-                    Ok(()) => return true,
-                    Err(d) => delivery = d,
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            false
-        })
-    }
-
-    #[test]
-    fn delivered_reply_reaches_the_waiting_caller() {
-        let slot = ReplySlot::new();
-        let ticket = arm(&slot);
-        let n = ticket.number();
-        let worker = deliver_from_worker(ticket, Reply::Held);
-        assert!(matches!(
-            wait(&slot, n, soon(), 0),
-            Waited::Reply(Reply::Held)
-        ));
-        assert!(worker.join().unwrap());
-    }
-
-    #[test]
-    fn a_late_hand_over_completes_when_the_caller_arrives() {
-        let slot = ReplySlot::new();
-        let ticket = arm(&slot);
-        let n = ticket.number();
-        // Nobody is receiving yet: the claim succeeds, the hand-over is late.
-        let delivery = ticket.claim(Reply::Busy).unwrap();
-        let delivery = delivery.try_send(1).unwrap_err();
-        assert!(!delivery.is_abandoned());
-        let worker = std::thread::spawn(move || {
-            let mut delivery = delivery;
-            loop {
-                match delivery.try_send(1) {
-                    Ok(()) => return,
-                    Err(d) => delivery = d,
-                }
-                std::thread::yield_now();
-            }
-        });
-        assert!(matches!(
-            wait(&slot, n, soon(), 0),
-            Waited::Reply(Reply::Busy)
-        ));
-        worker.join().unwrap();
-    }
-
-    #[test]
-    fn reply_after_the_caller_gave_up_is_handed_back() {
-        let slot = ReplySlot::new();
-        let ticket = arm(&slot);
-        assert!(matches!(
-            wait(&slot, ticket.number(), Instant::now(), 0),
-            Waited::GaveUp { in_doubt: false }
-        ));
-        assert!(matches!(ticket.claim(Reply::Held), Err(Reply::Held)));
-    }
-
-    #[test]
-    fn a_claimed_reply_the_caller_never_took_leaves_the_slot_in_doubt_and_is_handed_back() {
-        let slot = ReplySlot::new();
-        let ticket = arm(&slot);
-        let n = ticket.number();
-        let delivery = ticket.claim(Reply::Held).unwrap();
-        let delivery = delivery.try_send(1).unwrap_err();
-        // The caller arrives after its deadline: it returns at once, and says the slot is in doubt.
-        let started = Instant::now();
-        assert!(matches!(
-            wait(&slot, n, Instant::now(), 0),
-            Waited::GaveUp { in_doubt: true }
-        ));
-        assert!(started.elapsed() < Duration::from_millis(50));
-        // The worker sees the caller gone and takes its reply back.
-        assert!(delivery.is_abandoned());
-        assert!(matches!(delivery.into_reply(), Reply::Held));
-    }
-
-    #[test]
-    fn stale_ticket_never_reaches_the_next_user() {
-        let slot = ReplySlot::new();
-        let old = arm(&slot);
-        assert!(matches!(
-            wait(&slot, old.number(), Instant::now(), 0),
-            Waited::GaveUp { in_doubt: false }
-        ));
-        let new = arm(&slot);
-        let n = new.number();
-        // The old request's late reply is refused; the new one's is delivered.
-        assert!(old.claim(Reply::Held).is_err());
-        let worker = deliver_from_worker(new, Reply::Busy);
-        assert!(matches!(
-            wait(&slot, n, soon(), 0),
-            Waited::Reply(Reply::Busy)
-        ));
-        assert!(worker.join().unwrap());
-        // And a ticket that was armed but never delivered to is dead once re-armed.
-        let unused = arm(&slot);
-        let _next = arm(&slot);
-        assert!(unused.claim(Reply::Held).is_err());
-    }
-}
+#[path = "slot_tests.rs"]
+mod tests;

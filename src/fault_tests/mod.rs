@@ -14,7 +14,7 @@ use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 use postgres::{Client, NoTls};
 
-use crate::link::Site;
+use crate::protocol::link::Site;
 use crate::testing::TestCluster;
 use crate::{ErrorKind, LockKey, LockManager};
 
@@ -150,7 +150,7 @@ fn pause_caller(locks: &LockManager, thread: ThreadId) -> PausedCaller {
     let (queued_tx, queued) = crossbeam_channel::bounded(1);
     let (go, go_rx) = crossbeam_channel::bounded::<()>(1);
     let fired = AtomicBool::new(false);
-    locks.link().set_hook(Arc::new(move |site| {
+    locks.shared().link_arc().set_hook(Arc::new(move |site| {
         if site == Site::BeforeReceive
             && thread::current().id() == thread
             && !fired.swap(true, Ordering::SeqCst)
@@ -346,10 +346,10 @@ fn the_statement_that_ends_lost_backends_is_watched_like_every_other() {
     // When the new connection is about to end the lost backend, freeze the new connection's own
     // backend: that statement stalls.
     {
-        let link = Arc::clone(locks.link());
+        let link = Arc::clone(locks.shared().link_arc());
         let resume = Arc::clone(&resume);
         let fired = AtomicBool::new(false);
-        locks.link().set_hook(Arc::new(move |site| {
+        locks.shared().link_arc().set_hook(Arc::new(move |site| {
             if site == Site::BeforeEndSuspects && !fired.swap(true, Ordering::SeqCst) {
                 let backend = link.backend().expect("online");
                 resume.stop(backend.pid);
@@ -435,7 +435,8 @@ fn a_grant_racing_lock_timeout_is_a_grant_not_a_leak() {
     outside
         .execute("SELECT pg_advisory_lock($1)", &[&key.as_id().unwrap()])
         .unwrap();
-    crate::special::fault::GRANT_THEN_TIME_OUT.store(key.as_id().unwrap(), Ordering::Release);
+    crate::worker::queue_wait::fault::GRANT_THEN_TIME_OUT
+        .store(key.as_id().unwrap(), Ordering::Release);
     let waiter = {
         let locks = locks.clone();
         thread::spawn(move || locks.try_lock_for(key, Duration::from_secs(5)))
@@ -450,7 +451,7 @@ fn a_grant_racing_lock_timeout_is_a_grant_not_a_leak() {
         .expect("no error")
         .expect("the racing grant is a grant");
     assert_eq!(
-        crate::special::fault::GRANT_THEN_TIME_OUT.load(Ordering::Acquire),
+        crate::worker::queue_wait::fault::GRANT_THEN_TIME_OUT.load(Ordering::Acquire),
         0,
         "the wait statement was not the forced one"
     );

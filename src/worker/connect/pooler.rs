@@ -9,8 +9,8 @@
 //! server sessions show as a changed `pg_backend_pid()`, one shared session as a mark another
 //! client overwrote (or a mark already there when connecting).
 
-use crate::link::Backend;
-use crate::sql::{push_int4, push_int8};
+use crate::protocol::link::Backend;
+use crate::worker::sql::{push_int4, push_int8};
 
 /// The mark a manager with `salt` sets in `backend`'s session.
 pub(crate) fn session_mark(salt: u64, backend: &Backend) -> i64 {

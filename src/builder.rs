@@ -1,0 +1,299 @@
+//! `Builder`: a manager's settings, each with its default, and the ways to connect.
+
+use std::time::Duration;
+
+use crate::caller::handle::LockManager;
+use crate::error::{Error, ErrorKind, Result};
+use crate::start::{self, Options};
+use crate::worker::connect::params;
+use crate::worker::connect::tls::{SslMode, Tls};
+
+const DEFAULT_APPLICATION_NAME: &str = "distlock";
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
+const DEFAULT_MAX_LOCKS: usize = 1024;
+const DEFAULT_DEAD_HOLDER_TIMEOUT: Duration = Duration::from_secs(12);
+const DEFAULT_WAIT_CONNECTIONS: usize = 4;
+const DEFAULT_MAX_RETRY_INTERVAL: Duration = Duration::from_millis(8);
+
+impl LockManager {
+    /// Connects with default settings; `params` is a libpq `key=value` string or a `postgres://`
+    /// URL.
+    ///
+    /// Blocks until the connection is ready or the connect timeout (5 s) has passed. Equivalent to
+    /// `LockManager::builder().connect(params)`.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Config`] for parameters that do not parse, [`ErrorKind::Connect`] when the server
+    /// refuses or cannot be reached (wrong host, port, password or database), [`ErrorKind::Timeout`]
+    /// when it does not answer in time.
+    ///
+    /// ```no_run
+    /// use distlock::{ErrorKind, LockManager};
+    ///
+    /// let locks = LockManager::connect("host=localhost user=postgres")?;
+    /// let err = LockManager::connect("host=localhost port=notaport").unwrap_err();
+    /// assert_eq!(err.kind(), ErrorKind::Config);
+    /// # Ok::<(), distlock::Error>(())
+    /// ```
+    pub fn connect(params: &str) -> Result<LockManager> {
+        Builder::default().connect(params)
+    }
+
+    /// A builder for a manager with non-default settings.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+}
+
+/// Settings for a [`LockManager`], taken by value and consumed by `connect`.
+///
+/// ```no_run
+/// use std::time::Duration;
+///
+/// let locks = distlock::LockManager::builder()
+///     .application_name("billing-cron")
+///     .connect_timeout(Duration::from_secs(2))
+///     .connect("postgres://locker@db.internal/app")?;
+/// # Ok::<(), distlock::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct Builder {
+    options: Options,
+}
+
+impl Default for Builder {
+    fn default() -> Builder {
+        Builder {
+            options: Options {
+                application_name: DEFAULT_APPLICATION_NAME.to_owned(),
+                connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+                request_timeout: DEFAULT_REQUEST_TIMEOUT,
+                max_locks: DEFAULT_MAX_LOCKS,
+                max_retry_interval: DEFAULT_MAX_RETRY_INTERVAL,
+                heartbeat: DEFAULT_HEARTBEAT,
+                spin_wait: false,
+                tls: Tls::new(),
+                allow_standby: false,
+                dead_holder_timeout: DEFAULT_DEAD_HOLDER_TIMEOUT,
+                wait_connections: DEFAULT_WAIT_CONNECTIONS,
+            },
+        }
+    }
+}
+
+impl Builder {
+    /// The `application_name` of the connection, shown in `pg_stat_activity` next to the locks it
+    /// holds. Overrides one given in the connection parameters.
+    ///
+    /// Defaults to `"distlock"`.
+    pub fn application_name(mut self, name: &str) -> Builder {
+        name.clone_into(&mut self.options.application_name);
+        self
+    }
+
+    /// How long `connect` waits for the connection to be ready, all steps together (TCP, TLS-less
+    /// start-up, authentication).
+    ///
+    /// Defaults to 5 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Builder {
+        self.options.connect_timeout = timeout;
+        self
+    }
+
+    /// How long a call waits for the worker to answer one request: a single try of a lock, a
+    /// release, or an [`LockGuard::ensure_held`]. A call that passes it fails with
+    /// [`ErrorKind::Timeout`].
+    ///
+    /// It also bounds how long the manager stays behind a stalled connection: when one statement has
+    /// run for longer than this or than half of [`Builder::dead_holder_timeout`], whichever is
+    /// shorter (but at least 100 ms), the connection is declared lost, its locks are reported lost,
+    /// and a new connection takes over.
+    ///
+    /// Defaults to 10 s.
+    pub fn request_timeout(mut self, timeout: Duration) -> Builder {
+        self.options.request_timeout = timeout;
+        self
+    }
+
+    /// The most locks the manager holds at once (each shared holder counts); a try past it fails with
+    /// [`ErrorKind::TooManyLocks`]. Every held lock takes a slot in the server's shared lock table
+    /// (`max_locks_per_transaction × max_connections` slots), which a runaway caller could exhaust for
+    /// the whole server.
+    ///
+    /// Defaults to 1024.
+    pub fn max_locks(mut self, max: usize) -> Builder {
+        self.options.max_locks = max;
+        self
+    }
+
+    /// How long the connection may sit idle before the worker checks it with an empty query.
+    ///
+    /// A session lock lives exactly as long as its connection, and the client does not notice a
+    /// connection killed on the server side until it next talks to it; the heartbeat bounds how long a
+    /// loss can go unnoticed (one heartbeat plus a round trip). A busy connection needs no heartbeat:
+    /// every request proves it alive. Values down to 10 ms work; each check costs the server one
+    /// round trip.
+    ///
+    /// Defaults to 1 s.
+    pub fn heartbeat(mut self, interval: Duration) -> Builder {
+        self.options.heartbeat = interval;
+        self
+    }
+
+    /// The longest pause between two tries while waiting for a lock held by another session
+    /// (`lock`, `try_lock_for` and the shared forms). Pauses start at 1 ms and double up to this cap,
+    /// each with random jitter. A larger cap puts less load on the server while many callers wait;
+    /// a smaller one notices a release by another process sooner. A release by a guard of this
+    /// same manager wakes its waiters at once, whatever the cap.
+    ///
+    /// Defaults to 8 ms: a release by another process is seen within about 8 ms plus a round trip.
+    pub fn max_retry_interval(mut self, interval: Duration) -> Builder {
+        self.options.max_retry_interval = interval;
+        self
+    }
+
+    /// How many extra connections the manager may open to wait in PostgreSQL's own lock queue
+    /// (`lock`, `try_lock_for`, their shared and fenced forms, `lock_all`, `try_lock_all_for`).
+    ///
+    /// Waiting there is fair and fast: PostgreSQL grants a released lock to the session that has
+    /// waited longest, across every process and host, straight from the release, and a try
+    /// cannot barge past a queued waiter. A waiting call first tries once on the manager's own
+    /// connection; if the lock is held, it waits on one of these connections, which then holds
+    /// the lock for its guard (an ordinary guard: released on drop, loss announced,
+    /// `ensure_held`). The connections are opened when first needed, serve one wait (and its
+    /// guards) at a time, and close after 10 s unused; a call that finds all of them busy waits
+    /// for one, in arrival order. They use this builder's settings, application name included.
+    /// When one cannot be opened (the server's or the role's connection limit, say), that call
+    /// waits by polling instead.
+    ///
+    /// `0` waits by polling on the manager's own connection instead (see
+    /// [`Builder::max_retry_interval`]): no extra connection, but a release by another process is
+    /// noticed up to a backoff later, and callers are served in no particular order. Semaphore
+    /// permits always wait by polling.
+    ///
+    /// Defaults to 4.
+    pub fn wait_connections(mut self, connections: usize) -> Builder {
+        self.options.wait_connections = connections;
+        self
+    }
+
+    /// Whether a call that is the manager's only one in flight spins on its CPU for its reply,
+    /// for up to about a millisecond, before it sleeps.
+    ///
+    /// Sleeping costs two thread wake-ups a round trip; spinning saves them, which lowers the
+    /// latency of one thread's calls (measured: a lock+unlock cycle's median well below the raw
+    /// client's, see the README's Performance section), at a price: a CPU is busy while the call
+    /// waits, the slowest calls get slower, and each call does several times the CPU work. Calls
+    /// made while another is in flight never spin, so many threads do not burn the CPUs; on a
+    /// machine with one CPU nobody spins.
+    ///
+    /// Defaults to `false`.
+    pub fn spin_wait(mut self, spin: bool) -> Builder {
+        self.options.spin_wait = spin;
+        self
+    }
+
+    /// Connects; `params` is a libpq `key=value` string or a `postgres://` URL.
+    ///
+    /// # Errors
+    ///
+    /// As for [`LockManager::connect`].
+    pub fn connect(self, params: &str) -> Result<LockManager> {
+        if params.trim().is_empty() {
+            // libpq would try the default socket as the OS user; an empty string is far more
+            // often a variable that was never set.
+            return Err(Error::new(
+                ErrorKind::Config,
+                "no connection parameters given (an empty string)",
+            ));
+        }
+        let (config, tls) = Tls::parse_params(params)?;
+        let tls = self.options.tls.overridden_by(&tls);
+        start::start(self.options, config, tls)
+    }
+
+    /// How long the server keeps the locks of a holder whose host vanished — lost power or its
+    /// network, with no FIN or RST to end its connections.
+    ///
+    /// The server notices a silent client only through TCP keepalives, after about two hours with
+    /// the kernel's defaults, and every other host waits that long. Each lock session therefore
+    /// sets the server's `tcp_keepalives_idle`, `tcp_keepalives_interval`, `tcp_keepalives_count`
+    /// and `tcp_user_timeout` for itself (any role may) so that the server ends a silent session,
+    /// and frees its locks, within this bound (half of it idle, the rest in unanswered probes).
+    /// The holder's own side learns of the loss sooner: a heartbeat or statement that gets no
+    /// answer within half the bound (or the request timeout, if shorter) declares the connection
+    /// lost, so a holder cut off from the server is told before anyone else can take its locks.
+    /// Over a unix-domain socket there is no TCP, and nothing to set.
+    ///
+    /// Whole seconds, at least 2; longer than 24 days leaves the server's settings alone.
+    /// Measured: see the README's Performance section.
+    ///
+    /// Defaults to 12 s.
+    pub fn dead_holder_timeout(mut self, timeout: Duration) -> Builder {
+        self.options.dead_holder_timeout = timeout;
+        self
+    }
+
+    /// Whether a standby may serve locks. Advisory locks work on a hot standby but are local to
+    /// it — never replicated — so locks taken on a read replica exclude nobody on the primary or on
+    /// other replicas. By default every connection and reconnection checks `pg_is_in_recovery()`
+    /// and refuses a standby with [`ErrorKind::Connect`] (the message says "standby"); with several
+    /// hosts, `target_session_attrs=read-write` makes the client skip standbys by itself. Allow it
+    /// only when every process that contends for the locks uses that same standby.
+    ///
+    /// Defaults to `false`.
+    pub fn allow_standby(mut self, allow: bool) -> Builder {
+        self.options.allow_standby = allow;
+        self
+    }
+
+    /// TLS settings (libpq's `sslmode`, `sslrootcert`, `sslcert`, `sslkey`) for connections whose
+    /// parameters do not say otherwise; see [`Tls`] and the crate docs' "TLS".
+    ///
+    /// Defaults to `sslmode=prefer` with no root certificate, as libpq.
+    pub fn tls(mut self, tls: Tls) -> Builder {
+        self.options.tls = tls;
+        self
+    }
+
+    /// Connects with a ready `postgres::Config`; the builder's settings are applied on top of it.
+    ///
+    /// # Errors
+    ///
+    /// As for [`LockManager::connect`].
+    pub fn connect_config(self, config: postgres::Config) -> Result<LockManager> {
+        // The client's own setting (disable, prefer or require) unless the builder says more.
+        let mode = match config.get_ssl_mode() {
+            postgres::config::SslMode::Disable => SslMode::Disable,
+            postgres::config::SslMode::Require => SslMode::Require,
+            _ => SslMode::Prefer,
+        };
+        let tls = Tls::new().mode(mode).overridden_by(&self.options.tls);
+        start::start(self.options, config, tls)
+    }
+
+    /// Checks `config` and this builder's settings as [`Builder::connect_config`] does, without
+    /// connecting: a host list the client could not use, or a zero connect timeout, request
+    /// timeout or heartbeat.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Config`], saying what is wrong.
+    ///
+    /// ```
+    /// use std::str::FromStr;
+    /// use distlock::{ErrorKind, LockManager};
+    ///
+    /// let config = postgres::Config::from_str("host=a,b,c port=5432,5433")?;
+    /// let err = LockManager::builder().check(&config).unwrap_err();
+    /// assert_eq!(err.kind(), ErrorKind::Config);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn check(&self, config: &postgres::Config) -> Result<()> {
+        self.options.check_settings()?;
+        params::check_hosts(config)
+    }
+}

@@ -1,0 +1,160 @@
+//! Waiting for a lock: in PostgreSQL's own lock queue on a waiting connection, or by polling.
+//!
+//! PostgreSQL queues the sessions that block in `pg_advisory_lock` in arrival order and hands a
+//! released lock straight to the first of them; a non-blocking try cannot barge past a queued
+//! waiter. So a caller that must wait first tries once on the manager's connection, and if the
+//! lock is held, waits in the queue on a *waiting connection* (see [`crate::caller::pool`]): the
+//! connection of a manager of its own (its own worker, monitor, heartbeat and loss signal), so
+//! that the manager's connection never blocks. The lock is then held by that connection's
+//! session and its guard is an ordinary guard of that manager (drop releases it before
+//! returning, loss is announced, `ensure_held` works, generations protect it), which also keeps
+//! the keys reserved in the caller's manager until it is gone.
+//!
+//! A manager without waiting connections, or one that cannot open any (a connection limit),
+//! polls instead ([`poll_until`]).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::backoff::Backoff;
+use crate::caller::acquire::{self, FIRST_RETRY, Wanted, guards, pause_end, poll_until, try_once};
+use crate::caller::guard::{Borrowed, LockGuard};
+use crate::caller::pool::Taken;
+use crate::caller::shared::{Shared, Waits};
+use crate::clock::deadline_in;
+use crate::error::{Error, ErrorKind, Result};
+use crate::protocol::request::{Fencing, Special, Wait};
+
+/// Waits for `wanted` until `deadline` (`None`: no deadline): in the lock queue when the manager
+/// has waiting connections, else by polling.
+pub(crate) fn wait(
+    shared: &Arc<Shared>,
+    wanted: Wanted<'_>,
+    deadline: Option<Instant>,
+) -> Result<Option<Vec<LockGuard>>> {
+    match shared.waits() {
+        Some(pool) => wait_in_queue(shared, pool, wanted, deadline),
+        None => poll_until(shared, deadline, &wanted, |d| try_once(shared, wanted, d)),
+    }
+}
+
+/// How a wait in the queue ended: done, or no waiting connection to be had (poll instead).
+enum Queued {
+    Done(Result<Option<Vec<LockGuard>>>),
+    Poll,
+}
+
+/// One try on the manager's own connection, then a wait in the lock queue.
+fn wait_in_queue(
+    shared: &Arc<Shared>,
+    pool: &Arc<Waits>,
+    wanted: Wanted<'_>,
+    deadline: Option<Instant>,
+) -> Result<Option<Vec<LockGuard>>> {
+    let failing = match try_once(shared, wanted, shared.request_deadline()) {
+        Ok(Some(guards)) => return Ok(Some(guards)),
+        Ok(None) => None,
+        Err(e) if e.is_transient() => Some(e),
+        Err(e) => return Err(e),
+    };
+    let (keys, mode) = (wanted.keys(), wanted.mode());
+    // Reserved in this manager's table for the whole wait, as a try reserves: threads of this
+    // manager exclude each other here (lost guards included) before anyone queues.
+    if !shared.reserve_all_until(keys, mode, deadline)? {
+        return failing.map_or(Ok(None), Err);
+    }
+    let queued = queue_for(shared, pool, wanted, deadline, failing);
+    if !matches!(queued, Queued::Done(Ok(Some(_)))) {
+        shared.unreserve(keys, mode);
+    }
+    match queued {
+        Queued::Done(result) => result,
+        // No waiting connection can be opened (the server's connection limit, say): poll on
+        // the manager's own connection instead, which is still there.
+        Queued::Poll => poll_until(shared, deadline, &wanted, |d| try_once(shared, wanted, d)),
+    }
+}
+
+/// The queue wait of [`wait_in_queue`], keys reserved: on one waiting connection after another
+/// while they fail, within the deadline.
+fn queue_for(
+    shared: &Arc<Shared>,
+    pool: &Arc<Waits>,
+    wanted: Wanted<'_>,
+    deadline: Option<Instant>,
+    mut failing: Option<Error>,
+) -> Queued {
+    let mut backoff = Backoff::new(FIRST_RETRY, shared.settings().max_retry_interval);
+    loop {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Queued::Done(failing.map_or(Ok(None), Err));
+        }
+        let taken = match pool.take(deadline) {
+            Ok(Some(taken)) => Arc::new(taken),
+            Ok(None) => return Queued::Done(failing.map_or(Ok(None), Err)),
+            Err(e) if fails_everywhere(&e) => return Queued::Done(Err(e)),
+            Err(e) => {
+                log::warn!("distlock: waiting by polling: no waiting connection: {e}");
+                return Queued::Poll;
+            }
+        };
+        match wait_on(&taken, wanted, deadline) {
+            Ok(Some(guards)) => {
+                let borrowed = |guard: LockGuard| {
+                    guard.borrowed_from(Borrowed {
+                        main: Arc::clone(shared),
+                        _conn: Arc::clone(&taken),
+                    })
+                };
+                return Queued::Done(Ok(Some(guards.into_iter().map(borrowed).collect())));
+            }
+            Ok(None) => return Queued::Done(Ok(None)),
+            // That connection failed (or is reconnecting): wait again on another.
+            Err(e) if e.is_transient() => {
+                failing = Some(e);
+                drop(taken);
+                let until = pause_end(backoff.next_pause(), deadline);
+                std::thread::sleep(until.saturating_duration_since(Instant::now()));
+            }
+            Err(e) => return Queued::Done(Err(e)),
+        }
+    }
+}
+
+/// On the waiting connection `taken`: waits for `wanted` in the lock queue until `deadline`.
+fn wait_on(
+    taken: &Taken<Arc<Shared>>,
+    wanted: Wanted<'_>,
+    deadline: Option<Instant>,
+) -> Result<Option<Vec<LockGuard>>> {
+    let Some(conn) = taken.conn() else {
+        return Ok(None);
+    };
+    let fencing = match wanted {
+        Wanted::Fenced(_) => Fencing::Token,
+        Wanted::One(..) | Wanted::All(_) => Fencing::NoToken,
+    };
+    let wait = Wait {
+        keys: wanted.keys().to_vec(),
+        mode: wanted.mode(),
+        fencing,
+        deadline,
+    };
+    // The server ends the wait at the deadline; the reply may take a request timeout more.
+    let reply_deadline = deadline
+        .and_then(|d| d.checked_add(conn.request_timeout()))
+        .unwrap_or_else(|| deadline_in(Duration::MAX));
+    acquire::acquire(
+        conn,
+        wanted.keys(),
+        wanted.mode(),
+        |_| conn.round_trip_special(Special::Wait(wait), reply_deadline),
+        |reply| guards(conn, reply),
+    )
+}
+
+/// True when `e`, from opening a waiting connection, would fail the manager's own connection
+/// too (bad settings, a pooler), so that waiting by polling instead gains nothing.
+fn fails_everywhere(e: &Error) -> bool {
+    matches!(e.kind(), ErrorKind::Config | ErrorKind::Pooler)
+}

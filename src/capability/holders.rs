@@ -1,0 +1,40 @@
+//! Who holds a lock: `pg_locks` joined with `pg_stat_activity`, in one statement on the
+//! manager's connection.
+
+use crate::caller::handle::LockManager;
+use crate::error::{Error, Result};
+use crate::holder::Holder;
+use crate::key::LockKey;
+use crate::protocol::reply::Reply;
+use crate::protocol::request::Special;
+
+impl LockManager {
+    /// The sessions that hold or wait for `key`, from `pg_locks` joined with
+    /// `pg_stat_activity`: granted holders first, then waiters, each by pid. This manager's own
+    /// session is among them when it holds the key.
+    ///
+    /// What a role sees: every session's locks, pid and application name; the client address
+    /// and backend start only of sessions of its own role, unless it is a member of
+    /// `pg_read_all_stats` (see [`Holder`]). One round trip on the manager's connection, bounded
+    /// by the request timeout.
+    ///
+    /// # Errors
+    ///
+    /// As for [`LockManager::try_lock`].
+    ///
+    /// ```no_run
+    /// # let locks = distlock::LockManager::connect("host=localhost user=postgres")?;
+    /// for holder in locks.holders("nightly-report")? {
+    ///     println!("{} ({:?})", holder.pid(), holder.application_name());
+    /// }
+    /// # Ok::<(), distlock::Error>(())
+    /// ```
+    pub fn holders(&self, key: impl Into<LockKey>) -> Result<Vec<Holder>> {
+        let shared = self.shared();
+        shared.check_online()?;
+        match shared.round_trip_special(Special::Holders(key.into()), shared.request_deadline())? {
+            Reply::Holders(holders) => Ok(holders),
+            other => Err(Error::unexpected(&other)),
+        }
+    }
+}

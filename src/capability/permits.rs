@@ -1,0 +1,197 @@
+//! Semaphores: at most `permits` holders at once across every process and host, with no DDL.
+//! Each permit is a slot, a lock of its own ([`LockKey::permit_slot`]); a try takes the first
+//! free slot in one statement, skipping slots its own session holds. Waiters queue for the
+//! semaphore's turnstile, a lock of its own, in PostgreSQL's lock queue; its holder alone tries
+//! the slots. Built on the caller side's acquire and waiting paths.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::caller::acquire::{self, Wanted, poll_until};
+use crate::caller::guard::LockGuard;
+use crate::caller::handle::LockManager;
+use crate::caller::shared::{Call, Shared};
+use crate::caller::table::Reservation;
+use crate::caller::waiting;
+use crate::clock::deadline_in;
+use crate::error::{Error, ErrorKind, Result};
+use crate::key::LockKey;
+use crate::mode::Mode;
+use crate::protocol::reply::Reply;
+use crate::protocol::request::{MAX_PERMITS, Op, Special};
+
+/// The slot number of a semaphore's turnstile, the lock its waiters queue for (never a permit:
+/// a semaphore has at most [`MAX_PERMITS`] slots).
+const TURNSTILE_SLOT: u32 = LockKey::TURNSTILE_SLOT;
+
+/// The pause between two tries of the slots by the turnstile's holder: a freed permit is taken
+/// within about this much plus a round trip, at one statement per pause and semaphore.
+const TURNSTILE_PAUSE: Duration = Duration::from_micros(500);
+
+impl LockManager {
+    /// Tries once to take one of `permits` permits of the semaphore `key`, without waiting.
+    ///
+    /// A semaphore lets at most `permits` holders in at once, across every process and host:
+    /// each permit is a slot, an advisory lock of its own, and a try takes the first free slot
+    /// in one statement (one round trip). `Ok(None)` when all `permits` slots are held. Every
+    /// caller of one semaphore must pass the same `permits`: a caller that passes more may use
+    /// slots the others never look at. The guard releases the permit like any lock guard, and a
+    /// lost permit frees its slot with its connection.
+    ///
+    /// Semaphore slots are two-int keys: the first int folds `key`, the second is
+    /// `i32::MIN + slot`. Keep your own two-int keys out of that range.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Config`] when `permits` is 0 or more than 10,000; otherwise as for
+    /// [`LockManager::try_lock`].
+    ///
+    /// ```no_run
+    /// # let locks = distlock::LockManager::connect("host=localhost user=postgres")?;
+    /// // At most 4 exports at once, fleet-wide.
+    /// if let Some(_permit) = locks.try_acquire_permit("exports", 4)? {
+    ///     // export
+    /// }
+    /// # Ok::<(), distlock::Error>(())
+    /// ```
+    pub fn try_acquire_permit(
+        &self,
+        key: impl Into<LockKey>,
+        permits: u32,
+    ) -> Result<Option<LockGuard>> {
+        let key = key.into();
+        check_permits(permits)?;
+        try_permit(
+            self.shared(),
+            key,
+            permits,
+            self.shared().request_deadline(),
+        )
+    }
+
+    /// Takes one of `permits` permits of the semaphore `key`, waiting up to `timeout` for one.
+    ///
+    /// # Errors
+    ///
+    /// As for [`LockManager::try_acquire_permit`].
+    pub fn try_acquire_permit_for(
+        &self,
+        key: impl Into<LockKey>,
+        permits: u32,
+        timeout: Duration,
+    ) -> Result<Option<LockGuard>> {
+        let key = key.into();
+        check_permits(permits)?;
+        wait_permit(self.shared(), key, permits, Some(deadline_in(timeout)))
+    }
+
+    /// Takes one of `permits` permits of the semaphore `key`, waiting for as long as all are held.
+    ///
+    /// # Errors
+    ///
+    /// As for [`LockManager::try_acquire_permit`] and [`LockManager::lock`].
+    pub fn acquire_permit(&self, key: impl Into<LockKey>, permits: u32) -> Result<LockGuard> {
+        let key = key.into();
+        check_permits(permits)?;
+        acquire::without_deadline(wait_permit(self.shared(), key, permits, None))
+    }
+}
+
+fn check_permits(permits: u32) -> Result<()> {
+    if permits == 0 || permits > MAX_PERMITS {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!("a semaphore has 1 to {MAX_PERMITS} permits, not {permits}"),
+        ));
+    }
+    Ok(())
+}
+
+/// One try of a free slot of the semaphore `key`.
+fn try_permit(
+    shared: &Arc<Shared>,
+    key: LockKey,
+    permits: u32,
+    deadline: Instant,
+) -> Result<Option<LockGuard>> {
+    shared.check_online()?;
+    if shared.held() >= shared.settings().max_locks {
+        return Err(Error::too_many_locks());
+    }
+    let reply = shared.round_trip_special(Special::Permit { key, permits }, deadline)?;
+    let grant = match reply {
+        Reply::Grant(grant) => grant,
+        Reply::Busy => return Ok(None),
+        other => return Err(Error::unexpected(&other)),
+    };
+    let Some(&slot) = grant.held.first() else {
+        return Err(Error::unexpected(&grant));
+    };
+    // The server skipped the slots this session holds, so the slot is new to the table too:
+    // only known now, it is reserved after the grant.
+    match shared.reserve_all_unbounded(std::slice::from_ref(&slot), Mode::Exclusive) {
+        Reservation::Reserved { .. } => Ok(Some(LockGuard::new(
+            Arc::clone(shared),
+            slot,
+            Mode::Exclusive,
+            grant.lease.clone(),
+            None,
+        ))),
+        // A thread of this manager is taking the slot's key itself, with `try_lock`: the
+        // grant stacked on its hold. Give this one back.
+        Reservation::Conflict | Reservation::Full => {
+            shared.round_trip(Call {
+                op: Op::Unlock,
+                mode: Mode::Exclusive,
+                key: slot,
+                generation: grant.lease.generation,
+                sole_hold: false,
+                deadline: shared.request_deadline(),
+            })?;
+            Ok(None)
+        }
+    }
+}
+
+/// A permit within `deadline`. With waiting connections, waiters of the semaphore queue in
+/// arrival order for its turnstile in PostgreSQL's lock queue; the one holding it alone tries
+/// the slots, a try every [`TURNSTILE_PAUSE`], until one is free, then passes the turnstile
+/// on. Without, every waiter polls.
+fn wait_permit(
+    shared: &Arc<Shared>,
+    key: LockKey,
+    permits: u32,
+    deadline: Option<Instant>,
+) -> Result<Option<LockGuard>> {
+    if shared.waits().is_none() {
+        return poll_until(shared, deadline, &key, |d| {
+            try_permit(shared, key, permits, d)
+        });
+    }
+    match try_permit(shared, key, permits, shared.request_deadline()) {
+        Ok(Some(permit)) => return Ok(Some(permit)),
+        Ok(None) => {}
+        Err(e) if e.is_transient() => {}
+        Err(e) => return Err(e),
+    }
+    let turnstile = Wanted::One(key.permit_slot(TURNSTILE_SLOT), Mode::Exclusive);
+    let Some(turn) = waiting::wait(shared, turnstile, deadline)? else {
+        return Ok(None);
+    };
+    let permit = loop {
+        let failing = match try_permit(shared, key, permits, shared.request_deadline()) {
+            Ok(Some(permit)) => break Ok(Some(permit)),
+            Ok(None) => None,
+            Err(e) if e.is_transient() => Some(e),
+            Err(e) => break Err(e),
+        };
+        let now = Instant::now();
+        if deadline.is_some_and(|d| now >= d) {
+            break failing.map_or(Ok(None), Err);
+        }
+        let until = acquire::pause_end(TURNSTILE_PAUSE, deadline);
+        std::thread::sleep(until.saturating_duration_since(now));
+    };
+    drop(turn);
+    permit
+}

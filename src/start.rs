@@ -1,0 +1,200 @@
+//! Starting a manager: the worker side (the worker thread with its connection, and the monitor)
+//! and the caller side (the shared state every handle and guard keeps), joined by the request
+//! queue; and, opened later and only when needed, its waiting connections, each a manager of its
+//! own started the same way.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::caller::acquire::FIRST_RETRY;
+use crate::caller::handle::LockManager;
+use crate::caller::pool::{IDLE_CLOSE, Open, WaitPool};
+use crate::caller::shared::{Settings, Shared, Waits};
+use crate::error::{Error, ErrorKind, Result};
+use crate::protocol::link::Link;
+use crate::protocol::slot::SPIN_HAND_OVER_TURNS;
+use crate::worker::connect::tls::{self, Tls};
+use crate::worker::connect::{Connector, params};
+use crate::worker::sql::ServerKeepalive;
+use crate::worker::{self, Spec, monitor};
+
+/// Requests that may queue for the worker before senders wait (within their own bound).
+const QUEUE_CAPACITY: usize = 1024;
+/// How long a lone caller spins for its reply with `Builder::spin_wait`: about a millisecond, a few
+/// round trips to a nearby server.
+const SPIN_TURNS: u32 = 20_000;
+/// The shortest heartbeat; shorter settings are raised to it.
+const MIN_HEARTBEAT: Duration = Duration::from_millis(1);
+/// The largest TCP user timeout Linux accepts (`i32::MAX` milliseconds).
+const MAX_TCP_USER_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
+
+/// A manager's settings, as the builder collected them (its docs say what each means).
+#[derive(Debug, Clone)]
+pub(crate) struct Options {
+    pub(crate) application_name: String,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) request_timeout: Duration,
+    pub(crate) max_locks: usize,
+    pub(crate) max_retry_interval: Duration,
+    pub(crate) heartbeat: Duration,
+    pub(crate) spin_wait: bool,
+    pub(crate) tls: Tls,
+    pub(crate) allow_standby: bool,
+    pub(crate) dead_holder_timeout: Duration,
+    pub(crate) wait_connections: usize,
+}
+
+/// Connects with `config` and `tls` as given, the builder's settings applied on top, and starts
+/// both sides of the manager.
+pub(crate) fn start(
+    options: Options,
+    mut config: postgres::Config,
+    tls: Tls,
+) -> Result<LockManager> {
+    let waits = waiting_connections(&options, &config, &tls);
+    params::libpq_defaults(&mut config)?;
+    options.check_settings()?;
+    params::check_hosts(&config)?;
+    let connector = tls.connector(&mut config)?;
+    apply_settings(&options, &mut config);
+    let spin_turns = spin_turns(options.spin_wait);
+    let (requests, queue) = crossbeam_channel::bounded(QUEUE_CAPACITY);
+    let (shutdown, shutdown_rx) = crossbeam_channel::bounded(0);
+    let link = Arc::new(Link::new());
+    let spec = Spec {
+        connector: Arc::new(worker_connector(&options, config, connector)),
+        requests: queue,
+        link: Arc::clone(&link),
+        heartbeat: options.heartbeat.max(MIN_HEARTBEAT),
+        // The holder must learn of a loss before the server frees its locks: a silent
+        // connection is given up within half the dead-holder bound, if that is sooner than
+        // the request timeout.
+        stall_limit: options.request_timeout.min(options.dead_holder_timeout / 2),
+        hand_over_turns: if spin_turns == 0 {
+            1
+        } else {
+            SPIN_HAND_OVER_TURNS
+        },
+    };
+    start_worker(spec.clone(), options.connect_timeout)?;
+    monitor::start(spec, shutdown_rx).map_err(spawn_error)?;
+    let settings = Settings {
+        request_timeout: options.request_timeout,
+        max_locks: options.max_locks,
+        max_retry_interval: options.max_retry_interval.max(FIRST_RETRY),
+        spin_turns,
+    };
+    let shared = Shared::new(requests, link, shutdown, settings, waits);
+    Ok(LockManager::from_shared(shared))
+}
+
+/// The waiting connections of a manager built by `builder` (none with `wait_connections(0)`):
+/// each a manager of its own, with the same settings and no waiting connections of its own.
+fn waiting_connections(options: &Options, config: &postgres::Config, tls: &Tls) -> Option<Waits> {
+    if options.wait_connections == 0 {
+        return None;
+    }
+    let one = Options {
+        wait_connections: 0,
+        ..options.clone()
+    };
+    let (config, tls) = (config.clone(), tls.clone());
+    let open: Open<Arc<Shared>> = Box::new(move || {
+        let manager = start(one.clone(), config.clone(), tls.clone())?;
+        Ok(Arc::clone(manager.shared()))
+    });
+    let usable = |shared: &Arc<Shared>| shared.link().is_online();
+    Some(WaitPool::new(
+        open,
+        usable,
+        options.wait_connections,
+        IDLE_CLOSE,
+    ))
+}
+
+/// The client settings every lock connection uses.
+fn apply_settings(options: &Options, config: &mut postgres::Config) {
+    // TCP keepalives find a peer that vanished while the connection idles between heartbeats
+    // (a host that died, a NAT that forgot us); the user timeout bounds how long unacknowledged
+    // data may wait on a silent network before the socket fails. Linux takes at most
+    // `i32::MAX` ms there (a larger value fails the connect), so a longer request timeout
+    // saturates at that.
+    config
+        .application_name(&options.application_name)
+        .connect_timeout(options.connect_timeout)
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(5))
+        .keepalives_interval(Duration::from_secs(1))
+        .keepalives_retries(5)
+        .tcp_user_timeout(
+            Duration::from_secs(30)
+                .max(options.request_timeout)
+                .min(MAX_TCP_USER_TIMEOUT),
+        );
+}
+
+/// The turns a lone caller spins for its reply: none unless asked for, and none on one CPU.
+fn spin_turns(spin_wait: bool) -> u32 {
+    if spin_wait && std::thread::available_parallelism().is_ok_and(|n| n.get() > 1) {
+        SPIN_TURNS
+    } else {
+        0
+    }
+}
+
+/// The worker's connector: how it connects, and what it sets up in every lock session.
+fn worker_connector(
+    options: &Options,
+    config: postgres::Config,
+    connector: tls::Connector,
+) -> Connector {
+    // Past 24 days (or never), the server's own keepalive settings are left alone.
+    let keepalive = (options.dead_holder_timeout <= MAX_TCP_USER_TIMEOUT)
+        .then(|| ServerKeepalive::within(options.dead_holder_timeout));
+    Connector::new(
+        config,
+        connector,
+        options.connect_timeout,
+        options.allow_standby,
+        keepalive,
+    )
+}
+
+/// Starts the worker and waits for its first connection, within the connect timeout.
+fn start_worker(spec: Spec, connect_timeout: Duration) -> Result<()> {
+    let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
+    worker::start_first(spec, ready_tx).map_err(spawn_error)?;
+    // The worker bounds the attempt by the connect timeout; the margin only covers the hand-off.
+    match ready_rx.recv_timeout(connect_timeout.saturating_add(Duration::from_secs(1))) {
+        Ok(result) => result,
+        Err(_) => Err(Error::timeout("timed out connecting to the server")),
+    }
+}
+
+impl Options {
+    /// Rejects settings that cannot work, before anything is started.
+    pub(crate) fn check_settings(&self) -> Result<()> {
+        for (name, value) in [
+            ("connect_timeout", self.connect_timeout),
+            ("request_timeout", self.request_timeout),
+            ("heartbeat", self.heartbeat),
+            ("dead_holder_timeout", self.dead_holder_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!("{name} must be longer than zero"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn spawn_error(e: std::io::Error) -> Error {
+    Error::with_source(
+        ErrorKind::Io,
+        "could not spawn the lock manager's threads",
+        e,
+    )
+}

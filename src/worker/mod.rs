@@ -1,0 +1,368 @@
+//! The thread that owns the `postgres::Client`: it serves requests, checks the connection while
+//! idle, and reconnects after a loss.
+//!
+//! One worker serves at a time. If its connection stalls inside a statement, the monitor
+//! ([`crate::worker::monitor`]) declares the generation lost and starts a replacement on the same queue;
+//! the stalled worker, if it ever wakes, sees that it is no longer current and exits.
+
+use std::io;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Sender, TryRecvError};
+use postgres::Client;
+
+use crate::backoff::Backoff;
+use crate::error::{Error, ErrorKind};
+use crate::protocol::link::{Backend, Lease, Link};
+use crate::protocol::reply::Orphan;
+use crate::protocol::request::Request;
+use crate::protocol::slot::LateReplies;
+use crate::worker::batch::{Batch, MAX_BATCH};
+use crate::worker::connect::Connector;
+use crate::worker::session::{Conn, Query};
+
+pub(crate) mod batch;
+pub(crate) mod connect;
+mod fencing;
+pub(crate) mod monitor;
+pub(crate) mod queue_wait;
+pub(crate) mod readback;
+pub(crate) mod requests;
+mod respond;
+pub(crate) mod session;
+pub(crate) mod sql;
+
+/// The first and the largest pause between two reconnect attempts.
+const FIRST_RECONNECT: Duration = Duration::from_millis(50);
+const MAX_RECONNECT: Duration = Duration::from_secs(1);
+
+/// Everything a worker needs; the monitor keeps a copy to start a replacement.
+#[derive(Clone)]
+pub(crate) struct Spec {
+    /// Makes connections, one attempt at a time, shared by every worker of the manager.
+    pub(crate) connector: Arc<Connector>,
+    /// The manager's queue, shared with any replacement.
+    pub(crate) requests: crossbeam_channel::Receiver<Request>,
+    /// The connection state shared with callers, guards and the monitor.
+    pub(crate) link: Arc<Link>,
+    /// Idle time after which the worker checks its connection.
+    pub(crate) heartbeat: Duration,
+    /// How long a heartbeat or statement may go unanswered before the connection is given up:
+    /// the request timeout, or half the dead-holder bound if that is shorter.
+    pub(crate) stall_limit: Duration,
+    /// How many times a reply is offered before it is kept for later (more when callers spin).
+    pub(crate) hand_over_turns: u32,
+}
+
+/// How a connection's service ended.
+enum End {
+    /// Every handle and guard is gone.
+    ManagerGone,
+    /// The connection failed; reconnect.
+    Lost,
+    /// The monitor declared this worker's generation lost and started a replacement.
+    Superseded,
+}
+
+/// Starts a worker that reports its first connection on `ready` and gives up if that fails.
+pub(crate) fn start_first(
+    spec: Spec,
+    ready: Sender<Result<(), Error>>,
+) -> io::Result<thread::JoinHandle<()>> {
+    thread::Builder::new()
+        .name("distlock-worker".into())
+        .spawn(move || match spec.connector.connect() {
+            Ok((client, backend)) => {
+                // Online before the caller hears of it, so its first call finds the manager ready.
+                let online = spec.link.go_online(backend);
+                if ready.send(Ok(())).is_ok() {
+                    Worker::new(spec).run(client, backend, online);
+                } else {
+                    // The caller has given up (timed out): drop the connection and end.
+                    let (lease, _) = online;
+                    spec.link.lose(lease.generation);
+                }
+            }
+            Err(e) => {
+                let _ = ready.send(Err(e));
+            }
+        })
+}
+
+/// Starts a replacement worker that connects (retrying) before it serves.
+pub(crate) fn start_replacement(spec: Spec) -> io::Result<thread::JoinHandle<()>> {
+    thread::Builder::new()
+        .name("distlock-worker".into())
+        .spawn(move || {
+            let mut worker = Worker::new(spec);
+            if let Some((client, backend)) = worker.reconnect() {
+                let online = worker.spec.link.go_online(backend);
+                worker.run(client, backend, online);
+            }
+        })
+}
+
+/// How long a worker with late replies and nothing else to do waits before it looks at its
+/// connection and its heartbeat again. Callers arriving at their receive or giving up wake it
+/// sooner.
+const LATE_TICK: Duration = Duration::from_millis(5);
+
+/// The worker's state: one connection at a time, and the queue it serves.
+struct Worker {
+    spec: Spec,
+    /// The statement buffer and row counts, reused by every query.
+    query: Query,
+    /// The requests being served together.
+    batch: Batch,
+    /// Replies claimed for callers that were not receiving yet.
+    late: LateReplies,
+    /// Grants whose callers gave up after their reply was claimed, to release.
+    orphans: Vec<Orphan>,
+}
+
+impl Worker {
+    fn new(spec: Spec) -> Worker {
+        Worker {
+            spec,
+            query: Query::new(),
+            batch: Batch::new(),
+            late: LateReplies::new(MAX_BATCH),
+            orphans: Vec::with_capacity(MAX_BATCH),
+        }
+    }
+
+    /// Serves connection after connection until the manager is gone or this worker is replaced.
+    fn run(mut self, client: Client, backend: Backend, online: (Lease, Vec<Backend>)) {
+        let (mut lease, mut suspects) = online;
+        let mut conn = Conn::new(
+            client,
+            Arc::clone(&self.spec.link),
+            lease.generation,
+            backend,
+            self.spec.connector.session_mark(&backend),
+        );
+        loop {
+            let end = match connect::end_suspects(
+                &mut conn,
+                &mut self.query,
+                &self.spec.link,
+                suspects,
+            ) {
+                Ok(()) => self.serve(&mut conn, &lease),
+                Err(_) => self.ended(lease.generation),
+            };
+            match end {
+                End::ManagerGone => {
+                    log::debug!("distlock worker: last handle dropped, closing the connection");
+                    return;
+                }
+                End::Superseded => {
+                    // Late replies still owed are dropped with this worker: their callers time out
+                    // at their own deadlines, and grants in them die with the stalled session.
+                    log::warn!("distlock worker: replaced after a stalled statement; exiting");
+                    return;
+                }
+                End::Lost => {
+                    // The loss is announced before anything else happens, late replies included.
+                    if !self.spec.link.lose(lease.generation) {
+                        // The monitor declared the loss first and has started a replacement.
+                        return;
+                    }
+                    log::warn!("distlock worker: connection lost; reconnecting");
+                }
+            }
+            drop(conn); // closes the socket; a stalled backend is ended by the next connection
+            let Some((client, backend)) = self.reconnect() else {
+                return;
+            };
+            (lease, suspects) = self.spec.link.go_online(backend);
+            conn = Conn::new(
+                client,
+                Arc::clone(&self.spec.link),
+                lease.generation,
+                backend,
+                self.spec.connector.session_mark(&backend),
+            );
+        }
+    }
+
+    /// Why the connection of `generation` stopped serving: the monitor replaced it, or it failed.
+    fn ended(&self, generation: u64) -> End {
+        if self.spec.link.is_current(generation) {
+            End::Lost
+        } else {
+            End::Superseded
+        }
+    }
+
+    /// Connects with capped exponential backoff plus jitter. While offline, queued requests are
+    /// answered at once with `Offline`, and late replies are still handed over; once a pooler
+    /// was seen, no connection is made any more and every request is answered with that error.
+    /// `None` when the manager is gone.
+    fn reconnect(&mut self) -> Option<(Client, Backend)> {
+        let mut backoff = Backoff::new(FIRST_RECONNECT, MAX_RECONNECT);
+        loop {
+            if self.spec.link.is_pooled() {
+                self.drain(Error::pooler, None)?;
+                continue;
+            }
+            match self.spec.connector.connect() {
+                Ok(ok) => return Some(ok),
+                Err(e) if e.kind() == ErrorKind::Pooler => {
+                    self.spec.link.set_pooled();
+                    continue;
+                }
+                Err(e) => log::warn!("distlock worker: reconnect failed: {e}"),
+            }
+            self.drain(Error::offline, Some(Instant::now() + backoff.next_pause()))?;
+        }
+    }
+
+    /// With no connection: answers every queued request with `refusal()` and hands late replies
+    /// over, until `until` (`None`: for good). `None` when the manager is gone.
+    fn drain(&mut self, refusal: fn() -> Error, until: Option<Instant>) -> Option<()> {
+        loop {
+            // No connection: a grant given back needs no statement, its session is gone.
+            let _ = self.settle_late(None);
+            match self.spec.requests.try_recv() {
+                Ok(request) => {
+                    self.fail(request, refusal());
+                    continue;
+                }
+                Err(TryRecvError::Disconnected) => return None,
+                Err(TryRecvError::Empty) => {}
+            }
+            let pause = match until {
+                None => LATE_TICK,
+                Some(until) => match until.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => left,
+                    _ => return Some(()),
+                },
+            };
+            self.late
+                .wait(&self.spec.requests, self.spec.link.nudges(), pause);
+        }
+    }
+
+    /// Serves requests on `conn` until it fails, is replaced, or the manager is gone.
+    fn serve(&mut self, conn: &mut Conn, lease: &Lease) -> End {
+        let link = Arc::clone(&self.spec.link);
+        link.set_worker();
+        loop {
+            if !link.is_current(lease.generation) {
+                return End::Superseded;
+            }
+            match self.spec.requests.try_recv() {
+                Ok(first) => {
+                    // Grants whose callers gave up go back before anything new runs: such a caller
+                    // let go of its reservation, so a request for the same key may be this one.
+                    if let Err(end) = self.settle_late(Some(conn)) {
+                        self.fail(first, lost_error());
+                        return end;
+                    }
+                    let served = match first {
+                        Request::Special(special, reply) => {
+                            self.serve_special(conn, lease, &special, reply)
+                        }
+                        // The uncontended case: one request, one statement.
+                        Request::Plain(plain) if self.spec.requests.is_empty() => {
+                            self.serve_one(conn, lease, plain)
+                        }
+                        Request::Plain(plain) => self.serve_batch(conn, lease, plain),
+                    };
+                    if let Err(end) = served {
+                        return end;
+                    }
+                }
+                Err(TryRecvError::Disconnected) => return End::ManagerGone,
+                Err(TryRecvError::Empty) if !self.late.is_empty() => {
+                    if let Err(end) = self.idle_with_late_replies(conn) {
+                        return end;
+                    }
+                }
+                Err(TryRecvError::Empty) => {
+                    // Park rather than block in the channel's receive: a parked thread costs
+                    // nothing until a caller unparks it, where the channel would spin first and
+                    // read the clock on every turn (measured: see the README's design notes).
+                    link.set_idle(true);
+                    if !self.spec.requests.is_empty() {
+                        link.set_idle(false);
+                        continue;
+                    }
+                    std::thread::park();
+                    link.set_idle(false);
+                    if let Err(end) = self.heartbeat_if_due(conn) {
+                        return end;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Nothing queued, but replies are owed to callers not yet receiving: waits for them (or for a
+    /// request, or for one to give up) without blocking on any.
+    #[inline(never)]
+    fn idle_with_late_replies(&mut self, conn: &mut Conn) -> Result<(), End> {
+        self.settle_late(Some(conn))?;
+        if !self.late.is_empty() {
+            self.late
+                .wait(&self.spec.requests, self.spec.link.nudges(), LATE_TICK);
+        }
+        self.heartbeat_if_due(conn)
+    }
+
+    /// Idle for a whole heartbeat (the monitor keeps the time and asks): prove the connection
+    /// alive.
+    #[inline]
+    fn heartbeat_if_due(&mut self, conn: &mut Conn) -> Result<(), End> {
+        if !self.spec.link.take_heartbeat() {
+            return Ok(());
+        }
+        self.heartbeat(conn)
+    }
+
+    #[inline(never)]
+    fn heartbeat(&mut self, conn: &mut Conn) -> Result<(), End> {
+        match conn.heartbeat() {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(self.pooler_seen()),
+            Err(e) => {
+                log::warn!("distlock worker: heartbeat failed: {}", e.into_error());
+                Err(End::Lost)
+            }
+        }
+    }
+
+    /// Probes whether a pooler shares the session (the probe failing says nothing: the next
+    /// statement or heartbeat notices a broken connection). Out of line: the request path only
+    /// comes here when a lock the session should hold is missing.
+    #[cold]
+    #[inline(never)]
+    fn session_shared(&self, conn: &mut Conn) -> bool {
+        match conn.heartbeat() {
+            Ok(false) => {
+                self.pooler_seen();
+                true
+            }
+            Ok(true) | Err(_) => false,
+        }
+    }
+
+    /// A pooler shares the session: from now on the manager answers every call with
+    /// `ErrorKind::Pooler`, and this connection's guards are lost.
+    fn pooler_seen(&self) -> End {
+        log::error!("distlock worker: {}", Error::pooler());
+        self.spec.link.set_pooled();
+        End::Lost
+    }
+}
+
+/// The error of a request whose connection failed before or while it ran.
+pub(crate) fn lost_error() -> Error {
+    Error::new(
+        ErrorKind::ConnectionLost,
+        "the connection to the server was lost",
+    )
+}

@@ -1,0 +1,145 @@
+//! The worker's side of a wait in PostgreSQL's lock queue (on a waiting connection): one round
+//! trip that sets `lock_timeout` to the caller's deadline and blocks in `pg_advisory_lock` for
+//! every key, in the order of their ids, then draws a fencing token if one is asked for.
+//!
+//! On any failure the keys this wait took are given back before the reply, so that a failed or
+//! timed-out wait leaves nothing held. `lock_timeout` can fire just as the lock is granted, and
+//! then still raises its error: the holds are read back from `pg_locks`, and a wait whose every
+//! key was granted is a grant.
+
+use std::time::Instant;
+
+use postgres::SimpleQueryMessage;
+use postgres::error::SqlState;
+
+use crate::error::{Error, ErrorKind};
+use crate::protocol::link::Lease;
+use crate::protocol::reply::{Grant, Reply};
+use crate::protocol::request::{Fencing, Wait};
+use crate::worker::fencing::{NEXT_TOKEN, fencing_error};
+use crate::worker::readback::{give_back, held_of};
+use crate::worker::session::{Conn, Failed, column};
+use crate::worker::sql;
+
+/// The longest `lock_timeout` PostgreSQL accepts, in milliseconds.
+const MAX_LOCK_TIMEOUT_MS: u128 = i32::MAX as u128;
+
+/// Waits for `wait`'s keys on `conn` and says what to reply. `Err`: the connection broke.
+pub(crate) fn serve(wait: &Wait, conn: &mut Conn, lease: &Lease) -> Result<Reply, Error> {
+    #[allow(unused_mut)]
+    let mut sql = sql::wait(
+        &wait.keys,
+        wait.mode,
+        lock_timeout_ms(wait.deadline),
+        wait.fencing,
+    );
+    #[cfg(test)]
+    fault::rewrite_wait(&mut sql);
+    let fenced = wait.fencing == Fencing::Token;
+    let error = match conn.rows_waiting(&sql, wait.deadline) {
+        Ok(rows) => {
+            let token = last_token(&rows);
+            if fenced && token.is_none() {
+                return Ok(Reply::Failed(Error::new(
+                    ErrorKind::Server,
+                    "the server granted a fenced wait without its token",
+                )));
+            }
+            return Ok(Grant::reply(lease, wait.keys.clone(), wait.mode, token));
+        }
+        Err(Failed::Broken(e)) => return Err(e),
+        Err(Failed::Rejected(e)) => e,
+    };
+    after_rejection(wait, conn, lease, error)
+}
+
+/// The server's `lock_timeout` for a wait until `deadline`: 0 (never) without one or past the
+/// largest it takes, at least 1 ms (0 would mean "never") for a deadline already passed.
+fn lock_timeout_ms(deadline: Option<Instant>) -> u128 {
+    let Some(deadline) = deadline else {
+        return 0;
+    };
+    match deadline
+        .saturating_duration_since(Instant::now())
+        .as_millis()
+    {
+        0 => 1,
+        ms if ms > MAX_LOCK_TIMEOUT_MS => 0,
+        ms => ms,
+    }
+}
+
+/// The fencing token among a query's rows, if it drew one (the last row).
+fn last_token(rows: &[SimpleQueryMessage]) -> Option<u64> {
+    rows.iter().rev().find_map(|m| match m {
+        SimpleQueryMessage::Row(row) => column(row, 0)?.parse::<u64>().ok(),
+        _ => None,
+    })
+}
+
+/// The wait statement was rejected: a timeout that raced a grant is a grant (read back from
+/// `pg_locks`); anything else gives back what the wait took.
+fn after_rejection(
+    wait: &Wait,
+    conn: &mut Conn,
+    lease: &Lease,
+    error: Error,
+) -> Result<Reply, Error> {
+    let held = held_of(&wait.keys, wait.mode, conn).map_err(Failed::into_error)?;
+    let timed_out = error.sql_state() == Some(&SqlState::LOCK_NOT_AVAILABLE);
+    if timed_out && held.len() == wait.keys.len() {
+        // Granted as the timeout fired.
+        let token = match wait.fencing {
+            Fencing::NoToken => None,
+            Fencing::Token => match conn.rows(NEXT_TOKEN) {
+                Ok(rows) => last_token(&rows),
+                Err(Failed::Broken(e)) => return Err(e),
+                Err(Failed::Rejected(e)) => {
+                    give_back(&held, wait.mode, conn).map_err(Failed::into_error)?;
+                    return Ok(Reply::Failed(fencing_error(e)));
+                }
+            },
+        };
+        return Ok(Grant::reply(lease, wait.keys.clone(), wait.mode, token));
+    }
+    give_back(&held, wait.mode, conn).map_err(Failed::into_error)?;
+    if timed_out {
+        return Ok(Reply::Busy);
+    }
+    if error.sql_state() == Some(&SqlState::T_R_DEADLOCK_DETECTED) {
+        return Ok(Reply::Failed(Error::with_source(
+            ErrorKind::Deadlock,
+            "PostgreSQL found a deadlock while this call waited for the lock, and ended the wait",
+            error,
+        )));
+    }
+    Ok(Reply::Failed(match wait.fencing {
+        Fencing::Token => fencing_error(error),
+        Fencing::NoToken => error,
+    }))
+}
+
+/// Test-only: makes a wait statement misbehave the way the server can.
+#[cfg(test)]
+pub(crate) mod fault {
+    use std::sync::atomic::{AtomicI64, Ordering};
+
+    /// Set to a bigint key (0: none): the next wait statement for it takes its locks and then
+    /// fails as `lock_timeout` does when it fires just as the lock is granted.
+    pub(crate) static GRANT_THEN_TIME_OUT: AtomicI64 = AtomicI64::new(0);
+
+    pub(crate) fn rewrite_wait(sql: &mut String) {
+        let id = GRANT_THEN_TIME_OUT.load(Ordering::Acquire);
+        if id != 0
+            && sql.contains(&format!("({id})"))
+            && GRANT_THEN_TIME_OUT
+                .compare_exchange(id, 0, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            sql.push_str(
+                ";DO $$ BEGIN RAISE EXCEPTION 'canceling statement due to lock timeout' \
+                 USING ERRCODE = 'lock_not_available'; END $$",
+            );
+        }
+    }
+}

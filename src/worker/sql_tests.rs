@@ -1,0 +1,164 @@
+//! The statement texts, checked to the character.
+
+use super::*;
+
+#[test]
+fn session_setup_sets_only_what_the_server_has() {
+    let keepalive = ServerKeepalive::within(std::time::Duration::from_secs(12));
+    assert_eq!(
+        keepalive,
+        ServerKeepalive {
+            idle_s: 6,
+            interval_s: 1,
+            count: 6,
+            user_timeout_ms: 12_000
+        }
+    );
+    let mut sql = Sql::new();
+    sql.push_session_setup(150_004, Some(keepalive), -5);
+    assert_eq!(
+        sql.as_str(),
+        "SET distlock.session = '-5';SET idle_in_transaction_session_timeout = 0;\
+         SELECT set_config('synchronous_commit', 'local', false) \
+         WHERE current_setting('synchronous_commit') = 'off';SET idle_session_timeout = 0;\
+         SET tcp_keepalives_idle = 6;SET tcp_keepalives_interval = 1;\
+         SET tcp_keepalives_count = 6;SET tcp_user_timeout = 12000"
+    );
+    sql.clear();
+    sql.push_session_setup(110_000, None, 7);
+    assert_eq!(
+        sql.as_str(),
+        "SET distlock.session = '7';SET idle_in_transaction_session_timeout = 0;\
+         SELECT set_config('synchronous_commit', 'local', false) \
+         WHERE current_setting('synchronous_commit') = 'off'"
+    );
+    assert_eq!(
+        crate::worker::connect::pooler::probe(42, 7),
+        "SELECT WHERE pg_backend_pid() = 42 AND current_setting('distlock.session', true) = '7'"
+    );
+    let long = ServerKeepalive::within(std::time::Duration::from_secs(100));
+    assert_eq!((long.idle_s, long.interval_s, long.count), (50, 5, 10));
+    let tiny = ServerKeepalive::within(std::time::Duration::from_millis(1));
+    assert_eq!((tiny.idle_s, tiny.interval_s, tiny.count), (1, 1, 1));
+}
+
+#[test]
+fn integers_format_like_display() {
+    for v in [
+        0,
+        1,
+        -1,
+        9,
+        10,
+        -10,
+        42,
+        i64::MAX,
+        i64::MIN + 1,
+        1 << 40,
+        -(1 << 40),
+    ] {
+        let mut text = String::new();
+        push_integer(&mut text, v);
+        assert_eq!(text, v.to_string());
+    }
+}
+
+#[test]
+fn a_cached_key_text_is_reused_only_for_its_own_key() {
+    let mut sql = Sql::new();
+    sql.push(Op::TryLock, Mode::Exclusive, LockKey::id(12));
+    sql.push(Op::Unlock, Mode::Exclusive, LockKey::id(12));
+    sql.push(Op::Unlock, Mode::Exclusive, LockKey::pair(1, 2));
+    sql.push(Op::Unlock, Mode::Exclusive, LockKey::id(3));
+    assert_eq!(
+        sql.as_str(),
+        "SELECT WHERE pg_try_advisory_lock(12);SELECT WHERE pg_advisory_unlock(12);\
+         SELECT WHERE pg_advisory_unlock(1,2);SELECT WHERE pg_advisory_unlock(3)"
+    );
+}
+
+#[test]
+fn statements_hold_only_formatted_integers() {
+    let mut sql = Sql::new();
+    sql.push(Op::TryLock, Mode::Exclusive, LockKey::id(-42));
+    assert_eq!(sql.as_str(), "SELECT WHERE pg_try_advisory_lock(-42)");
+    sql.clear();
+    sql.push(Op::Unlock, Mode::Shared, LockKey::pair(1, i32::MIN));
+    assert_eq!(
+        sql.as_str(),
+        "SELECT WHERE pg_advisory_unlock_shared(1,(-2147483647-1))"
+    );
+    sql.clear();
+    sql.push(Op::TryLock, Mode::Shared, LockKey::id(i64::MIN));
+    sql.push(Op::Unlock, Mode::Exclusive, LockKey::id(i64::MAX));
+    assert_eq!(
+        sql.as_str(),
+        "SELECT WHERE pg_try_advisory_lock_shared((-9223372036854775807-1));\
+         SELECT WHERE pg_advisory_unlock(9223372036854775807)"
+    );
+    sql.clear();
+    sql.push(Op::Check, Mode::Shared, LockKey::id(-1));
+    assert!(sql.as_str().ends_with(
+        "mode = 'ShareLock' AND classid = 4294967295 AND objid = 4294967295 AND objsubid = 1"
+    ));
+}
+
+#[test]
+fn statements_beyond_one_key_are_built_from_integers() {
+    assert_eq!(
+        fenced(LockKey::id(-5)),
+        "SELECT nextval('public.distlock_fence') WHERE pg_try_advisory_lock(-5)"
+    );
+    let all = all(&[LockKey::id(1), LockKey::pair(2, 3)], Mode::Shared);
+    assert!(
+        all.contains(
+            "VALUES (0, pg_try_advisory_lock_shared(1)),(1, pg_try_advisory_lock_shared(2,3)))"
+        ),
+        "{all}"
+    );
+    assert!(
+        all.contains("WHEN n = 1 THEN pg_advisory_unlock_shared(2,3) END"),
+        "{all}"
+    );
+    let permit = permit(7, 3);
+    assert!(
+        permit.starts_with("SELECT s FROM generate_series(0, 2) s"),
+        "{permit}"
+    );
+    assert!(
+        permit.contains("pg_try_advisory_lock(7, (s - 2147483648)::int4)"),
+        "{permit}"
+    );
+    assert_eq!(
+        wait(
+            &[LockKey::id(9), LockKey::id(-1)],
+            Mode::Exclusive,
+            250,
+            Fencing::Token
+        ),
+        "SET lock_timeout = 250;SELECT FROM pg_advisory_lock(-1);\
+         SELECT FROM pg_advisory_lock(9);SELECT nextval('public.distlock_fence')",
+        "waits take their keys in the order of their ids"
+    );
+}
+
+#[test]
+fn slot_keys_are_pairs_with_the_high_bit_of_objid_set() {
+    let a = LockKey::id(7).permit_slot(0);
+    let b = LockKey::id(7).permit_slot(4);
+    assert_ne!(a, b);
+    assert_eq!(a.pg_locks_tag(), (7, 0x8000_0000, 2));
+    assert_eq!(b.pg_locks_tag(), (7, 0x8000_0004, 2));
+    assert_eq!(
+        LockKey::pair(1, 2).permit_slot(0),
+        LockKey::pair(3, i32::MIN)
+    );
+    assert_eq!(b.semaphore_slot(), Some(4));
+    assert!(!b.is_semaphore_queue());
+    assert!(
+        LockKey::id(7)
+            .permit_slot(LockKey::TURNSTILE_SLOT)
+            .is_semaphore_queue()
+    );
+    assert_eq!(crate::worker::requests::semaphore_class(LockKey::id(7)), 7);
+}
