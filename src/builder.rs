@@ -26,8 +26,8 @@ impl LockManager {
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::Config`] for parameters that do not parse, [`ErrorKind::Connect`] when the server
-    /// refuses or cannot be reached (wrong host, port, password or database), [`ErrorKind::Timeout`]
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) for parameters that do not parse, [`ErrorKind::Connect`](crate::ErrorKind::Connect) when the server
+    /// refuses or cannot be reached (wrong host, port, password or database), [`ErrorKind::Timeout`](crate::ErrorKind::Timeout)
     /// when it does not answer in time.
     ///
     /// ```no_run
@@ -48,7 +48,7 @@ impl LockManager {
     }
 }
 
-/// Settings for a [`LockManager`], taken by value and consumed by `connect`.
+/// Settings for a [`LockManager`](crate::LockManager), taken by value and consumed by `connect`.
 ///
 /// ```no_run
 /// use std::time::Duration;
@@ -104,11 +104,11 @@ impl Builder {
     }
 
     /// How long a call waits for the worker to answer one request: a single try of a lock, a
-    /// release, or an [`LockGuard::ensure_held`]. A call that passes it fails with
-    /// [`ErrorKind::Timeout`].
+    /// release, or an [`LockGuard::ensure_held`](crate::LockGuard::ensure_held). A call that passes it fails with
+    /// [`ErrorKind::Timeout`](crate::ErrorKind::Timeout).
     ///
     /// It also bounds how long the manager stays behind a stalled connection: when one statement has
-    /// run for longer than this or than half of [`Builder::dead_holder_timeout`], whichever is
+    /// run for longer than this or than half of [`Builder::dead_holder_timeout`](crate::Builder::dead_holder_timeout), whichever is
     /// shorter (but at least 100 ms), the connection is declared lost, its locks are reported lost,
     /// and a new connection takes over.
     ///
@@ -119,7 +119,7 @@ impl Builder {
     }
 
     /// The most locks the manager holds at once (each shared holder counts); a try past it fails with
-    /// [`ErrorKind::TooManyLocks`]. Every held lock takes a slot in the server's shared lock table
+    /// [`ErrorKind::TooManyLocks`](crate::ErrorKind::TooManyLocks). Every held lock takes a slot in the server's shared lock table
     /// (`max_locks_per_transaction × max_connections` slots), which a runaway caller could exhaust for
     /// the whole server.
     ///
@@ -170,9 +170,9 @@ impl Builder {
     /// waits by polling instead.
     ///
     /// `0` waits by polling on the manager's own connection instead (see
-    /// [`Builder::max_retry_interval`]): no extra connection, but a release by another process is
-    /// noticed up to a backoff later, and callers are served in no particular order. Semaphore
-    /// permits always wait by polling.
+    /// [`Builder::max_retry_interval`](crate::Builder::max_retry_interval)): no extra connection, but a release by another process is
+    /// noticed up to a backoff later, and callers are served in no particular order (semaphore
+    /// permits too; with waiting connections they queue for their semaphore's turnstile).
     ///
     /// Defaults to 4.
     pub fn wait_connections(mut self, connections: usize) -> Builder {
@@ -200,7 +200,7 @@ impl Builder {
     ///
     /// # Errors
     ///
-    /// As for [`LockManager::connect`].
+    /// As for [`LockManager::connect`](crate::LockManager::connect).
     pub fn connect(self, params: &str) -> Result<LockManager> {
         if params.trim().is_empty() {
             // libpq would try the default socket as the OS user; an empty string is far more
@@ -240,7 +240,7 @@ impl Builder {
     /// Whether a standby may serve locks. Advisory locks work on a hot standby but are local to
     /// it — never replicated — so locks taken on a read replica exclude nobody on the primary or on
     /// other replicas. By default every connection and reconnection checks `pg_is_in_recovery()`
-    /// and refuses a standby with [`ErrorKind::Connect`] (the message says "standby"); with several
+    /// and refuses a standby with [`ErrorKind::Connect`](crate::ErrorKind::Connect) (the message says "standby"); with several
     /// hosts, `target_session_attrs=read-write` makes the client skip standbys by itself. Allow it
     /// only when every process that contends for the locks uses that same standby.
     ///
@@ -263,7 +263,7 @@ impl Builder {
     ///
     /// # Errors
     ///
-    /// As for [`LockManager::connect`].
+    /// As for [`LockManager::connect`](crate::LockManager::connect).
     pub fn connect_config(self, config: postgres::Config) -> Result<LockManager> {
         // The client's own setting (disable, prefer or require) unless the builder says more.
         let mode = match config.get_ssl_mode() {
@@ -275,13 +275,13 @@ impl Builder {
         start::start(self.options, config, tls)
     }
 
-    /// Checks `config` and this builder's settings as [`Builder::connect_config`] does, without
+    /// Checks `config` and this builder's settings as [`Builder::connect_config`](crate::Builder::connect_config) does, without
     /// connecting: a host list the client could not use, or a zero connect timeout, request
     /// timeout or heartbeat.
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::Config`], saying what is wrong.
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config), saying what is wrong.
     ///
     /// ```
     /// use std::str::FromStr;

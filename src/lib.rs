@@ -52,7 +52,8 @@
 //!   queued waiter, and a release reaches the next waiter straight from the server. A lock granted
 //!   there is an ordinary guard. The server ends a wait at its deadline (`lock_timeout`); a grant
 //!   that races the timeout is read back from `pg_locks` and handed out, and a wait that ends
-//!   without a grant leaves nothing held. Semaphore permits wait by polling.
+//!   without a grant leaves nothing held. Waiters for a semaphore permit queue in arrival order for
+//!   the semaphore's turnstile, a lock of its own; its holder tries the slots every 0.5 ms.
 //!
 //! # Beyond one lock
 //!
@@ -164,10 +165,12 @@
 //! * **A lease, not a guarantee.** [`LockGuard::ensure_held`] proves with one round trip that the
 //!   session holding the lock is alive and holds it (`pg_locks`), right before an irreversible step.
 //!   The connection can still fail a moment later; where two holders at once would corrupt data, make
-//!   the protected resource reject stale writers too (fencing tokens are planned).
+//!   the protected resource reject stale writers too: see "Fencing tokens" above.
 //!
 //! Every failure is a distinct [`ErrorKind`]: `Timeout`, `ConnectionLost`, `LockLost`, `Offline`,
-//! `Shutdown`, `TooManyLocks`, `Server`, plus `Config`/`Connect` when connecting.
+//! `Shutdown`, `TooManyLocks`, `Server`, `Deadlock` (PostgreSQL ended a wait in its lock queue to
+//! break a deadlock), `Pooler` (a pooler shares the session; for good), `Io` (a thread could not be
+//! started), plus `Config`/`Connect` when connecting.
 //!
 //! # Connecting: TLS, passwords, standbys
 //!
@@ -266,10 +269,14 @@
 //!   read back from `pg_locks` afterwards (its own hold is the manager's only hold of the key); after
 //!   a failure the worker reads back what happened and runs the rest again one by one, never
 //!   reporting a grant or a release that did not happen.
-//! * The worker never runs a blocking `pg_advisory_lock`: that would stall every queued release
-//!   behind one wait. Waiting callers retry on their own thread with capped exponential backoff plus
-//!   jitter (1 ms doubling to 8 ms: a release by another process is seen within about 8 ms plus a
-//!   round trip), and are woken at once when a guard of the same manager releases a hold.
+//! * The manager's own worker never runs a blocking `pg_advisory_lock`: that would stall every
+//!   queued release behind one wait. Waits run on waiting connections (see "Fair, fast waiting"):
+//!   each is a manager of its own whose worker serves one wait, `SET lock_timeout` and one
+//!   `pg_advisory_lock` per key in one round trip, the monitor allowing it until its deadline.
+//!   Without waiting connections (`Builder::wait_connections(0)`, or when none can be opened),
+//!   waiting callers retry on their own thread with capped exponential backoff plus jitter (1 ms
+//!   doubling to 8 ms: a release by another process is seen within about 8 ms plus a round trip),
+//!   and are woken at once when a guard of the same manager releases a hold.
 //! * A reply slot's state word decides exactly once whether a reply is delivered or its caller gave
 //!   up: a grant that arrives after its caller's deadline is released by the worker at once, and a
 //!   slot whose reply may still be on its way never goes back to the pool, so no call can receive
@@ -280,6 +287,18 @@
 //! * A monitor thread watches every statement the worker sends, the heartbeat and the statement
 //!   that ends lost backends included, for one stuck past the request timeout (see "Failure
 //!   model").
+//! * **The layout.** Folders name the two sides of the worker's channel and the capabilities;
+//!   each floor imports only the floors below it (`.ci/house` checks it in CI, along with no
+//!   import circle, files of at most 450 lines and functions of at most 80):
+//!
+//!   | floor | where | what lives there | may import |
+//!   |---|---|---|---|
+//!   | ground | `error`, `key`, `mode`, `holder`, `clock`, `backoff` | leaf types | nothing of the crate |
+//!   | protocol | `protocol/` | requests, typed replies, reply slots, the connection's state | ground |
+//!   | caller side | `caller/` | the handle, shared state, table, guard, the one acquire path, waiting, the waiting-connection pool | ground, protocol |
+//!   | capabilities | `capability/` | fenced, permits, multi-key, holders, election: one room each | ground, protocol, caller side |
+//!   | worker side | `worker/` | the loop, responses, batches, session, SQL, queue waits, read-backs, monitor; `worker/connect/`: libpq parameters, TLS, certificates, pooler detection | ground, protocol |
+//!   | top | `lib`, `builder`, `start`, `testing/` | the builder and the start of both sides | anything |
 //! * Costs are measured, not assumed: instructions and allocations per lock+unlock cycle against
 //!   the raw client running the same SQL (every thread counted; CI fails above 1.15 × the raw
 //!   client's instructions or on any allocation of the library's own), latency and throughput

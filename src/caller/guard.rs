@@ -20,7 +20,7 @@ use crate::protocol::request::Op;
 /// The lock is released when the guard is dropped: when `drop` returns, the server has released it
 /// (or the connection is gone, which releases it too), so another process may take it at once.
 /// `drop` ignores errors and never waits longer than the manager's request timeout;
-/// [`LockGuard::unlock`] does the same and reports them.
+/// [`LockGuard::unlock`](crate::LockGuard::unlock) does the same and reports them.
 ///
 /// The guard owns a handle to its manager, so it has no lifetime, may be sent to another thread, and
 /// keeps the manager's connection open while it lives.
@@ -30,19 +30,19 @@ use crate::protocol::request::Op;
 /// A session advisory lock lives exactly as long as the connection that took it. If that connection
 /// fails — the backend is killed, the server restarts, the network drops, or the backend stalls
 /// past the request timeout — the server releases the lock (or the manager makes sure it will), and
-/// another process may take it. The guard then reports the loss: [`LockGuard::is_lost`] turns true
-/// and [`LockGuard::lost`] becomes ready. A loss is noticed within one heartbeat plus a round trip
+/// another process may take it. The guard then reports the loss: [`LockGuard::is_lost`](crate::LockGuard::is_lost) turns true
+/// and [`LockGuard::lost`](crate::LockGuard::lost) becomes ready. A loss is noticed within one heartbeat plus a round trip
 /// (`Builder::heartbeat`), or at the request timeout for a stalled connection. Releasing a lost
 /// guard never touches the manager's newer connection, which may hold the same key again.
 ///
 /// A lost guard still reserves its key in its manager until it is dropped: the server no longer
 /// holds the lock, but the thread holding the guard may still be inside its critical section, so
 /// other threads of the manager get `Ok(None)` from `try_lock` and wait in `lock`, as they would
-/// for a live guard. Drop the lost guard (or [`LockGuard::unlock`] it, which reports
+/// for a live guard. Drop the lost guard (or [`LockGuard::unlock`](crate::LockGuard::unlock) it, which reports
 /// [`crate::ErrorKind::LockLost`]) before taking the key again.
 ///
 /// A lock is a lease, not a guarantee: between a check and the next step, the connection can fail.
-/// [`LockGuard::ensure_held`] narrows that window to one round trip before an irreversible step; it
+/// [`LockGuard::ensure_held`](crate::LockGuard::ensure_held) narrows that window to one round trip before an irreversible step; it
 /// cannot close it. Where two holders at once would corrupt data, also make the protected resource
 /// reject stale writers (fencing).
 #[must_use = "if unused the lock will be released immediately"]

@@ -23,7 +23,7 @@ use crate::mode::Mode;
 /// the process may use one. Threads sharing a manager exclude each other exactly as separate processes
 /// do, although PostgreSQL itself would let one session take the same lock twice.
 ///
-/// The connection stays open while any clone or any [`LockGuard`] is alive; when the last of them is
+/// The connection stays open while any clone or any [`LockGuard`](crate::LockGuard) is alive; when the last of them is
 /// dropped the worker finishes the request it is running, closes the connection, and the server
 /// releases anything the session still held. A thread blocked in a call holds a handle too, so
 /// waiters and in-flight requests always finish (or time out) normally before that happens.
@@ -79,11 +79,11 @@ impl LockManager {
     /// doubling up to [`Builder::max_retry_interval`](crate::Builder::max_retry_interval), 8 ms by default), and at once when a guard
     /// of this manager releases a hold. Returns `Ok(None)` if the lock was still held at the
     /// deadline; it returns within a few milliseconds of it. The first try always runs to completion
-    /// (bounded by the request timeout), so a zero `timeout` behaves like [`LockManager::try_lock`].
+    /// (bounded by the request timeout), so a zero `timeout` behaves like [`LockManager::try_lock`](crate::LockManager::try_lock).
     ///
     /// # Errors
     ///
-    /// As for [`LockManager::try_lock`], except that transient failures ([`Error::is_transient`](crate::Error::is_transient):
+    /// As for [`LockManager::try_lock`](crate::LockManager::try_lock), except that transient failures ([`Error::is_transient`](crate::Error::is_transient):
     /// a reconnect in progress, a lost connection, a stalled worker) do not end the wait: it keeps
     /// trying until the deadline, and returns the latest such error if the last try failed with it.
     /// [`ErrorKind::Deadlock`](crate::ErrorKind::Deadlock) when PostgreSQL broke a deadlock by ending this wait (possible only
@@ -110,16 +110,16 @@ impl LockManager {
     /// Takes the exclusive lock on `key`, waiting for as long as it takes.
     ///
     /// Like `Mutex::lock`: it returns only with the lock or an error. It waits as
-    /// [`LockManager::try_lock_for`] does (in PostgreSQL's lock queue, in arrival order), without
+    /// [`LockManager::try_lock_for`](crate::LockManager::try_lock_for) does (in PostgreSQL's lock queue, in arrival order), without
     /// a deadline.
     ///
     /// A guard of this manager whose lock was lost still reserves its key until it is dropped (its
     /// holder may still be at work), so a `lock` of that key waits for the drop, however long
-    /// that takes; see [`LockGuard`]'s "Lost locks".
+    /// that takes; see [`LockGuard`](crate::LockGuard)'s "Lost locks".
     ///
     /// # Errors
     ///
-    /// As for [`LockManager::try_lock`], except that transient failures ([`Error::is_transient`](crate::Error::is_transient)) do
+    /// As for [`LockManager::try_lock`](crate::LockManager::try_lock), except that transient failures ([`Error::is_transient`](crate::Error::is_transient)) do
     /// not end the wait: it waits through reconnects for as long as it takes. Any other error ends it.
     ///
     /// ```no_run
@@ -135,11 +135,11 @@ impl LockManager {
     /// Takes a shared lock on `key` unless someone holds it exclusively.
     ///
     /// Any number of sessions and threads may hold a key shared at once; an exclusive lock waits for
-    /// all of them. Blocks and fails as [`LockManager::try_lock`] does.
+    /// all of them. Blocks and fails as [`LockManager::try_lock`](crate::LockManager::try_lock) does.
     ///
     /// # Errors
     ///
-    /// As for [`LockManager::try_lock`].
+    /// As for [`LockManager::try_lock`](crate::LockManager::try_lock).
     ///
     /// ```no_run
     /// # let locks = distlock::LockManager::connect("host=localhost user=postgres")?;
@@ -162,7 +162,7 @@ impl LockManager {
     ///
     /// # Errors
     ///
-    /// As for [`LockManager::try_lock`].
+    /// As for [`LockManager::try_lock`](crate::LockManager::try_lock).
     ///
     /// ```no_run
     /// # use std::time::Duration;
@@ -184,7 +184,7 @@ impl LockManager {
     ///
     /// # Errors
     ///
-    /// As for [`LockManager::lock`].
+    /// As for [`LockManager::lock`](crate::LockManager::lock).
     ///
     /// ```no_run
     /// # let locks = distlock::LockManager::connect("host=localhost user=postgres")?;

@@ -76,7 +76,7 @@ impl Election {
     ///
     /// # Errors
     ///
-    /// As for [`LockManager::lock_fenced`].
+    /// As for [`LockManager::lock_fenced`](crate::LockManager::lock_fenced).
     pub fn campaign(&self) -> Result<Leadership> {
         Ok(Leadership {
             guard: self.locks.lock_fenced(self.key)?,
@@ -87,7 +87,7 @@ impl Election {
     ///
     /// # Errors
     ///
-    /// As for [`LockManager::try_lock_fenced`].
+    /// As for [`LockManager::try_lock_fenced`](crate::LockManager::try_lock_fenced).
     pub fn try_campaign(&self) -> Result<Option<Leadership>> {
         Ok(self
             .locks
@@ -99,7 +99,7 @@ impl Election {
     ///
     /// # Errors
     ///
-    /// As for [`LockManager::try_lock_fenced_for`].
+    /// As for [`LockManager::try_lock_fenced_for`](crate::LockManager::try_lock_fenced_for).
     pub fn campaign_for(&self, timeout: Duration) -> Result<Option<Leadership>> {
         Ok(self
             .locks
@@ -107,12 +107,12 @@ impl Election {
             .map(|guard| Leadership { guard }))
     }
 
-    /// The session leading now, if any (one round trip; see [`LockManager::holders`] for what a
+    /// The session leading now, if any (one round trip; see [`LockManager::holders`](crate::LockManager::holders) for what a
     /// role may see of other sessions).
     ///
     /// # Errors
     ///
-    /// As for [`LockManager::holders`].
+    /// As for [`LockManager::holders`](crate::LockManager::holders).
     pub fn leader(&self) -> Result<Option<Holder>> {
         Ok(self
             .locks
@@ -129,7 +129,7 @@ impl Election {
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::Io`] when the watching thread cannot be started.
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) when the watching thread cannot be started.
     pub fn watch(&self, interval: Duration) -> Result<Watch> {
         let interval = interval.max(Duration::from_millis(10));
         let (changes_tx, changes) = crossbeam_channel::unbounded();
@@ -189,7 +189,7 @@ impl Leadership {
     }
 
     /// This leadership's term: a fencing token, greater than every earlier leader's term of this
-    /// election (see [`LockGuard::fencing_token`]).
+    /// election (see [`LockGuard::fencing_token`](crate::LockGuard::fencing_token)).
     pub fn term(&self) -> u64 {
         self.guard.fencing_token().unwrap_or(0)
     }
@@ -198,7 +198,7 @@ impl Leadership {
     ///
     /// # Errors
     ///
-    /// As for [`LockGuard::ensure_held`].
+    /// As for [`LockGuard::ensure_held`](crate::LockGuard::ensure_held).
     pub fn ensure_leading(&self) -> Result<()> {
         self.guard.ensure_held()
     }
@@ -207,7 +207,7 @@ impl Leadership {
     ///
     /// # Errors
     ///
-    /// As for [`LockGuard::unlock`].
+    /// As for [`LockGuard::unlock`](crate::LockGuard::unlock).
     pub fn resign(self) -> Result<()> {
         self.guard.unlock()
     }

@@ -16,7 +16,7 @@ use crate::key::LockKey;
 impl LockManager {
     /// Tries once to take the exclusive lock on `key` with a fencing token, without waiting.
     ///
-    /// Like [`LockManager::try_lock`], and the guard's [`LockGuard::fencing_token`] is `Some`:
+    /// Like [`LockManager::try_lock`](crate::LockManager::try_lock), and the guard's [`LockGuard::fencing_token`](crate::LockGuard::fencing_token) is `Some`:
     /// a number strictly greater than every token issued before for `key` on this cluster. The
     /// token comes in the same round trip as the grant, from the sequence
     /// `public.distlock_fence`, which the first fenced call creates if it is missing (a role that
@@ -24,7 +24,7 @@ impl LockManager {
     ///
     /// # Errors
     ///
-    /// As for [`LockManager::try_lock`]; [`ErrorKind::Server`] when the sequence cannot be used
+    /// As for [`LockManager::try_lock`](crate::LockManager::try_lock); [`ErrorKind::Server`](crate::ErrorKind::Server) when the sequence cannot be used
     /// or created.
     ///
     /// ```no_run
@@ -47,12 +47,12 @@ impl LockManager {
 
     /// Takes the exclusive lock on `key` with a fencing token, waiting up to `timeout`.
     ///
-    /// Waits like [`LockManager::try_lock_for`]; the guard carries a token as for
-    /// [`LockManager::try_lock_fenced`].
+    /// Waits like [`LockManager::try_lock_for`](crate::LockManager::try_lock_for); the guard carries a token as for
+    /// [`LockManager::try_lock_fenced`](crate::LockManager::try_lock_fenced).
     ///
     /// # Errors
     ///
-    /// As for [`LockManager::try_lock_fenced`].
+    /// As for [`LockManager::try_lock_fenced`](crate::LockManager::try_lock_fenced).
     pub fn try_lock_fenced_for(
         &self,
         key: impl Into<LockKey>,
@@ -69,7 +69,7 @@ impl LockManager {
     ///
     /// # Errors
     ///
-    /// As for [`LockManager::lock`] and [`LockManager::try_lock_fenced`].
+    /// As for [`LockManager::lock`](crate::LockManager::lock) and [`LockManager::try_lock_fenced`](crate::LockManager::try_lock_fenced).
     pub fn lock_fenced(&self, key: impl Into<LockKey>) -> Result<LockGuard> {
         acquire::without_deadline(single(waiting::wait(
             self.shared(),

@@ -15,12 +15,12 @@ impl LockManager {
     ///
     /// What a role sees: every session's locks, pid and application name; the client address
     /// and backend start only of sessions of its own role, unless it is a member of
-    /// `pg_read_all_stats` (see [`Holder`]). One round trip on the manager's connection, bounded
+    /// `pg_read_all_stats` (see [`Holder`](crate::Holder)). One round trip on the manager's connection, bounded
     /// by the request timeout.
     ///
     /// # Errors
     ///
-    /// As for [`LockManager::try_lock`].
+    /// As for [`LockManager::try_lock`](crate::LockManager::try_lock).
     ///
     /// ```no_run
     /// # let locks = distlock::LockManager::connect("host=localhost user=postgres")?;

@@ -22,18 +22,18 @@ impl LockManager {
     /// The guards come back in the order of `keys`, each released on its own. An empty list is
     /// granted at once.
     ///
-    /// Waiting forms ([`LockManager::try_lock_all_for`], [`LockManager::lock_all`]) wait in
+    /// Waiting forms ([`LockManager::try_lock_all_for`](crate::LockManager::try_lock_all_for), [`LockManager::lock_all`](crate::LockManager::lock_all)) wait in
     /// PostgreSQL's lock queue, taking the keys one after another in the order of their ids,
     /// whatever order the caller lists them in: they may hold some keys while waiting for others,
     /// but two such callers cannot deadlock each other. A client of another kind that waits for
-    /// them the other way round can: PostgreSQL then ends one wait ([`ErrorKind::Deadlock`] when it
+    /// them the other way round can: PostgreSQL then ends one wait ([`ErrorKind::Deadlock`](crate::ErrorKind::Deadlock) when it
     /// is ours, with nothing left held). Without waiting connections they poll whole tries
     /// instead, never holding some keys while waiting for others.
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::Config`] when a key is listed twice or there are more than 1,000; otherwise
-    /// as for [`LockManager::try_lock`].
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) when a key is listed twice or there are more than 1,000; otherwise
+    /// as for [`LockManager::try_lock`](crate::LockManager::try_lock).
     ///
     /// ```no_run
     /// # let locks = distlock::LockManager::connect("host=localhost user=postgres")?;
@@ -60,7 +60,7 @@ impl LockManager {
     ///
     /// # Errors
     ///
-    /// As for [`LockManager::try_lock_all`].
+    /// As for [`LockManager::try_lock_all`](crate::LockManager::try_lock_all).
     pub fn try_lock_all_for<K: Into<LockKey>>(
         &self,
         keys: impl IntoIterator<Item = K>,
@@ -78,7 +78,7 @@ impl LockManager {
     ///
     /// # Errors
     ///
-    /// As for [`LockManager::try_lock_all`] and [`LockManager::lock`].
+    /// As for [`LockManager::try_lock_all`](crate::LockManager::try_lock_all) and [`LockManager::lock`](crate::LockManager::lock).
     pub fn lock_all<K: Into<LockKey>>(
         &self,
         keys: impl IntoIterator<Item = K>,

@@ -1,5 +1,5 @@
 //! Semaphores: at most `permits` holders at once across every process and host, with no DDL.
-//! Each permit is a slot, a lock of its own ([`LockKey::permit_slot`]); a try takes the first
+//! Each permit is a slot, a lock of its own ([`LockKey::permit_slot`](crate::LockKey::permit_slot)); a try takes the first
 //! free slot in one statement, skipping slots its own session holds. Waiters queue for the
 //! semaphore's turnstile, a lock of its own, in PostgreSQL's lock queue; its holder alone tries
 //! the slots. Built on the caller side's acquire and waiting paths.
@@ -43,8 +43,8 @@ impl LockManager {
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::Config`] when `permits` is 0 or more than 10,000; otherwise as for
-    /// [`LockManager::try_lock`].
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) when `permits` is 0 or more than 10,000; otherwise as for
+    /// [`LockManager::try_lock`](crate::LockManager::try_lock).
     ///
     /// ```no_run
     /// # let locks = distlock::LockManager::connect("host=localhost user=postgres")?;
@@ -73,7 +73,7 @@ impl LockManager {
     ///
     /// # Errors
     ///
-    /// As for [`LockManager::try_acquire_permit`].
+    /// As for [`LockManager::try_acquire_permit`](crate::LockManager::try_acquire_permit).
     pub fn try_acquire_permit_for(
         &self,
         key: impl Into<LockKey>,
@@ -89,7 +89,7 @@ impl LockManager {
     ///
     /// # Errors
     ///
-    /// As for [`LockManager::try_acquire_permit`] and [`LockManager::lock`].
+    /// As for [`LockManager::try_acquire_permit`](crate::LockManager::try_acquire_permit) and [`LockManager::lock`](crate::LockManager::lock).
     pub fn acquire_permit(&self, key: impl Into<LockKey>, permits: u32) -> Result<LockGuard> {
         let key = key.into();
         check_permits(permits)?;

@@ -1,6 +1,6 @@
 //! Fault tests that need to stop a thread at an exact point inside the library: a caller between
 //! queueing its request and receiving the reply, a worker about to end a lost backend. The hooks
-//! that do it ([`crate::link::Site`]) exist only in test builds. Everything else is real: a real
+//! that do it ([`crate::protocol::link::Site`]) exist only in test builds. Everything else is real: a real
 //! server, real backends stopped with SIGSTOP and killed with `pg_terminate_backend`, and the
 //! outcome checked from outside through a plain connection and `pg_locks`.
 
@@ -419,44 +419,4 @@ fn a_loss_is_announced_before_late_replies_are_settled() {
     }
 }
 
-/// `lock_timeout` can fire just as PostgreSQL grants the lock, and then still raises its error.
-/// Forced here: the wait statement takes the lock and then fails with `lock_not_available`. The
-/// manager must read the hold back from `pg_locks` and hand out a working guard, not report "not
-/// acquired" and leak the lock.
-#[test]
-fn a_grant_racing_lock_timeout_is_a_grant_not_a_leak() {
-    if cluster().is_none() {
-        return;
-    }
-    let app = "ft-wait-race";
-    let locks = manager(app, Duration::from_secs(5), Duration::from_secs(1));
-    let key = LockKey::name("fault/wait-race");
-    let mut outside = plain();
-    outside
-        .execute("SELECT pg_advisory_lock($1)", &[&key.as_id().unwrap()])
-        .unwrap();
-    crate::worker::queue_wait::fault::GRANT_THEN_TIME_OUT
-        .store(key.as_id().unwrap(), Ordering::Release);
-    let waiter = {
-        let locks = locks.clone();
-        thread::spawn(move || locks.try_lock_for(key, Duration::from_secs(5)))
-    };
-    thread::sleep(Duration::from_millis(200));
-    outside
-        .execute("SELECT pg_advisory_unlock($1)", &[&key.as_id().unwrap()])
-        .unwrap();
-    let guard = waiter
-        .join()
-        .unwrap()
-        .expect("no error")
-        .expect("the racing grant is a grant");
-    assert_eq!(
-        crate::worker::queue_wait::fault::GRANT_THEN_TIME_OUT.load(Ordering::Acquire),
-        0,
-        "the wait statement was not the forced one"
-    );
-    assert!(app_holds(&mut outside, app, key));
-    guard.ensure_held().unwrap();
-    drop(guard);
-    assert_eq!(locks_of_app(&mut outside, app), 0, "the grant leaked");
-}
+mod queue_wait;

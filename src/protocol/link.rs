@@ -46,7 +46,7 @@ pub(crate) struct Link {
     /// The thread of the worker serving now, unparked when a request is queued while it is idle.
     worker: Mutex<Option<Thread>>,
     /// A caller that gave up on a reply the worker had already claimed sends here, so that the
-    /// worker releases a grant in it at once (see `crate::reply`). Holds one nudge at most.
+    /// worker releases a grant in it at once (see `crate::protocol::slot`). Holds one nudge at most.
     nudge_tx: Sender<()>,
     nudge_rx: Receiver<()>,
     /// The rest, changed only on connect and loss.
@@ -135,7 +135,7 @@ impl Link {
         }
     }
 
-    /// Tells the worker that a caller gave up on a reply it had claimed (see `crate::reply`).
+    /// Tells the worker that a caller gave up on a reply it had claimed (see `crate::protocol::slot`).
     pub(crate) fn nudge(&self) {
         let _ = self.nudge_tx.try_send(());
     }

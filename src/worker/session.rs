@@ -142,6 +142,15 @@ impl Conn {
     }
 }
 
+/// The row count of each statement of a query, in order, from its `CommandComplete` messages:
+/// how every lock statement's outcome is read (one row: the function returned true).
+pub(crate) fn row_counts(messages: &[SimpleQueryMessage]) -> impl Iterator<Item = u64> + '_ {
+    messages.iter().filter_map(|m| match m {
+        SimpleQueryMessage::CommandComplete(n) => Some(*n),
+        _ => None,
+    })
+}
+
 /// The text of column `i` of `row`: `None` for a NULL, and for a column the row does not have
 /// (a server that answers with other columns than asked for is read, never trusted to the point
 /// of a panic).
@@ -182,10 +191,7 @@ impl Session for Conn {
     fn run(&mut self, sql: &str, counts: &mut Vec<u64>) -> Result<(), Failed> {
         let messages = self.rows(sql)?;
         counts.clear();
-        counts.extend(messages.iter().filter_map(|m| match m {
-            SimpleQueryMessage::CommandComplete(n) => Some(*n),
-            _ => None,
-        }));
+        counts.extend(row_counts(&messages));
         Ok(())
     }
 }

@@ -62,56 +62,24 @@ fn demo(url: Option<&str>, threads_per_manager: usize, run_for: Duration) -> Res
             held: AtomicBool::new(false),
         })
         .collect();
-    let overlaps = AtomicU64::new(0);
-    let contended = AtomicU64::new(0);
+    let tally = Tally::default();
     let deadline = Instant::now() + run_for;
-
-    let per_thread: Vec<Result<Vec<Duration>>> = thread::scope(|s| {
+    let mut cycles = thread::scope(|s| -> Result<Vec<Duration>> {
         let handles: Vec<_> = (0..threads_per_manager * 2)
             .map(|t| {
-                let (locks, keys, overlaps, contended) =
-                    (&managers[t % 2], &keys, &overlaps, &contended);
-                s.spawn(move || -> Result<Vec<Duration>> {
-                    let mut cycles = Vec::new();
-                    let mut i = t;
-                    while Instant::now() < deadline {
-                        let k = &keys[i % keys.len()];
-                        i += 1;
-                        let start = Instant::now();
-                        let guard = match locks.try_lock(k.key)? {
-                            Some(g) => g,
-                            None => {
-                                contended.fetch_add(1, Ordering::Relaxed);
-                                match locks.try_lock_for(k.key, Duration::from_secs(5))? {
-                                    Some(g) => g,
-                                    None => bail!("waited 5 s for {}", k.key),
-                                }
-                            }
-                        };
-                        if k.held.swap(true, Ordering::SeqCst) {
-                            overlaps.fetch_add(1, Ordering::SeqCst);
-                        }
-                        thread::sleep(Duration::from_micros(50));
-                        k.held.store(false, Ordering::SeqCst);
-                        guard.unlock()?;
-                        cycles.push(start.elapsed());
-                    }
-                    Ok(cycles)
-                })
+                let (locks, keys, tally) = (&managers[t % 2], &keys, &tally);
+                s.spawn(move || contend(locks, keys, tally, t, deadline))
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a demo thread panicked")))
-            })
-            .collect()
-    });
-    let mut cycles = Vec::new();
-    for result in per_thread {
-        cycles.extend(result?);
-    }
+        let mut cycles = Vec::new();
+        for handle in handles {
+            let result = handle
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("a demo thread panicked")));
+            cycles.extend(result?);
+        }
+        Ok(cycles)
+    })?;
     cycles.sort();
 
     // Check from outside the library that nothing is left behind.
@@ -124,21 +92,83 @@ fn demo(url: Option<&str>, threads_per_manager: usize, run_for: Duration) -> Res
         )?
         .get(0);
     drop(managers);
-
-    let n = cycles.len();
-    let pct = |p: f64| cycles[((n as f64 * p) as usize).min(n.saturating_sub(1))];
-    let overlaps = overlaps.load(Ordering::SeqCst);
-    println!(
-        "{} threads on 2 managers, {} keys, {:.1?}",
+    report(
+        &cycles,
+        &tally,
         threads_per_manager * 2,
         keys.len(),
-        run_for
-    );
+        run_for,
+        leftover,
+    )
+}
+
+/// What the demo's threads saw.
+#[derive(Default)]
+struct Tally {
+    /// Holds that found the key already held: never more than 0.
+    overlaps: AtomicU64,
+    /// Tries that found the key held and waited.
+    contended: AtomicU64,
+}
+
+/// One demo thread: takes the keys in turn until `deadline`, holding each 50 µs, and records
+/// each cycle's latency.
+fn contend(
+    locks: &LockManager,
+    keys: &[Key],
+    tally: &Tally,
+    first: usize,
+    deadline: Instant,
+) -> Result<Vec<Duration>> {
+    let mut cycles = Vec::new();
+    let mut i = first;
+    while Instant::now() < deadline {
+        let k = &keys[i % keys.len()];
+        i += 1;
+        let start = Instant::now();
+        let guard = match locks.try_lock(k.key)? {
+            Some(g) => g,
+            None => {
+                tally.contended.fetch_add(1, Ordering::Relaxed);
+                match locks.try_lock_for(k.key, Duration::from_secs(5))? {
+                    Some(g) => g,
+                    None => bail!("waited 5 s for {}", k.key),
+                }
+            }
+        };
+        if k.held.swap(true, Ordering::SeqCst) {
+            tally.overlaps.fetch_add(1, Ordering::SeqCst);
+        }
+        thread::sleep(Duration::from_micros(50));
+        k.held.store(false, Ordering::SeqCst);
+        guard.unlock()?;
+        cycles.push(start.elapsed());
+    }
+    Ok(cycles)
+}
+
+/// Prints the demo's figures; exit code 1 when two holders overlapped, a lock was left held or
+/// nothing was acquired.
+fn report(
+    cycles: &[Duration],
+    tally: &Tally,
+    threads: usize,
+    keys: usize,
+    run_for: Duration,
+    leftover: i64,
+) -> Result<ExitCode> {
+    let n = cycles.len();
+    let pct = |p: f64| cycles[((n as f64 * p) as usize).min(n.saturating_sub(1))];
+    let overlaps = tally.overlaps.load(Ordering::SeqCst);
+    println!("{threads} threads on 2 managers, {keys} keys, {run_for:.1?}");
     println!(
         "acquisitions:      {n} ({:.0}/s)",
         n as f64 / run_for.as_secs_f64()
     );
-    println!("contended tries:   {}", contended.load(Ordering::Relaxed));
+    println!(
+        "contended tries:   {}",
+        tally.contended.load(Ordering::Relaxed)
+    );
     if n > 0 {
         println!(
             "cycle latency:     p50 {:.2?}  p99 {:.2?}  (lock + 50 µs hold + unlock)",

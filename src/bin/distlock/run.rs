@@ -2,7 +2,7 @@
 //! and the exit status, releases the lock when the command exits, and acts if the lock is lost.
 
 use std::io::{IsTerminal, Write};
-use std::process::{ExitCode, ExitStatus, Stdio};
+use std::process::{Child, ExitCode, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -77,21 +77,8 @@ const STATUS_EVERY: Duration = Duration::from_millis(500);
 
 pub fn run(url: Option<&str>, args: Args) -> Result<ExitCode, Failure> {
     let server = shared_server(url)?;
-    let app = application_name(&server.config, "distlock");
+    let locks = connect(&server)?;
     let key = LockKey::name(&args.key);
-    let locks = LockManager::builder()
-        .application_name(&app)
-        .heartbeat(Duration::from_secs(1))
-        .tls(server.tls.clone())
-        .connect_config(server.config.clone())
-        .map_err(|e| {
-            let code = match e.kind() {
-                ErrorKind::Config | ErrorKind::Pooler => exit::USAGE,
-                _ => exit::UNAVAILABLE,
-            };
-            Failure::new(code, anyhow!(e).context("cannot connect to the server"))
-        })?;
-
     let Some(guard) = acquire(&locks, key, &args, &server)? else {
         if !args.quiet {
             eprintln!(
@@ -113,38 +100,7 @@ pub fn run(url: Option<&str>, args: Args) -> Result<ExitCode, Failure> {
         eprintln!("distlock: got signal {signal} before the command started; not running it");
         return Ok(ExitCode::from(u8::try_from(128 + signal).unwrap_or(255)));
     }
-
-    let program = args.command.first().map(String::as_str).unwrap_or_default();
-    let mut command = child::command(&args.command)
-        .ok_or_else(|| Failure::new(exit::USAGE, anyhow!("no command given after --")))?;
-    command.stdin(Stdio::inherit());
-    if let Some(token) = guard.fencing_token() {
-        command.env("DISTLOCK_TOKEN", token.to_string());
-    }
-    if args.limit.is_some() {
-        if let Some(slot) = distlock::LockKey::semaphore_slot(guard.key()) {
-            command.env("DISTLOCK_SLOT", slot.to_string());
-        }
-    }
-    if !args.keep_db_env {
-        // distlock's own connection secrets are not the command's business.
-        command.env_remove("DATABASE_URL").env_remove("PGPASSWORD");
-    }
-    // Spawned from the main thread, which lives until distlock exits: Linux sends the parent-death
-    // signal when the spawning *thread* ends.
-    let mut child = match command.spawn() {
-        Ok(child) => child,
-        Err(e) => {
-            let code = match e.kind() {
-                std::io::ErrorKind::NotFound => exit::NOT_FOUND,
-                _ => exit::NOT_EXECUTABLE,
-            };
-            return Err(Failure::new(
-                code,
-                anyhow!(e).context(format!("cannot run {program}")),
-            ));
-        }
-    };
+    let child = spawn(&args, &guard)?;
     let pid = child.id();
 
     // Forward SIGINT, SIGTERM and SIGHUP to the command; distlock itself stays to release the lock.
@@ -154,57 +110,7 @@ pub fn run(url: Option<&str>, args: Args) -> Result<ExitCode, Failure> {
             send_signal(pid, signal);
         }
     });
-
-    let (exited_tx, exited) = crossbeam_channel::bounded(1);
-    thread::spawn(move || {
-        let _ = exited_tx.send(child.wait());
-    });
-
-    let mut lost_at: Option<Instant> = None;
-    let mut killed = false;
-    let never = crossbeam_channel::never();
-    let status: ExitStatus = loop {
-        let timeout = match lost_at.map(|at| at.checked_add(args.kill_after)) {
-            // A --kill-after too large to add to now never comes.
-            Some(Some(kill_at)) if args.on_lost == OnLost::Terminate && !killed => {
-                kill_at.saturating_duration_since(Instant::now())
-            }
-            _ => Duration::from_secs(3600),
-        };
-        let watch_loss = lost_at.is_none();
-        select! {
-            recv(exited) -> status => {
-                break status
-                    .map_err(|_| anyhow!("lost track of the command"))?
-                    .context("waiting for the command")?;
-            }
-            recv(if watch_loss { guard.lost() } else { &never }) -> _ => {
-                lost_at = Some(Instant::now());
-                match args.on_lost {
-                    OnLost::Terminate => {
-                        eprintln!(
-                            "distlock: lost the lock on {} (the connection to the server failed); \
-                             terminating the command (SIGKILL in {:?})",
-                            args.key, args.kill_after
-                        );
-                        send_signal(pid, SIGTERM);
-                    }
-                    OnLost::Ignore => eprintln!(
-                        "distlock: lost the lock on {} (the connection to the server failed); \
-                         the command keeps running (--on-lost ignore)",
-                        args.key
-                    ),
-                }
-            }
-            default(timeout) => {
-                if lost_at.is_some() && args.on_lost == OnLost::Terminate && !killed {
-                    eprintln!("distlock: the command did not exit after SIGTERM; sending SIGKILL");
-                    send_signal(pid, SIGKILL);
-                    killed = true;
-                }
-            }
-        }
-    };
+    let (status, lost_at) = supervise(child, &guard, &args)?;
     signal_handle.close();
 
     let lost = lost_at.is_some() || guard.is_lost();
@@ -217,6 +123,119 @@ pub fn run(url: Option<&str>, args: Args) -> Result<ExitCode, Failure> {
         return Ok(ExitCode::from(exit::LOST));
     }
     Ok(ExitCode::from(exit::of_status(status)))
+}
+
+/// The lock manager of a run: named after the connection string's `application_name`, else
+/// `distlock`.
+fn connect(server: &Server) -> Result<LockManager, Failure> {
+    let app = application_name(&server.config, "distlock");
+    LockManager::builder()
+        .application_name(&app)
+        .heartbeat(Duration::from_secs(1))
+        .tls(server.tls.clone())
+        .connect_config(server.config.clone())
+        .map_err(|e| {
+            let code = match e.kind() {
+                ErrorKind::Config | ErrorKind::Pooler => exit::USAGE,
+                _ => exit::UNAVAILABLE,
+            };
+            Failure::new(code, anyhow!(e).context("cannot connect to the server"))
+        })
+}
+
+/// Starts the command under the lock `guard` holds, with its token and slot in the environment.
+fn spawn(args: &Args, guard: &LockGuard) -> Result<Child, Failure> {
+    let program = args.command.first().map(String::as_str).unwrap_or_default();
+    let mut command = child::command(&args.command)
+        .ok_or_else(|| Failure::new(exit::USAGE, anyhow!("no command given after --")))?;
+    command.stdin(Stdio::inherit());
+    if let Some(token) = guard.fencing_token() {
+        command.env("DISTLOCK_TOKEN", token.to_string());
+    }
+    if args.limit.is_some() {
+        if let Some(slot) = guard.key().semaphore_slot() {
+            command.env("DISTLOCK_SLOT", slot.to_string());
+        }
+    }
+    if !args.keep_db_env {
+        // distlock's own connection secrets are not the command's business.
+        command.env_remove("DATABASE_URL").env_remove("PGPASSWORD");
+    }
+    // Spawned from the main thread, which lives until distlock exits: Linux sends the parent-death
+    // signal when the spawning *thread* ends.
+    command.spawn().map_err(|e| {
+        let code = match e.kind() {
+            std::io::ErrorKind::NotFound => exit::NOT_FOUND,
+            _ => exit::NOT_EXECUTABLE,
+        };
+        Failure::new(code, anyhow!(e).context(format!("cannot run {program}")))
+    })
+}
+
+/// Waits for the command to exit while watching the lock: on a loss, terminates the command
+/// (SIGKILL after --kill-after) or lets it finish, as --on-lost says. Returns its status and
+/// when the lock was lost, if it was.
+fn supervise(
+    mut child: Child,
+    guard: &LockGuard,
+    args: &Args,
+) -> Result<(ExitStatus, Option<Instant>), Failure> {
+    let pid = child.id();
+    let (exited_tx, exited) = crossbeam_channel::bounded(1);
+    thread::spawn(move || {
+        let _ = exited_tx.send(child.wait());
+    });
+    let mut lost_at: Option<Instant> = None;
+    let mut killed = false;
+    let never = crossbeam_channel::never();
+    loop {
+        let timeout = match lost_at.map(|at| at.checked_add(args.kill_after)) {
+            // A --kill-after too large to add to now never comes.
+            Some(Some(kill_at)) if args.on_lost == OnLost::Terminate && !killed => {
+                kill_at.saturating_duration_since(Instant::now())
+            }
+            _ => Duration::from_secs(3600),
+        };
+        let watch_loss = lost_at.is_none();
+        select! {
+            recv(exited) -> status => {
+                let status = status
+                    .map_err(|_| anyhow!("lost track of the command"))?
+                    .context("waiting for the command")?;
+                return Ok((status, lost_at));
+            }
+            recv(if watch_loss { guard.lost() } else { &never }) -> _ => {
+                lost_at = Some(Instant::now());
+                announce_loss(pid, args);
+            }
+            default(timeout) => {
+                if lost_at.is_some() && args.on_lost == OnLost::Terminate && !killed {
+                    eprintln!("distlock: the command did not exit after SIGTERM; sending SIGKILL");
+                    send_signal(pid, SIGKILL);
+                    killed = true;
+                }
+            }
+        }
+    }
+}
+
+/// Says that the lock was lost, and terminates the command unless --on-lost ignore.
+fn announce_loss(pid: u32, args: &Args) {
+    match args.on_lost {
+        OnLost::Terminate => {
+            eprintln!(
+                "distlock: lost the lock on {} (the connection to the server failed); \
+                 terminating the command (SIGKILL in {:?})",
+                args.key, args.kill_after
+            );
+            send_signal(pid, SIGTERM);
+        }
+        OnLost::Ignore => eprintln!(
+            "distlock: lost the lock on {} (the connection to the server failed); \
+             the command keeps running (--on-lost ignore)",
+            args.key
+        ),
+    }
 }
 
 /// Sends `signal` to `pid`.

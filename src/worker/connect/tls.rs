@@ -28,9 +28,7 @@ use rustls::{CertificateError, ClientConfig};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::worker::connect::certs::{
-    AnyCertificate, ChainOnly, Roots, read_certs, read_key, root_store,
-};
+use crate::worker::connect::certs::{Lenient, Roots, read_certs, read_key, root_store};
 use crate::worker::connect::params;
 
 /// How much TLS a connection asks for: libpq's `sslmode`.
@@ -266,18 +264,21 @@ impl Tls {
             .with_safe_default_protocol_versions()
             .map_err(|e| Error::with_source(ErrorKind::Config, "no usable TLS versions", e))?;
         let verifier: Arc<dyn ServerCertVerifier> = match check {
-            Check::Nothing => Arc::new(AnyCertificate(provider)),
+            Check::Nothing => Arc::new(Lenient::nothing(provider)),
             Check::Chain | Check::Full => {
                 let store = root_store(roots.as_ref())?;
-                let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(store), provider)
-                    .build()
-                    .map_err(|e| {
-                        Error::with_source(ErrorKind::Config, "unusable root certificates", e)
-                    })?;
+                let webpki = WebPkiServerVerifier::builder_with_provider(
+                    Arc::new(store),
+                    Arc::clone(&provider),
+                )
+                .build()
+                .map_err(|e| {
+                    Error::with_source(ErrorKind::Config, "unusable root certificates", e)
+                })?;
                 if check == Check::Full {
                     webpki
                 } else {
-                    Arc::new(ChainOnly(webpki))
+                    Arc::new(Lenient::chain_only(webpki, provider))
                 }
             }
         };
