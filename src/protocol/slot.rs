@@ -275,8 +275,11 @@ pub(crate) fn wait(slot: &ReplySlot, ticket: u64, deadline: Instant, spin: u32) 
         std::hint::spin_loop();
     }
     // A caller that comes to its receive past its deadline (descheduled, or paused) gives up
-    // without receiving: the worker may be offering the reply right now, and would hand it over.
-    if Instant::now() < deadline {
+    // without receiving a reply the worker has claimed: the worker may be offering it right now
+    // (waiting for late callers) and would hand it over. A reply not claimed yet is on offer to
+    // nobody, and the receive gives up at the deadline by itself, so only then is the clock read.
+    let claimed = slot.state.load(Ordering::Acquire) != state(ticket, WAITING);
+    if !claimed || Instant::now() < deadline {
         if let Ok(reply) = slot.rx.recv_deadline(deadline) {
             return Waited::Reply(reply);
         }
