@@ -97,6 +97,7 @@ impl Table {
     /// Reserves a hold of every one of `keys` in `mode`, or of none: on a conflict or a full
     /// table the ones reserved are given back and the first refusal is the outcome (`sole`: every
     /// key's reservation is the manager's only hold of it).
+    #[inline]
     pub(crate) fn reserve_all(&mut self, keys: &[LockKey], mode: Mode, max: usize) -> Reservation {
         let mut all_sole = true;
         for (i, &key) in keys.iter().enumerate() {
@@ -112,6 +113,7 @@ impl Table {
     }
 
     /// Gives back one hold of each of `keys`, taken by [`Table::reserve_all`].
+    #[inline]
     pub(crate) fn release_all(&mut self, keys: &[LockKey], mode: Mode, why: Release) {
         for &key in keys {
             self.release(key, mode, why);
