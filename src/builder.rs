@@ -8,7 +8,6 @@ use crate::start::{self, Options};
 use crate::worker::connect::params;
 use crate::worker::connect::tls::{SslMode, Tls};
 
-const DEFAULT_APPLICATION_NAME: &str = "distlock";
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
@@ -68,7 +67,7 @@ impl Default for Builder {
     fn default() -> Builder {
         Builder {
             options: Options {
-                application_name: DEFAULT_APPLICATION_NAME.to_owned(),
+                application_name: None,
                 connect_timeout: DEFAULT_CONNECT_TIMEOUT,
                 request_timeout: DEFAULT_REQUEST_TIMEOUT,
                 max_locks: DEFAULT_MAX_LOCKS,
@@ -85,12 +84,17 @@ impl Default for Builder {
 }
 
 impl Builder {
-    /// The `application_name` of the connection, shown in `pg_stat_activity` next to the locks it
-    /// holds. Overrides one given in the connection parameters.
+    /// The `application_name` of the lock session, shown in `pg_stat_activity` next to the locks
+    /// it holds. Overrides one given in the connection parameters.
     ///
-    /// Defaults to `"distlock"`.
+    /// The manager's waiting connections carry the same name with ` (waiting connection)` after
+    /// it (the name cut to fit PostgreSQL's 63 bytes), so an operator — or a monitoring tool that
+    /// flags long-running statements — can tell a queued waiter from the lock session. A lock
+    /// granted after a wait in the queue is held by that connection, under that name.
+    ///
+    /// Defaults to the connection parameters' `application_name`, else `"distlock"`.
     pub fn application_name(mut self, name: &str) -> Builder {
-        name.clone_into(&mut self.options.application_name);
+        self.options.application_name = Some(name.to_owned());
         self
     }
 
@@ -118,10 +122,18 @@ impl Builder {
         self
     }
 
-    /// The most locks the manager holds at once (each shared holder counts); a try past it fails with
-    /// [`ErrorKind::TooManyLocks`](crate::ErrorKind::TooManyLocks). Every held lock takes a slot in the server's shared lock table
-    /// (`max_locks_per_transaction × max_connections` slots), which a runaway caller could exhaust for
-    /// the whole server.
+    /// The most locks the manager holds at once (each shared holder counts, and the holds of its
+    /// waiting connections); a try past it fails with
+    /// [`ErrorKind::TooManyLocks`](crate::ErrorKind::TooManyLocks).
+    ///
+    /// Every held lock takes an entry of the server's shared lock table, about
+    /// `max_locks_per_transaction × (max_connections + max_prepared_transactions)` entries for all
+    /// sessions together. A session that fills it makes every other session's lock requests fail
+    /// — and every new connection, with `FATAL: out of shared memory`. So, whatever this setting
+    /// says, a manager holds at most a quarter of that table, read from the server at connect
+    /// (the error's message then says so). A fleet of managers shares the table too: keep the
+    /// locks all of them hold at once well below it (the server's own sessions need entries as
+    /// well), or raise `max_locks_per_transaction`.
     ///
     /// Defaults to 1024.
     pub fn max_locks(mut self, max: usize) -> Builder {

@@ -29,7 +29,8 @@ pub enum ErrorKind {
     LockLost,
     /// The worker has stopped (its connection is closed); the manager can no longer take locks.
     Shutdown,
-    /// The manager already holds as many locks as `Builder::max_locks` allows.
+    /// The manager already holds as many locks as it may: `Builder::max_locks`, or its share of
+    /// the server's shared lock table (a quarter), whichever is smaller. The message says which.
     TooManyLocks,
     /// The server rejected a statement (the source is the server's error).
     Server,
@@ -40,6 +41,16 @@ pub enum ErrorKind {
     /// taken through it exclude nobody. Connect directly, or through session pooling. Once seen,
     /// every call of the manager returns it.
     Pooler,
+    /// The server accepts advisory lock calls, but a lock the session takes does not show as
+    /// held by it: locks there would exclude nobody. CockroachDB's advisory functions are stubs
+    /// that return `true`; YugabyteDB before its advisory-lock support, with the "not supported"
+    /// error silenced, turns every call into a no-op; other wire-compatible servers return no row
+    /// or keep locks per node; and a schema ahead of `pg_catalog` on the role's `search_path` can
+    /// shadow the functions on a real PostgreSQL. Every connect and reconnect proves, in the same
+    /// round trip as the session's set-up and with the SQL the locks use, that a lock taken shows
+    /// in `pg_locks` under the session's own backend; otherwise the connection is refused with
+    /// this kind, and the message names what the server's `version()` says it is.
+    NoExclusion,
     /// PostgreSQL found a deadlock while the call waited in its lock queue (two sessions each
     /// waiting for a lock the other holds) and ended this call's wait to break it. Nothing was
     /// acquired; release what the caller holds, and try again.
@@ -114,13 +125,6 @@ impl Error {
              manager's statements to sessions others use, and session advisory locks then \
              exclude nobody. Connect to PostgreSQL directly, or through session pooling \
              (pool_mode=session)",
-        )
-    }
-
-    pub(crate) fn too_many_locks() -> Error {
-        Error::new(
-            ErrorKind::TooManyLocks,
-            "the lock manager already holds its maximum number of locks",
         )
     }
 

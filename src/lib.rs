@@ -162,6 +162,17 @@
 //!   reserved until the lost guard is dropped, because its holder may still be inside its
 //!   critical section. `try_lock` of that key returns `Ok(None)` and `lock` waits until then, as
 //!   they would for a live guard. Drop a lost guard before taking its key again.
+//! * **Refused, and why.** A manager refuses to connect to a standby (its locks would be local
+//!   to it; [`ErrorKind::Connect`]), through a pooler that shares its session
+//!   ([`ErrorKind::Pooler`]), and to a server whose advisory locks exclude nobody
+//!   ([`ErrorKind::NoExclusion`]): every connect and reconnect takes a lock of each kind the
+//!   manager uses, with the same SQL, and proves it shows in `pg_catalog.pg_locks` under the
+//!   session's own backend, in the same round trip as the session's set-up. It refuses a hold
+//!   past its share of the server's lock table ([`ErrorKind::TooManyLocks`], see "Slots are
+//!   finite").
+//! * **Every call keeps its bound, also while reconnecting.** Requests that queued before a loss
+//!   was noticed are answered with [`ErrorKind::Offline`] while the worker connects again, not
+//!   after; a waiting connection opened for a waiting call gives up at that call's deadline.
 //! * **A lease, not a guarantee.** [`LockGuard::ensure_held`] proves with one round trip that the
 //!   session holding the lock is alive and holds it (`pg_locks`), right before an irreversible step.
 //!   The connection can still fail a moment later; where two holders at once would corrupt data, make
@@ -202,6 +213,11 @@
 //!   user means the operating-system user (`USER`). An entirely empty string is an
 //!   [`ErrorKind::Config`] error: it is far more often a variable that was never set. No password
 //!   appears in any `Display`, `Debug` or log line.
+//! * **Names.** A lock session shows in `pg_stat_activity` under [`Builder::application_name`],
+//!   else the parameters' `application_name`, else `distlock` (the `distlock` command also reads
+//!   `PGAPPNAME`); its waiting connections under the same name with ` (waiting connection)` after
+//!   it, so a queued waiter (`wait_event` `advisory`) is told from the lock session at a glance. A
+//!   lock granted after a wait in the queue is held by that connection, under that name.
 //! * **Never a standby.** Advisory locks work on a hot standby but are local to it, so a lock taken
 //!   on a read replica excludes nobody on the primary. Every connection and reconnection checks
 //!   `pg_is_in_recovery()` and refuses a standby (the error says "standby") unless
@@ -234,8 +250,11 @@
 //!   or a failed [`LockGuard::ensure_held`] check that lands in another backend or finds another
 //!   client's mark, makes the manager fail for good with [`ErrorKind::Pooler`] (its guards are
 //!   told they are lost). Between two heartbeats a pooler can go unseen: the heartbeat bounds it.
-//! * **Slots are finite.** Each held lock uses a slot of the server's shared lock table
-//!   (`max_locks_per_transaction × max_connections`); [`Builder::max_locks`] caps one manager.
+//! * **Slots are finite.** Each held lock uses an entry of the server's shared lock table
+//!   (`max_locks_per_transaction × (max_connections + max_prepared_transactions)` for every
+//!   session together); one that fills it takes the server down for everyone, new connections
+//!   included. A manager holds at most [`Builder::max_locks`], and never more than a quarter of
+//!   the table.
 //!
 //! # Implementation
 //!

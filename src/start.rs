@@ -4,7 +4,7 @@
 //! own started the same way.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::caller::acquire::FIRST_RETRY;
 use crate::caller::handle::LockManager;
@@ -18,11 +18,23 @@ use crate::worker::connect::{Connector, params};
 use crate::worker::sql::ServerKeepalive;
 use crate::worker::{self, Spec, monitor};
 
+/// The application name of a lock session whose builder and parameters name none.
+const DEFAULT_APPLICATION_NAME: &str = "distlock";
+/// What a waiting connection's application name adds to its manager's.
+const WAITING_SUFFIX: &str = " (waiting connection)";
+/// The longest application name PostgreSQL keeps (`NAMEDATALEN - 1` bytes).
+const MAX_APPLICATION_NAME: usize = 63;
+
+/// A manager holds at most this fraction (1 / it) of the server's shared lock table.
+const LOCK_TABLE_SHARE: i64 = 4;
 /// Requests that may queue for the worker before senders wait (within their own bound).
 const QUEUE_CAPACITY: usize = 1024;
 /// How long a lone caller spins for its reply with `Builder::spin_wait`: about a millisecond, a few
 /// round trips to a nearby server.
 const SPIN_TURNS: u32 = 20_000;
+/// The shortest connect timeout a waiting connection is opened with, however close the waiting
+/// caller's deadline.
+const MIN_CONNECT_TIMEOUT: Duration = Duration::from_millis(1);
 /// The shortest heartbeat; shorter settings are raised to it.
 const MIN_HEARTBEAT: Duration = Duration::from_millis(1);
 /// The largest TCP user timeout Linux accepts (`i32::MAX` milliseconds).
@@ -31,7 +43,8 @@ const MAX_TCP_USER_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
 /// A manager's settings, as the builder collected them (its docs say what each means).
 #[derive(Debug, Clone)]
 pub(crate) struct Options {
-    pub(crate) application_name: String,
+    /// `None`: the connection parameters', else [`DEFAULT_APPLICATION_NAME`].
+    pub(crate) application_name: Option<String>,
     pub(crate) connect_timeout: Duration,
     pub(crate) request_timeout: Duration,
     pub(crate) max_locks: usize,
@@ -51,7 +64,13 @@ pub(crate) fn start(
     mut config: postgres::Config,
     tls: Tls,
 ) -> Result<LockManager> {
-    let waits = waiting_connections(&options, &config, &tls);
+    let name = options
+        .application_name
+        .clone()
+        .or_else(|| config.get_application_name().map(str::to_owned))
+        .unwrap_or_else(|| DEFAULT_APPLICATION_NAME.to_owned());
+    config.application_name(&name);
+    let waits = waiting_connections(&options, &name, &config, &tls);
     params::libpq_defaults(&mut config)?;
     options.check_settings()?;
     params::check_hosts(&config)?;
@@ -77,10 +96,12 @@ pub(crate) fn start(
         },
     };
     start_worker(spec.clone(), options.connect_timeout)?;
+    let (max_locks, lock_table_limit) = lock_limit(options.max_locks, spec.connector.lock_table());
     monitor::start(spec, shutdown_rx).map_err(spawn_error)?;
     let settings = Settings {
         request_timeout: options.request_timeout,
-        max_locks: options.max_locks,
+        max_locks,
+        lock_table_limit,
         max_retry_interval: options.max_retry_interval.max(FIRST_RETRY),
         spin_turns,
     };
@@ -88,19 +109,44 @@ pub(crate) fn start(
     Ok(LockManager::from_shared(shared))
 }
 
-/// The waiting connections of a manager built by `builder` (none with `wait_connections(0)`):
-/// each a manager of its own, with the same settings and no waiting connections of its own.
-fn waiting_connections(options: &Options, config: &postgres::Config, tls: &Tls) -> Option<Waits> {
+/// The most holds a manager may have: the builder's `max_locks`, or a quarter of the server's
+/// shared lock table of `entries` (0: unknown) when that is smaller (then also the entries).
+fn lock_limit(max_locks: usize, entries: i64) -> (usize, Option<i64>) {
+    let share = usize::try_from(entries / LOCK_TABLE_SHARE).unwrap_or(0);
+    if entries > 0 && share < max_locks {
+        (share, Some(entries))
+    } else {
+        (max_locks, None)
+    }
+}
+
+/// The waiting connections of a manager named `name` (none with `wait_connections(0)`): each a
+/// manager of its own, with the same settings, a name that says it waits, and no waiting
+/// connections of its own.
+fn waiting_connections(
+    options: &Options,
+    name: &str,
+    config: &postgres::Config,
+    tls: &Tls,
+) -> Option<Waits> {
     if options.wait_connections == 0 {
         return None;
     }
     let one = Options {
         wait_connections: 0,
+        application_name: Some(waiting_name(name)),
         ..options.clone()
     };
     let (config, tls) = (config.clone(), tls.clone());
-    let open: Open<Arc<Shared>> = Box::new(move || {
-        let manager = start(one.clone(), config.clone(), tls.clone())?;
+    // Opened for a caller that waits: the connect gives up at the caller's deadline, so that the
+    // call keeps its bound (it then waits by polling).
+    let open: Open<Arc<Shared>> = Box::new(move |deadline| {
+        let mut options = one.clone();
+        if let Some(deadline) = deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            options.connect_timeout = options.connect_timeout.min(left.max(MIN_CONNECT_TIMEOUT));
+        }
+        let manager = start(options, config.clone(), tls.clone())?;
         Ok(Arc::clone(manager.shared()))
     });
     let usable = |shared: &Arc<Shared>| shared.link().is_online();
@@ -112,7 +158,17 @@ fn waiting_connections(options: &Options, config: &postgres::Config, tls: &Tls) 
     ))
 }
 
-/// The client settings every lock connection uses.
+/// The application name of a waiting connection of the manager named `name`: the name, cut on a
+/// character boundary so that the suffix fits in what PostgreSQL keeps, and the suffix.
+fn waiting_name(name: &str) -> String {
+    let mut end = name.len().min(MAX_APPLICATION_NAME - WAITING_SUFFIX.len());
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{WAITING_SUFFIX}", &name[..end])
+}
+
+/// The client settings every lock connection uses (its application name is set already).
 fn apply_settings(options: &Options, config: &mut postgres::Config) {
     // TCP keepalives find a peer that vanished while the connection idles between heartbeats
     // (a host that died, a NAT that forgot us); the user timeout bounds how long unacknowledged
@@ -120,7 +176,6 @@ fn apply_settings(options: &Options, config: &mut postgres::Config) {
     // `i32::MAX` ms there (a larger value fails the connect), so a longer request timeout
     // saturates at that.
     config
-        .application_name(&options.application_name)
         .connect_timeout(options.connect_timeout)
         .keepalives(true)
         .keepalives_idle(Duration::from_secs(5))
@@ -197,4 +252,26 @@ fn spawn_error(e: std::io::Error) -> Error {
         "could not spawn the lock manager's threads",
         e,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_waiting_connections_name_fits_and_says_it_waits() {
+        assert_eq!(waiting_name("billing"), "billing (waiting connection)");
+        let long = "é".repeat(40); // 80 bytes
+        let name = waiting_name(&long);
+        assert!(name.len() <= MAX_APPLICATION_NAME, "{} bytes", name.len());
+        assert!(name.ends_with(WAITING_SUFFIX));
+        assert!(name.starts_with("éé"));
+    }
+
+    #[test]
+    fn a_manager_holds_at_most_a_quarter_of_the_servers_lock_table() {
+        assert_eq!(lock_limit(1024, 6400), (1024, None));
+        assert_eq!(lock_limit(1024, 3000), (750, Some(3000)));
+        assert_eq!(lock_limit(1024, 0), (1024, None), "unknown: the builder's");
+    }
 }

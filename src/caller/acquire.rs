@@ -77,7 +77,7 @@ pub(crate) fn acquire<G>(
     let sole_hold = match shared.reserve_all(keys, mode) {
         Reservation::Reserved { sole } => sole,
         Reservation::Conflict => return Ok(None),
-        Reservation::Full => return Err(Error::too_many_locks()),
+        Reservation::Full => return Err(shared.too_many_locks()),
     };
     // On a timeout the request may still run: the worker then finds nobody waiting and
     // releases the grant itself, before any later request for the keys (the queue is FIFO).

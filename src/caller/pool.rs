@@ -20,8 +20,8 @@ use crate::error::Result;
 /// A waiting connection idle this long is closed.
 pub(crate) const IDLE_CLOSE: Duration = Duration::from_secs(10);
 
-/// Opens one connection.
-pub(crate) type Open<C> = Box<dyn Fn() -> Result<C> + Send + Sync>;
+/// Opens one connection, giving up at the deadline (`None`: the opener's own bound).
+pub(crate) type Open<C> = Box<dyn Fn(Option<Instant>) -> Result<C> + Send + Sync>;
 
 /// A bounded, lazily opened pool of connections of type `C`.
 pub(crate) struct WaitPool<C> {
@@ -103,8 +103,9 @@ impl<C: Send + 'static> WaitPool<C> {
         }
     }
 
-    /// A connection, opened if none is free and the bound allows; otherwise waits, in arrival
-    /// order, until one is free or `deadline` passes (`Ok(None)`).
+    /// A connection, opened if none is free and the bound allows (the opening bounded by
+    /// `deadline` too); otherwise waits, in arrival order, until one is free or `deadline` passes
+    /// (`Ok(None)`).
     ///
     /// # Errors
     ///
@@ -126,7 +127,7 @@ impl<C: Send + 'static> WaitPool<C> {
                     state.queue.pop_front();
                     self.freed.notify_all();
                     drop(state);
-                    return self.open_one().map(Some);
+                    return self.open_one(deadline).map(Some);
                 }
             }
             let timed_out = match deadline {
@@ -157,9 +158,9 @@ impl<C: Send + 'static> WaitPool<C> {
         }
     }
 
-    /// Opens a connection whose place in `open` is already counted.
-    fn open_one(self: &Arc<Self>) -> Result<Taken<C>> {
-        match (self.open)() {
+    /// Opens a connection whose place in `open` is already counted, by `deadline`.
+    fn open_one(self: &Arc<Self>, deadline: Option<Instant>) -> Result<Taken<C>> {
+        match (self.open)(deadline) {
             Ok(conn) => {
                 self.start_reaper();
                 Ok(self.taken(conn))
@@ -253,7 +254,7 @@ mod tests {
 
     fn pool(max: usize, opened: &Arc<AtomicUsize>, fail: bool) -> Arc<WaitPool<Fake>> {
         let opened = Arc::clone(opened);
-        let open: Open<Fake> = Box::new(move || {
+        let open: Open<Fake> = Box::new(move |_| {
             if fail {
                 return Err(Error::new(ErrorKind::Connect, "refused"));
             }

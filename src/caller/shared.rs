@@ -13,7 +13,7 @@ use parking_lot::{Condvar, Mutex};
 use crate::caller::pool::WaitPool;
 use crate::caller::table::{Release, Reservation, Table};
 use crate::clock::deadline_in;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::key::LockKey;
 use crate::mode::Mode;
 use crate::protocol::link::{Link, Site};
@@ -46,8 +46,11 @@ pub(crate) struct Call {
 pub(crate) struct Settings {
     /// Bound on each wait for the worker.
     pub(crate) request_timeout: Duration,
-    /// Most holds at once.
+    /// Most holds at once: the builder's `max_locks`, or the manager's share of the server's
+    /// lock table when that is smaller.
     pub(crate) max_locks: usize,
+    /// Entries of the server's shared lock table (0: unknown), when its share is the limit.
+    pub(crate) lock_table_limit: Option<i64>,
     /// The cap of the backoff between tries of a held lock.
     pub(crate) max_retry_interval: Duration,
     /// Turns a lone caller spins for its reply before it blocks (0: none).
@@ -279,7 +282,7 @@ impl Shared {
         loop {
             match table.reserve_all(keys, mode, self.settings.max_locks) {
                 Reservation::Reserved { .. } => return Ok(true),
-                Reservation::Full => return Err(Error::too_many_locks()),
+                Reservation::Full => return Err(self.too_many_locks()),
                 Reservation::Conflict => {}
             }
             let timed_out = match deadline {
@@ -293,6 +296,28 @@ impl Shared {
                 return Ok(false);
             }
         }
+    }
+
+    /// The error of a hold past the manager's limit, saying which limit.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn too_many_locks(&self) -> Error {
+        let max = self.settings.max_locks;
+        let message = match self.settings.lock_table_limit {
+            Some(entries) => format!(
+                "the lock manager already holds {max} locks, its share of the server's shared lock \
+                 table ({entries} entries: max_locks_per_transaction × (max_connections + \
+                 max_prepared_transactions); each manager may hold a quarter): a session that \
+                 filled the table would make every other session's lock requests, and every new \
+                 connection, fail with \"out of shared memory\". Raise max_locks_per_transaction \
+                 on the server to hold more"
+            ),
+            None => format!(
+                "the lock manager already holds its maximum number of locks ({max}, \
+                 Builder::max_locks)"
+            ),
+        };
+        Error::new(ErrorKind::TooManyLocks, message)
     }
 
     /// Gives back reservations whose try did not grant. Nobody is woken (see

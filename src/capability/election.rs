@@ -22,7 +22,9 @@ use crate::key::LockKey;
 ///
 /// Observers that do not campaign ask who leads ([`Election::leader`]) or watch for changes
 /// ([`Election::watch`]). A leader is known by its session: pid, application name
-/// (`Builder::application_name`, so name your candidates), client address.
+/// (`Builder::application_name`, so name your candidates; a candidate that waited for its
+/// leadership in the lock queue leads on its waiting connection, whose name ends with
+/// ` (waiting connection)`), client address.
 ///
 /// ```no_run
 /// use distlock::{Election, LockManager};

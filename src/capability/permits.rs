@@ -116,7 +116,7 @@ fn try_permit(
 ) -> Result<Option<LockGuard>> {
     shared.check_online()?;
     if shared.held() >= shared.settings().max_locks {
-        return Err(Error::too_many_locks());
+        return Err(shared.too_many_locks());
     }
     let reply = shared.round_trip_special(Special::Permit { key, permits }, deadline)?;
     let grant = match reply {

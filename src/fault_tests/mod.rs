@@ -419,4 +419,5 @@ fn a_loss_is_announced_before_late_replies_are_settled() {
     }
 }
 
+mod bounds;
 mod queue_wait;

@@ -43,8 +43,11 @@ fn a_grant_racing_lock_timeout_is_a_grant_not_a_leak() {
         0,
         "the wait statement was not the forced one"
     );
-    assert!(app_holds(&mut outside, app, key));
+    // Granted on the manager's waiting connection, which carries its name and says it waits.
+    let waiting = format!("{app} (waiting connection)");
+    assert!(app_holds(&mut outside, &waiting, key));
     guard.ensure_held().unwrap();
     drop(guard);
+    assert_eq!(locks_of_app(&mut outside, &waiting), 0, "the grant leaked");
     assert_eq!(locks_of_app(&mut outside, app), 0, "the grant leaked");
 }

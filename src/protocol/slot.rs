@@ -196,12 +196,26 @@ impl LateReplies {
     /// on `requests`, or a caller giving up on a claimed reply (a nudge on `nudges`). Does none of
     /// them; the worker looks again.
     pub(crate) fn wait<T>(&self, requests: &Receiver<T>, nudges: &Receiver<()>, timeout: Duration) {
+        self.wait_also::<T, ()>(requests, None, nudges, timeout);
+    }
+
+    /// As [`LateReplies::wait`], and also for `also` to be ready (a connect attempt's result).
+    pub(crate) fn wait_also<T, U>(
+        &self,
+        requests: &Receiver<T>,
+        also: Option<&Receiver<U>>,
+        nudges: &Receiver<()>,
+        timeout: Duration,
+    ) {
         let mut select = Select::new();
         for late in &self.owed {
             select.send(late.delivery.sender());
         }
         select.recv(requests);
         select.recv(nudges);
+        if let Some(also) = also {
+            select.recv(also);
+        }
         let _ = select.ready_timeout(timeout);
     }
 }

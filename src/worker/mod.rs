@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Sender, TryRecvError};
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use postgres::Client;
 
 use crate::backoff::Backoff;
@@ -20,7 +20,7 @@ use crate::protocol::reply::Orphan;
 use crate::protocol::request::Request;
 use crate::protocol::slot::LateReplies;
 use crate::worker::batch::{Batch, MAX_BATCH};
-use crate::worker::connect::Connector;
+use crate::worker::connect::{Attempt, Connector};
 use crate::worker::session::{Conn, Query};
 
 pub(crate) mod batch;
@@ -208,7 +208,16 @@ impl Worker {
                 self.drain(Error::pooler, None)?;
                 continue;
             }
-            match self.spec.connector.connect() {
+            // Requests that queue while the attempt runs are answered at once, as offline.
+            let connector = Arc::clone(&self.spec.connector);
+            let mut gone = false;
+            let attempt = connector.connect_while(&mut |attempt, left| {
+                gone |= self.offline_turn(attempt, left).is_none();
+            });
+            if gone {
+                return None;
+            }
+            match attempt {
                 Ok(ok) => return Some(ok),
                 Err(e) if e.kind() == ErrorKind::Pooler => {
                     self.spec.link.set_pooled();
@@ -218,6 +227,29 @@ impl Worker {
             }
             self.drain(Error::offline, Some(Instant::now() + backoff.next_pause()))?;
         }
+    }
+
+    /// One turn while a connect attempt runs: answers the queued requests as offline, hands late
+    /// replies over, and waits up to `left` for more of either or for the attempt. `None` when
+    /// the manager is gone.
+    fn offline_turn(&mut self, attempt: &Receiver<Attempt>, left: Duration) -> Option<()> {
+        let _ = self.settle_late(None);
+        loop {
+            match self.spec.requests.try_recv() {
+                Ok(request) => self.fail(request, Error::offline()),
+                Err(TryRecvError::Disconnected) => {
+                    // Nobody to answer: wait for the attempt alone (it closes what it gets).
+                    let mut ready = crossbeam_channel::Select::new();
+                    ready.recv(attempt);
+                    let _ = ready.ready_timeout(left);
+                    return None;
+                }
+                Err(TryRecvError::Empty) => break,
+            }
+        }
+        let (requests, nudges) = (&self.spec.requests, self.spec.link.nudges());
+        self.late.wait_also(requests, Some(attempt), nudges, left);
+        Some(())
     }
 
     /// With no connection: answers every queued request with `refusal()` and hands late replies

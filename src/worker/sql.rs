@@ -16,10 +16,15 @@ use crate::worker::fencing::NEXT_TOKEN;
 
 /// Identifies a new connection's backend: its pid, its start time (µs since the epoch), and
 /// whether the server is a standby (in recovery).
+/// Also what the server says it is (`version()`), and the entries of its shared lock table
+/// (`max_locks_per_transaction × (max_connections + max_prepared_transactions)`).
 pub(crate) const IDENTIFY: &str = "SELECT pg_backend_pid(), \
      (extract(epoch FROM backend_start) * 1000000)::int8, pg_is_in_recovery(), \
      current_setting('server_version_num')::int4, \
-     coalesce(current_setting('distlock.session', true), '') <> '' \
+     coalesce(current_setting('distlock.session', true), '') <> '', version(), \
+     current_setting('max_locks_per_transaction')::int8 * \
+     (current_setting('max_connections')::int8 + \
+     current_setting('max_prepared_transactions')::int8) \
      FROM pg_stat_activity WHERE pid = pg_backend_pid()";
 
 /// How the server should watch a lock session's client, so that a client whose host vanished
@@ -51,6 +56,9 @@ impl ServerKeepalive {
         }
     }
 }
+
+/// How many statements [`Sql::push_exclusion_proof`] appends.
+pub(crate) const PROOF_STATEMENTS: usize = 15;
 
 /// A reusable statement buffer: once it has grown to its working size, formatting allocates nothing.
 #[derive(Debug, Default)]
@@ -170,6 +178,46 @@ impl Sql {
                 set(&mut self.buf, "tcp_user_timeout", k.user_timeout_ms);
             }
         }
+    }
+
+    /// Appends the proof that this session's locks exclude: each family of functions the locks
+    /// use (exclusive and shared, `bigint` and `(int4, int4)`, and the waiting form) takes a
+    /// lock on a key of `mark`'s, `pg_catalog.pg_locks` must show it granted to this very
+    /// backend, and it is released. Every one of its [`PROOF_STATEMENTS`] statements returns one
+    /// row on a server whose locks are real.
+    pub(crate) fn push_exclusion_proof(&mut self, mark: i64) {
+        let pair = LockKey::pair((mark >> 32) as i32, mark as i32);
+        for (key, mode) in [
+            (LockKey::id(mark), Mode::Exclusive),
+            (LockKey::id(mark), Mode::Shared),
+            (pair, Mode::Exclusive),
+            (pair, Mode::Shared),
+        ] {
+            self.push(Op::TryLock, mode, key);
+            self.push_proof_check(mode, key);
+            self.push(Op::Unlock, mode, key);
+        }
+        self.separate();
+        self.buf.push_str("SELECT FROM ");
+        self.buf.push_str(wait_fn(Mode::Exclusive));
+        push_args(&mut self.buf, LockKey::id(mark));
+        self.buf.push(')');
+        self.push_proof_check(Mode::Exclusive, LockKey::id(mark));
+        self.push(Op::Unlock, Mode::Exclusive, LockKey::id(mark));
+    }
+
+    /// The check of the proof, with catalog names qualified so that nothing on the search path
+    /// can stand in for them.
+    fn push_proof_check(&mut self, mode: Mode, key: LockKey) {
+        self.separate();
+        let (classid, objid, objsubid) = key.pg_locks_tag();
+        let _ = write!(
+            self.buf,
+            "SELECT 1 FROM pg_catalog.pg_locks WHERE locktype = 'advisory' \
+             AND pid = pg_catalog.pg_backend_pid() AND granted AND mode = '{mode}' \
+             AND classid = {classid} AND objid = {objid} AND objsubid = {objsubid}",
+            mode = mode.pg_locks_name(),
+        );
     }
 
     /// The statement text built so far.

@@ -1,5 +1,7 @@
 //! Helpers shared by the integration tests: the one cluster of this test binary, plain connections
-//! and `pg_locks` queries that see locks from outside the library.
+//! and `pg_locks` queries that see locks from outside the library. The sessions "of an app" are a
+//! manager's: its lock session (named `app`) and its waiting connections (`app (waiting
+//! connection)`).
 #![allow(dead_code)]
 
 use std::time::{Duration, Instant};
@@ -51,7 +53,7 @@ pub fn locks_of_app(client: &mut Client, app: &str) -> i64 {
     client
         .query_one(
             "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
-             WHERE l.locktype = 'advisory' AND a.application_name = $1",
+             WHERE l.locktype = 'advisory' AND a.application_name IN ($1, $1 || ' (waiting connection)')",
             &[&app],
         )
         .expect("count")
@@ -62,7 +64,7 @@ pub fn locks_of_app(client: &mut Client, app: &str) -> i64 {
 pub fn sessions_of_app(client: &mut Client, app: &str) -> i64 {
     client
         .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name IN ($1, $1 || ' (waiting connection)')",
             &[&app],
         )
         .expect("count")
@@ -116,7 +118,7 @@ pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 pub fn pids_of_app(client: &mut Client, app: &str) -> Vec<i32> {
     client
         .query(
-            "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
+            "SELECT pid FROM pg_stat_activity WHERE application_name IN ($1, $1 || ' (waiting connection)')",
             &[&app],
         )
         .expect("pids")
@@ -130,7 +132,7 @@ pub fn kill_app(client: &mut Client, app: &str) -> i64 {
     client
         .query_one(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-             WHERE application_name = $1",
+             WHERE application_name IN ($1, $1 || ' (waiting connection)')",
             &[&app],
         )
         .expect("terminate")

@@ -16,6 +16,9 @@ pub const CONFLICT: u8 = 75;
 /// `run`: the lock was lost while the command ran (its connection failed), and the command was
 /// terminated (`--on-lost terminate`, the default).
 pub const LOST: u8 = 76;
+/// The server's advisory locks would exclude nobody (a server that only looks like PostgreSQL,
+/// or lock functions shadowed on the search path): nothing is run.
+pub const NO_EXCLUSION: u8 = 78;
 /// `run`: the command exists but could not be executed.
 pub const NOT_EXECUTABLE: u8 = 126;
 /// `run`: the command was not found.

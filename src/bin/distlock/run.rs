@@ -137,6 +137,7 @@ fn connect(server: &Server) -> Result<LockManager, Failure> {
         .map_err(|e| {
             let code = match e.kind() {
                 ErrorKind::Config | ErrorKind::Pooler => exit::USAGE,
+                ErrorKind::NoExclusion => exit::NO_EXCLUSION,
                 _ => exit::UNAVAILABLE,
             };
             Failure::new(code, anyhow!(e).context("cannot connect to the server"))

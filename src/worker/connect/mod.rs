@@ -14,17 +14,19 @@
 //! connections ([`end_suspects`]).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Select, TryRecvError};
 use parking_lot::Mutex;
 use postgres::Client;
+use postgres::error::SqlState;
 
 use crate::error::{Error, ErrorKind};
 use crate::protocol::link::{Backend, Link, Site};
-use crate::worker::session::{Conn, Failed, Query};
-use crate::worker::sql::{IDENTIFY, ServerKeepalive, Sql};
+use crate::worker::session::{Conn, Failed, Query, row_counts};
+use crate::worker::sql::{IDENTIFY, PROOF_STATEMENTS, ServerKeepalive, Sql};
 
 mod certs;
 pub(crate) mod params;
@@ -32,7 +34,7 @@ pub(crate) mod pooler;
 pub(crate) mod tls;
 
 /// What one attempt brings: a client and its backend, or why not.
-type Attempt = Result<(Client, Backend), Error>;
+pub(crate) type Attempt = Result<(Client, Backend, Facts), Error>;
 
 /// Makes the manager's connections, one attempt at a time.
 pub(crate) struct Connector {
@@ -50,6 +52,8 @@ pub(crate) struct Connector {
     in_flight: Mutex<Option<InFlight>>,
     /// Makes this manager's session marks differ from every other client's (see `session_mark`).
     salt: u64,
+    /// Entries of the shared lock table of the server last connected to.
+    lock_table: AtomicI64,
 }
 
 /// An attempt whose caller timed out: the helper still runs, and closes what it gets.
@@ -74,6 +78,7 @@ impl Connector {
             timeout,
             in_flight: Mutex::new(None),
             salt: pooler::random_salt(),
+            lock_table: AtomicI64::new(0),
         }
     }
 
@@ -88,12 +93,35 @@ impl Connector {
     /// Connects within the connect timeout (TCP, start-up and authentication together) and
     /// identifies the backend. Never starts a second attempt while one is still running.
     pub(crate) fn connect(&self) -> Result<(Client, Backend), Error> {
+        self.connect_while(&mut |attempt, left| {
+            let mut ready = Select::new();
+            ready.recv(attempt);
+            let _ = ready.ready_timeout(left);
+        })
+    }
+
+    /// As [`Connector::connect`], handing the time it waits for the attempt to `idle`: called
+    /// with the attempt's channel and how long it may take at most, it returns when it has done
+    /// its own work (a worker answers the requests that queue meanwhile) and the attempt may be
+    /// ready, or that time has passed.
+    pub(crate) fn connect_while(&self, idle: &mut Idle<'_>) -> Result<(Client, Backend), Error> {
+        let (client, backend, facts) = self.attempt_while(idle)?;
+        self.lock_table.store(facts.lock_table, Ordering::Relaxed);
+        Ok((client, backend))
+    }
+
+    /// Entries of the shared lock table of the server last connected to (0 before a connect).
+    pub(crate) fn lock_table(&self) -> i64 {
+        self.lock_table.load(Ordering::Relaxed)
+    }
+
+    fn attempt_while(&self, idle: &mut Idle<'_>) -> Attempt {
         // `None` when the timeout is too large to add to now: no bound of ours, as asked.
         let deadline = Instant::now().checked_add(self.timeout);
         let mut in_flight = self.in_flight.lock();
         if let Some(earlier) = in_flight.take() {
             // Its result was abandoned (the helper closes it); wait for the helper to finish.
-            match recv_until(&earlier.done, deadline) {
+            match recv_while(&earlier.done, deadline, idle) {
                 Err(RecvTimeoutError::Timeout) => {
                     *in_flight = Some(earlier);
                     return Err(Error::timeout(
@@ -125,7 +153,7 @@ impl Connector {
             .map_err(|e| {
                 Error::with_source(ErrorKind::Io, "could not spawn a connect thread", e)
             })?;
-        match recv_until(&rx, deadline) {
+        match recv_while(&rx, deadline, idle) {
             Ok(result) => result,
             Err(RecvTimeoutError::Disconnected) => Err(Error::new(
                 ErrorKind::Connect,
@@ -190,6 +218,8 @@ fn attempt(
     keepalive: Option<ServerKeepalive>,
     salt: u64,
 ) -> Attempt {
+    #[cfg(test)]
+    fault::slow_connect(config);
     let mut client = tls.connect(config).map_err(classify)?;
     let row = client.query_one(IDENTIFY, &[]).map_err(classify)?;
     let backend = Backend {
@@ -213,18 +243,120 @@ fn attempt(
              Builder::allow_standby(true)",
         ));
     }
-    // The session lives as long as its locks: no culls, and a vanished client is noticed.
-    let version: i32 = row.try_get(3).map_err(classify)?;
-    let mut setup = Sql::new();
-    setup.push_session_setup(version, keepalive, pooler::session_mark(salt, &backend));
-    client.batch_execute(setup.as_str()).map_err(classify)?;
-    Ok((client, backend))
+    let facts = Facts {
+        version_num: row.try_get(3).map_err(classify)?,
+        version: row.try_get(5).map_err(classify)?,
+        lock_table: row.try_get(6).map_err(classify)?,
+    };
+    set_up(&mut client, &backend, &facts, keepalive, salt)?;
+    Ok((client, backend, facts))
 }
 
-fn recv_until<T>(rx: &Receiver<T>, deadline: Option<Instant>) -> Result<T, RecvTimeoutError> {
-    match deadline {
-        Some(d) => rx.recv_deadline(d),
-        None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+/// What the server said of itself when a session was identified.
+#[derive(Debug, Clone)]
+pub(crate) struct Facts {
+    /// `server_version_num`.
+    version_num: i32,
+    /// `version()`: what the server says it is.
+    version: String,
+    /// Entries of the server's shared lock table.
+    pub(crate) lock_table: i64,
+}
+
+/// A new lock session's set-up and proof, in one round trip. The session lives as long as its
+/// locks: no culls, and a vanished client is noticed. And its locks must exclude: a lock it takes
+/// must show in `pg_locks` as held by it (see [`Sql::push_exclusion_proof`]); a server whose
+/// advisory functions accept calls and exclude nobody is refused.
+fn set_up(
+    client: &mut Client,
+    backend: &Backend,
+    facts: &Facts,
+    keepalive: Option<ServerKeepalive>,
+    salt: u64,
+) -> Result<(), Error> {
+    let mark = pooler::session_mark(salt, backend);
+    let mut setup = Sql::new();
+    setup.push_session_setup(facts.version_num, keepalive, mark);
+    setup.push_exclusion_proof(mark);
+    let messages = match client.simple_query(setup.as_str()) {
+        Ok(messages) => messages,
+        Err(e) if e.code() == Some(&SqlState::UNDEFINED_FUNCTION) => {
+            return Err(no_exclusion(
+                &facts.version,
+                "an advisory lock function is missing",
+                e,
+            ));
+        }
+        Err(e) => return Err(classify(e)),
+    };
+    let counts: Vec<u64> = row_counts(&messages).collect();
+    let proof = &counts[counts.len().saturating_sub(PROOF_STATEMENTS)..];
+    if proof.len() == PROOF_STATEMENTS && proof.iter().all(|&rows| rows == 1) {
+        return Ok(());
+    }
+    Err(no_exclusion(
+        &facts.version,
+        "a lock this session took does not show as held by it in pg_locks",
+        Unproven(proof.to_vec()),
+    ))
+}
+
+/// The error of a server whose locks would exclude nobody.
+fn no_exclusion(
+    version: &str,
+    why: &str,
+    source: impl std::error::Error + Send + Sync + 'static,
+) -> Error {
+    Error::with_source(
+        ErrorKind::NoExclusion,
+        format!(
+            "refusing a server whose advisory locks would exclude nobody: {why}. The server \
+             says it is {version:?}; lock with a PostgreSQL server (or one whose advisory locks \
+             are real), or check that no schema on the role's search_path shadows the \
+             pg_catalog advisory lock functions"
+        ),
+        source,
+    )
+}
+
+/// The row counts of an exclusion proof that failed (each statement should return one row).
+#[derive(Debug)]
+struct Unproven(Vec<u64>);
+
+impl std::fmt::Display for Unproven {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "rows of the exclusion proof's statements: {:?}", self.0)
+    }
+}
+
+impl std::error::Error for Unproven {}
+
+/// What waits for a connect attempt: see [`Connector::connect_while`].
+pub(crate) type Idle<'a> = dyn FnMut(&Receiver<Attempt>, Duration) + 'a;
+
+/// The longest turn `idle` is given while an attempt has no deadline of its own.
+const LONGEST_IDLE_TURN: Duration = Duration::from_secs(1);
+
+/// Receives the attempt from `rx` until `deadline`, handing the waiting to `idle`.
+fn recv_while(
+    rx: &Receiver<Attempt>,
+    deadline: Option<Instant>,
+    idle: &mut Idle<'_>,
+) -> Result<Attempt, RecvTimeoutError> {
+    loop {
+        match rx.try_recv() {
+            Ok(attempt) => return Ok(attempt),
+            Err(TryRecvError::Disconnected) => return Err(RecvTimeoutError::Disconnected),
+            Err(TryRecvError::Empty) => {}
+        }
+        let left = match deadline {
+            None => LONGEST_IDLE_TURN,
+            Some(d) => match d.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => left,
+                _ => return Err(RecvTimeoutError::Timeout),
+            },
+        };
+        idle(rx, left);
     }
 }
 
@@ -243,5 +375,25 @@ fn classify(e: postgres::Error) -> Error {
         )
     } else {
         Error::with_source(ErrorKind::Connect, "could not connect to the server", e)
+    }
+}
+
+/// Test-only: makes connecting slow the way a loaded server can.
+#[cfg(test)]
+pub(crate) mod fault {
+    use std::time::Duration;
+
+    use parking_lot::Mutex;
+
+    /// Connections whose application name starts with the text take the duration longer.
+    pub(crate) static SLOW_CONNECT: Mutex<Option<(String, Duration)>> = Mutex::new(None);
+
+    pub(crate) fn slow_connect(config: &postgres::Config) {
+        let slow = SLOW_CONNECT.lock().clone();
+        if let (Some((prefix, delay)), Some(name)) = (slow, config.get_application_name()) {
+            if name.starts_with(&prefix) {
+                std::thread::sleep(delay);
+            }
+        }
     }
 }
