@@ -25,6 +25,9 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 mod process;
+mod statements;
+
+pub use statements::{rows_returned, session_setup_sql};
 
 use process::{
     find_bin_dir, free_port, is_root, make_root_dir, postgres_user, run_quietly, spawn_watchdog,
@@ -55,15 +58,6 @@ pub struct Setup {
     /// Directories for more unix-domain sockets, besides the cluster's own directory (the default
     /// socket directory, say: [`default_socket_dir`]).
     pub socket_dirs: Vec<PathBuf>,
-}
-
-/// The row count of a query's first statement, read as the library reads every lock statement's
-/// outcome (from its `CommandComplete` message, never from a decoded value): for benchmarks that
-/// run the library's statements on a raw client.
-pub fn rows_returned(messages: &[postgres::SimpleQueryMessage]) -> u64 {
-    crate::worker::session::row_counts(messages)
-        .next()
-        .unwrap_or(0)
 }
 
 /// Where a connection whose parameters name no host looks for the server's socket, as libpq does:

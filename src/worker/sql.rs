@@ -58,7 +58,7 @@ impl ServerKeepalive {
 }
 
 /// How many statements [`Sql::push_exclusion_proof`] appends.
-pub(crate) const PROOF_STATEMENTS: usize = 15;
+pub(crate) const PROOF_STATEMENTS: usize = 11;
 
 /// A reusable statement buffer: once it has grown to its working size, formatting allocates nothing.
 #[derive(Debug, Default)]
@@ -182,42 +182,48 @@ impl Sql {
 
     /// Appends the proof that this session's locks exclude: each family of functions the locks
     /// use (exclusive and shared, `bigint` and `(int4, int4)`, and the waiting form) takes a
-    /// lock on a key of `mark`'s, `pg_catalog.pg_locks` must show it granted to this very
-    /// backend, and it is released. Every one of its [`PROOF_STATEMENTS`] statements returns one
-    /// row on a server whose locks are real.
+    /// lock on a key of `mark`'s; one look at `pg_catalog.pg_locks` (catalog names qualified, so
+    /// that nothing on the search path can stand in for them) must find all five granted to this
+    /// very backend; and they are released. Every one of its [`PROOF_STATEMENTS`] statements
+    /// returns one row on a server whose locks are real.
     pub(crate) fn push_exclusion_proof(&mut self, mark: i64) {
-        let pair = LockKey::pair((mark >> 32) as i32, mark as i32);
-        for (key, mode) in [
-            (LockKey::id(mark), Mode::Exclusive),
-            (LockKey::id(mark), Mode::Shared),
+        let (id, pair) = (
+            LockKey::id(mark),
+            LockKey::pair((mark >> 32) as i32, mark as i32),
+        );
+        let waited = LockKey::id(mark ^ 1);
+        let tries = [
+            (id, Mode::Exclusive),
+            (id, Mode::Shared),
             (pair, Mode::Exclusive),
             (pair, Mode::Shared),
-        ] {
+        ];
+        for (key, mode) in tries {
             self.push(Op::TryLock, mode, key);
-            self.push_proof_check(mode, key);
-            self.push(Op::Unlock, mode, key);
         }
         self.separate();
         self.buf.push_str("SELECT FROM ");
         self.buf.push_str(wait_fn(Mode::Exclusive));
-        push_args(&mut self.buf, LockKey::id(mark));
+        push_args(&mut self.buf, waited);
         self.buf.push(')');
-        self.push_proof_check(Mode::Exclusive, LockKey::id(mark));
-        self.push(Op::Unlock, Mode::Exclusive, LockKey::id(mark));
-    }
-
-    /// The check of the proof, with catalog names qualified so that nothing on the search path
-    /// can stand in for them.
-    fn push_proof_check(&mut self, mode: Mode, key: LockKey) {
         self.separate();
-        let (classid, objid, objsubid) = key.pg_locks_tag();
-        let _ = write!(
-            self.buf,
-            "SELECT 1 FROM pg_catalog.pg_locks WHERE locktype = 'advisory' \
-             AND pid = pg_catalog.pg_backend_pid() AND granted AND mode = '{mode}' \
-             AND classid = {classid} AND objid = {objid} AND objsubid = {objsubid}",
-            mode = mode.pg_locks_name(),
+        self.buf.push_str(
+            "SELECT WHERE (SELECT count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory' \
+             AND pid = pg_catalog.pg_backend_pid() AND granted AND (false",
         );
+        for (key, mode) in tries.into_iter().chain([(waited, Mode::Exclusive)]) {
+            let (classid, objid, objsubid) = key.pg_locks_tag();
+            let _ = write!(
+                self.buf,
+                " OR (mode = '{mode}' AND classid = {classid} AND objid = {objid} \
+                 AND objsubid = {objsubid})",
+                mode = mode.pg_locks_name(),
+            );
+        }
+        self.buf.push_str(")) = 5");
+        for (key, mode) in tries.into_iter().chain([(waited, Mode::Exclusive)]) {
+            self.push(Op::Unlock, mode, key);
+        }
     }
 
     /// The statement text built so far.
