@@ -120,11 +120,13 @@ impl Error {
     pub(crate) fn pooler() -> Error {
         Error::new(
             ErrorKind::Pooler,
-            "the server session is shared with other clients: a connection pooler in transaction \
-             or statement mode (pgbouncer pool_mode=transaction or statement) hands this \
-             manager's statements to sessions others use, and session advisory locks then \
-             exclude nobody. Connect to PostgreSQL directly, or through session pooling \
-             (pool_mode=session)",
+            "the server session is shared with other clients, or the statements of this session \
+             run in different backends: a connection pooler in transaction or statement mode \
+             (pgbouncer pool_mode=transaction or statement) hands this manager's statements to \
+             sessions others use, or a proxy routes them between servers (pgcat or pgdog query \
+             routing, a pgpool-II that ignores /*NO LOAD BALANCE*/), and session advisory locks \
+             then exclude nobody. Connect to PostgreSQL directly, through session pooling \
+             (pool_mode=session), or turn the proxy's read routing off for this database",
         )
     }
 

@@ -250,6 +250,12 @@
 //!   or a failed [`LockGuard::ensure_held`] check that lands in another backend or finds another
 //!   client's mark, makes the manager fail for good with [`ErrorKind::Pooler`] (its guards are
 //!   told they are lost). Between two heartbeats a pooler can go unseen: the heartbeat bounds it.
+//! * **Behind a load-balancing proxy.** pgpool-II with `load_balance_mode = on` sends a session's
+//!   read-only statements to a replica, whose `pg_locks` shows none of the primary's locks: every
+//!   query distlock sends starts with `/*NO LOAD BALANCE*/`, which keeps it on the session's own
+//!   primary backend (a comment to the server itself). Proxies that ignore it and route a
+//!   statement elsewhere are caught like a transaction pooler ([`ErrorKind::Pooler`]). The
+//!   README's "Proxies and poolers" has a table of them.
 //! * **Slots are finite.** Each held lock uses an entry of the server's shared lock table
 //!   (`max_locks_per_transaction × (max_connections + max_prepared_transactions)` for every
 //!   session together); one that fills it takes the server down for everyone, new connections

@@ -1,5 +1,6 @@
 //! Where fencing tokens come from: one sequence, the statements that create it and draw from
-//! it, and the error that says what to run when a role may not.
+//! it, and the error that says what to run when a role may not. Each statement starts with the
+//! comment that keeps it off a load-balancing proxy's replicas (`crate::worker::sql::PIN`).
 
 use crate::error::{Error, ErrorKind};
 
@@ -8,10 +9,10 @@ pub(crate) const FENCE_SEQUENCE: &str = "public.distlock_fence";
 
 /// Creates the fencing sequence if it is missing.
 pub(crate) const CREATE_FENCE_SEQUENCE: &str =
-    "CREATE SEQUENCE IF NOT EXISTS public.distlock_fence";
+    "/*NO LOAD BALANCE*/ CREATE SEQUENCE IF NOT EXISTS public.distlock_fence";
 
-/// Draws one fencing token.
-pub(crate) const NEXT_TOKEN: &str = "SELECT nextval('public.distlock_fence')";
+/// Draws one fencing token (a statement of its own, or the last of a query's).
+pub(crate) const NEXT_TOKEN: &str = "/*NO LOAD BALANCE*/ SELECT nextval('public.distlock_fence')";
 
 /// The error of a fenced grant whose token could not be drawn.
 pub(crate) fn fencing_error(cause: Error) -> Error {

@@ -6,6 +6,10 @@
 //! `SELECT 1 FROM f(k) l WHERE l`: the same row count, with no function scan to plan and no column
 //! for the client to describe and carry (fewer allocations and instructions per cycle on the raw
 //! client, measured: see the README's Performance section).
+//!
+//! Every query text starts with [`PIN`], `/*NO LOAD BALANCE*/`: a proxy that routes read-only
+//! statements to a replica (pgpool-II with `load_balance_mode = on`) then runs all of them on the
+//! session's own backend, on the primary. A server reads it as a comment.
 
 use std::fmt::Write;
 
@@ -14,11 +18,15 @@ use crate::mode::Mode;
 use crate::protocol::request::{Fencing, Op};
 use crate::worker::fencing::NEXT_TOKEN;
 
+/// The comment every query text starts with, so that a load-balancing proxy keeps it on the
+/// session's own backend (pgpool-II honours it; see the module docs).
+pub(crate) const PIN: &str = "/*NO LOAD BALANCE*/ ";
+
 /// Identifies a new connection's backend: its pid, its start time (µs since the epoch), and
 /// whether the server is a standby (in recovery).
 /// Also what the server says it is (`version()`), and the entries of its shared lock table
 /// (`max_locks_per_transaction × (max_connections + max_prepared_transactions)`).
-pub(crate) const IDENTIFY: &str = "SELECT pg_backend_pid(), \
+pub(crate) const IDENTIFY: &str = "/*NO LOAD BALANCE*/ SELECT pg_backend_pid(), \
      (extract(epoch FROM backend_start) * 1000000)::int8, pg_is_in_recovery(), \
      current_setting('server_version_num')::int4, \
      coalesce(current_setting('distlock.session', true), '') <> '', version(), \
@@ -61,7 +69,8 @@ impl ServerKeepalive {
 pub(crate) const PROOF_STATEMENTS: usize = 11;
 
 /// A reusable statement buffer: once it has grown to its working size, formatting allocates nothing.
-#[derive(Debug, Default)]
+/// Its text always starts with [`PIN`].
+#[derive(Debug)]
 pub(crate) struct Sql {
     /// The text of the statement(s) being built.
     buf: String,
@@ -72,10 +81,18 @@ pub(crate) struct Sql {
     key_of_text: Option<LockKey>,
 }
 
+impl Default for Sql {
+    fn default() -> Sql {
+        Sql::new()
+    }
+}
+
 impl Sql {
     pub(crate) fn new() -> Sql {
+        let mut buf = String::with_capacity(256);
+        buf.push_str(PIN);
         Sql {
-            buf: String::with_capacity(256),
+            buf,
             key_text: String::with_capacity(48),
             key_of_text: None,
         }
@@ -83,14 +100,14 @@ impl Sql {
 
     /// Separates the next statement from any before it.
     fn separate(&mut self) {
-        if !self.buf.is_empty() {
+        if self.buf.len() > PIN.len() {
             self.buf.push(';');
         }
     }
 
-    /// Empties the buffer, keeping its capacity.
+    /// Empties the buffer (down to its [`PIN`]), keeping its capacity.
     pub(crate) fn clear(&mut self) {
-        self.buf.clear();
+        self.buf.truncate(PIN.len());
     }
 
     /// Appends one statement, separated from any before it by `;`.
@@ -339,6 +356,7 @@ pub(crate) fn fenced(key: LockKey) -> String {
 /// it would succeed again and count one holder twice. CASE fixes the order.
 pub(crate) fn permit(class: i32, permits: u32) -> String {
     let mut sql = String::with_capacity(320);
+    sql.push_str(PIN);
     let _ = write!(
         sql,
         "SELECT s FROM generate_series(0, {last}) s WHERE CASE WHEN EXISTS (SELECT FROM \
@@ -359,6 +377,7 @@ pub(crate) fn permit(class: i32, permits: u32) -> String {
 /// and only for keys this statement took.
 pub(crate) fn all(keys: &[LockKey], mode: Mode) -> String {
     let mut sql = String::with_capacity(64 + 80 * keys.len());
+    sql.push_str(PIN);
     sql.push_str("WITH t(n, got) AS MATERIALIZED (VALUES ");
     for (n, key) in keys.iter().enumerate() {
         if n > 0 {
@@ -387,7 +406,7 @@ pub(crate) fn all(keys: &[LockKey], mode: Mode) -> String {
 pub(crate) fn holders(key: LockKey) -> String {
     let (classid, objid, objsubid) = key.pg_locks_tag();
     format!(
-        "SELECT l.pid, l.mode = 'ShareLock', l.granted, a.application_name, \
+        "{PIN}SELECT l.pid, l.mode = 'ShareLock', l.granted, a.application_name, \
          host(a.client_addr), (extract(epoch FROM a.backend_start) * 1000000)::int8 \
          FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
          WHERE l.locktype = 'advisory' AND l.pid IS NOT NULL \
@@ -408,7 +427,7 @@ pub(crate) fn wait(
 ) -> String {
     let mut sorted = keys.to_vec();
     sorted.sort();
-    let mut sql = format!("SET lock_timeout = {lock_timeout_ms}");
+    let mut sql = format!("{PIN}SET lock_timeout = {lock_timeout_ms}");
     for key in sorted {
         sql.push_str(";SELECT FROM ");
         sql.push_str(wait_fn(mode));

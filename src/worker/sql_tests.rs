@@ -2,6 +2,17 @@
 
 use super::*;
 
+/// A query's text after its pin, which every query text starts with.
+fn unpinned(sql: &str) -> &str {
+    sql.strip_prefix(PIN)
+        .expect("every query text starts with the pin")
+}
+
+/// The text of `sql` after its pin.
+fn text(sql: &Sql) -> &str {
+    unpinned(sql.as_str())
+}
+
 #[test]
 fn session_setup_sets_only_what_the_server_has() {
     let keepalive = ServerKeepalive::within(std::time::Duration::from_secs(12));
@@ -17,7 +28,7 @@ fn session_setup_sets_only_what_the_server_has() {
     let mut sql = Sql::new();
     sql.push_session_setup(150_004, Some(keepalive), -5);
     assert_eq!(
-        sql.as_str(),
+        text(&sql),
         "SET distlock.session = '-5';SET idle_in_transaction_session_timeout = 0;\
          SELECT set_config('synchronous_commit', 'local', false) \
          WHERE current_setting('synchronous_commit') = 'off';SET idle_session_timeout = 0;\
@@ -27,13 +38,13 @@ fn session_setup_sets_only_what_the_server_has() {
     sql.clear();
     sql.push_session_setup(110_000, None, 7);
     assert_eq!(
-        sql.as_str(),
+        text(&sql),
         "SET distlock.session = '7';SET idle_in_transaction_session_timeout = 0;\
          SELECT set_config('synchronous_commit', 'local', false) \
          WHERE current_setting('synchronous_commit') = 'off'"
     );
     assert_eq!(
-        crate::worker::connect::pooler::probe(42, 7),
+        unpinned(&crate::worker::connect::pooler::probe(42, 7)),
         "SELECT WHERE pg_backend_pid() = 42 AND current_setting('distlock.session', true) = '7'"
     );
     let long = ServerKeepalive::within(std::time::Duration::from_secs(100));
@@ -71,7 +82,7 @@ fn a_cached_key_text_is_reused_only_for_its_own_key() {
     sql.push(Op::Unlock, Mode::Exclusive, LockKey::pair(1, 2));
     sql.push(Op::Unlock, Mode::Exclusive, LockKey::id(3));
     assert_eq!(
-        sql.as_str(),
+        text(&sql),
         "SELECT WHERE pg_try_advisory_lock(12);SELECT WHERE pg_advisory_unlock(12);\
          SELECT WHERE pg_advisory_unlock(1,2);SELECT WHERE pg_advisory_unlock(3)"
     );
@@ -81,24 +92,24 @@ fn a_cached_key_text_is_reused_only_for_its_own_key() {
 fn statements_hold_only_formatted_integers() {
     let mut sql = Sql::new();
     sql.push(Op::TryLock, Mode::Exclusive, LockKey::id(-42));
-    assert_eq!(sql.as_str(), "SELECT WHERE pg_try_advisory_lock(-42)");
+    assert_eq!(text(&sql), "SELECT WHERE pg_try_advisory_lock(-42)");
     sql.clear();
     sql.push(Op::Unlock, Mode::Shared, LockKey::pair(1, i32::MIN));
     assert_eq!(
-        sql.as_str(),
+        text(&sql),
         "SELECT WHERE pg_advisory_unlock_shared(1,(-2147483647-1))"
     );
     sql.clear();
     sql.push(Op::TryLock, Mode::Shared, LockKey::id(i64::MIN));
     sql.push(Op::Unlock, Mode::Exclusive, LockKey::id(i64::MAX));
     assert_eq!(
-        sql.as_str(),
+        text(&sql),
         "SELECT WHERE pg_try_advisory_lock_shared((-9223372036854775807-1));\
          SELECT WHERE pg_advisory_unlock(9223372036854775807)"
     );
     sql.clear();
     sql.push(Op::Check, Mode::Shared, LockKey::id(-1));
-    assert!(sql.as_str().ends_with(
+    assert!(text(&sql).ends_with(
         "mode = 'ShareLock' AND classid = 4294967295 AND objid = 4294967295 AND objsubid = 1"
     ));
 }
@@ -106,8 +117,8 @@ fn statements_hold_only_formatted_integers() {
 #[test]
 fn statements_beyond_one_key_are_built_from_integers() {
     assert_eq!(
-        fenced(LockKey::id(-5)),
-        "SELECT nextval('public.distlock_fence') WHERE pg_try_advisory_lock(-5)"
+        unpinned(&fenced(LockKey::id(-5))),
+        "SELECT nextval('public.distlock_fence') WHERE pg_try_advisory_lock(-5)",
     );
     let all = all(&[LockKey::id(1), LockKey::pair(2, 3)], Mode::Shared);
     assert!(
@@ -120,7 +131,7 @@ fn statements_beyond_one_key_are_built_from_integers() {
         all.contains("WHEN n = 1 THEN pg_advisory_unlock_shared(2,3) END"),
         "{all}"
     );
-    let permit = permit(7, 3);
+    let permit = unpinned(&permit(7, 3)).to_owned();
     assert!(
         permit.starts_with("SELECT s FROM generate_series(0, 2) s"),
         "{permit}"
@@ -130,14 +141,14 @@ fn statements_beyond_one_key_are_built_from_integers() {
         "{permit}"
     );
     assert_eq!(
-        wait(
+        unpinned(&wait(
             &[LockKey::id(9), LockKey::id(-1)],
             Mode::Exclusive,
             250,
             Fencing::Token
-        ),
+        )),
         "SET lock_timeout = 250;SELECT FROM pg_advisory_lock(-1);\
-         SELECT FROM pg_advisory_lock(9);SELECT nextval('public.distlock_fence')",
+         SELECT FROM pg_advisory_lock(9);/*NO LOAD BALANCE*/ SELECT nextval('public.distlock_fence')",
         "waits take their keys in the order of their ids"
     );
 }

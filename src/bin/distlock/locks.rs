@@ -33,7 +33,9 @@ struct Row {
     age: Duration,
 }
 
-const QUERY: &str = "SELECT l.classid::int8, l.objid::int8, l.objsubid::int4, l.mode, l.granted, l.pid, \
+// `/*NO LOAD BALANCE*/`: a proxy that sends reads to replicas (pgpool-II) keeps this one on the
+// primary, whose pg_locks has the locks.
+const QUERY: &str = "/*NO LOAD BALANCE*/ SELECT l.classid::int8, l.objid::int8, l.objsubid::int4, l.mode, l.granted, l.pid, \
        coalesce(d.datname, ''), coalesce(a.application_name, ''), \
        coalesce(host(a.client_addr), 'local'), \
        extract(epoch FROM now() - coalesce(l.waitstart, a.backend_start, now()))::float8 \

@@ -384,7 +384,7 @@ impl StatusLine {
         };
         let last = i64::from(objid) + i64::from(slots) - 1;
         let rows = client.query(
-            "SELECT l.pid, coalesce(a.application_name, ''), coalesce(host(a.client_addr), 'local'), \
+            "/*NO LOAD BALANCE*/ SELECT l.pid, coalesce(a.application_name, ''), coalesce(host(a.client_addr), 'local'), \
                     extract(epoch FROM now() - a.backend_start)::float8 \
              FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
              WHERE l.locktype = 'advisory' AND l.granted AND l.classid::int8 = $1 \

@@ -239,7 +239,8 @@ fn attempt(
             ErrorKind::Connect,
             "refusing a standby: the server is in recovery (a read replica), and advisory locks \
              taken there exclude nobody on the primary. Connect to the primary (with several \
-             hosts, add target_session_attrs=read-write), or allow it with \
+             hosts, add target_session_attrs=read-write; behind a proxy, make it route this \
+             database's statements to the primary), or allow it with \
              Builder::allow_standby(true)",
         ));
     }

@@ -10,7 +10,7 @@
 //! client overwrote (or a mark already there when connecting).
 
 use crate::protocol::link::Backend;
-use crate::worker::sql::{push_int4, push_int8};
+use crate::worker::sql::{PIN, push_int4, push_int8};
 
 /// The mark a manager with `salt` sets in `backend`'s session.
 pub(crate) fn session_mark(salt: u64, backend: &Backend) -> i64 {
@@ -39,7 +39,8 @@ pub(crate) fn random_salt() -> u64 {
 /// identified, still carrying its `mark`. No row means a pooler handed the statement to another
 /// session, or another client set its mark in this one.
 pub(crate) fn probe(pid: i32, mark: i64) -> String {
-    let mut sql = String::from("SELECT WHERE pg_backend_pid() = ");
+    let mut sql = String::from(PIN);
+    sql.push_str("SELECT WHERE pg_backend_pid() = ");
     push_int4(&mut sql, pid);
     sql.push_str(" AND current_setting('distlock.session', true) = '");
     push_int8(&mut sql, mark);
