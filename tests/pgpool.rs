@@ -232,7 +232,7 @@ fn behind_pgpool_with_load_balancing_every_statement_runs_on_the_sessions_own_pr
     let killed: i64 = primary
         .query_one(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-             WHERE application_name = 'pgpool-0'",
+             WHERE starts_with(application_name, 'pgpool-0')",
             &[],
         )
         .unwrap()

@@ -155,7 +155,10 @@ pub(super) fn loss_detection(cluster: &TestCluster, report: &mut Report) -> Resu
             thread::sleep(heartbeat.mul_f64(0.37 * (i as f64 % 3.0)));
             let killed = Instant::now();
             outside.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+                // The manager's sessions: its lock session and its waiting connections (a
+                // grant after a wait is held by one of those).
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE starts_with(application_name, $1)",
                 &[&app],
             )?;
             match guard
