@@ -206,7 +206,7 @@ impl<C> WaitPool<C> {
     }
 
     /// Takes the connections idle for `idle_close` out of the pool, to be closed outside its
-    /// lock; `None` when none is open any more and the reaper should end.
+    /// lock, and whether the reaper should end (none is open any more).
     fn take_stale(&self) -> (Vec<C>, bool) {
         let mut state = self.state.lock();
         let (old, fresh): (Vec<_>, Vec<_>) = std::mem::take(&mut state.idle)

@@ -107,9 +107,9 @@ pub(crate) enum Fencing {
 }
 
 impl Request {
-    /// Answers this request with `reply` without running it (the worker is offline, or its
-    /// connection failed before it ran): the ticket, and the plain key and mode a grant would
-    /// have been for.
+    /// What answering this request without running it needs (the worker is offline, or its
+    /// connection failed before it ran): its ticket, and for a plain request the key and mode a
+    /// grant would have been for.
     pub(crate) fn into_ticket(self) -> (Ticket, Option<(LockKey, Mode)>) {
         match self {
             Request::Plain(p) => (p.reply, Some((p.key, p.mode))),

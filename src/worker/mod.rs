@@ -205,8 +205,9 @@ impl Worker {
         let mut backoff = Backoff::new(FIRST_RECONNECT, MAX_RECONNECT);
         loop {
             if self.spec.link.is_pooled() {
-                self.drain(Error::pooler, None)?;
-                continue;
+                // For good: returns only when the manager is gone.
+                let _ = self.drain(Error::pooler, None);
+                return None;
             }
             // Requests that queue while the attempt runs are answered at once, as offline.
             let connector = Arc::clone(&self.spec.connector);
@@ -233,19 +234,10 @@ impl Worker {
     /// replies over, and waits up to `left` for more of either or for the attempt. `None` when
     /// the manager is gone.
     fn offline_turn(&mut self, attempt: &Receiver<Attempt>, left: Duration) -> Option<()> {
-        let _ = self.settle_late(None);
-        loop {
-            match self.spec.requests.try_recv() {
-                Ok(request) => self.fail(request, Error::offline()),
-                Err(TryRecvError::Disconnected) => {
-                    // Nobody to answer: wait for the attempt alone (it closes what it gets).
-                    let mut ready = crossbeam_channel::Select::new();
-                    ready.recv(attempt);
-                    let _ = ready.ready_timeout(left);
-                    return None;
-                }
-                Err(TryRecvError::Empty) => break,
-            }
+        if self.answer_queued(Error::offline).is_none() {
+            // Nobody to answer: wait for the attempt alone (it closes what it gets).
+            connect::await_attempt(attempt, left);
+            return None;
         }
         let (requests, nudges) = (&self.spec.requests, self.spec.link.nudges());
         self.late.wait_also(requests, Some(attempt), nudges, left);
@@ -256,16 +248,7 @@ impl Worker {
     /// over, until `until` (`None`: for good). `None` when the manager is gone.
     fn drain(&mut self, refusal: fn() -> Error, until: Option<Instant>) -> Option<()> {
         loop {
-            // No connection: a grant given back needs no statement, its session is gone.
-            let _ = self.settle_late(None);
-            match self.spec.requests.try_recv() {
-                Ok(request) => {
-                    self.fail(request, refusal());
-                    continue;
-                }
-                Err(TryRecvError::Disconnected) => return None,
-                Err(TryRecvError::Empty) => {}
-            }
+            self.answer_queued(refusal)?;
             let pause = match until {
                 None => LATE_TICK,
                 Some(until) => match until.checked_duration_since(Instant::now()) {
@@ -275,6 +258,20 @@ impl Worker {
             };
             self.late
                 .wait(&self.spec.requests, self.spec.link.nudges(), pause);
+        }
+    }
+
+    /// With no connection: hands late replies over (a grant given back needs no statement, its
+    /// session is gone) and answers every request queued now with `refusal()`. `None` when the
+    /// manager is gone.
+    fn answer_queued(&mut self, refusal: fn() -> Error) -> Option<()> {
+        let _ = self.settle_late(None);
+        loop {
+            match self.spec.requests.try_recv() {
+                Ok(request) => self.fail(request, refusal()),
+                Err(TryRecvError::Disconnected) => return None,
+                Err(TryRecvError::Empty) => return Some(()),
+            }
         }
     }
 

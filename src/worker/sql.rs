@@ -133,14 +133,11 @@ impl Sql {
     /// this very session.
     pub(crate) fn push_check(&mut self, mode: Mode, key: LockKey) {
         self.separate();
-        let (classid, objid, objsubid) = key.pg_locks_tag();
-        let _ = write!(
-            self.buf,
+        self.buf.push_str(
             "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() \
-             AND granted AND mode = '{mode}' AND classid = {classid} AND objid = {objid} \
-             AND objsubid = {objsubid}",
-            mode = mode.pg_locks_name(),
+             AND granted AND ",
         );
+        push_lock_tag(&mut self.buf, mode, key);
     }
 
     /// Appends a statement that ends the backend `pid` if, and only if, it is still the one that
@@ -229,13 +226,9 @@ impl Sql {
              AND pid = pg_catalog.pg_backend_pid() AND granted AND (false",
         );
         for (key, mode) in tries.into_iter().chain([(waited, Mode::Exclusive)]) {
-            let (classid, objid, objsubid) = key.pg_locks_tag();
-            let _ = write!(
-                self.buf,
-                " OR (mode = '{mode}' AND classid = {classid} AND objid = {objid} \
-                 AND objsubid = {objsubid})",
-                mode = mode.pg_locks_name(),
-            );
+            self.buf.push_str(" OR (");
+            push_lock_tag(&mut self.buf, mode, key);
+            self.buf.push(')');
         }
         self.buf.push_str(")) = 5");
         for (key, mode) in tries.into_iter().chain([(waited, Mode::Exclusive)]) {
@@ -299,6 +292,16 @@ fn push_integer(out: &mut String, v: i64) {
         let i = usize::from(pair) * 2;
         out.push_str(&PAIRS[i..i + 2]);
     }
+}
+
+/// The condition that a `pg_locks` row is `key`, held in `mode`.
+fn push_lock_tag(out: &mut String, mode: Mode, key: LockKey) {
+    let (classid, objid, objsubid) = key.pg_locks_tag();
+    let _ = write!(
+        out,
+        "mode = '{mode}' AND classid = {classid} AND objid = {objid} AND objsubid = {objsubid}",
+        mode = mode.pg_locks_name(),
+    );
 }
 
 /// The arguments of an advisory function for `key`: `id` or `a,b`.

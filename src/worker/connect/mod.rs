@@ -93,11 +93,7 @@ impl Connector {
     /// Connects within the connect timeout (TCP, start-up and authentication together) and
     /// identifies the backend. Never starts a second attempt while one is still running.
     pub(crate) fn connect(&self) -> Result<(Client, Backend), Error> {
-        self.connect_while(&mut |attempt, left| {
-            let mut ready = Select::new();
-            ready.recv(attempt);
-            let _ = ready.ready_timeout(left);
-        })
+        self.connect_while(&mut await_attempt)
     }
 
     /// As [`Connector::connect`], handing the time it waits for the attempt to `idle`: called
@@ -334,6 +330,13 @@ impl std::error::Error for Unproven {}
 
 /// What waits for a connect attempt: see [`Connector::connect_while`].
 pub(crate) type Idle<'a> = dyn FnMut(&Receiver<Attempt>, Duration) + 'a;
+
+/// Waits up to `left` for `attempt` to be ready, without taking its result.
+pub(crate) fn await_attempt(attempt: &Receiver<Attempt>, left: Duration) {
+    let mut ready = Select::new();
+    ready.recv(attempt);
+    let _ = ready.ready_timeout(left);
+}
 
 /// The longest turn `idle` is given while an attempt has no deadline of its own.
 const LONGEST_IDLE_TURN: Duration = Duration::from_secs(1);
