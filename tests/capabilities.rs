@@ -184,7 +184,9 @@ fn fenced_grants_carry_growing_tokens_in_the_same_round_trip() {
 #[test]
 fn the_fencing_sequence_is_created_on_first_use_and_a_refusal_leaks_nothing() {
     if !TestCluster::shared().is_local() {
-        eprintln!("skipped: DATABASE_URL is set, and this test drops and revokes the sequence");
+        distlock::testing::skip(
+            "DATABASE_URL is set, and this test drops and revokes the sequence",
+        );
         return;
     }
     let cluster = TestCluster::start().expect("a cluster");
@@ -254,7 +256,7 @@ fn fenced_tokens_only_grow_across_processes_and_server_crashes() {
         return;
     }
     if !TestCluster::shared().is_local() {
-        eprintln!("skipped: DATABASE_URL is set, and this test crashes its server");
+        distlock::testing::skip("DATABASE_URL is set, and this test crashes its server");
         return;
     }
     let cluster = TestCluster::start().expect("a cluster");

@@ -425,7 +425,7 @@ fn the_demo_runs_and_finds_no_overlap() {
 /// port; `None` (said why) when the server comes from `DATABASE_URL`.
 fn role_on_local_cluster(role: &str, password: &str) -> Option<u16> {
     let Some(port) = cluster().port() else {
-        eprintln!("skipped: needs the local cluster, whose roles this test may create");
+        distlock::testing::skip("needs the local cluster, whose roles this test may create");
         return None;
     };
     plain()
@@ -458,7 +458,7 @@ fn temp_path(name: &str) -> std::path::PathBuf {
 #[test]
 fn a_distlock_killed_with_sigkill_takes_its_command_with_it() {
     if !cfg!(target_os = "linux") {
-        eprintln!("skipped: only Linux has a parent-death signal");
+        distlock::testing::skip("only Linux has a parent-death signal");
         return;
     }
     let key = "cli/sigkill";

@@ -18,9 +18,9 @@ static PAIR: Mutex<()> = Mutex::new(());
 
 /// A primary and its streaming standby, or `None` (with the reason said) where they cannot run.
 fn pair() -> Option<(TestCluster, TestCluster)> {
-    if std::env::var("DATABASE_URL").is_ok_and(|v| !v.trim().is_empty()) {
-        eprintln!(
-            "skipped: DATABASE_URL is set, and these tests stop and promote servers of their own"
+    if distlock::testing::database_url().is_some() {
+        distlock::testing::skip(
+            "DATABASE_URL is set, and these tests stop and promote servers of their own",
         );
         return None;
     }

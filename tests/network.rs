@@ -21,8 +21,10 @@ fn idle_session_culls_do_not_end_a_lock_session() {
     if std::env::var(INSIDE).is_ok() {
         return;
     }
-    if std::env::var("DATABASE_URL").is_ok_and(|v| !v.trim().is_empty()) {
-        eprintln!("skipped: DATABASE_URL is set, and this test configures a server of its own");
+    if distlock::testing::database_url().is_some() {
+        distlock::testing::skip(
+            "DATABASE_URL is set, and this test configures a server of its own",
+        );
         return;
     }
     let setup = Setup {
@@ -80,16 +82,18 @@ fn in_namespace(scenario: &str) -> Option<String> {
     let out = match out {
         Ok(out) => out,
         Err(e) => {
-            eprintln!("skipped: cannot run unshare ({e}); this test needs a network namespace");
+            distlock::testing::skip(&format!(
+                "cannot run unshare ({e}); this test needs a network namespace"
+            ));
             return None;
         }
     };
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     if !out.status.success() && err.contains("unshare failed") {
-        eprintln!(
-            "skipped: this machine forbids network namespaces (unshare -n needs root): {}",
+        distlock::testing::skip(&format!(
+            "this machine forbids network namespaces (unshare -n needs root): {}",
             err.trim()
-        );
+        ));
         return None;
     }
     assert!(
@@ -102,7 +106,11 @@ fn in_namespace(scenario: &str) -> Option<String> {
 
 #[test]
 fn a_vanished_holders_locks_are_free_within_the_bound_and_the_holder_is_told_first() {
-    if std::env::var(INSIDE).is_ok() || std::env::var("DATABASE_URL").is_ok_and(|v| !v.is_empty()) {
+    if std::env::var(INSIDE).is_ok() {
+        return;
+    }
+    if distlock::testing::database_url().is_some() {
+        distlock::testing::skip("DATABASE_URL is set, and this test starts servers of its own");
         return;
     }
     // Both at once: the baseline has to wait a minute either way.

@@ -59,16 +59,16 @@ fn free_port() -> u16 {
 /// it, equal weights, with `children` client processes (each caching its backend connections);
 /// `None` (said why) when it cannot run here.
 fn pool(children: u32) -> Option<Pool> {
-    let exe = ["/usr/sbin/pgpool", "/usr/bin/pgpool"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file());
-    let Some(exe) = exe else {
-        eprintln!("skipped: pgpool-II is not installed (apt-get install pgpool2; .ci/run does)");
+    let Some(exe) = distlock::testing::find_program("pgpool") else {
+        distlock::testing::skip(
+            "pgpool-II is not installed (apt-get install pgpool2; .ci/run does)",
+        );
         return None;
     };
-    if std::env::var_os("DATABASE_URL").is_some() {
-        eprintln!("skipped: this test needs a primary and a standby of its own, not DATABASE_URL");
+    if distlock::testing::database_url().is_some() {
+        distlock::testing::skip(
+            "this test needs a primary and a standby of its own, not DATABASE_URL",
+        );
         return None;
     }
     let primary = TestCluster::start().expect("primary");

@@ -29,16 +29,11 @@ impl Drop for Bouncer {
     }
 }
 
-fn pgbouncer() -> Option<PathBuf> {
-    ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
-}
-
 fn bouncer(cluster: &TestCluster, mode: &str, pool_size: u32) -> Option<Bouncer> {
-    let Some(exe) = pgbouncer() else {
-        eprintln!("skipped: pgbouncer is not installed (apt-get install pgbouncer; .ci/run does)");
+    let Some(exe) = distlock::testing::find_program("pgbouncer") else {
+        distlock::testing::skip(
+            "pgbouncer is not installed (apt-get install pgbouncer; .ci/run does)",
+        );
         return None;
     };
     let port = TcpListener::bind("127.0.0.1:0")
@@ -172,9 +167,9 @@ fn two_managers_through(bouncer: &Bouncer) {
 }
 
 fn cluster() -> Option<TestCluster> {
-    if std::env::var("DATABASE_URL").is_ok_and(|v| !v.trim().is_empty()) {
-        eprintln!(
-            "skipped: DATABASE_URL is set, and these tests put a pooler in front of a server of their own"
+    if distlock::testing::database_url().is_some() {
+        distlock::testing::skip(
+            "DATABASE_URL is set, and these tests put a pooler in front of a server of their own",
         );
         return None;
     }

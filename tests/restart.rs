@@ -17,7 +17,9 @@ fn local_cluster_or_skip(test: &str) -> bool {
     if cluster().is_local() {
         return true;
     }
-    eprintln!("{test}: skipped, DATABASE_URL names a server this test must not restart");
+    distlock::testing::skip(&format!(
+        "{test}: DATABASE_URL names a server this test must not restart"
+    ));
     false
 }
 

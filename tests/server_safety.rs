@@ -94,8 +94,8 @@ fn a_server_whose_locks_exclude_nobody_is_refused_and_postgresql_is_not() {
 
 #[test]
 fn one_manager_stops_at_its_share_of_the_lock_table_and_new_connections_still_succeed() {
-    if std::env::var_os("DATABASE_URL").is_some() {
-        eprintln!("skipped: this test needs a cluster of its own with a small lock table");
+    if distlock::testing::database_url().is_some() {
+        distlock::testing::skip("this test needs a cluster of its own with a small lock table");
         return;
     }
     // 10 × (300 connections + 0 prepared) = 3,000 entries: a manager may hold 750.

@@ -45,9 +45,9 @@ fn signed(issuer: &Issuer<'_, KeyPair>, common_name: &str, sans: Vec<SanType>) -
 fn tls() -> Option<&'static Tls> {
     static TLS: OnceLock<Option<Tls>> = OnceLock::new();
     TLS.get_or_init(|| {
-        if std::env::var("DATABASE_URL").is_ok_and(|v| !v.trim().is_empty()) {
-            eprintln!(
-                "skipped: DATABASE_URL is set, and these tests configure a server of their own"
+        if distlock::testing::database_url().is_some() {
+            distlock::testing::skip(
+                "DATABASE_URL is set, and these tests configure a server of their own",
             );
             return None;
         }

@@ -25,8 +25,10 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 mod process;
+mod skip;
 mod statements;
 
+pub use skip::{REQUIRE_ALL, database_url, find_program, skip, skips_fail};
 pub use statements::{rows_returned, session_setup_sql};
 
 use process::{
