@@ -112,9 +112,9 @@ impl Builder {
     /// [`ErrorKind::Timeout`](crate::ErrorKind::Timeout).
     ///
     /// It also bounds how long the manager stays behind a stalled connection: when one statement has
-    /// run for longer than this or than half of [`Builder::dead_holder_timeout`](crate::Builder::dead_holder_timeout), whichever is
-    /// shorter (but at least 100 ms), the connection is declared lost, its locks are reported lost,
-    /// and a new connection takes over.
+    /// run for longer than this or than the stall bound [`Builder::dead_holder_timeout`](crate::Builder::dead_holder_timeout)
+    /// derives (4 s by default), whichever is shorter (but at least 100 ms), the connection is
+    /// declared lost, its locks are reported lost, and a new connection takes over.
     ///
     /// Defaults to 10 s.
     pub fn request_timeout(mut self, timeout: Duration) -> Builder {
@@ -234,10 +234,14 @@ impl Builder {
     /// the kernel's defaults, and every other host waits that long. Each lock session therefore
     /// sets the server's `tcp_keepalives_idle`, `tcp_keepalives_interval`, `tcp_keepalives_count`
     /// and `tcp_user_timeout` for itself (any role may) so that the server ends a silent session,
-    /// and frees its locks, within this bound (half of it idle, the rest in unanswered probes).
-    /// The holder's own side learns of the loss sooner: a heartbeat or statement that gets no
-    /// answer within half the bound (or the request timeout, if shorter) declares the connection
-    /// lost, so a holder cut off from the server is told before anyone else can take its locks.
+    /// and frees its locks, within this bound (aiming a second short of it, for the kernel's late
+    /// timers: half idle, the rest in unanswered probes).
+    /// The holder's own side learns of the loss sooner, within half the bound: a heartbeat or
+    /// statement that gets no answer in time (at most four fifths of what half the bound leaves
+    /// after a heartbeat, and at most the request timeout) declares the connection lost, so a holder
+    /// cut off from the server is told before anyone else can take its locks. That promise needs a
+    /// heartbeat of at most a sixth of the bound (the defaults, 1 s and 12 s, keep it); with a
+    /// longer heartbeat the holder is still told, within a heartbeat and a quarter of the bound.
     /// Over a unix-domain socket there is no TCP, and nothing to set.
     ///
     /// Whole seconds, at least 2; longer than 24 days leaves the server's settings alone.

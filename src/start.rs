@@ -85,10 +85,7 @@ pub(crate) fn start(
         requests: queue,
         link: Arc::clone(&link),
         heartbeat: options.heartbeat.max(MIN_HEARTBEAT),
-        // The holder must learn of a loss before the server frees its locks: a silent
-        // connection is given up within half the dead-holder bound, if that is sooner than
-        // the request timeout.
-        stall_limit: options.request_timeout.min(options.dead_holder_timeout / 2),
+        stall_limit: stall_limit(&options),
         hand_over_turns: if spin_turns == 0 {
             1
         } else {
@@ -166,6 +163,23 @@ fn waiting_name(name: &str) -> String {
         end -= 1;
     }
     format!("{}{WAITING_SUFFIX}", &name[..end])
+}
+
+/// How long one statement may run before its connection counts as stalled and is given up.
+///
+/// The holder must learn of a loss before the server frees its locks, and the README promises it
+/// within half the dead-holder bound of the cut. After a silent cut the next statement starts
+/// within a heartbeat; the monitor declares it stalled past the limit plus up to two of its ticks
+/// (each at most an eighth of the limit). So the limit is four fifths of what half the bound leaves
+/// after a heartbeat — but never under a quarter of the bound, so that a heartbeat too long for the
+/// promise (over a sixth of the bound, documented) does not make healthy slow statements count as
+/// stalls — and never over the request timeout.
+fn stall_limit(options: &Options) -> Duration {
+    let half = options.dead_holder_timeout / 2;
+    let after_heartbeat = half.saturating_sub(options.heartbeat.max(MIN_HEARTBEAT));
+    options
+        .request_timeout
+        .min((after_heartbeat / 5 * 4).max(half / 2))
 }
 
 /// The client settings every lock connection uses (its application name is set already).

@@ -190,6 +190,16 @@ fn scenario_inside_a_namespace() {
             told <= waited,
             "the holder was told after the lock was taken"
         );
-        assert!(waited < Duration::from_secs(15), "{waited:?}");
+        // The README's promises for the default 12 s bound: the holder is told within half of it,
+        // and the server frees the lock within it. The contender sees the free lock at its next
+        // try (10 ms apart, a round trip each): 250 ms allowed for seeing it.
+        assert!(
+            told <= Duration::from_secs(6),
+            "the holder was told after {told:?}, past half the 12 s bound"
+        );
+        assert!(
+            waited <= Duration::from_secs(12) + Duration::from_millis(250),
+            "the lock was free only after {waited:?}, past the 12 s bound"
+        );
     }
 }

@@ -49,18 +49,22 @@ pub(crate) struct ServerKeepalive {
 
 impl ServerKeepalive {
     /// Settings under which a silent client's session ends within `bound` (whole seconds, at
-    /// least 2): half of it idle, the rest in probes a second or more apart (Linux allows 127 at
-    /// most).
+    /// least 2). Linux's keepalive timers fire late (a 5 s timer by up to half a second, each 1 s
+    /// probe by tens of milliseconds), so the settings aim a second short of a bound of 3 s or
+    /// more: half of that idle, the rest in probes a second or more apart (Linux allows 127 at
+    /// most), and the user timeout, which ends the session at the first probe after that much
+    /// silence, equal to it.
     pub(crate) fn within(bound: std::time::Duration) -> ServerKeepalive {
         let total = u32::try_from(bound.as_secs()).unwrap_or(u32::MAX).max(2);
-        let idle_s = total / 2;
-        let rest = total - idle_s;
+        let target = if total > 2 { total - 1 } else { total };
+        let idle_s = target / 2;
+        let rest = target - idle_s;
         let count = rest.min(10);
         ServerKeepalive {
             idle_s,
             interval_s: rest / count,
             count,
-            user_timeout_ms: total.saturating_mul(1000).min(i32::MAX as u32),
+            user_timeout_ms: target.saturating_mul(1000).min(i32::MAX as u32),
         }
     }
 }

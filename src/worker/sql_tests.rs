@@ -19,10 +19,10 @@ fn session_setup_sets_only_what_the_server_has() {
     assert_eq!(
         keepalive,
         ServerKeepalive {
-            idle_s: 6,
+            idle_s: 5,
             interval_s: 1,
             count: 6,
-            user_timeout_ms: 12_000
+            user_timeout_ms: 11_000
         }
     );
     let mut sql = Sql::new();
@@ -32,8 +32,8 @@ fn session_setup_sets_only_what_the_server_has() {
         "SET distlock.session = '-5';SET idle_in_transaction_session_timeout = 0;\
          SELECT set_config('synchronous_commit', 'local', false) \
          WHERE current_setting('synchronous_commit') = 'off';SET idle_session_timeout = 0;\
-         SET tcp_keepalives_idle = 6;SET tcp_keepalives_interval = 1;\
-         SET tcp_keepalives_count = 6;SET tcp_user_timeout = 12000"
+         SET tcp_keepalives_idle = 5;SET tcp_keepalives_interval = 1;\
+         SET tcp_keepalives_count = 6;SET tcp_user_timeout = 11000"
     );
     sql.clear();
     sql.push_session_setup(110_000, None, 7);
@@ -48,7 +48,7 @@ fn session_setup_sets_only_what_the_server_has() {
         "SELECT WHERE pg_backend_pid() = 42 AND current_setting('distlock.session', true) = '7'"
     );
     let long = ServerKeepalive::within(std::time::Duration::from_secs(100));
-    assert_eq!((long.idle_s, long.interval_s, long.count), (50, 5, 10));
+    assert_eq!((long.idle_s, long.interval_s, long.count), (49, 5, 10));
     let tiny = ServerKeepalive::within(std::time::Duration::from_millis(1));
     assert_eq!((tiny.idle_s, tiny.interval_s, tiny.count), (1, 1, 1));
 }
