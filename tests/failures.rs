@@ -12,6 +12,11 @@ use distlock::crossbeam_channel::Receiver;
 use distlock::{ErrorKind, LockKey, LockManager};
 use parking_lot::Mutex;
 
+/// What the loss-detection assertions allow beyond the promised heartbeat: a round trip, the
+/// monitor's tick and the scheduling of a loaded two-core machine (the measured maximum at a 100 ms
+/// heartbeat is 90 ms; see the README's Performance section).
+const ROUND_TRIP_ALLOWANCE: Duration = Duration::from_millis(150);
+
 fn manager_with(app: &str, heartbeat: Duration, request_timeout: Duration) -> LockManager {
     LockManager::builder()
         .application_name(app)
@@ -38,8 +43,8 @@ fn a_killed_backend_is_reported_lost_and_the_manager_recovers() {
     let detected = time_to_loss(&guard, Duration::from_secs(10)).expect("loss signal");
     eprintln!("loss detected {detected:?} after pg_terminate_backend (heartbeat {heartbeat:?})");
     assert!(
-        detected < heartbeat + Duration::from_secs(2),
-        "loss noticed only after {detected:?}"
+        detected < heartbeat + ROUND_TRIP_ALLOWANCE,
+        "loss noticed only after {detected:?}, past one heartbeat and a round trip"
     );
     assert!(guard.is_lost() && old_shared.is_lost());
     assert_eq!(guard.ensure_held().unwrap_err().kind(), ErrorKind::LockLost);
@@ -103,7 +108,11 @@ fn a_killed_backend_is_reported_lost_and_the_manager_recovers() {
         samples[samples.len() / 2],
         samples[samples.len() - 1]
     );
-    assert!(samples[samples.len() - 1] < heartbeat + Duration::from_secs(2));
+    assert!(
+        samples[samples.len() - 1] < heartbeat + ROUND_TRIP_ALLOWANCE,
+        "loss noticed only after {:?}, past one heartbeat and a round trip",
+        samples[samples.len() - 1]
+    );
 }
 
 #[test]
@@ -339,7 +348,7 @@ fn a_10_ms_heartbeat_works_and_notices_a_kill_quickly() {
     assert_eq!(kill_app(&mut outside, app), 1);
     let detected = time_to_loss(&guard, Duration::from_secs(5)).expect("loss signal");
     assert!(
-        detected < Duration::from_millis(1000),
+        detected < heartbeat + ROUND_TRIP_ALLOWANCE,
         "noticed after {detected:?}"
     );
 }
@@ -388,4 +397,37 @@ fn a_lost_guard_keeps_its_key_reserved_in_this_manager_until_it_is_dropped() {
         acquired.duration_since(dropped) < Duration::from_millis(500),
         "the waiter was woken by the release"
     );
+}
+
+/// `ensure_held` right before an irreversible step, on a lock whose backend is already gone but
+/// whose loss no heartbeat has noticed yet (10 s apart): its own round trip must find out.
+#[test]
+fn ensure_held_finds_a_loss_no_heartbeat_has_noticed_yet() {
+    let app = "f-ensure-unnoticed";
+    let locks = manager_with(app, Duration::from_secs(10), Duration::from_secs(5));
+    let key = LockKey::name("failures/ensure-unnoticed");
+    let guard = locks.try_lock(key).unwrap().expect("free");
+    guard.ensure_held().unwrap();
+    let mut outside = plain();
+    assert_eq!(kill_app(&mut outside, app), 1);
+    assert!(
+        eventually(Duration::from_secs(5), || pids_of_app(&mut outside, app)
+            .is_empty()),
+        "the backend did not end"
+    );
+    // Gone on the server: another session can take the lock.
+    assert!(plain_try_lock(&mut outside, key));
+    assert!(!guard.is_lost(), "noticed before ensure_held looked");
+    let started = Instant::now();
+    let err = guard.ensure_held().unwrap_err();
+    assert!(
+        matches!(err.kind(), ErrorKind::LockLost | ErrorKind::ConnectionLost),
+        "{err:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "not within the request timeout"
+    );
+    assert!(guard.is_lost(), "the guard was not told");
+    assert!(plain_unlock(&mut outside, key));
 }

@@ -215,3 +215,96 @@ fn session_pooling_works_like_a_direct_connection() {
     assert!(a.try_lock("pooler/session-after").unwrap().is_some());
     assert!(started.elapsed() < Duration::from_secs(30));
 }
+
+/// A manager through `bouncer` with `heartbeat`.
+fn manager_beating(bouncer: &Bouncer, app: &str, heartbeat: Duration) -> LockManager {
+    LockManager::builder()
+        .application_name(app)
+        .heartbeat(heartbeat)
+        .connect(&bouncer.url())
+        .expect("alone on the pool, the manager's statements keep to one server session")
+}
+
+/// Another client of the pooler marks the server sessions it lands in as its own, as a second
+/// manager would: `rounds` times on each of `clients` connections at once, so that with several
+/// server connections every one the pool opened gets marked.
+fn others_mark_the_pool(bouncer: &Bouncer, clients: usize, rounds: usize) {
+    thread::scope(|s| {
+        for _ in 0..clients {
+            s.spawn(|| {
+                let mut other = postgres::Client::connect(&bouncer.url(), postgres::NoTls)
+                    .expect("another client through the pooler");
+                for _ in 0..rounds {
+                    other
+                        .batch_execute("SET distlock.session = '1'; SELECT pg_sleep(0.005)")
+                        .unwrap();
+                }
+            });
+        }
+    });
+}
+
+/// A manager alone on a pool connects (its statements keep to one server session); then another
+/// client shares that session. The heartbeat must notice: every guard told, every call `Pooler`.
+fn shared_after_connect_is_noticed_by_the_heartbeat(mode: &str, pool_size: u32) {
+    let Some(cluster) = cluster() else { return };
+    let Some(bouncer) = bouncer(&cluster, mode, pool_size) else {
+        return;
+    };
+    let app = format!("shared-later-{mode}-{pool_size}");
+    let locks = manager_beating(&bouncer, &app, Duration::from_millis(50));
+    let guards: Vec<LockGuard> = (0..5)
+        .map(|i| {
+            locks
+                .try_lock(LockKey::pair(5353, i))
+                .unwrap()
+                .expect("free")
+        })
+        .collect();
+    guards[0].ensure_held().expect("its own session so far");
+    others_mark_the_pool(&bouncer, pool_size as usize, 20);
+    for guard in &guards {
+        assert!(
+            common::time_to_loss(guard, Duration::from_secs(5)).is_some(),
+            "a guard in a shared session was never told ({mode}, pool of {pool_size})"
+        );
+    }
+    let err = locks.try_lock("pooler/after-shared").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Pooler, "{err:?}");
+    assert!(err.to_string().contains("pool_mode=session"), "{err}");
+}
+
+#[test]
+fn a_session_shared_after_connect_in_transaction_mode_is_noticed_by_the_heartbeat() {
+    shared_after_connect_is_noticed_by_the_heartbeat("transaction", 1);
+}
+
+#[test]
+fn a_session_shared_after_connect_with_four_server_connections_is_noticed() {
+    shared_after_connect_is_noticed_by_the_heartbeat("transaction", 4);
+}
+
+#[test]
+fn a_session_shared_after_connect_in_statement_mode_is_noticed_by_the_heartbeat() {
+    shared_after_connect_is_noticed_by_the_heartbeat("statement", 1);
+}
+
+/// With a heartbeat too slow to have looked, `ensure_held` itself must find that the session is no
+/// longer the manager's own, although its lock is still in that server session.
+#[test]
+fn ensure_held_notices_a_session_shared_since_the_last_heartbeat() {
+    let Some(cluster) = cluster() else { return };
+    let Some(bouncer) = bouncer(&cluster, "transaction", 1) else {
+        return;
+    };
+    let locks = manager_beating(&bouncer, "shared-ensure", Duration::from_secs(10));
+    let guard = locks.try_lock("pooler/ensure").unwrap().expect("free");
+    guard.ensure_held().expect("its own session so far");
+    others_mark_the_pool(&bouncer, 1, 1);
+    assert!(!guard.is_lost(), "noticed before ensure_held looked");
+    let started = Instant::now();
+    let err = guard.ensure_held().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Pooler, "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(guard.is_lost(), "the guard was not told");
+}

@@ -136,13 +136,7 @@ impl Worker {
     /// Serves connection after connection until the manager is gone or this worker is replaced.
     fn run(mut self, client: Client, backend: Backend, online: (Lease, Vec<Backend>)) {
         let (mut lease, mut suspects) = online;
-        let mut conn = Conn::new(
-            client,
-            Arc::clone(&self.spec.link),
-            lease.generation,
-            backend,
-            self.spec.connector.session_mark(&backend),
-        );
+        let mut conn = self.session(client, &lease, backend);
         loop {
             let end = match connect::end_suspects(
                 &mut conn,
@@ -178,14 +172,22 @@ impl Worker {
                 return;
             };
             (lease, suspects) = self.spec.link.go_online(backend);
-            conn = Conn::new(
-                client,
-                Arc::clone(&self.spec.link),
-                lease.generation,
-                backend,
-                self.spec.connector.session_mark(&backend),
-            );
+            conn = self.session(client, &lease, backend);
         }
+    }
+
+    /// The connection of `lease`'s generation, and the statement buffer made to check that the
+    /// session still carries this connection's mark.
+    fn session(&mut self, client: Client, lease: &Lease, backend: Backend) -> Conn {
+        let mark = self.spec.connector.session_mark(&backend);
+        self.query.sql.own_session(mark);
+        Conn::new(
+            client,
+            Arc::clone(&self.spec.link),
+            lease.generation,
+            backend,
+            mark,
+        )
     }
 
     /// Why the connection of `generation` stopped serving: the monitor replaced it, or it failed.

@@ -83,6 +83,10 @@ pub(crate) struct Sql {
     key_text: String,
     /// The key `key_text` spells.
     key_of_text: Option<LockKey>,
+    /// For the lock session's checks: the condition that the session still carries this
+    /// connection's mark (empty elsewhere). A check that finds its lock in a session another
+    /// client has since marked fails, and the worker then probes for a pooler.
+    own: String,
 }
 
 impl Default for Sql {
@@ -99,7 +103,19 @@ impl Sql {
             buf,
             key_text: String::with_capacity(48),
             key_of_text: None,
+            own: String::new(),
         }
+    }
+
+    /// Makes every check also require the session's mark to be `mark` (the lock session's, set by
+    /// this connection): a lock found in a session a pooler now shares with another client is not
+    /// held by this manager alone.
+    pub(crate) fn own_session(&mut self, mark: i64) {
+        self.own.clear();
+        self.own
+            .push_str(" AND current_setting('distlock.session', true) = '");
+        push_int8(&mut self.own, mark);
+        self.own.push('\'');
     }
 
     /// Separates the next statement from any before it.
@@ -142,6 +158,7 @@ impl Sql {
              AND granted AND ",
         );
         push_lock_tag(&mut self.buf, mode, key);
+        self.buf.push_str(&self.own);
     }
 
     /// Appends a statement that ends the backend `pid` if, and only if, it is still the one that

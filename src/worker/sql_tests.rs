@@ -112,6 +112,13 @@ fn statements_hold_only_formatted_integers() {
     assert!(text(&sql).ends_with(
         "mode = 'ShareLock' AND classid = 4294967295 AND objid = 4294967295 AND objsubid = 1"
     ));
+    // The lock session's checks also require its own mark; the buffer keeps it across clears.
+    sql.own_session(-7);
+    sql.clear();
+    sql.push(Op::Check, Mode::Exclusive, LockKey::id(1));
+    assert!(
+        text(&sql).ends_with("objsubid = 1 AND current_setting('distlock.session', true) = '-7'")
+    );
 }
 
 #[test]
