@@ -431,3 +431,239 @@ fn ensure_held_finds_a_loss_no_heartbeat_has_noticed_yet() {
     assert!(guard.is_lost(), "the guard was not told");
     assert!(plain_unlock(&mut outside, key));
 }
+
+/// Every kind of call, made while the lock session's backend is stopped (SIGSTOP: no error, no
+/// answer), returns by its documented bound: a single request by the request timeout, a call with
+/// a timeout by that timeout (its first try by the request timeout), and the calls that wait
+/// without a deadline with their lock once the stalled connection is replaced.
+#[test]
+fn every_call_returns_by_its_bound_while_the_backend_is_stopped() {
+    let app = "f-stall-bounds";
+    let request_timeout = Duration::from_millis(500);
+    let wait = Duration::from_secs(1);
+    // What a bound allows for scheduling on a loaded two-core machine.
+    let allowance = Duration::from_millis(300);
+    let locks = manager_with(app, Duration::from_secs(10), request_timeout);
+    let exclusive = locks.try_lock("bounds/held").unwrap().expect("free");
+    let permit = locks
+        .try_acquire_permit("bounds/permits", 3)
+        .unwrap()
+        .expect("a permit");
+    let fenced = locks
+        .try_lock_fenced("bounds/fenced")
+        .unwrap()
+        .expect("free");
+    let all = locks
+        .try_lock_all(["bounds/all-a", "bounds/all-b"])
+        .unwrap()
+        .expect("free");
+    let mut outside = plain();
+    let pid: i32 = outside
+        .query_one(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
+            &[&app],
+        )
+        .expect("the lock session")
+        .get(0);
+    signal(pid, "STOP");
+    let _resume = Resume(pid);
+
+    type Call = Box<dyn FnOnce() -> String + Send>;
+    let single = request_timeout + allowance;
+    let timed = wait.max(request_timeout) + allowance;
+    let unbounded_but_free = Duration::from_secs(5);
+    let calls: Vec<(&str, Duration, Call)> = vec![
+        (
+            "unlock",
+            single,
+            Box::new(move || format!("{:?}", exclusive.unlock())),
+        ),
+        (
+            "drop",
+            single,
+            Box::new(move || {
+                drop(permit);
+                "dropped".into()
+            }),
+        ),
+        (
+            "ensure_held",
+            single,
+            Box::new(move || format!("{:?}", fenced.ensure_held())),
+        ),
+        (
+            "drop all",
+            single,
+            Box::new(move || {
+                drop(all);
+                "dropped".into()
+            }),
+        ),
+        ("holders", single, {
+            let locks = locks.clone();
+            Box::new(move || format!("{:?}", locks.holders("bounds/held").map(|h| h.len())))
+        }),
+        ("try_lock", single, {
+            let locks = locks.clone();
+            Box::new(move || format!("{:?}", locks.try_lock("bounds/try").map(|g| g.is_some())))
+        }),
+        ("try_lock_all", single, {
+            let locks = locks.clone();
+            Box::new(move || {
+                format!(
+                    "{:?}",
+                    locks
+                        .try_lock_all(["bounds/t1", "bounds/t2"])
+                        .map(|g| g.is_some())
+                )
+            })
+        }),
+        ("try_acquire_permit", single, {
+            let locks = locks.clone();
+            Box::new(move || {
+                format!(
+                    "{:?}",
+                    locks
+                        .try_acquire_permit("bounds/p2", 2)
+                        .map(|g| g.is_some())
+                )
+            })
+        }),
+        ("try_lock_fenced", single, {
+            let locks = locks.clone();
+            Box::new(move || {
+                format!(
+                    "{:?}",
+                    locks.try_lock_fenced("bounds/f2").map(|g| g.is_some())
+                )
+            })
+        }),
+        ("try_lock_for", timed, {
+            let locks = locks.clone();
+            Box::new(move || {
+                format!(
+                    "{:?}",
+                    locks.try_lock_for("bounds/w1", wait).map(|g| g.is_some())
+                )
+            })
+        }),
+        ("try_lock_all_for", timed, {
+            let locks = locks.clone();
+            Box::new(move || {
+                format!(
+                    "{:?}",
+                    locks
+                        .try_lock_all_for(["bounds/w2", "bounds/w3"], wait)
+                        .map(|g| g.is_some())
+                )
+            })
+        }),
+        ("try_acquire_permit_for", timed, {
+            let locks = locks.clone();
+            Box::new(move || {
+                format!(
+                    "{:?}",
+                    locks
+                        .try_acquire_permit_for("bounds/w4", 2, wait)
+                        .map(|g| g.is_some())
+                )
+            })
+        }),
+        ("try_lock_fenced_for", timed, {
+            let locks = locks.clone();
+            Box::new(move || {
+                format!(
+                    "{:?}",
+                    locks
+                        .try_lock_fenced_for("bounds/w5", wait)
+                        .map(|g| g.is_some())
+                )
+            })
+        }),
+        ("campaign_for", timed, {
+            let locks = locks.clone();
+            Box::new(move || {
+                format!(
+                    "{:?}",
+                    distlock::Election::new(&locks, "bounds/e1")
+                        .campaign_for(wait)
+                        .map(|g| g.is_some())
+                )
+            })
+        }),
+        // Free keys: these wait through the replacement of the stalled connection and then get
+        // their locks.
+        ("lock_all", unbounded_but_free, {
+            let locks = locks.clone();
+            Box::new(move || {
+                format!(
+                    "{:?}",
+                    locks.lock_all(["bounds/l1", "bounds/l2"]).map(|g| g.len())
+                )
+            })
+        }),
+        ("campaign", unbounded_but_free, {
+            let locks = locks.clone();
+            Box::new(move || {
+                format!(
+                    "{:?}",
+                    distlock::Election::new(&locks, "bounds/e2")
+                        .campaign()
+                        .map(|l| l.is_leading())
+                )
+            })
+        }),
+    ];
+    let started = Instant::now();
+    let results: Vec<(&str, Duration, Duration, String)> = thread::scope(|s| {
+        let running: Vec<_> = calls
+            .into_iter()
+            .map(|(name, bound, call)| {
+                (
+                    name,
+                    bound,
+                    s.spawn(move || {
+                        let out = call();
+                        (started.elapsed(), out)
+                    }),
+                )
+            })
+            .collect();
+        running
+            .into_iter()
+            .map(|(name, bound, h)| {
+                let (took, out) = h.join().expect("a call panicked");
+                (name, bound, took, out)
+            })
+            .collect()
+    });
+    for (name, bound, took, out) in &results {
+        eprintln!("stopped backend: {name} returned after {took:?} (bound {bound:?}): {out}");
+    }
+    for (name, bound, took, out) in &results {
+        assert!(
+            took <= bound,
+            "{name} returned after {took:?}, past its bound {bound:?}: {out}"
+        );
+    }
+    for (name, _, _, out) in &results {
+        if ["lock_all", "campaign"].contains(name) {
+            assert!(
+                out.starts_with("Ok("),
+                "{name} did not get its free lock: {out}"
+            );
+        }
+    }
+    // The stall was real: the backend is still stopped, and a single request against it timed out.
+    let state: String = outside
+        .query_one("SELECT state FROM pg_stat_activity WHERE pid = $1", &[&pid])
+        .map(|r| r.get::<_, Option<String>>(0).unwrap_or_default())
+        .unwrap_or_default();
+    eprintln!("the stopped backend's state: {state:?}");
+    assert!(
+        results
+            .iter()
+            .any(|(_, _, _, out)| out.contains("Timeout") || out.contains("Offline")),
+        "no call met the stall"
+    );
+}
