@@ -98,8 +98,11 @@ impl Builder {
         self
     }
 
-    /// How long `connect` waits for the connection to be ready, all steps together (TCP, TLS-less
-    /// start-up, authentication).
+    /// How long a connect waits for each host to be ready, all steps together (TCP, TLS, start-up,
+    /// authentication). With several hosts, each gets a timeout of its own and they are tried in
+    /// turn, as libpq's `connect_timeout` does, so `connect` takes at most this once per host: a
+    /// host that accepts TCP and never answers (a stopped or hung server) costs one timeout and
+    /// the next host is tried.
     ///
     /// Defaults to 5 s.
     pub fn connect_timeout(mut self, timeout: Duration) -> Builder {

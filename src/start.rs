@@ -15,7 +15,7 @@ use crate::protocol::link::Link;
 use crate::protocol::slot::SPIN_HAND_OVER_TURNS;
 use crate::worker::connect::tls::{self, Tls};
 use crate::worker::connect::{Connector, params};
-use crate::worker::sql::ServerKeepalive;
+use crate::worker::keepalive::ServerKeepalive;
 use crate::worker::{self, Spec, monitor};
 
 /// The application name of a lock session whose builder and parameters name none.
@@ -92,7 +92,7 @@ pub(crate) fn start(
             SPIN_HAND_OVER_TURNS
         },
     };
-    start_worker(spec.clone(), options.connect_timeout)?;
+    start_worker(spec.clone(), spec.connector.bound())?;
     let (max_locks, lock_table_limit) = lock_limit(options.max_locks, spec.connector.lock_table());
     monitor::start(spec, shutdown_rx).map_err(spawn_error)?;
     let settings = Settings {
@@ -135,13 +135,18 @@ fn waiting_connections(
         ..options.clone()
     };
     let (config, tls) = (config.clone(), tls.clone());
+    let hosts = u32::try_from(params::each_host(&config).len()).unwrap_or(u32::MAX);
     // Opened for a caller that waits: the connect gives up at the caller's deadline, so that the
     // call keeps its bound (it then waits by polling).
     let open: Open<Arc<Shared>> = Box::new(move |deadline| {
         let mut options = one.clone();
         if let Some(deadline) = deadline {
             let left = deadline.saturating_duration_since(Instant::now());
-            options.connect_timeout = options.connect_timeout.min(left.max(MIN_CONNECT_TIMEOUT));
+            // Each host gets its own connect timeout: together they stay within the deadline.
+            let per_host = left / hosts;
+            options.connect_timeout = options
+                .connect_timeout
+                .min(per_host.max(MIN_CONNECT_TIMEOUT));
         }
         let manager = start(options, config.clone(), tls.clone())?;
         Ok(Arc::clone(manager.shared()))
@@ -230,11 +235,12 @@ fn worker_connector(
 }
 
 /// Starts the worker and waits for its first connection, within the connect timeout.
-fn start_worker(spec: Spec, connect_timeout: Duration) -> Result<()> {
+fn start_worker(spec: Spec, bound: Duration) -> Result<()> {
     let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
     worker::start_first(spec, ready_tx).map_err(spawn_error)?;
-    // The worker bounds the attempt by the connect timeout; the margin only covers the hand-off.
-    match ready_rx.recv_timeout(connect_timeout.saturating_add(Duration::from_secs(1))) {
+    // The worker bounds the attempt by the connect timeout per host; the margin only covers the
+    // hand-off.
+    match ready_rx.recv_timeout(bound.saturating_add(Duration::from_secs(1))) {
         Ok(result) => result,
         Err(_) => Err(Error::timeout("timed out connecting to the server")),
     }

@@ -162,3 +162,102 @@ fn a_late_promotion_is_found_within_a_reconnect_pause() {
     );
     assert!(took < Duration::from_secs(10), "took {took:?}");
 }
+
+/// The state letter of a process (`T` when stopped), from `/proc`.
+fn process_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.chars().next()
+}
+
+/// The primary's postmaster and every process it started.
+fn server_processes(server: &TestCluster) -> Vec<i32> {
+    let postmaster = server.server_pid().expect("a local server");
+    let out = std::process::Command::new("pgrep")
+        .args(["-P", &postmaster.to_string()])
+        .output()
+        .expect("pgrep");
+    let mut pids: Vec<i32> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    pids.push(postmaster);
+    pids
+}
+
+/// The old primary goes silent — stopped, so its connections get no FIN and no RST — while the
+/// standby is promoted. The manager only learns of the loss from its own stall bound, and must
+/// still tell every old guard before anything is granted on the new primary.
+#[test]
+fn a_silent_old_primary_loses_every_guard_before_the_new_primary_grants() {
+    let _one_at_a_time = PAIR.lock();
+    let Some((primary, standby)) = pair() else {
+        return;
+    };
+    let both = both_hosts(&primary, &standby);
+    let locks = LockManager::builder()
+        .application_name("failover-silent")
+        .connect_timeout(Duration::from_secs(1))
+        .request_timeout(Duration::from_secs(2))
+        .connect(&both)
+        .expect("connects to the primary");
+    let keys: Vec<LockKey> = (0..3).map(|i| LockKey::pair(4343, i)).collect();
+    let guards: Vec<_> = keys
+        .iter()
+        .map(|&k| locks.try_lock(k).unwrap().expect("free"))
+        .collect();
+    let watchers: Vec<_> = guards
+        .iter()
+        .map(|g| {
+            let lost = g.lost().clone();
+            thread::spawn(move || {
+                let _ = lost.recv_timeout(Duration::from_secs(60));
+                Instant::now()
+            })
+        })
+        .collect();
+
+    let stopped = server_processes(&primary);
+    for &pid in &stopped {
+        common::signal(pid, "STOP");
+    }
+    let _resume: Vec<common::Resume> = stopped.iter().map(|&p| common::Resume(p)).collect();
+    let silenced = Instant::now();
+    standby.promote().expect("promote the standby");
+    // Callers keep asking while the manager is behind the silent connection.
+    let key = LockKey::name("failover/silent-after");
+    let mut granted = None;
+    while silenced.elapsed() < Duration::from_secs(40) {
+        if let Ok(Some(guard)) = locks.try_lock(key) {
+            granted = Some((Instant::now(), guard));
+            break;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    let (granted_at, new_guard) = granted.expect("the manager found the promoted standby");
+    // The fault was silent to the end: the old primary is still stopped.
+    for &pid in &stopped {
+        assert_eq!(
+            process_state(pid),
+            Some('T'),
+            "process {pid} of the old primary ran"
+        );
+    }
+    // The grant came from the new primary.
+    let mut promoted = postgres::Client::connect(standby.url(), postgres::NoTls).unwrap();
+    assert_eq!(common::holders(&mut promoted, key).len(), 1);
+    new_guard.ensure_held().unwrap();
+    let took = granted_at.duration_since(silenced);
+    eprintln!("silent failover: old primary stopped -> first new grant {took:?}");
+    // Told within the stall bound (2 s request timeout) and a heartbeat; then one connect timeout
+    // on the silent host, and the promoted one.
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    for (watcher, guard) in watchers.into_iter().zip(&guards) {
+        let lost_at = watcher.join().unwrap();
+        assert!(guard.is_lost());
+        assert!(
+            lost_at <= granted_at,
+            "a new grant came {:?} before a holder was told",
+            lost_at.duration_since(granted_at)
+        );
+    }
+}

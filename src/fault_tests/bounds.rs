@@ -9,7 +9,7 @@ use postgres::Client;
 
 use super::{cluster, eventually, plain};
 use crate::testing::TestCluster;
-use crate::worker::connect::fault::SLOW_CONNECT;
+use crate::worker::connect::attempt::fault::SLOW_CONNECT;
 use crate::{LockKey, LockManager};
 
 /// Ends every session whose application name starts with `prefix`; how many it ended.

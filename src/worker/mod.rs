@@ -20,12 +20,14 @@ use crate::protocol::reply::Orphan;
 use crate::protocol::request::Request;
 use crate::protocol::slot::LateReplies;
 use crate::worker::batch::{Batch, MAX_BATCH};
-use crate::worker::connect::{Attempt, Connector};
+use crate::worker::connect::Connector;
+use crate::worker::connect::attempt::Attempt;
 use crate::worker::session::{Conn, Query};
 
 pub(crate) mod batch;
 pub(crate) mod connect;
 mod fencing;
+pub(crate) mod keepalive;
 pub(crate) mod monitor;
 pub(crate) mod queue_wait;
 pub(crate) mod readback;

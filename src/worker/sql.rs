@@ -17,6 +17,7 @@ use crate::key::{LockKey, Space};
 use crate::mode::Mode;
 use crate::protocol::request::{Fencing, Op};
 use crate::worker::fencing::NEXT_TOKEN;
+use crate::worker::keepalive::ServerKeepalive;
 
 /// The comment every query text starts with, so that a load-balancing proxy keeps it on the
 /// session's own backend (pgpool-II honours it; see the module docs).
@@ -34,40 +35,6 @@ pub(crate) const IDENTIFY: &str = "/*NO LOAD BALANCE*/ SELECT pg_backend_pid(), 
      (current_setting('max_connections')::int8 + \
      current_setting('max_prepared_transactions')::int8) \
      FROM pg_stat_activity WHERE pid = pg_backend_pid()";
-
-/// How the server should watch a lock session's client, so that a client whose host vanished
-/// (no FIN, no RST) loses its session, and its locks, within a bound: TCP keepalive probes after
-/// `idle_s` seconds of silence, every `interval_s` seconds, `count` of them unanswered; and at most
-/// `user_timeout_ms` for data the client never acknowledges.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct ServerKeepalive {
-    pub(crate) idle_s: u32,
-    pub(crate) interval_s: u32,
-    pub(crate) count: u32,
-    pub(crate) user_timeout_ms: u32,
-}
-
-impl ServerKeepalive {
-    /// Settings under which a silent client's session ends within `bound` (whole seconds, at
-    /// least 2). Linux's keepalive timers fire late (a 5 s timer by up to half a second, each 1 s
-    /// probe by tens of milliseconds), so the settings aim a second short of a bound of 3 s or
-    /// more: half of that idle, the rest in probes a second or more apart (Linux allows 127 at
-    /// most), and the user timeout, which ends the session at the first probe after that much
-    /// silence, equal to it.
-    pub(crate) fn within(bound: std::time::Duration) -> ServerKeepalive {
-        let total = u32::try_from(bound.as_secs()).unwrap_or(u32::MAX).max(2);
-        let target = if total > 2 { total - 1 } else { total };
-        let idle_s = target / 2;
-        let rest = target - idle_s;
-        let count = rest.min(10);
-        ServerKeepalive {
-            idle_s,
-            interval_s: rest / count,
-            count,
-            user_timeout_ms: target.saturating_mul(1000).min(i32::MAX as u32),
-        }
-    }
-}
 
 /// How many statements [`Sql::push_exclusion_proof`] appends.
 pub(crate) const PROOF_STATEMENTS: usize = 11;

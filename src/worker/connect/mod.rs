@@ -1,14 +1,19 @@
-//! Connecting: one attempt in flight per manager, bounded by the connect timeout.
+//! Connecting: one attempt in flight per host, each bounded by the connect timeout.
 //!
 //! The blocking client bounds only the TCP connect itself: a server that accepts the connection
 //! but never answers its start-up (a stopped postmaster, an overloaded pooler) would hold the
 //! worker for as long as TCP keeps the socket. So each attempt runs on a helper thread and the
 //! worker waits for it until the connect timeout. An attempt that outlives its timeout is not
-//! forgotten: it stays the manager's one attempt in flight, the next connect waits for it instead of
-//! starting another, and when it does finish it is closed at once (its result is too late to
-//! trust, and a server that resumes must not receive a burst of connections it is expected to
-//! keep). Exactly one of the helper and the waiting worker decides what becomes of a result, under
-//! the attempt's lock.
+//! forgotten: it stays the host's one attempt in flight, the next connect to that host waits for
+//! it instead of starting another (with other hosts to try, it moves on to them at once), and when
+//! it does finish it is closed at once (its result is too late to trust, and a server that resumes
+//! must not receive a burst of connections it is expected to keep). Exactly one of the helper and
+//! the waiting worker decides what becomes of a result, under the attempt's lock.
+//!
+//! With several hosts, each is tried in turn within a connect timeout of its own, as libpq does:
+//! handed the whole list, the client would spend one timeout on the first host that accepts TCP
+//! and never answers, and never reach the next (the promoted standby of a failover whose old
+//! primary went silent).
 //!
 //! A new session's set-up lives here too: its first statement ends the backends of lost
 //! connections ([`end_suspects`]).
@@ -21,35 +26,35 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Select, TryRecvError};
 use parking_lot::Mutex;
 use postgres::Client;
-use postgres::error::SqlState;
 
 use crate::error::{Error, ErrorKind};
 use crate::protocol::link::{Backend, Link, Site};
-use crate::worker::session::{Conn, Failed, Query, row_counts};
-use crate::worker::sql::{IDENTIFY, PROOF_STATEMENTS, ServerKeepalive, Sql};
+use crate::worker::connect::attempt::{Attempt, attempt};
+use crate::worker::keepalive::ServerKeepalive;
+use crate::worker::session::{Conn, Failed, Query};
 
+pub(crate) mod attempt;
 mod certs;
 pub(crate) mod params;
 pub(crate) mod pooler;
 pub(crate) mod tls;
 
-/// What one attempt brings: a client and its backend, or why not.
-pub(crate) type Attempt = Result<(Client, Backend, Facts), Error>;
-
 /// Makes the manager's connections, one attempt at a time.
 pub(crate) struct Connector {
-    /// How to connect (with the builder's settings applied).
-    config: postgres::Config,
+    /// How to connect to each host, in the order given (with the builder's settings applied).
+    hosts: Vec<postgres::Config>,
+    /// Whether to try the hosts in a random order (`load_balance_hosts=random`).
+    shuffle: bool,
     /// Plaintext, or TLS that checks what `sslmode` asks for.
     tls: tls::Connector,
-    /// Bound on one attempt, all steps together.
+    /// Bound on one attempt at one host, all steps together.
     timeout: Duration,
     /// Whether a standby (a server in recovery) may serve locks.
     allow_standby: bool,
     /// The server-side keepalives each lock session sets, if any.
     keepalive: Option<ServerKeepalive>,
-    /// The attempt still running after its caller stopped waiting, if any.
-    in_flight: Mutex<Option<InFlight>>,
+    /// Per host, the attempt still running after its caller stopped waiting, if any.
+    in_flight: Vec<Mutex<Option<InFlight>>>,
     /// Makes this manager's session marks differ from every other client's (see `session_mark`).
     salt: u64,
     /// Entries of the shared lock table of the server last connected to.
@@ -70,13 +75,15 @@ impl Connector {
         allow_standby: bool,
         keepalive: Option<ServerKeepalive>,
     ) -> Connector {
+        let hosts = params::each_host(&config);
         Connector {
-            config,
+            in_flight: hosts.iter().map(|_| Mutex::new(None)).collect(),
+            hosts,
+            shuffle: config.get_load_balance_hosts() == postgres::config::LoadBalanceHosts::Random,
             tls,
             allow_standby,
             keepalive,
             timeout,
-            in_flight: Mutex::new(None),
             salt: pooler::random_salt(),
             lock_table: AtomicI64::new(0),
         }
@@ -90,8 +97,9 @@ impl Connector {
         pooler::session_mark(self.salt, backend)
     }
 
-    /// Connects within the connect timeout (TCP, start-up and authentication together) and
-    /// identifies the backend. Never starts a second attempt while one is still running.
+    /// Connects within the connect timeout per host (TCP, start-up and authentication together)
+    /// and identifies the backend. Never starts a second attempt at a host while one is still
+    /// running.
     pub(crate) fn connect(&self) -> Result<(Client, Backend), Error> {
         self.connect_while(&mut await_attempt)
     }
@@ -111,13 +119,55 @@ impl Connector {
         self.lock_table.load(Ordering::Relaxed)
     }
 
+    /// The longest a connect can take: a connect timeout for each host.
+    pub(crate) fn bound(&self) -> Duration {
+        self.timeout
+            .saturating_mul(u32::try_from(self.hosts.len()).unwrap_or(u32::MAX))
+    }
+
+    /// Tries the hosts in turn until one serves. The error, when none does, is the first that
+    /// says more than a timeout (a refused password, a standby), else the last.
     fn attempt_while(&self, idle: &mut Idle<'_>) -> Attempt {
+        let mut order: Vec<usize> = (0..self.hosts.len()).collect();
+        if self.shuffle {
+            shuffle(&mut order);
+        }
+        let mut telling: Option<Error> = None;
+        let mut last = None;
+        for i in order {
+            match self.attempt_host(i, idle) {
+                Ok(attempt) => return Ok(attempt),
+                Err(e) => {
+                    if self.hosts.len() > 1 {
+                        log::debug!("distlock: host {} of {}: {e}", i + 1, self.hosts.len());
+                    }
+                    if telling.is_none() && e.kind() != ErrorKind::Timeout {
+                        telling = Some(e);
+                    } else {
+                        last = Some(e);
+                    }
+                }
+            }
+        }
+        Err(telling
+            .or(last)
+            .unwrap_or_else(|| Error::new(ErrorKind::Config, "no host to connect to")))
+    }
+
+    /// One attempt at host `i`, within the connect timeout.
+    fn attempt_host(&self, i: usize, idle: &mut Idle<'_>) -> Attempt {
         // `None` when the timeout is too large to add to now: no bound of ours, as asked.
         let deadline = Instant::now().checked_add(self.timeout);
-        let mut in_flight = self.in_flight.lock();
+        let mut in_flight = self.in_flight[i].lock();
         if let Some(earlier) = in_flight.take() {
-            // Its result was abandoned (the helper closes it); wait for the helper to finish.
-            match recv_while(&earlier.done, deadline, idle) {
+            // Its result was abandoned (the helper closes it); wait for the helper to finish —
+            // or, with other hosts to try, only look.
+            let wait_until = if self.hosts.len() > 1 {
+                Some(Instant::now())
+            } else {
+                deadline
+            };
+            match recv_while(&earlier.done, wait_until, idle) {
                 Err(RecvTimeoutError::Timeout) => {
                     *in_flight = Some(earlier);
                     return Err(Error::timeout(
@@ -133,7 +183,7 @@ impl Connector {
         // is unwanted; the waiter, that the result is already there.
         let abandoned = Arc::new(Mutex::new(false));
         let helper_abandoned = Arc::clone(&abandoned);
-        let config = self.config.clone();
+        let config = self.hosts[i].clone();
         let tls = self.tls.clone();
         let (allow_standby, keepalive, salt) = (self.allow_standby, self.keepalive, self.salt);
         thread::Builder::new()
@@ -168,6 +218,17 @@ impl Connector {
                 }
             }
         }
+    }
+}
+
+/// Puts `order` in a random order (Fisher–Yates, seeded by the standard library's hasher keys).
+fn shuffle(order: &mut [usize]) {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    for i in (1..order.len()).rev() {
+        h.write_usize(i);
+        let j = (h.finish() % (i as u64 + 1)) as usize;
+        order.swap(i, j);
     }
 }
 
@@ -206,128 +267,6 @@ pub(crate) fn end_suspects(
     }
 }
 
-/// One attempt: connect, ask the server who we are, and refuse a standby unless allowed.
-fn attempt(
-    config: &postgres::Config,
-    tls: &tls::Connector,
-    allow_standby: bool,
-    keepalive: Option<ServerKeepalive>,
-    salt: u64,
-) -> Attempt {
-    #[cfg(test)]
-    fault::slow_connect(config);
-    let mut client = tls.connect(config).map_err(classify)?;
-    let row = client.query_one(IDENTIFY, &[]).map_err(classify)?;
-    let backend = Backend {
-        pid: row.try_get(0).map_err(classify)?,
-        started_us: row.try_get(1).map_err(classify)?,
-    };
-    // A session of our own has never been marked; one that has is shared with another client
-    // through a pooler (or was left to us by one without a reset).
-    let marked: bool = row.try_get(4).map_err(classify)?;
-    if marked {
-        return Err(Error::pooler());
-    }
-    let standby: bool = row.try_get(2).map_err(classify)?;
-    if standby && !allow_standby {
-        // Dropping the client closes the connection.
-        return Err(Error::new(
-            ErrorKind::Connect,
-            "refusing a standby: the server is in recovery (a read replica), and advisory locks \
-             taken there exclude nobody on the primary. Connect to the primary (with several \
-             hosts, add target_session_attrs=read-write; behind a proxy, make it route this \
-             database's statements to the primary), or allow it with \
-             Builder::allow_standby(true)",
-        ));
-    }
-    let facts = Facts {
-        version_num: row.try_get(3).map_err(classify)?,
-        version: row.try_get(5).map_err(classify)?,
-        lock_table: row.try_get(6).map_err(classify)?,
-    };
-    set_up(&mut client, &backend, &facts, keepalive, salt)?;
-    Ok((client, backend, facts))
-}
-
-/// What the server said of itself when a session was identified.
-#[derive(Debug, Clone)]
-pub(crate) struct Facts {
-    /// `server_version_num`.
-    version_num: i32,
-    /// `version()`: what the server says it is.
-    version: String,
-    /// Entries of the server's shared lock table.
-    pub(crate) lock_table: i64,
-}
-
-/// A new lock session's set-up and proof, in one round trip. The session lives as long as its
-/// locks: no culls, and a vanished client is noticed. And its locks must exclude: a lock it takes
-/// must show in `pg_locks` as held by it (see [`Sql::push_exclusion_proof`]); a server whose
-/// advisory functions accept calls and exclude nobody is refused.
-fn set_up(
-    client: &mut Client,
-    backend: &Backend,
-    facts: &Facts,
-    keepalive: Option<ServerKeepalive>,
-    salt: u64,
-) -> Result<(), Error> {
-    let mark = pooler::session_mark(salt, backend);
-    let mut setup = Sql::new();
-    setup.push_session_setup(facts.version_num, keepalive, mark);
-    setup.push_exclusion_proof(mark);
-    let messages = match client.simple_query(setup.as_str()) {
-        Ok(messages) => messages,
-        Err(e) if e.code() == Some(&SqlState::UNDEFINED_FUNCTION) => {
-            return Err(no_exclusion(
-                &facts.version,
-                "an advisory lock function is missing",
-                e,
-            ));
-        }
-        Err(e) => return Err(classify(e)),
-    };
-    let counts: Vec<u64> = row_counts(&messages).collect();
-    let proof = &counts[counts.len().saturating_sub(PROOF_STATEMENTS)..];
-    if proof.len() == PROOF_STATEMENTS && proof.iter().all(|&rows| rows == 1) {
-        return Ok(());
-    }
-    Err(no_exclusion(
-        &facts.version,
-        "a lock this session took does not show as held by it in pg_locks",
-        Unproven(proof.to_vec()),
-    ))
-}
-
-/// The error of a server whose locks would exclude nobody.
-fn no_exclusion(
-    version: &str,
-    why: &str,
-    source: impl std::error::Error + Send + Sync + 'static,
-) -> Error {
-    Error::with_source(
-        ErrorKind::NoExclusion,
-        format!(
-            "refusing a server whose advisory locks would exclude nobody: {why}. The server \
-             says it is {version:?}; lock with a PostgreSQL server (or one whose advisory locks \
-             are real), or check that no schema on the role's search_path shadows the \
-             pg_catalog advisory lock functions"
-        ),
-        source,
-    )
-}
-
-/// The row counts of an exclusion proof that failed (each statement should return one row).
-#[derive(Debug)]
-struct Unproven(Vec<u64>);
-
-impl std::fmt::Display for Unproven {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "rows of the exclusion proof's statements: {:?}", self.0)
-    }
-}
-
-impl std::error::Error for Unproven {}
-
 /// What waits for a connect attempt: see [`Connector::connect_while`].
 pub(crate) type Idle<'a> = dyn FnMut(&Receiver<Attempt>, Duration) + 'a;
 
@@ -361,43 +300,5 @@ fn recv_while(
             },
         };
         idle(rx, left);
-    }
-}
-
-/// A failed attempt's kind: the client's own TCP connect timeout is a timeout like ours.
-fn classify(e: postgres::Error) -> Error {
-    let timed_out = std::error::Error::source(&e)
-        .and_then(|s| s.downcast_ref::<std::io::Error>())
-        .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
-    if timed_out {
-        Error::with_source(ErrorKind::Timeout, "timed out connecting to the server", e)
-    } else if let Some(why) = tls::explain(&e) {
-        Error::with_source(
-            ErrorKind::Connect,
-            format!("could not connect to the server: {why}"),
-            e,
-        )
-    } else {
-        Error::with_source(ErrorKind::Connect, "could not connect to the server", e)
-    }
-}
-
-/// Test-only: makes connecting slow the way a loaded server can.
-#[cfg(test)]
-pub(crate) mod fault {
-    use std::time::Duration;
-
-    use parking_lot::Mutex;
-
-    /// Connections whose application name starts with the text take the duration longer.
-    pub(crate) static SLOW_CONNECT: Mutex<Option<(String, Duration)>> = Mutex::new(None);
-
-    pub(crate) fn slow_connect(config: &postgres::Config) {
-        let slow = SLOW_CONNECT.lock().clone();
-        if let (Some((prefix, delay)), Some(name)) = (slow, config.get_application_name()) {
-            if name.starts_with(&prefix) {
-                std::thread::sleep(delay);
-            }
-        }
     }
 }

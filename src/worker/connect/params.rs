@@ -176,3 +176,112 @@ pub(crate) fn check_hosts(config: &postgres::Config) -> Result<()> {
     }
     Ok(())
 }
+
+/// One configuration per host of a host list, in order, each otherwise as `config`, so that each
+/// host can be tried within a connect timeout of its own (as libpq does). A list of one host (or
+/// none) is returned as it is.
+pub(crate) fn each_host(config: &postgres::Config) -> Vec<postgres::Config> {
+    use postgres::config::Host;
+    let (hosts, addrs, ports) = (
+        config.get_hosts(),
+        config.get_hostaddrs(),
+        config.get_ports(),
+    );
+    let targets = hosts.len().max(addrs.len());
+    if targets <= 1 {
+        return vec![config.clone()];
+    }
+    (0..targets)
+        .map(|i| {
+            let mut one = postgres::Config::new();
+            match hosts.get(i) {
+                Some(Host::Tcp(name)) => {
+                    one.host(name);
+                }
+                Some(Host::Unix(path)) => {
+                    one.host_path(path);
+                }
+                None => {}
+            }
+            if let Some(&addr) = addrs.get(i) {
+                one.hostaddr(addr);
+            }
+            if let Some(&port) = ports.get(i).or(ports.first()) {
+                one.port(port);
+            }
+            copy_settings(config, &mut one);
+            one
+        })
+        .collect()
+}
+
+/// Everything of `from` but its hosts and ports, onto `to`.
+fn copy_settings(from: &postgres::Config, to: &mut postgres::Config) {
+    if let Some(user) = from.get_user() {
+        to.user(user);
+    }
+    if let Some(password) = from.get_password() {
+        to.password(password);
+    }
+    if let Some(dbname) = from.get_dbname() {
+        to.dbname(dbname);
+    }
+    if let Some(options) = from.get_options() {
+        to.options(options);
+    }
+    if let Some(name) = from.get_application_name() {
+        to.application_name(name);
+    }
+    if let Some(&timeout) = from.get_connect_timeout() {
+        to.connect_timeout(timeout);
+    }
+    if let Some(&timeout) = from.get_tcp_user_timeout() {
+        to.tcp_user_timeout(timeout);
+    }
+    if let Some(interval) = from.get_keepalives_interval() {
+        to.keepalives_interval(interval);
+    }
+    if let Some(retries) = from.get_keepalives_retries() {
+        to.keepalives_retries(retries);
+    }
+    to.ssl_mode(from.get_ssl_mode())
+        .ssl_negotiation(from.get_ssl_negotiation())
+        .keepalives(from.get_keepalives())
+        .keepalives_idle(from.get_keepalives_idle())
+        .target_session_attrs(from.get_target_session_attrs())
+        .channel_binding(from.get_channel_binding());
+}
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr;
+
+    #[test]
+    fn a_host_list_becomes_one_configuration_per_host_with_everything_else_kept() {
+        let config = postgres::Config::from_str(
+            "host=a,b port=5432,6432 user=u password=p dbname=d application_name=x \
+             target_session_attrs=read-write connect_timeout=3",
+        )
+        .unwrap();
+        let each = super::each_host(&config);
+        assert_eq!(each.len(), 2);
+        for (one, (host, port)) in each.iter().zip([("a", 5432), ("b", 6432)]) {
+            assert_eq!(one.get_hosts(), &[postgres::config::Host::Tcp(host.into())]);
+            assert_eq!(one.get_ports(), &[port]);
+            assert_eq!(one.get_user(), Some("u"));
+            assert_eq!(one.get_password(), Some(&b"p"[..]));
+            assert_eq!(one.get_dbname(), Some("d"));
+            assert_eq!(one.get_application_name(), Some("x"));
+            assert_eq!(
+                one.get_target_session_attrs(),
+                postgres::config::TargetSessionAttrs::ReadWrite
+            );
+            assert_eq!(
+                one.get_connect_timeout(),
+                Some(&std::time::Duration::from_secs(3))
+            );
+        }
+        let single = postgres::Config::from_str("host=a port=1 user=u").unwrap();
+        assert_eq!(super::each_host(&single).len(), 1);
+    }
+}

@@ -1,0 +1,175 @@
+//! One connect attempt at one host: connect, identify the backend, refuse what cannot serve
+//! locks (a standby, a session a pooler shares), and set the session up with its exclusion proof.
+
+use postgres::Client;
+use postgres::error::SqlState;
+
+use crate::error::{Error, ErrorKind};
+use crate::protocol::link::Backend;
+use crate::worker::connect::{pooler, tls};
+use crate::worker::keepalive::ServerKeepalive;
+use crate::worker::session::row_counts;
+use crate::worker::sql::{IDENTIFY, PROOF_STATEMENTS, Sql};
+
+/// What one attempt brings: a client and its backend, or why not.
+pub(crate) type Attempt = Result<(Client, Backend, Facts), Error>;
+
+/// One attempt: connect, ask the server who we are, and refuse a standby unless allowed.
+pub(super) fn attempt(
+    config: &postgres::Config,
+    tls: &tls::Connector,
+    allow_standby: bool,
+    keepalive: Option<ServerKeepalive>,
+    salt: u64,
+) -> Attempt {
+    #[cfg(test)]
+    fault::slow_connect(config);
+    let mut client = tls.connect(config).map_err(classify)?;
+    let row = client.query_one(IDENTIFY, &[]).map_err(classify)?;
+    let backend = Backend {
+        pid: row.try_get(0).map_err(classify)?,
+        started_us: row.try_get(1).map_err(classify)?,
+    };
+    // A session of our own has never been marked; one that has is shared with another client
+    // through a pooler (or was left to us by one without a reset).
+    let marked: bool = row.try_get(4).map_err(classify)?;
+    if marked {
+        return Err(Error::pooler());
+    }
+    let standby: bool = row.try_get(2).map_err(classify)?;
+    if standby && !allow_standby {
+        // Dropping the client closes the connection.
+        return Err(Error::new(
+            ErrorKind::Connect,
+            "refusing a standby: the server is in recovery (a read replica), and advisory locks \
+             taken there exclude nobody on the primary. Connect to the primary (with several \
+             hosts, add target_session_attrs=read-write; behind a proxy, make it route this \
+             database's statements to the primary), or allow it with \
+             Builder::allow_standby(true)",
+        ));
+    }
+    let facts = Facts {
+        version_num: row.try_get(3).map_err(classify)?,
+        version: row.try_get(5).map_err(classify)?,
+        lock_table: row.try_get(6).map_err(classify)?,
+    };
+    set_up(&mut client, &backend, &facts, keepalive, salt)?;
+    Ok((client, backend, facts))
+}
+
+/// What the server said of itself when a session was identified.
+#[derive(Debug, Clone)]
+pub(crate) struct Facts {
+    /// `server_version_num`.
+    version_num: i32,
+    /// `version()`: what the server says it is.
+    version: String,
+    /// Entries of the server's shared lock table.
+    pub(crate) lock_table: i64,
+}
+
+/// A new lock session's set-up and proof, in one round trip. The session lives as long as its
+/// locks: no culls, and a vanished client is noticed. And its locks must exclude: a lock it takes
+/// must show in `pg_locks` as held by it (see [`Sql::push_exclusion_proof`]); a server whose
+/// advisory functions accept calls and exclude nobody is refused.
+fn set_up(
+    client: &mut Client,
+    backend: &Backend,
+    facts: &Facts,
+    keepalive: Option<ServerKeepalive>,
+    salt: u64,
+) -> Result<(), Error> {
+    let mark = pooler::session_mark(salt, backend);
+    let mut setup = Sql::new();
+    setup.push_session_setup(facts.version_num, keepalive, mark);
+    setup.push_exclusion_proof(mark);
+    let messages = match client.simple_query(setup.as_str()) {
+        Ok(messages) => messages,
+        Err(e) if e.code() == Some(&SqlState::UNDEFINED_FUNCTION) => {
+            return Err(no_exclusion(
+                &facts.version,
+                "an advisory lock function is missing",
+                e,
+            ));
+        }
+        Err(e) => return Err(classify(e)),
+    };
+    let counts: Vec<u64> = row_counts(&messages).collect();
+    let proof = &counts[counts.len().saturating_sub(PROOF_STATEMENTS)..];
+    if proof.len() == PROOF_STATEMENTS && proof.iter().all(|&rows| rows == 1) {
+        return Ok(());
+    }
+    Err(no_exclusion(
+        &facts.version,
+        "a lock this session took does not show as held by it in pg_locks",
+        Unproven(proof.to_vec()),
+    ))
+}
+
+/// The error of a server whose locks would exclude nobody.
+fn no_exclusion(
+    version: &str,
+    why: &str,
+    source: impl std::error::Error + Send + Sync + 'static,
+) -> Error {
+    Error::with_source(
+        ErrorKind::NoExclusion,
+        format!(
+            "refusing a server whose advisory locks would exclude nobody: {why}. The server \
+             says it is {version:?}; lock with a PostgreSQL server (or one whose advisory locks \
+             are real), or check that no schema on the role's search_path shadows the \
+             pg_catalog advisory lock functions"
+        ),
+        source,
+    )
+}
+
+/// The row counts of an exclusion proof that failed (each statement should return one row).
+#[derive(Debug)]
+struct Unproven(Vec<u64>);
+
+impl std::fmt::Display for Unproven {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "rows of the exclusion proof's statements: {:?}", self.0)
+    }
+}
+
+impl std::error::Error for Unproven {}
+
+/// A failed attempt's kind: the client's own TCP connect timeout is a timeout like ours.
+fn classify(e: postgres::Error) -> Error {
+    let timed_out = std::error::Error::source(&e)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
+    if timed_out {
+        Error::with_source(ErrorKind::Timeout, "timed out connecting to the server", e)
+    } else if let Some(why) = tls::explain(&e) {
+        Error::with_source(
+            ErrorKind::Connect,
+            format!("could not connect to the server: {why}"),
+            e,
+        )
+    } else {
+        Error::with_source(ErrorKind::Connect, "could not connect to the server", e)
+    }
+}
+
+/// Test-only: makes connecting slow the way a loaded server can.
+#[cfg(test)]
+pub(crate) mod fault {
+    use std::time::Duration;
+
+    use parking_lot::Mutex;
+
+    /// Connections whose application name starts with the text take the duration longer.
+    pub(crate) static SLOW_CONNECT: Mutex<Option<(String, Duration)>> = Mutex::new(None);
+
+    pub(crate) fn slow_connect(config: &postgres::Config) {
+        let slow = SLOW_CONNECT.lock().clone();
+        if let (Some((prefix, delay)), Some(name)) = (slow, config.get_application_name()) {
+            if name.starts_with(&prefix) {
+                std::thread::sleep(delay);
+            }
+        }
+    }
+}
