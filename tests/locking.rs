@@ -262,10 +262,41 @@ fn threads_on_two_managers_never_overlap() {
     assert_eq!(entries.load(Ordering::Relaxed), 320);
 }
 
-#[test]
-fn try_lock_for_gives_up_close_to_its_deadline() {
-    let locks = manager("t-deadline");
-    let key = LockKey::name("locking/deadline");
+/// A manager that waits in PostgreSQL's lock queue (`polling: false`, the default) or polls on its
+/// own connection (`wait_connections(0)`), backing off up to `max_retry`.
+fn waiting_manager(app: &str, polling: bool, max_retry: Duration) -> LockManager {
+    LockManager::builder()
+        .application_name(app)
+        .wait_connections(if polling { 0 } else { 4 })
+        .max_retry_interval(max_retry)
+        .connect(url())
+        .unwrap()
+}
+
+/// While a polling manager waits: no waiting connection, nothing of it queued in `pg_locks`.
+fn assert_polls(outside: &mut postgres::Client, app: &str) {
+    assert_eq!(
+        common::sessions_of_app(outside, app),
+        1,
+        "a polling manager opened a waiting connection"
+    );
+    let queued: i64 = outside
+        .query_one(
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+             WHERE l.locktype = 'advisory' AND NOT l.granted AND a.application_name = $1",
+            &[&app],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        queued, 0,
+        "a polling manager queued in PostgreSQL's lock queue"
+    );
+}
+
+fn gives_up_close_to_its_deadline(app: &str, polling: bool) {
+    let locks = waiting_manager(app, polling, Duration::from_secs(10));
+    let key = LockKey::name(&format!("locking/deadline/{app}"));
     let mut outside = plain();
     assert!(plain_try_lock(&mut outside, key));
     for wait in [
@@ -287,6 +318,19 @@ fn try_lock_for_gives_up_close_to_its_deadline() {
             "returned {took:?} after a {wait:?} deadline"
         );
     }
+    if polling {
+        let waiter = {
+            let locks = locks.clone();
+            thread::spawn(move || {
+                locks
+                    .try_lock_for(key, Duration::from_millis(600))
+                    .map(|g| g.is_some())
+            })
+        };
+        thread::sleep(Duration::from_millis(300));
+        assert_polls(&mut outside, app);
+        assert!(!waiter.join().unwrap().unwrap());
+    }
     assert!(plain_unlock(&mut outside, key));
     assert!(
         locks
@@ -297,16 +341,43 @@ fn try_lock_for_gives_up_close_to_its_deadline() {
 }
 
 #[test]
-fn a_waiter_takes_the_lock_when_an_outsider_releases_it() {
-    let locks = manager("t-wait-outside");
-    let key = LockKey::name("locking/wait-outside");
+fn try_lock_for_gives_up_close_to_its_deadline() {
+    gives_up_close_to_its_deadline("t-deadline", false);
+}
+
+#[test]
+fn try_lock_for_gives_up_close_to_its_deadline_when_polling() {
+    gives_up_close_to_its_deadline("t-deadline-polling", true);
+}
+
+fn takes_the_lock_when_an_outsider_releases_it(app: &str, polling: bool) {
+    let locks = waiting_manager(app, polling, Duration::from_millis(100));
+    let key = LockKey::name(&format!("locking/wait-outside/{app}"));
     let mut outside = plain();
     assert!(plain_try_lock(&mut outside, key));
     let waiter = {
         let locks = locks.clone();
         thread::spawn(move || locks.lock(key).map(|g| (Instant::now(), g)))
     };
-    thread::sleep(Duration::from_millis(200));
+    // The waiter is waiting (queued, or polling) before the release.
+    if polling {
+        thread::sleep(Duration::from_millis(300));
+        assert_polls(&mut outside, app);
+    } else {
+        assert!(eventually(Duration::from_secs(5), || {
+            holders(&mut outside, key).len() == 1
+                && outside
+                    .query_one(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+                         AND objid::int8 = $1",
+                        &[&i64::from(key.pg_locks_tag().1)],
+                    )
+                    .unwrap()
+                    .get::<_, i64>(0)
+                    == 1
+        }));
+    }
+    assert!(!waiter.is_finished());
     let released = Instant::now();
     assert!(plain_unlock(&mut outside, key));
     let (acquired, guard) = waiter.join().unwrap().unwrap();
@@ -316,14 +387,21 @@ fn a_waiter_takes_the_lock_when_an_outsider_releases_it() {
 }
 
 #[test]
-fn a_local_release_wakes_a_waiter_at_once_whatever_the_backoff() {
-    // With a 10 s backoff cap, a waiter that only polled would sleep for seconds after the release.
-    let locks = LockManager::builder()
-        .application_name("t-wake")
-        .max_retry_interval(Duration::from_secs(10))
-        .connect(url())
-        .unwrap();
-    let key = LockKey::name("locking/wake");
+fn a_waiter_takes_the_lock_when_an_outsider_releases_it() {
+    takes_the_lock_when_an_outsider_releases_it("t-wait-outside", false);
+}
+
+#[test]
+fn a_polling_waiter_takes_the_lock_when_an_outsider_releases_it() {
+    takes_the_lock_when_an_outsider_releases_it("t-wait-outside-polling", true);
+}
+
+/// With a 10 s backoff cap, a waiter that only polled would sleep for seconds after a release by
+/// a thread of its own manager: the release must wake it.
+fn a_local_release_wakes(app: &str, polling: bool) {
+    let locks = waiting_manager(app, polling, Duration::from_secs(10));
+    let key = LockKey::name(&format!("locking/wake/{app}"));
+    let mut outside = plain();
     for mode_shared in [false, true] {
         let holder = locks.try_lock(key).unwrap().expect("free");
         let waiter = {
@@ -339,6 +417,10 @@ fn a_local_release_wakes_a_waiter_at_once_whatever_the_backoff() {
         };
         // Let the waiter's backoff grow to seconds.
         thread::sleep(Duration::from_secs(3));
+        if polling {
+            assert_polls(&mut outside, app);
+        }
+        assert!(!waiter.is_finished());
         let released = Instant::now();
         drop(holder);
         let (acquired, guard) = waiter.join().unwrap();
@@ -350,6 +432,16 @@ fn a_local_release_wakes_a_waiter_at_once_whatever_the_backoff() {
         );
         drop(guard);
     }
+}
+
+#[test]
+fn a_local_release_wakes_a_waiter_at_once_whatever_the_backoff() {
+    a_local_release_wakes("t-wake", false);
+}
+
+#[test]
+fn a_local_release_wakes_a_polling_waiter_at_once_whatever_the_backoff() {
+    a_local_release_wakes("t-wake-polling", true);
 }
 
 #[test]

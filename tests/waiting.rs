@@ -382,4 +382,43 @@ fn without_a_waiting_connection_to_be_had_the_wait_polls() {
     let guard = waiter.join().unwrap().unwrap().expect("granted by polling");
     guard.ensure_held().unwrap();
     assert_eq!(pids_of_app(&mut outside, "waiting-one").len(), 1);
+
+    // The fallback's backoff (up to 10 s here) never carries a wait past its deadline.
+    drop(guard);
+    drop(locks);
+    // The role's one connection closes with the manager.
+    assert!(eventually(Duration::from_secs(5), || pids_of_app(
+        &mut outside,
+        "waiting-one"
+    )
+    .is_empty()));
+    let slow = LockManager::builder()
+        .application_name("waiting-one-backoff")
+        .max_retry_interval(Duration::from_secs(10))
+        .connect(&format!(
+            "{} user=waiting_one password=one-secret",
+            common::url()
+        ))
+        .unwrap();
+    outside
+        .execute("SELECT pg_advisory_lock($1)", &[&id(key)])
+        .unwrap();
+    for wait in [
+        Duration::from_millis(50),
+        Duration::from_millis(300),
+        Duration::from_secs(2),
+    ] {
+        let started = Instant::now();
+        assert!(slow.try_lock_for(key, wait).unwrap().is_none());
+        let took = started.elapsed();
+        assert!(took >= wait, "{took:?}");
+        assert!(
+            took < wait + Duration::from_millis(150),
+            "returned {took:?} after a {wait:?} deadline: a backoff step late"
+        );
+    }
+    assert_eq!(pids_of_app(&mut outside, "waiting-one-backoff").len(), 1);
+    outside
+        .execute("SELECT pg_advisory_unlock($1)", &[&id(key)])
+        .unwrap();
 }
