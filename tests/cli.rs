@@ -756,3 +756,227 @@ fn limit_runs_at_most_n_commands_at_once_and_locks_shows_the_slots() {
     ]));
     assert_eq!(code(&out), 64);
 }
+
+/// Runs `distlock run --key key` with `extra` flags around `sh -c script`, named `app`, and waits
+/// until it holds its lock.
+fn run_script(app: &str, key: &str, extra: &[&str], script: &str) -> Child {
+    let mut cmd = distlock();
+    cmd.env("PGAPPNAME", app).args(["run", "--key", key]);
+    cmd.args(extra).args(["--", "sh", "-c", script]);
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut outside = plain();
+    assert!(
+        eventually(Duration::from_secs(10), || holders(
+            &mut outside,
+            LockKey::name(key)
+        )
+        .len()
+            == 1),
+        "the run never took {key}"
+    );
+    child
+}
+
+fn stderr_of(child: &mut Child) -> String {
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    err
+}
+
+#[test]
+fn a_command_that_ignores_sigterm_after_a_loss_gets_sigkill_after_kill_after() {
+    let (key, app) = ("cli/kill-after", "cli-kill-after");
+    let marks = temp_path("kill-after-marks");
+    let script = format!(
+        "trap 'echo term >> {m}' TERM; echo $$ > {m}.pid; while :; do sleep 0.1; done",
+        m = marks.display()
+    );
+    let mut run = run_script(app, key, &["--kill-after", "1s"], &script);
+    assert!(eventually(Duration::from_secs(5), || {
+        std::fs::read_to_string(format!("{}.pid", marks.display()))
+            .is_ok_and(|p| p.trim().parse::<i32>().is_ok())
+    }));
+    let pid: i32 = std::fs::read_to_string(format!("{}.pid", marks.display()))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let mut outside = plain();
+    let killed = Instant::now();
+    assert_eq!(kill_app(&mut outside, app), 1);
+    assert_eq!(wait_exit(&mut run, Duration::from_secs(15)), 76);
+    let took = killed.elapsed();
+    // Told within a heartbeat (1 s) and a round trip; SIGTERM, ignored; SIGKILL 1 s later.
+    assert!(
+        took >= Duration::from_secs(1),
+        "exited after {took:?}: before --kill-after"
+    );
+    assert!(took < Duration::from_secs(4), "exited after {took:?}");
+    assert!(
+        std::fs::read_to_string(&marks).is_ok_and(|m| m.contains("term")),
+        "the command never got SIGTERM"
+    );
+    assert!(!running(pid), "the command survived its SIGKILL");
+    assert!(stderr_of(&mut run).contains("SIGKILL in 1s"));
+    let _ = std::fs::remove_file(&marks);
+    let _ = std::fs::remove_file(format!("{}.pid", marks.display()));
+}
+
+#[test]
+fn on_lost_ignore_lets_the_command_finish_and_exits_with_its_status() {
+    let (key, app) = ("cli/on-lost-ignore", "cli-on-lost-ignore");
+    let mut run = run_script(app, key, &["--on-lost", "ignore"], "sleep 2; exit 7");
+    let started = Instant::now();
+    let mut outside = plain();
+    assert_eq!(kill_app(&mut outside, app), 1);
+    assert_eq!(wait_exit(&mut run, Duration::from_secs(15)), 7);
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "the command was cut short after {:?}",
+        started.elapsed()
+    );
+    let err = stderr_of(&mut run);
+    assert!(
+        err.contains("lost the lock on cli/on-lost-ignore") && err.contains("keeps running"),
+        "{err}"
+    );
+}
+
+#[test]
+fn sigint_and_sighup_to_distlock_reach_the_command() {
+    for (signal, number) in [("INT", 2), ("HUP", 1)] {
+        let key = format!("cli/forward-{signal}");
+        let marks = temp_path(&format!("forward-{signal}"));
+        // The command says which signal it got, and exits with a status of its own.
+        let script = format!(
+            "trap 'echo {signal} > {m}; exit 3' {signal}; while :; do sleep 0.1; done",
+            m = marks.display()
+        );
+        let mut run = run_script(&format!("cli-forward-{signal}"), &key, &[], &script);
+        thread::sleep(Duration::from_millis(200));
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(run.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        assert_eq!(
+            wait_exit(&mut run, Duration::from_secs(10)),
+            3,
+            "SIG{signal} ({number}) did not reach the command"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&marks).unwrap_or_default().trim(),
+            signal
+        );
+        let mut outside = plain();
+        assert!(plain_try_lock(&mut outside, LockKey::name(&key)));
+        assert!(plain_unlock(&mut outside, LockKey::name(&key)));
+        let _ = std::fs::remove_file(&marks);
+    }
+}
+
+/// The live waiting line on a real terminal: `distlock run` inside tmux, waiting behind a holder.
+#[test]
+fn a_waiting_run_on_a_terminal_shows_who_holds_the_lock() {
+    let Some(tmux) = distlock::testing::find_program("tmux") else {
+        distlock::testing::skip("tmux is not installed (apt-get install tmux; .ci/run does)");
+        return;
+    };
+    let key = "cli/live-line";
+    let mut holder = run_script("cli-live-holder", key, &[], "sleep 30");
+    let session = format!("distlock-test-{}", std::process::id());
+    let done = temp_path("live-line-done");
+    let _ = std::fs::remove_file(&done);
+    let inner = format!(
+        "DATABASE_URL='{}' {} run --key {key} -- true; echo exit=$? > {}; sleep 30",
+        url(),
+        env!("CARGO_BIN_EXE_distlock"),
+        done.display()
+    );
+    let tmux_cmd = |args: &[&str]| {
+        Command::new(&tmux)
+            .args(["-L", &session])
+            .args(args)
+            .output()
+            .expect("tmux")
+    };
+    let started = tmux_cmd(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "160",
+        "-y",
+        "10",
+        &inner,
+    ]);
+    assert!(
+        started.status.success(),
+        "{}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    struct Kill<'a>(&'a dyn Fn(&[&str]) -> Output);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            (self.0)(&["kill-server"]);
+        }
+    }
+    let _kill = Kill(&tmux_cmd);
+    let screen = || String::from_utf8_lossy(&tmux_cmd(&["capture-pane", "-p"]).stdout).into_owned();
+    // What a person sees: how long it has waited, for which key, and the holder's application.
+    let mut seen = String::new();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            seen = screen();
+            seen.contains("distlock: waiting")
+                && seen.contains("cli/live-line")
+                && seen.contains("cli-live-holder")
+        }),
+        "the terminal showed:\n{seen}"
+    );
+    let first = seen.clone();
+    // The line is refreshed in place: the waited time moves, and it stays one line.
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            seen = screen();
+            seen != first
+        }),
+        "the line never changed:\n{seen}"
+    );
+    assert_eq!(
+        seen.lines()
+            .filter(|l| l.contains("distlock: waiting"))
+            .count(),
+        1,
+        "{seen}"
+    );
+    // Released: the run takes the lock, runs `true`, and clears the line.
+    let status = Command::new("kill")
+        .args(["-TERM", &holder.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    wait_exit(&mut holder, Duration::from_secs(10));
+    assert!(
+        eventually(Duration::from_secs(10), || std::fs::read_to_string(&done)
+            .is_ok_and(|d| d.trim() == "exit=0")),
+        "the waiting run did not finish"
+    );
+    let after = screen();
+    assert!(
+        !after.contains("distlock: waiting"),
+        "the line was not cleared:\n{after}"
+    );
+    let _ = std::fs::remove_file(&done);
+}
