@@ -308,3 +308,28 @@ fn ensure_held_notices_a_session_shared_since_the_last_heartbeat() {
     assert!(started.elapsed() < Duration::from_secs(2));
     assert!(guard.is_lost(), "the guard was not told");
 }
+
+/// `distlock run` through a transaction pooler runs nothing and exits 64, naming the fix.
+#[test]
+fn distlock_run_through_a_transaction_pooler_exits_64_and_runs_nothing() {
+    let Some(cluster) = cluster() else { return };
+    let Some(bouncer) = bouncer(&cluster, "transaction", 1) else {
+        return;
+    };
+    // A second client on the one server connection first, so that the session is already marked.
+    let first = manager_beating(&bouncer, "pooled-cli-first", Duration::from_secs(10));
+    let _held = first.try_lock("pooler/cli-first").unwrap();
+    let ran = std::env::temp_dir().join(format!("distlock-pooled-ran-{}", std::process::id()));
+    let _ = std::fs::remove_file(&ran);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_distlock"))
+        .env("DATABASE_URL", bouncer.url())
+        .args(["run", "--key", "pooler/cli", "--", "touch"])
+        .arg(&ran)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run distlock");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("pool_mode=session"), "{err}");
+    assert!(!ran.exists(), "the command ran behind a transaction pooler");
+}
