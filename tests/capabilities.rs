@@ -579,20 +579,38 @@ fn an_election_has_one_leader_that_is_told_when_it_stops_leading() {
         .recv_timeout(Duration::from_secs(5))
         .unwrap();
     assert_eq!(first.unwrap().application_name(), Some("candidate-a"));
-    // B campaigns (waiting) while A leads; A's backend is killed.
+    // B campaigns (waiting in the queue) while A leads; A's backend is killed.
     let campaign = thread::spawn(move || eb.campaign_for(Duration::from_secs(10)).unwrap());
-    thread::sleep(Duration::from_millis(100));
     let mut outside = plain();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            outside
+                .query_one(
+                    "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+                     WHERE l.locktype = 'advisory' AND NOT l.granted \
+                     AND a.application_name LIKE 'candidate-b%'",
+                    &[],
+                )
+                .unwrap()
+                .get::<_, i64>(0)
+                == 1
+        }),
+        "B never queued behind A"
+    );
     let killed_at = Instant::now();
+    let mut killed = 0;
     for pid in pids_of_app(&mut outside, "candidate-a") {
         outside
             .execute("SELECT pg_terminate_backend($1)", &[&pid])
             .unwrap();
+        killed += 1;
     }
-    lead_a
-        .lost()
-        .recv_timeout(Duration::from_secs(5))
-        .expect_err("lost() is disconnected, never sent to");
+    assert!(killed >= 1, "A had no session to kill");
+    assert_eq!(
+        lead_a.lost().recv_timeout(Duration::from_secs(5)),
+        Err(crossbeam_channel::RecvTimeoutError::Disconnected),
+        "lost() must disconnect (never time out, never be sent to)"
+    );
     assert!(!lead_a.is_leading());
     eprintln!("the deposed leader knew after {:?}", killed_at.elapsed());
     let lead_b = campaign.join().unwrap().expect("B leads after A");

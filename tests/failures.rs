@@ -319,9 +319,29 @@ fn a_waiter_rides_through_a_lost_connection_within_its_deadline() {
         let locks = locks.clone();
         thread::spawn(move || locks.try_lock_for(key, Duration::from_secs(20)))
     };
+    // The waiter is in the queue (on a waiting connection) before the manager's sessions die.
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            outside
+                .query_one(
+                    "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+                     WHERE l.locktype = 'advisory' AND NOT l.granted \
+                     AND a.application_name LIKE $1 || '%'",
+                    &[&app],
+                )
+                .unwrap()
+                .get::<_, i64>(0)
+                == 1
+        }),
+        "the waiter never queued"
+    );
+    assert!(kill_app(&mut outside, app) >= 1, "nothing was killed");
+    // The wait goes on (it rides through the loss) while the lock is still held outside.
     thread::sleep(Duration::from_millis(200));
-    kill_app(&mut outside, app);
-    thread::sleep(Duration::from_millis(200));
+    assert!(
+        !waiter.is_finished(),
+        "the wait ended with the lost connection"
+    );
     assert!(plain_unlock(&mut outside, key));
     let guard = waiter
         .join()

@@ -87,6 +87,16 @@ fn a_release_reaches_the_next_waiter_at_once() {
         drop(guard);
         let released = Instant::now();
         let (got_at, got) = t.join().unwrap();
+        // Handed over through PostgreSQL's queue: the lock is held by the waiter's queued
+        // connection itself, not by a later try of its lock session.
+        assert_eq!(
+            common::holders(&mut plain(), LockKey::name(key)),
+            vec![(
+                "waiting-handoff-waiter (waiting connection)".to_owned(),
+                "ExclusiveLock".to_owned()
+            )],
+            "the grant did not come from the queue"
+        );
         assert!(got.is_some());
         delays.push(got_at.saturating_duration_since(released));
     }

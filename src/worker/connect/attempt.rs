@@ -149,6 +149,15 @@ fn classify(e: postgres::Error) -> Error {
             format!("could not connect to the server: {why}"),
             e,
         )
+    } else if let Some(db) = e.as_db_error() {
+        // The server's own reason (a refused password, no pg_hba.conf entry, a missing client
+        // certificate): what a user needs to fix it. It never contains the password.
+        let why = format!(
+            "could not connect to the server: {}: {}",
+            db.severity(),
+            db.message()
+        );
+        Error::with_source(ErrorKind::Connect, why, e)
     } else {
         Error::with_source(ErrorKind::Connect, "could not connect to the server", e)
     }
