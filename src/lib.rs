@@ -118,7 +118,8 @@
 //!   plus a round trip; a busy connection notices at its next statement.
 //! * **Stalled.** The blocking client cannot time out a statement. Callers get
 //!   [`ErrorKind::Timeout`] at [`Builder::request_timeout`] all the same, and if a statement runs
-//!   longer than that or than half the dead-holder bound, whichever is shorter (a backend stopped
+//!   longer than that or than the stall bound the dead-holder bound leaves (4 s by default: see
+//!   [`Builder::dead_holder_timeout`]), whichever is shorter (a backend stopped
 //!   with SIGSTOP, a silent network), a monitor thread declares the connection lost (its guards
 //!   are told) and starts a replacement connection, whose first act is to end the stalled backend
 //!   with `pg_terminate_backend` (matched by pid *and* start time), so that it cannot keep its locks
@@ -129,7 +130,8 @@
 //!   defaults). Every lock session sets the server's TCP keepalives for itself so that the server
 //!   frees a silent holder's locks within [`Builder::dead_holder_timeout`] (12 s by default), and
 //!   the holder, whose heartbeats and statements then go unanswered, gives the connection up and is
-//!   told within half of that — before anyone else can take its locks. Measured with real packet
+//!   told within half of that (with a heartbeat of at most a sixth of it, as by default) — before
+//!   anyone else can take its locks. Measured with real packet
 //!   loss: see the README's Performance section.
 //! * **Culls.** Cluster-wide `idle_session_timeout` and `idle_in_transaction_session_timeout`
 //!   would end a lock session idle between statements, and free its locks; every lock session sets
@@ -153,10 +155,12 @@
 //!   doing: the worker never waits for a caller to take a reply, and a reply that did not reach
 //!   its caller in time is never delivered to anyone later. [`ErrorKind::Shutdown`] means only that
 //!   the manager's worker has stopped for good.
-//! * **One connection attempt at a time.** A server that accepts connections but never answers
-//!   (a stopped postmaster, an overloaded pooler) costs each attempt the connect timeout. An attempt
-//!   that outlives it stays the manager's only one: no second attempt starts beside it, and when
-//!   it completes late, its connection is closed.
+//! * **One connection attempt at a time per host.** A server that accepts connections but never
+//!   answers (a stopped postmaster, an overloaded pooler) costs each attempt the connect timeout.
+//!   An attempt that outlives it stays that host's only one: no second attempt starts beside it,
+//!   and when it completes late, its connection is closed. With several hosts, each is tried in
+//!   turn within a connect timeout of its own, as in libpq, so a silent host does not keep the
+//!   manager from the next one (the promoted standby of a failover).
 //! * **A lost guard keeps its place in this manager.** The server freed the lock when the
 //!   connection ended, and other processes may take it; but within this manager the key stays
 //!   reserved until the lost guard is dropped, because its holder may still be inside its
