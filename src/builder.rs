@@ -5,8 +5,8 @@ use std::time::Duration;
 use crate::caller::handle::LockManager;
 use crate::error::{Error, ErrorKind, Result};
 use crate::start::{self, Options};
-use crate::worker::connect::params;
 use crate::worker::connect::tls::{SslMode, Tls};
+use crate::worker::connect::{Flavor, params};
 
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -14,6 +14,7 @@ const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
 const DEFAULT_MAX_LOCKS: usize = 1024;
 const DEFAULT_DEAD_HOLDER_TIMEOUT: Duration = Duration::from_secs(12);
 const DEFAULT_WAIT_CONNECTIONS: usize = 4;
+const DEFAULT_MAX_TRANSACTIONS: usize = 16;
 const DEFAULT_MAX_RETRY_INTERVAL: Duration = Duration::from_millis(8);
 
 impl LockManager {
@@ -78,6 +79,9 @@ impl Default for Builder {
                 allow_standby: false,
                 dead_holder_timeout: DEFAULT_DEAD_HOLDER_TIMEOUT,
                 wait_connections: DEFAULT_WAIT_CONNECTIONS,
+                transaction_pooler: false,
+                max_transactions: DEFAULT_MAX_TRANSACTIONS,
+                flavor: Flavor::Session,
             },
         }
     }
@@ -192,6 +196,55 @@ impl Builder {
     /// Defaults to 4.
     pub fn wait_connections(mut self, connections: usize) -> Builder {
         self.options.wait_connections = connections;
+        self
+    }
+
+    /// Transaction mode: for a connection string that names a *transaction pooler* (pgbouncer
+    /// `pool_mode = transaction`, Supabase's pooled port, Neon's `-pooler` host), where a session
+    /// lock would exclude nobody (the pooler shares server sessions between clients).
+    ///
+    /// Each lock then lives in a transaction of its own, on a connection to the pooler of its own
+    /// (`pg_try_advisory_xact_lock` and the other transaction-lock functions, granted by row count
+    /// like every lock here), and is released when that transaction ends: when `drop(guard)`
+    /// returns, the server has released it. The pooler pins one server connection to each open
+    /// transaction, so the server connections a fleet uses follow the locks held and the waits in
+    /// progress, not the processes: a manager that holds nothing holds no server connection (its
+    /// own connection to the pooler runs only `holders` lookups). Each transaction is READ
+    /// COMMITTED and sets its own `idle_in_transaction_session_timeout` to 0 (a server-wide cull
+    /// would otherwise end it, and free its lock) and assigns no transaction id, so a held lock
+    /// never holds back vacuum. Loss is announced (heartbeats run inside the transaction, on its
+    /// pinned server connection), `ensure_held` proves the lock, and waits queue in PostgreSQL's
+    /// lock queue — each wait in a transaction of its own, which pins a server connection while it
+    /// waits. At most [`Builder::max_transactions`] are open at once per manager.
+    ///
+    /// What it costs: every try opens a connection to the pooler and a transaction (a few round
+    /// trips more than a try on a session, measured in the README), and each lock held or awaited
+    /// pins a server connection. A transaction-mode lock and a session lock on the same key
+    /// exclude each other, so managers of both modes can share keys.
+    ///
+    /// Chosen explicitly, never detected: a manager cannot tell a transaction pooler from a
+    /// server it may keep a session on before it has handed out a lock, and the two modes cost
+    /// differently. Connecting in session mode through a transaction pooler fails with
+    /// [`ErrorKind::Pooler`](crate::ErrorKind::Pooler), whose message names this setting.
+    /// Fencing tokens, semaphores, all-or-nothing multi-key locks and elections are not available
+    /// in this mode (a typed [`ErrorKind::Config`](crate::ErrorKind::Config) error says so).
+    ///
+    /// Defaults to `false`.
+    pub fn transaction_pooler(mut self, on: bool) -> Builder {
+        self.options.transaction_pooler = on;
+        self
+    }
+
+    /// In transaction mode ([`Builder::transaction_pooler`]), the most lock transactions one
+    /// manager keeps open at once — locks held plus waits in progress — and so the most server
+    /// connections it pins through the pooler. A call beyond it waits for one to close — a try
+    /// up to the request timeout, a waiting call up to its deadline — and then fails with
+    /// [`ErrorKind::TooManyLocks`](crate::ErrorKind::TooManyLocks) (a waiting call without a
+    /// deadline waits for as long as it takes).
+    ///
+    /// Defaults to 16.
+    pub fn max_transactions(mut self, transactions: usize) -> Builder {
+        self.options.max_transactions = transactions;
         self
     }
 

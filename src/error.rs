@@ -126,7 +126,32 @@ impl Error {
              sessions others use, or a proxy routes them between servers (pgcat or pgdog query \
              routing, a pgpool-II that ignores /*NO LOAD BALANCE*/), and session advisory locks \
              then exclude nobody. Connect to PostgreSQL directly, through session pooling \
-             (pool_mode=session), or turn the proxy's read routing off for this database",
+             (pool_mode=session), or turn the proxy's read routing off for this database; \
+             behind a transaction pooler, use transaction mode \
+             (Builder::transaction_pooler(true), distlock --transaction-pooler), where each lock \
+             lives in a transaction of its own",
+        )
+    }
+
+    /// A call transaction mode does not offer.
+    #[cold]
+    pub(crate) fn not_in_transaction_mode() -> Error {
+        Error::new(
+            ErrorKind::Config,
+            "not available in transaction mode (Builder::transaction_pooler): fencing tokens, \
+             semaphores, all-or-nothing multi-key locks and elections need a session; in this \
+             mode a manager takes plain locks, exclusive or shared",
+        )
+    }
+
+    /// Transaction mode: the manager already keeps its most lock transactions open.
+    #[cold]
+    pub(crate) fn too_many_transactions() -> Error {
+        Error::new(
+            ErrorKind::TooManyLocks,
+            "this manager already keeps Builder::max_transactions lock transactions open (locks \
+             held and waits in progress), each pinning a server connection through the pooler; \
+             drop guards, or raise max_transactions if the pooler's pool has room",
         )
     }
 

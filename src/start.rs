@@ -14,7 +14,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::protocol::link::Link;
 use crate::protocol::slot::SPIN_HAND_OVER_TURNS;
 use crate::worker::connect::tls::{self, Tls};
-use crate::worker::connect::{Connector, params};
+use crate::worker::connect::{Connector, Flavor, params};
 use crate::worker::keepalive::ServerKeepalive;
 use crate::worker::{self, Spec, monitor};
 
@@ -22,6 +22,8 @@ use crate::worker::{self, Spec, monitor};
 const DEFAULT_APPLICATION_NAME: &str = "distlock";
 /// What a waiting connection's application name adds to its manager's.
 const WAITING_SUFFIX: &str = " (waiting connection)";
+/// What the application name of a lock transaction's connection ends with (transaction mode).
+const TRANSACTION_SUFFIX: &str = " (lock transaction)";
 /// The longest application name PostgreSQL keeps (`NAMEDATALEN - 1` bytes).
 const MAX_APPLICATION_NAME: usize = 63;
 
@@ -55,6 +57,11 @@ pub(crate) struct Options {
     pub(crate) allow_standby: bool,
     pub(crate) dead_holder_timeout: Duration,
     pub(crate) wait_connections: usize,
+    pub(crate) transaction_pooler: bool,
+    pub(crate) max_transactions: usize,
+    /// What this manager's own connection is for (a lock transaction's manager is a
+    /// [`Flavor::Holder`]).
+    pub(crate) flavor: Flavor,
 }
 
 /// Connects with `config` and `tls` as given, the builder's settings applied on top, and starts
@@ -70,7 +77,17 @@ pub(crate) fn start(
         .or_else(|| config.get_application_name().map(str::to_owned))
         .unwrap_or_else(|| DEFAULT_APPLICATION_NAME.to_owned());
     config.application_name(&name);
-    let waits = waiting_connections(&options, &name, &config, &tls);
+    let (options, waits) = if options.transaction_pooler {
+        let waits = lock_transactions(&options, &name, &config, &tls);
+        let control = Options {
+            flavor: Flavor::Control,
+            ..options
+        };
+        (control, waits)
+    } else {
+        let waits = waiting_connections(&options, &name, &config, &tls);
+        (options, waits)
+    };
     params::libpq_defaults(&mut config)?;
     options.check_settings()?;
     params::check_hosts(&config)?;
@@ -101,6 +118,7 @@ pub(crate) fn start(
         lock_table_limit,
         max_retry_interval: options.max_retry_interval.max(FIRST_RETRY),
         spin_turns,
+        transactions: options.transaction_pooler,
     };
     let shared = Shared::new(requests, link, shutdown, settings, waits);
     Ok(LockManager::from_shared(shared))
@@ -131,19 +149,51 @@ fn waiting_connections(
     }
     let one = Options {
         wait_connections: 0,
-        application_name: Some(waiting_name(name)),
+        application_name: Some(suffixed(name, WAITING_SUFFIX)),
         ..options.clone()
     };
+    let usable = |shared: &Arc<Shared>| shared.link().is_online();
+    Some(pool_of(one, config, tls, options.wait_connections, usable))
+}
+
+/// The lock transactions of a manager named `name` in transaction mode: each a manager of its own
+/// whose connection runs one transaction ([`Flavor::Holder`]), named with
+/// [`TRANSACTION_SUFFIX`], opened for one lock (or one wait) and closed when it is done, never
+/// reused (an idle one would keep a server connection pinned for nothing).
+fn lock_transactions(
+    options: &Options,
+    name: &str,
+    config: &postgres::Config,
+    tls: &Tls,
+) -> Option<Waits> {
+    let one = Options {
+        wait_connections: 0,
+        transaction_pooler: false,
+        flavor: Flavor::Holder,
+        application_name: Some(suffixed(name, TRANSACTION_SUFFIX)),
+        ..options.clone()
+    };
+    Some(pool_of(one, config, tls, options.max_transactions, |_| {
+        false
+    }))
+}
+
+/// A pool of at most `max` managers started with `one`'s settings, each opened for a caller
+/// that waits: the connect gives up at the caller's deadline, so that the call keeps its bound.
+fn pool_of(
+    one: Options,
+    config: &postgres::Config,
+    tls: &Tls,
+    max: usize,
+    usable: fn(&Arc<Shared>) -> bool,
+) -> Waits {
     let (config, tls) = (config.clone(), tls.clone());
     let hosts = u32::try_from(params::each_host(&config).len()).unwrap_or(u32::MAX);
-    // Opened for a caller that waits: the connect gives up at the caller's deadline, so that the
-    // call keeps its bound (it then waits by polling).
     let open: Open<Arc<Shared>> = Box::new(move |deadline| {
         let mut options = one.clone();
         if let Some(deadline) = deadline {
-            let left = deadline.saturating_duration_since(Instant::now());
             // Each host gets its own connect timeout: together they stay within the deadline.
-            let per_host = left / hosts;
+            let per_host = deadline.saturating_duration_since(Instant::now()) / hosts;
             options.connect_timeout = options
                 .connect_timeout
                 .min(per_host.max(MIN_CONNECT_TIMEOUT));
@@ -151,23 +201,17 @@ fn waiting_connections(
         let manager = start(options, config.clone(), tls.clone())?;
         Ok(Arc::clone(manager.shared()))
     });
-    let usable = |shared: &Arc<Shared>| shared.link().is_online();
-    Some(WaitPool::new(
-        open,
-        usable,
-        options.wait_connections,
-        IDLE_CLOSE,
-    ))
+    WaitPool::new(open, usable, max, IDLE_CLOSE)
 }
 
-/// The application name of a waiting connection of the manager named `name`: the name, cut on a
-/// character boundary so that the suffix fits in what PostgreSQL keeps, and the suffix.
-fn waiting_name(name: &str) -> String {
-    let mut end = name.len().min(MAX_APPLICATION_NAME - WAITING_SUFFIX.len());
+/// `name` with `suffix` after it, cut on a character boundary so that the whole fits in what
+/// PostgreSQL keeps of an application name.
+fn suffixed(name: &str, suffix: &str) -> String {
+    let mut end = name.len().min(MAX_APPLICATION_NAME - suffix.len());
     while !name.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{}{WAITING_SUFFIX}", &name[..end])
+    format!("{}{suffix}", &name[..end])
 }
 
 /// How long one statement may run before its connection counts as stalled and is given up.
@@ -231,6 +275,7 @@ fn worker_connector(
         options.connect_timeout,
         options.allow_standby,
         keepalive,
+        options.flavor,
     )
 }
 
@@ -280,9 +325,12 @@ mod tests {
 
     #[test]
     fn a_waiting_connections_name_fits_and_says_it_waits() {
-        assert_eq!(waiting_name("billing"), "billing (waiting connection)");
+        assert_eq!(
+            suffixed("billing", WAITING_SUFFIX),
+            "billing (waiting connection)"
+        );
         let long = "é".repeat(40); // 80 bytes
-        let name = waiting_name(&long);
+        let name = suffixed(&long, WAITING_SUFFIX);
         assert!(name.len() <= MAX_APPLICATION_NAME, "{} bytes", name.len());
         assert!(name.ends_with(WAITING_SUFFIX));
         assert!(name.starts_with("éé"));

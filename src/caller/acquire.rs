@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::backoff::Backoff;
-use crate::caller::guard::LockGuard;
+use crate::caller::guard::{Borrowed, LockGuard};
 use crate::caller::shared::{Call, Shared};
 use crate::caller::table::Reservation;
 use crate::clock::deadline_in;
@@ -96,6 +96,10 @@ pub(crate) fn try_lock(
     mode: Mode,
     deadline: Instant,
 ) -> Result<Option<LockGuard>> {
+    if shared.settings().transactions {
+        let guards = in_transaction(shared, Wanted::One(key, mode), deadline)?;
+        return Ok(guards.and_then(|mut guards| guards.pop()));
+    }
     acquire(
         shared,
         std::slice::from_ref(&key),
@@ -130,6 +134,9 @@ pub(crate) fn try_once(
     wanted: Wanted<'_>,
     deadline: Instant,
 ) -> Result<Option<Vec<LockGuard>>> {
+    if shared.settings().transactions {
+        return in_transaction(shared, wanted, deadline);
+    }
     let special = match wanted {
         Wanted::One(key, mode) => {
             return Ok(try_lock(shared, key, mode, deadline)?.map(|guard| vec![guard]));
@@ -148,6 +155,53 @@ pub(crate) fn try_once(
         |_| shared.round_trip_special(special, deadline),
         |reply| guards(shared, reply),
     )
+}
+
+/// Transaction mode: one try of `wanted` in a lock transaction of its own (see
+/// [`crate::Builder::transaction_pooler`]), its keys reserved in this manager's table as any try
+/// reserves them. The guards keep the transaction's connection (and the reservation) until they
+/// are gone; a refused try closes it.
+#[cold]
+#[inline(never)]
+fn in_transaction(
+    shared: &Arc<Shared>,
+    wanted: Wanted<'_>,
+    deadline: Instant,
+) -> Result<Option<Vec<LockGuard>>> {
+    let (Wanted::One(..), Some(pool)) = (wanted, shared.waits()) else {
+        return Err(Error::not_in_transaction_mode());
+    };
+    let (keys, mode) = (wanted.keys(), wanted.mode());
+    match shared.reserve_all(keys, mode) {
+        Reservation::Reserved { .. } => {}
+        Reservation::Conflict => return Ok(None),
+        Reservation::Full => return Err(shared.too_many_locks()),
+    }
+    let outcome = (|| {
+        let Some(taken) = pool.take(Some(deadline))? else {
+            return Err(Error::too_many_transactions());
+        };
+        let taken = Arc::new(taken);
+        let Some(conn) = taken.conn() else {
+            return Ok(None);
+        };
+        let guards = try_once(conn, wanted, deadline)?;
+        Ok(guards.map(|guards| {
+            guards
+                .into_iter()
+                .map(|guard| {
+                    guard.borrowed_from(Borrowed {
+                        main: Arc::clone(shared),
+                        _conn: Arc::clone(&taken),
+                    })
+                })
+                .collect()
+        }))
+    })();
+    if !matches!(outcome, Ok(Some(_))) {
+        shared.unreserve(keys, mode);
+    }
+    outcome
 }
 
 /// The guards of a grant beyond a plain one, one per key held, each with the grant's token.

@@ -55,6 +55,8 @@ pub(crate) struct Settings {
     pub(crate) max_retry_interval: Duration,
     /// Turns a lone caller spins for its reply before it blocks (0: none).
     pub(crate) spin_turns: u32,
+    /// Transaction mode: every lock lives in a lock transaction of the pool (`waits`).
+    pub(crate) transactions: bool,
 }
 
 /// The waiting connections of a manager: each one the shared state of a manager of its own.
@@ -184,6 +186,11 @@ impl Shared {
 
     /// Sends one special request and waits for its reply until `deadline`.
     pub(crate) fn round_trip_special(&self, special: Special, deadline: Instant) -> Result<Reply> {
+        // In transaction mode the manager's own connection shares its server session through the
+        // pooler: it may look (`holders`), never lock.
+        if self.settings.transactions && !matches!(special, Special::Holders(_)) {
+            return Err(Error::not_in_transaction_mode());
+        }
         self.exchange(deadline, |reply| Request::Special(Box::new(special), reply))
     }
 

@@ -20,9 +20,10 @@ use crate::protocol::reply::Orphan;
 use crate::protocol::request::Request;
 use crate::protocol::slot::LateReplies;
 use crate::worker::batch::{Batch, MAX_BATCH};
-use crate::worker::connect::Connector;
 use crate::worker::connect::attempt::Attempt;
+use crate::worker::connect::{Connector, Flavor};
 use crate::worker::session::{Conn, Query};
+use crate::worker::sql::Scope;
 
 pub(crate) mod batch;
 pub(crate) mod connect;
@@ -34,6 +35,7 @@ pub(crate) mod readback;
 pub(crate) mod requests;
 mod respond;
 pub(crate) mod session;
+mod special_sql;
 pub(crate) mod sql;
 
 /// The first and the largest pause between two reconnect attempts.
@@ -66,6 +68,8 @@ enum End {
     Lost,
     /// The monitor declared this worker's generation lost and started a replacement.
     Superseded,
+    /// A lock connection's transaction ended with its release: nothing more to serve.
+    Finished,
 }
 
 /// Starts a worker that reports its first connection on `ready` and gives up if that fails.
@@ -160,7 +164,16 @@ impl Worker {
                     log::warn!("distlock worker: replaced after a stalled statement; exiting");
                     return;
                 }
-                End::Lost => {
+                End::Lost | End::Finished if self.spec.connector.flavor == Flavor::Holder => {
+                    // A lock's transaction ended (released, refused, or lost): its connection
+                    // serves nothing more, and is never reconnected (that would pin a server
+                    // connection for nothing). Its pool closes it.
+                    self.spec.link.lose(lease.generation);
+                    drop(conn);
+                    let _ = self.drain(lost_error, None);
+                    return;
+                }
+                End::Lost | End::Finished => {
                     // The loss is announced before anything else happens, late replies included.
                     if !self.spec.link.lose(lease.generation) {
                         // The monitor declared the loss first and has started a replacement.
@@ -182,13 +195,22 @@ impl Worker {
     /// session still carries this connection's mark.
     fn session(&mut self, client: Client, lease: &Lease, backend: Backend) -> Conn {
         let mark = self.spec.connector.session_mark(&backend);
+        let flavor = self.spec.connector.flavor;
+        let scope = match flavor {
+            Flavor::Holder => Scope::Transaction,
+            Flavor::Session | Flavor::Control => Scope::Session,
+        };
         self.query.sql.own_session(mark);
+        self.query.sql.set_scope(scope);
         Conn::new(
             client,
             Arc::clone(&self.spec.link),
             lease.generation,
             backend,
-            mark,
+            // A control connection keeps no session of its own to prove: its heartbeat only
+            // proves it alive.
+            (flavor != Flavor::Control).then_some(mark),
+            scope,
         )
     }
 

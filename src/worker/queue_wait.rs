@@ -19,7 +19,8 @@ use crate::protocol::request::{Fencing, Wait};
 use crate::worker::fencing::{NEXT_TOKEN, fencing_error};
 use crate::worker::readback::{give_back, held_of};
 use crate::worker::session::{Conn, Failed, column};
-use crate::worker::sql;
+use crate::worker::special_sql;
+use crate::worker::sql::Scope;
 
 /// The longest `lock_timeout` PostgreSQL accepts, in milliseconds.
 const MAX_LOCK_TIMEOUT_MS: u128 = i32::MAX as u128;
@@ -27,11 +28,12 @@ const MAX_LOCK_TIMEOUT_MS: u128 = i32::MAX as u128;
 /// Waits for `wait`'s keys on `conn` and says what to reply. `Err`: the connection broke.
 pub(crate) fn serve(wait: &Wait, conn: &mut Conn, lease: &Lease) -> Result<Reply, Error> {
     #[allow(unused_mut)]
-    let mut sql = sql::wait(
+    let mut sql = special_sql::wait(
         &wait.keys,
         wait.mode,
         lock_timeout_ms(wait.deadline),
         wait.fencing,
+        conn.scope,
     );
     #[cfg(test)]
     fault::rewrite_wait(&mut sql);
@@ -85,6 +87,14 @@ fn after_rejection(
     lease: &Lease,
     error: Error,
 ) -> Result<Reply, Error> {
+    if conn.scope == Scope::Transaction {
+        // The error aborted the lock's transaction, and with it anything the wait took: nothing
+        // raced the timeout, nothing is held, and the connection serves nothing more.
+        return Ok(match error.sql_state() {
+            Some(&SqlState::LOCK_NOT_AVAILABLE) => Reply::Busy,
+            _ => Reply::Failed(error),
+        });
+    }
     let held = held_of(&wait.keys, wait.mode, conn).map_err(Failed::into_error)?;
     let timed_out = error.sql_state() == Some(&SqlState::LOCK_NOT_AVAILABLE);
     if timed_out && held.len() == wait.keys.len() {

@@ -20,7 +20,7 @@ use crate::worker::fencing::{CREATE_FENCE_SEQUENCE, fencing_error};
 use crate::worker::queue_wait;
 use crate::worker::readback::undo;
 use crate::worker::session::{Conn, Failed, column};
-use crate::worker::sql;
+use crate::worker::special_sql;
 
 /// Runs `special` in `conn`'s session and says what to reply. `Err`: the connection broke, and
 /// what the statement did is unknown (the session is going, and its holds with it).
@@ -29,7 +29,7 @@ pub(crate) fn serve(special: &Special, conn: &mut Conn, lease: &Lease) -> Result
         Special::Wait(wait) => queue_wait::serve(wait, conn, lease),
         Special::Fenced(key) => fenced(*key, conn, lease),
         Special::Permit { key, permits } => {
-            let sql = sql::permit(semaphore_class(*key), *permits);
+            let sql = special_sql::permit(semaphore_class(*key), *permits);
             first_row(conn.rows(&sql), |row| {
                 match column(row, 0).and_then(|t| t.parse::<u32>().ok()) {
                     Some(slot) => {
@@ -42,10 +42,10 @@ pub(crate) fn serve(special: &Special, conn: &mut Conn, lease: &Lease) -> Result
                 }
             })
         }
-        Special::All { keys, mode } => first_row(conn.rows(&sql::all(keys, *mode)), |_| {
+        Special::All { keys, mode } => first_row(conn.rows(&special_sql::all(keys, *mode)), |_| {
             Grant::reply(lease, keys.clone(), *mode, None)
         }),
-        Special::Holders(key) => match conn.rows(&sql::holders(*key)) {
+        Special::Holders(key) => match conn.rows(&special_sql::holders(*key)) {
             Ok(rows) => Ok(Reply::Holders(
                 rows_of(&rows).filter_map(holder_of).collect(),
             )),
@@ -88,7 +88,7 @@ fn first_row(
 /// failed (a session lock outlives the statement's error), so the grant is given back; a missing
 /// sequence is created and the try made again, once.
 fn fenced(key: LockKey, conn: &mut Conn, lease: &Lease) -> Result<Reply, Error> {
-    let sql = sql::fenced(key);
+    let sql = special_sql::fenced(key);
     let grant = |row: &SimpleQueryRow| {
         let token = column(row, 0).and_then(|t| t.parse::<u64>().ok());
         Grant::reply(lease, vec![key], Mode::Exclusive, token)

@@ -12,6 +12,7 @@ use crate::protocol::slot::Ticket;
 use crate::worker::batch::{Broken, MAX_BATCH, Outcome};
 use crate::worker::requests;
 use crate::worker::session::{Conn, Failed};
+use crate::worker::sql::{END_TRANSACTION, Scope};
 use crate::worker::{End, Worker, lost_error};
 
 impl Worker {
@@ -114,6 +115,9 @@ impl Worker {
                 return Err(self.ended(lease.generation));
             }
         };
+        if conn.scope == Scope::Transaction && !answer.is_grant() {
+            return self.end_transaction(conn, reply, answer);
+        }
         let mut orphans = Vec::new();
         if let Some(refused) = self.answer(reply, answer, None) {
             // The caller gave up: nobody will own these holds.
@@ -150,6 +154,12 @@ impl Worker {
             self.answer(reply, Reply::Failed(Error::pooler()), None);
             return Err(End::Lost);
         }
+        if conn.scope == Scope::Transaction
+            && (op == Op::Unlock && generation == lease.generation
+                || op == Op::TryLock && !matches!(outcome, Outcome::Done(true)))
+        {
+            return self.end_of_transaction(conn, current, op, reply, outcome);
+        }
         let answer = match outcome {
             _ if op != Op::TryLock && generation != lease.generation => Reply::NotHeld,
             _ if !current => Reply::Failed(lost_error()),
@@ -170,16 +180,67 @@ impl Worker {
         match self.answer(reply, answer, Some((key, mode))) {
             // The caller gave up before the grant arrived: nobody will ever own this hold, so give
             // it back now rather than leak it for the life of the connection.
-            Some(Reply::Granted(lease)) => self.give_back(
-                conn,
-                Orphan {
-                    key,
-                    mode,
-                    generation: lease.generation,
-                },
-            ),
+            Some(Reply::Granted(lease)) => {
+                self.give_back(
+                    conn,
+                    Orphan {
+                        key,
+                        mode,
+                        generation: lease.generation,
+                    },
+                )?;
+                // Given back by ending the lock's transaction: nothing more to serve.
+                match conn.scope {
+                    Scope::Transaction => Err(End::Finished),
+                    Scope::Session => Ok(()),
+                }
+            }
             _ => Ok(()),
         }
+    }
+
+    /// A lock transaction's release (its `ROLLBACK` ran) or refused try: answers, and ends the
+    /// transaction first if it is still open, so that a manager that holds nothing keeps no
+    /// server connection pinned. Its connection serves nothing more.
+    #[cold]
+    fn end_of_transaction(
+        &mut self,
+        conn: &mut Conn,
+        current: bool,
+        op: Op,
+        reply: Ticket,
+        outcome: Outcome,
+    ) -> Result<(), End> {
+        let answer = match outcome {
+            Outcome::Done(_) if current && op == Op::Unlock => Reply::Released,
+            Outcome::Done(false) if current => Reply::Busy,
+            Outcome::Failed(e) => Reply::Failed(e),
+            _ => Reply::Failed(lost_error()),
+        };
+        if op == Op::Unlock {
+            self.answer(reply, answer, None);
+            return Err(End::Finished);
+        }
+        self.end_transaction(conn, reply, answer)
+    }
+
+    /// A lock transaction that holds nothing: ends it (`ROLLBACK`, which unpins its server
+    /// connection), then answers `answer`. Its connection serves nothing more.
+    #[cold]
+    fn end_transaction(
+        &mut self,
+        conn: &mut Conn,
+        reply: Ticket,
+        answer: Reply,
+    ) -> Result<(), End> {
+        if let Err(e) = conn.rows(END_TRANSACTION) {
+            log::debug!(
+                "distlock worker: ending a lock transaction: {}",
+                e.into_error()
+            );
+        }
+        self.answer(reply, answer, None);
+        Err(End::Finished)
     }
 
     /// Answers `request` with `error` without running it.

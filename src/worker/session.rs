@@ -13,7 +13,7 @@ use crate::mode::Mode;
 use crate::protocol::link::{Backend, Link};
 use crate::protocol::request::Op;
 use crate::worker::connect::pooler;
-use crate::worker::sql::Sql;
+use crate::worker::sql::{PIN, Scope, Sql};
 
 /// Something that runs statements: one database session.
 pub(crate) trait Session {
@@ -90,8 +90,11 @@ pub(crate) struct Conn {
     link: Arc<Link>,
     /// The connection generation this client serves.
     pub(crate) generation: u64,
-    /// The statement that proves this is still the connection's own session (`pooler::probe`).
+    /// The statement that proves this is still the connection's own session (`pooler::probe`),
+    /// or, on a connection that keeps no session of its own, that it is alive.
     probe: String,
+    /// Session or transaction locks.
+    pub(crate) scope: Scope,
 }
 
 impl Conn {
@@ -100,13 +103,18 @@ impl Conn {
         link: Arc<Link>,
         generation: u64,
         backend: Backend,
-        mark: i64,
+        mark: Option<i64>,
+        scope: Scope,
     ) -> Conn {
         Conn {
             client,
             link,
             generation,
-            probe: pooler::probe(backend.pid, mark),
+            probe: match mark {
+                Some(mark) => pooler::probe(backend.pid, mark),
+                None => format!("{PIN}SELECT"),
+            },
+            scope,
         }
     }
 

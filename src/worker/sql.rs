@@ -15,13 +15,31 @@ use std::fmt::Write;
 
 use crate::key::{LockKey, Space};
 use crate::mode::Mode;
-use crate::protocol::request::{Fencing, Op};
-use crate::worker::fencing::NEXT_TOKEN;
+use crate::protocol::request::Op;
 use crate::worker::keepalive::ServerKeepalive;
 
 /// The comment every query text starts with, so that a load-balancing proxy keeps it on the
 /// session's own backend (pgpool-II honours it; see the module docs).
 pub(crate) const PIN: &str = "/*NO LOAD BALANCE*/ ";
+
+/// A lock transaction's first statement (see [`Scope::Transaction`]): READ COMMITTED whatever the
+/// cluster's default, so that no snapshot outlives a statement.
+pub(crate) const BEGIN_TRANSACTION: &str =
+    "/*NO LOAD BALANCE*/ BEGIN ISOLATION LEVEL READ COMMITTED";
+
+/// Ends a lock transaction that holds nothing.
+pub(crate) const END_TRANSACTION: &str = "/*NO LOAD BALANCE*/ ROLLBACK";
+
+/// How long the locks a connection takes live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Scope {
+    /// Session locks (`pg_try_advisory_lock`), each released by its own unlock.
+    #[default]
+    Session,
+    /// Transaction locks (`pg_try_advisory_xact_lock`) in one open transaction, all released when
+    /// it ends (`ROLLBACK`): a connection of this scope holds one lock.
+    Transaction,
+}
 
 /// Identifies a new connection's backend: its pid, its start time (µs since the epoch), and
 /// whether the server is a standby (in recovery).
@@ -54,6 +72,8 @@ pub(crate) struct Sql {
     /// connection's mark (empty elsewhere). A check that finds its lock in a session another
     /// client has since marked fails, and the worker then probes for a pooler.
     own: String,
+    /// Session or transaction locks.
+    scope: Scope,
 }
 
 impl Default for Sql {
@@ -71,7 +91,14 @@ impl Sql {
             key_text: String::with_capacity(48),
             key_of_text: None,
             own: String::new(),
+            scope: Scope::Session,
         }
+    }
+
+    /// Makes the buffer build transaction locks, and `ROLLBACK` for a release.
+    pub(crate) fn set_scope(&mut self, scope: Scope) {
+        self.scope = scope;
+        self.key_of_text = None;
     }
 
     /// Makes every check also require the session's mark to be `mark` (the lock session's, set by
@@ -99,10 +126,17 @@ impl Sql {
 
     /// Appends one statement, separated from any before it by `;`.
     pub(crate) fn push(&mut self, op: Op, mode: Mode, key: LockKey) {
-        let function = match op {
-            Op::TryLock => try_fn(mode),
-            Op::Unlock => unlock_fn(mode),
-            Op::Check => return self.push_check(mode, key),
+        let function = match (op, self.scope) {
+            (Op::TryLock, scope) => try_fn(mode, scope),
+            (Op::Unlock, Scope::Session) => unlock_fn(mode),
+            // A transaction lock is released only with its transaction (the connection's one
+            // lock: see `Scope::Transaction`).
+            (Op::Unlock, Scope::Transaction) => {
+                self.separate();
+                self.buf.push_str("ROLLBACK");
+                return;
+            }
+            (Op::Check, _) => return self.push_check(mode, key),
         };
         self.separate();
         self.buf.push_str("SELECT WHERE ");
@@ -150,26 +184,34 @@ impl Sql {
         version: i32,
         keepalive: Option<ServerKeepalive>,
         marker: i64,
+        local: bool,
     ) {
+        // In a lock transaction behind a transaction pooler, every setting is the transaction's
+        // own (SET LOCAL): the server session goes back to the pool when it ends.
+        let set_kw = if local { "SET LOCAL " } else { "SET " };
         let set = |buf: &mut String, name: &str, value: u32| {
             if !buf.is_empty() {
                 buf.push(';');
             }
-            buf.push_str("SET ");
+            buf.push_str(set_kw);
             buf.push_str(name);
             buf.push_str(" = ");
             push_integer(buf, i64::from(value));
         };
         // The session's own mark, which only this connection sets (see `pooler::probe`).
-        self.buf.push_str("SET distlock.session = '");
+        self.buf.push_str(set_kw);
+        self.buf.push_str("distlock.session = '");
         push_int8(&mut self.buf, marker);
         self.buf.push('\'');
         set(&mut self.buf, "idle_in_transaction_session_timeout", 0);
-        self.buf.push_str(
+        self.buf.push_str(if local {
+            ";SELECT set_config('synchronous_commit', 'local', true) \
+             WHERE current_setting('synchronous_commit') = 'off'"
+        } else {
             ";SELECT set_config('synchronous_commit', 'local', false) \
-             WHERE current_setting('synchronous_commit') = 'off'",
-        );
-        if version >= 140_000 {
+             WHERE current_setting('synchronous_commit') = 'off'"
+        });
+        if version >= 140_000 && !local {
             set(&mut self.buf, "idle_session_timeout", 0);
         }
         if let Some(k) = keepalive {
@@ -205,7 +247,7 @@ impl Sql {
         }
         self.separate();
         self.buf.push_str("SELECT FROM ");
-        self.buf.push_str(wait_fn(Mode::Exclusive));
+        self.buf.push_str(wait_fn(Mode::Exclusive, Scope::Session));
         push_args(&mut self.buf, waited);
         self.buf.push(')');
         self.separate();
@@ -305,15 +347,17 @@ pub(crate) fn push_args(out: &mut String, key: LockKey) {
 }
 
 /// The function that tries once, up to its opening parenthesis.
-fn try_fn(mode: Mode) -> &'static str {
-    match mode {
-        Mode::Exclusive => "pg_try_advisory_lock(",
-        Mode::Shared => "pg_try_advisory_lock_shared(",
+pub(crate) fn try_fn(mode: Mode, scope: Scope) -> &'static str {
+    match (mode, scope) {
+        (Mode::Exclusive, Scope::Session) => "pg_try_advisory_lock(",
+        (Mode::Shared, Scope::Session) => "pg_try_advisory_lock_shared(",
+        (Mode::Exclusive, Scope::Transaction) => "pg_try_advisory_xact_lock(",
+        (Mode::Shared, Scope::Transaction) => "pg_try_advisory_xact_lock_shared(",
     }
 }
 
 /// The function that releases one hold, up to its opening parenthesis.
-fn unlock_fn(mode: Mode) -> &'static str {
+pub(crate) fn unlock_fn(mode: Mode) -> &'static str {
     match mode {
         Mode::Exclusive => "pg_advisory_unlock(",
         Mode::Shared => "pg_advisory_unlock_shared(",
@@ -321,115 +365,13 @@ fn unlock_fn(mode: Mode) -> &'static str {
 }
 
 /// The function that waits in the lock queue, up to its opening parenthesis.
-fn wait_fn(mode: Mode) -> &'static str {
-    match mode {
-        Mode::Exclusive => "pg_advisory_lock(",
-        Mode::Shared => "pg_advisory_lock_shared(",
+pub(crate) fn wait_fn(mode: Mode, scope: Scope) -> &'static str {
+    match (mode, scope) {
+        (Mode::Exclusive, Scope::Session) => "pg_advisory_lock(",
+        (Mode::Shared, Scope::Session) => "pg_advisory_lock_shared(",
+        (Mode::Exclusive, Scope::Transaction) => "pg_advisory_xact_lock(",
+        (Mode::Shared, Scope::Transaction) => "pg_advisory_xact_lock_shared(",
     }
-}
-
-/// An exclusive try that draws a token when, and only when, it granted. The target list is
-/// evaluated for rows that passed the WHERE, after the grant: every token drawn before for the
-/// key was drawn by a holder that had it before, and the sequence only grows.
-pub(crate) fn fenced(key: LockKey) -> String {
-    let mut sql = String::with_capacity(96);
-    sql.push_str(NEXT_TOKEN);
-    sql.push_str(" WHERE ");
-    sql.push_str(try_fn(Mode::Exclusive));
-    push_args(&mut sql, key);
-    sql.push(')');
-    sql
-}
-
-/// A try of the first free slot of a semaphore whose slot keys are `(class, i32::MIN + slot)`:
-/// slots in order, the first free one taken, and no further one tried (LIMIT 1 stops the scan).
-/// A slot this session already holds is skipped before its try: session locks stack, so trying
-/// it would succeed again and count one holder twice. CASE fixes the order.
-pub(crate) fn permit(class: i32, permits: u32) -> String {
-    let mut sql = String::with_capacity(320);
-    sql.push_str(PIN);
-    let _ = write!(
-        sql,
-        "SELECT s FROM generate_series(0, {last}) s WHERE CASE WHEN EXISTS (SELECT FROM \
-         pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND classid = \
-         {classid} AND objid::int8 = 2147483648 + s AND objsubid = 2) THEN false ELSE \
-         pg_try_advisory_lock(",
-        last = permits.saturating_sub(1),
-        classid = class as u32,
-    );
-    push_int4(&mut sql, class);
-    sql.push_str(", (s - 2147483648)::int4) END LIMIT 1");
-    sql
-}
-
-/// Every key tried once (a materialized CTE runs each try exactly once); then either all were
-/// granted and the row comes back, or the ones granted are released in the same statement and
-/// no row comes back. CASE fixes the order: the release only runs when not all were granted,
-/// and only for keys this statement took.
-pub(crate) fn all(keys: &[LockKey], mode: Mode) -> String {
-    let mut sql = String::with_capacity(64 + 80 * keys.len());
-    sql.push_str(PIN);
-    sql.push_str("WITH t(n, got) AS MATERIALIZED (VALUES ");
-    for (n, key) in keys.iter().enumerate() {
-        if n > 0 {
-            sql.push(',');
-        }
-        let _ = write!(sql, "({n}, ");
-        sql.push_str(try_fn(mode));
-        push_args(&mut sql, *key);
-        sql.push_str("))");
-    }
-    sql.push_str(
-        ") SELECT WHERE CASE WHEN (SELECT bool_and(got) FROM t) THEN true ELSE \
-         (SELECT count(*) FROM t WHERE CASE WHEN NOT got THEN false",
-    );
-    for (n, key) in keys.iter().enumerate() {
-        let _ = write!(sql, " WHEN n = {n} THEN ");
-        sql.push_str(unlock_fn(mode));
-        push_args(&mut sql, *key);
-        sql.push(')');
-    }
-    sql.push_str(" END) < 0 END");
-    sql
-}
-
-/// The sessions that hold or wait for `key` in this database, granted holders first.
-pub(crate) fn holders(key: LockKey) -> String {
-    let (classid, objid, objsubid) = key.pg_locks_tag();
-    format!(
-        "{PIN}SELECT l.pid, l.mode = 'ShareLock', l.granted, a.application_name, \
-         host(a.client_addr), (extract(epoch FROM a.backend_start) * 1000000)::int8 \
-         FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
-         WHERE l.locktype = 'advisory' AND l.pid IS NOT NULL \
-         AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-         AND l.classid = {classid} AND l.objid = {objid} AND l.objsubid = {objsubid} \
-         ORDER BY NOT l.granted, l.pid"
-    )
-}
-
-/// A wait in the lock queue for `keys`, one statement each in the order of their ids (every
-/// caller's order, so that waits cannot deadlock each other), ended by the server after
-/// `lock_timeout_ms` (0: never); a token drawn after the grant when `fencing` asks for one.
-pub(crate) fn wait(
-    keys: &[LockKey],
-    mode: Mode,
-    lock_timeout_ms: u128,
-    fencing: Fencing,
-) -> String {
-    let mut sorted = keys.to_vec();
-    sorted.sort();
-    let mut sql = format!("{PIN}SET lock_timeout = {lock_timeout_ms}");
-    for key in sorted {
-        sql.push_str(";SELECT FROM ");
-        sql.push_str(wait_fn(mode));
-        push_args(&mut sql, key);
-        sql.push(')');
-    }
-    if fencing == Fencing::Token {
-        sql.push(';');
-        sql.push_str(NEXT_TOKEN);
-    }
-    sql
 }
 
 #[cfg(test)]

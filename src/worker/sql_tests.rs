@@ -1,6 +1,8 @@
 //! The statement texts, checked to the character.
 
 use super::*;
+use crate::protocol::request::Fencing;
+use crate::worker::special_sql::{all, fenced, permit, wait};
 
 /// A query's text after its pin, which every query text starts with.
 fn unpinned(sql: &str) -> &str {
@@ -26,7 +28,7 @@ fn session_setup_sets_only_what_the_server_has() {
         }
     );
     let mut sql = Sql::new();
-    sql.push_session_setup(150_004, Some(keepalive), -5);
+    sql.push_session_setup(150_004, Some(keepalive), -5, false);
     assert_eq!(
         text(&sql),
         "SET distlock.session = '-5';SET idle_in_transaction_session_timeout = 0;\
@@ -36,7 +38,7 @@ fn session_setup_sets_only_what_the_server_has() {
          SET tcp_keepalives_count = 6;SET tcp_user_timeout = 11000"
     );
     sql.clear();
-    sql.push_session_setup(110_000, None, 7);
+    sql.push_session_setup(110_000, None, 7, false);
     assert_eq!(
         text(&sql),
         "SET distlock.session = '7';SET idle_in_transaction_session_timeout = 0;\
@@ -152,11 +154,45 @@ fn statements_beyond_one_key_are_built_from_integers() {
             &[LockKey::id(9), LockKey::id(-1)],
             Mode::Exclusive,
             250,
-            Fencing::Token
+            Fencing::Token,
+            Scope::Session,
         )),
         "SET lock_timeout = 250;SELECT FROM pg_advisory_lock(-1);\
          SELECT FROM pg_advisory_lock(9);/*NO LOAD BALANCE*/ SELECT nextval('public.distlock_fence')",
         "waits take their keys in the order of their ids"
+    );
+    // In a lock transaction: the transaction's own setting and transaction locks.
+    assert_eq!(
+        unpinned(&wait(
+            &[LockKey::id(9)],
+            Mode::Shared,
+            5,
+            Fencing::NoToken,
+            Scope::Transaction,
+        )),
+        "SET LOCAL lock_timeout = 5;SELECT FROM pg_advisory_xact_lock_shared(9)"
+    );
+}
+
+#[test]
+fn a_lock_transaction_takes_transaction_locks_and_ends_to_release() {
+    let mut sql = Sql::new();
+    sql.set_scope(Scope::Transaction);
+    sql.push(Op::TryLock, Mode::Exclusive, LockKey::id(3));
+    sql.push(Op::TryLock, Mode::Shared, LockKey::pair(1, 2));
+    sql.push(Op::Unlock, Mode::Exclusive, LockKey::id(3));
+    assert_eq!(
+        text(&sql),
+        "SELECT WHERE pg_try_advisory_xact_lock(3);\
+         SELECT WHERE pg_try_advisory_xact_lock_shared(1,2);ROLLBACK"
+    );
+    sql.clear();
+    sql.push_session_setup(150_000, None, 4, true);
+    assert_eq!(
+        text(&sql),
+        "SET LOCAL distlock.session = '4';SET LOCAL idle_in_transaction_session_timeout = 0;\
+         SELECT set_config('synchronous_commit', 'local', true) \
+         WHERE current_setting('synchronous_commit') = 'off'"
     );
 }
 

@@ -4,6 +4,8 @@
 //! connection)`).
 #![allow(dead_code)]
 
+pub mod bouncer;
+
 use std::time::{Duration, Instant};
 
 use distlock::testing::TestCluster;

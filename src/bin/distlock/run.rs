@@ -54,6 +54,11 @@ pub struct Args {
     /// No status line while waiting.
     #[arg(long, short)]
     quiet: bool,
+    /// The server is reached through a transaction pooler (pgbouncer pool_mode=transaction, a
+    /// managed service's pooled endpoint): hold the lock in a transaction of its own, which pins
+    /// one server connection while the command runs. Not with --fence or --limit.
+    #[arg(long, conflicts_with_all = ["fence", "limit"])]
+    transaction_pooler: bool,
     /// Pass DATABASE_URL and PGPASSWORD on to the command. By default it does not inherit
     /// distlock's own connection secrets.
     #[arg(long)]
@@ -77,7 +82,7 @@ const STATUS_EVERY: Duration = Duration::from_millis(500);
 
 pub fn run(url: Option<&str>, args: Args) -> Result<ExitCode, Failure> {
     let server = shared_server(url)?;
-    let locks = connect(&server)?;
+    let locks = connect(&server, args.transaction_pooler)?;
     let key = LockKey::name(&args.key);
     let Some(guard) = acquire(&locks, key, &args, &server)? else {
         if !args.quiet {
@@ -127,11 +132,12 @@ pub fn run(url: Option<&str>, args: Args) -> Result<ExitCode, Failure> {
 
 /// The lock manager of a run: named after the connection string's `application_name`, else
 /// `distlock`.
-fn connect(server: &Server) -> Result<LockManager, Failure> {
+fn connect(server: &Server, transaction_pooler: bool) -> Result<LockManager, Failure> {
     let app = application_name(&server.config, "distlock");
     LockManager::builder()
         .application_name(&app)
         .heartbeat(Duration::from_secs(1))
+        .transaction_pooler(transaction_pooler)
         .tls(server.tls.clone())
         .connect_config(server.config.clone())
         .map_err(|e| {

@@ -1,15 +1,39 @@
 //! One connect attempt at one host: connect, identify the backend, refuse what cannot serve
 //! locks (a standby, a session a pooler shares), and set the session up with its exclusion proof.
 
-use postgres::Client;
 use postgres::error::SqlState;
+use postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
 
 use crate::error::{Error, ErrorKind};
 use crate::protocol::link::Backend;
-use crate::worker::connect::{pooler, tls};
+use crate::worker::connect::{Flavor, pooler, tls};
 use crate::worker::keepalive::ServerKeepalive;
 use crate::worker::session::row_counts;
-use crate::worker::sql::{IDENTIFY, PROOF_STATEMENTS, Sql};
+use crate::worker::sql::{BEGIN_TRANSACTION, IDENTIFY, PROOF_STATEMENTS, Sql};
+
+/// Column `i` of the identifying row, parsed from its text.
+fn field<T: std::str::FromStr>(row: &SimpleQueryRow, i: usize) -> Result<T, Error> {
+    row.get(i)
+        .and_then(|text| text.parse().ok())
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Server,
+                format!("the server's identifying row has no readable column {i}"),
+            )
+        })
+}
+
+/// A boolean column of the identifying row (`t` or `f`).
+fn flag(row: &SimpleQueryRow, i: usize) -> Result<bool, Error> {
+    match row.get(i) {
+        Some("t") => Ok(true),
+        Some("f") => Ok(false),
+        _ => Err(Error::new(
+            ErrorKind::Server,
+            format!("the server's identifying row has no boolean column {i}"),
+        )),
+    }
+}
 
 /// What one attempt brings: a client and its backend, or why not.
 pub(crate) type Attempt = Result<(Client, Backend, Facts), Error>;
@@ -21,23 +45,36 @@ pub(super) fn attempt(
     allow_standby: bool,
     keepalive: Option<ServerKeepalive>,
     salt: u64,
+    flavor: Flavor,
 ) -> Attempt {
     #[cfg(test)]
     fault::slow_connect(config);
     let mut client = tls.connect(config).map_err(classify)?;
-    let row = client.query_one(IDENTIFY, &[]).map_err(classify)?;
+    if flavor == Flavor::Holder {
+        // The lock's transaction, which pins one server connection for as long as it is open:
+        // READ COMMITTED whatever the cluster's default, so that no snapshot outlives a statement.
+        client.simple_query(BEGIN_TRANSACTION).map_err(classify)?;
+    }
+    // The simple protocol, as for every statement: a transaction pooler (pgbouncer before 1.21)
+    // cannot carry the named statements the extended protocol would prepare.
+    let messages = client.simple_query(IDENTIFY).map_err(classify)?;
+    let row = messages
+        .iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(row),
+            _ => None,
+        })
+        .ok_or_else(|| Error::new(ErrorKind::Server, "the server did not identify the session"))?;
     let backend = Backend {
-        pid: row.try_get(0).map_err(classify)?,
-        started_us: row.try_get(1).map_err(classify)?,
+        pid: field(row, 0)?,
+        started_us: field(row, 1)?,
     };
     // A session of our own has never been marked; one that has is shared with another client
     // through a pooler (or was left to us by one without a reset).
-    let marked: bool = row.try_get(4).map_err(classify)?;
-    if marked {
+    if flag(row, 4)? && flavor == Flavor::Session {
         return Err(Error::pooler());
     }
-    let standby: bool = row.try_get(2).map_err(classify)?;
-    if standby && !allow_standby {
+    if flag(row, 2)? && !allow_standby {
         // Dropping the client closes the connection.
         return Err(Error::new(
             ErrorKind::Connect,
@@ -49,11 +86,16 @@ pub(super) fn attempt(
         ));
     }
     let facts = Facts {
-        version_num: row.try_get(3).map_err(classify)?,
-        version: row.try_get(5).map_err(classify)?,
-        lock_table: row.try_get(6).map_err(classify)?,
+        version_num: field(row, 3)?,
+        version: field(row, 5)?,
+        lock_table: field(row, 6)?,
     };
-    set_up(&mut client, &backend, &facts, keepalive, salt)?;
+    match flavor {
+        Flavor::Session => set_up(&mut client, &backend, &facts, keepalive, salt, false)?,
+        Flavor::Holder => set_up(&mut client, &backend, &facts, keepalive, salt, true)?,
+        // Nothing of the session is set: a transaction pooler shares it with other clients.
+        Flavor::Control => {}
+    }
     Ok((client, backend, facts))
 }
 
@@ -78,10 +120,11 @@ fn set_up(
     facts: &Facts,
     keepalive: Option<ServerKeepalive>,
     salt: u64,
+    local: bool,
 ) -> Result<(), Error> {
     let mark = pooler::session_mark(salt, backend);
     let mut setup = Sql::new();
-    setup.push_session_setup(facts.version_num, keepalive, mark);
+    setup.push_session_setup(facts.version_num, keepalive, mark, local);
     setup.push_exclusion_proof(mark);
     let messages = match client.simple_query(setup.as_str()) {
         Ok(messages) => messages,

@@ -39,8 +39,24 @@ pub(crate) mod params;
 pub(crate) mod pooler;
 pub(crate) mod tls;
 
+/// What a manager's connection is for, which decides what its set-up may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flavor {
+    /// A lock session: session advisory locks, held as long as the connection.
+    Session,
+    /// Through a transaction pooler, a manager's own connection: it holds no lock and keeps no
+    /// session state (the pooler shares the server session), and only reads (`holders`, tokens).
+    Control,
+    /// Through a transaction pooler, one lock's connection: everything it does runs in one open
+    /// transaction (which keeps one server connection pinned), and its locks are transaction
+    /// locks, released when the transaction ends.
+    Holder,
+}
+
 /// Makes the manager's connections, one attempt at a time.
 pub(crate) struct Connector {
+    /// What the connections are for.
+    pub(crate) flavor: Flavor,
     /// How to connect to each host, in the order given (with the builder's settings applied).
     hosts: Vec<postgres::Config>,
     /// Whether to try the hosts in a random order (`load_balance_hosts=random`).
@@ -74,9 +90,11 @@ impl Connector {
         timeout: Duration,
         allow_standby: bool,
         keepalive: Option<ServerKeepalive>,
+        flavor: Flavor,
     ) -> Connector {
         let hosts = params::each_host(&config);
         Connector {
+            flavor,
             in_flight: hosts.iter().map(|_| Mutex::new(None)).collect(),
             hosts,
             shuffle: config.get_load_balance_hosts() == postgres::config::LoadBalanceHosts::Random,
@@ -186,10 +204,11 @@ impl Connector {
         let config = self.hosts[i].clone();
         let tls = self.tls.clone();
         let (allow_standby, keepalive, salt) = (self.allow_standby, self.keepalive, self.salt);
+        let flavor = self.flavor;
         thread::Builder::new()
             .name("distlock-connect".into())
             .spawn(move || {
-                let attempt = attempt(&config, &tls, allow_standby, keepalive, salt);
+                let attempt = attempt(&config, &tls, allow_standby, keepalive, salt, flavor);
                 let abandoned = helper_abandoned.lock();
                 if !*abandoned {
                     let _ = tx.send(attempt);
@@ -213,7 +232,13 @@ impl Connector {
                         *gave_up = true;
                         drop(gave_up);
                         *in_flight = Some(InFlight { done: rx });
-                        Err(Error::timeout("timed out connecting to the server"))
+                        Err(Error::timeout(if self.flavor == Flavor::Session {
+                            "timed out connecting to the server"
+                        } else {
+                            "timed out getting a server connection through the transaction \
+                             pooler: its pool may be exhausted (pgbouncer: default_pool_size, \
+                             max_db_connections, reserve_pool_size) or the server slow"
+                        }))
                     }
                 }
             }
