@@ -222,12 +222,18 @@ impl Builder {
     /// pins a server connection. A transaction-mode lock and a session lock on the same key
     /// exclude each other, so managers of both modes can share keys.
     ///
+    /// Everything else keeps its meaning. A fencing token is drawn right after the grant on the
+    /// manager's own connection (drawing it inside the lock's transaction would assign that a
+    /// transaction id), and the lock is proven still held afterwards, so tokens only grow, across
+    /// both modes. A semaphore permit is one slot in one transaction. All-or-nothing keys are
+    /// each held in a transaction of their own, taken in the order of their ids; a refused key
+    /// releases the others before the call returns, and each guard releases its own key. An
+    /// election's leadership is a fenced lock like any other.
+    ///
     /// Chosen explicitly, never detected: a manager cannot tell a transaction pooler from a
     /// server it may keep a session on before it has handed out a lock, and the two modes cost
     /// differently. Connecting in session mode through a transaction pooler fails with
     /// [`ErrorKind::Pooler`](crate::ErrorKind::Pooler), whose message names this setting.
-    /// Fencing tokens, semaphores, all-or-nothing multi-key locks and elections are not available
-    /// in this mode (a typed [`ErrorKind::Config`](crate::ErrorKind::Config) error says so).
     ///
     /// Defaults to `false`.
     pub fn transaction_pooler(mut self, on: bool) -> Builder {

@@ -138,9 +138,9 @@ impl Error {
     pub(crate) fn not_in_transaction_mode() -> Error {
         Error::new(
             ErrorKind::Config,
-            "not available in transaction mode (Builder::transaction_pooler): fencing tokens, \
-             semaphores, all-or-nothing multi-key locks and elections need a session; in this \
-             mode a manager takes plain locks, exclusive or shared",
+            "in transaction mode (Builder::transaction_pooler) the manager's own connection \
+             shares its server session through the pooler and takes no lock: every lock lives in \
+             a lock transaction of its own",
         )
     }
 

@@ -157,10 +157,11 @@ pub(crate) fn try_once(
     )
 }
 
-/// Transaction mode: one try of `wanted` in a lock transaction of its own (see
-/// [`crate::Builder::transaction_pooler`]), its keys reserved in this manager's table as any try
-/// reserves them. The guards keep the transaction's connection (and the reservation) until they
-/// are gone; a refused try closes it.
+/// Transaction mode: one try of `wanted` (see [`crate::Builder::transaction_pooler`]), each key
+/// in a lock transaction of its own, taken in the order of their ids, its keys reserved in this
+/// manager's table as any try reserves them. All or nothing: a key refused releases those taken
+/// before the call returns. Each guard keeps its transaction's connection (and its reservation)
+/// until it is gone.
 #[cold]
 #[inline(never)]
 fn in_transaction(
@@ -168,40 +169,74 @@ fn in_transaction(
     wanted: Wanted<'_>,
     deadline: Instant,
 ) -> Result<Option<Vec<LockGuard>>> {
-    let (Wanted::One(..), Some(pool)) = (wanted, shared.waits()) else {
-        return Err(Error::not_in_transaction_mode());
-    };
-    let (keys, mode) = (wanted.keys(), wanted.mode());
-    match shared.reserve_all(keys, mode) {
+    let mode = wanted.mode();
+    let mut keys = wanted.keys().to_vec();
+    keys.sort();
+    match shared.reserve_all(&keys, mode) {
         Reservation::Reserved { .. } => {}
         Reservation::Conflict => return Ok(None),
         Reservation::Full => return Err(shared.too_many_locks()),
     }
-    let outcome = (|| {
-        let Some(taken) = pool.take(Some(deadline))? else {
-            return Err(Error::too_many_transactions());
-        };
-        let taken = Arc::new(taken);
-        let Some(conn) = taken.conn() else {
-            return Ok(None);
-        };
-        let guards = try_once(conn, wanted, deadline)?;
-        Ok(guards.map(|guards| {
-            guards
-                .into_iter()
-                .map(|guard| {
-                    guard.borrowed_from(Borrowed {
-                        main: Arc::clone(shared),
-                        _conn: Arc::clone(&taken),
-                    })
-                })
-                .collect()
-        }))
-    })();
-    if !matches!(outcome, Ok(Some(_))) {
-        shared.unreserve(keys, mode);
+    let mut guards = Vec::with_capacity(keys.len());
+    for (i, &key) in keys.iter().enumerate() {
+        match one_transaction(shared, key, mode, deadline) {
+            Ok(Some(guard)) => guards.push(guard),
+            refused => {
+                // The guards taken so far give their keys back (on the server and here).
+                shared.unreserve(&keys[i..], mode);
+                drop(guards);
+                return refused.map(|_| None);
+            }
+        }
     }
-    outcome
+    if let Wanted::Fenced(_) = wanted {
+        guards = guards
+            .into_iter()
+            .map(|g| fence(shared, g))
+            .collect::<Result<_>>()?;
+    }
+    // In the caller's order of the keys.
+    let order = wanted.keys();
+    guards.sort_by_key(|g| order.iter().position(|&k| k == g.key()));
+    Ok(Some(guards))
+}
+
+/// One try of `key`, already reserved here, in a lock transaction of its own.
+fn one_transaction(
+    shared: &Arc<Shared>,
+    key: LockKey,
+    mode: Mode,
+    deadline: Instant,
+) -> Result<Option<LockGuard>> {
+    let Some(pool) = shared.waits() else {
+        return Err(Error::not_in_transaction_mode());
+    };
+    let Some(taken) = pool.take(Some(deadline))? else {
+        return Err(Error::too_many_transactions());
+    };
+    let taken = Arc::new(taken);
+    let Some(conn) = taken.conn() else {
+        return Ok(None);
+    };
+    Ok(try_lock(conn, key, mode, deadline)?.map(|guard| {
+        guard.borrowed_from(Borrowed {
+            main: Arc::clone(shared),
+            _conn: Arc::clone(&taken),
+        })
+    }))
+}
+
+/// Transaction mode: the fencing token of `guard`'s fresh grant, drawn after it on the manager's
+/// own connection (a token drawn in the lock's transaction would assign it a transaction id).
+/// The lock is proven held after the token is drawn, so no later holder can have drawn a smaller
+/// one: tokens only grow, as in a session.
+pub(crate) fn fence(shared: &Shared, guard: LockGuard) -> Result<LockGuard> {
+    let token = match shared.round_trip_special(Special::Token, shared.request_deadline())? {
+        Reply::Grant(grant) => grant.token,
+        other => return Err(Error::unexpected(&other)),
+    };
+    guard.ensure_held()?;
+    Ok(guard.with_token(token))
 }
 
 /// The guards of a grant beyond a plain one, one per key held, each with the grant's token.

@@ -94,6 +94,12 @@ impl LockGuard {
         }
     }
 
+    /// This guard, with the fencing token drawn for its grant.
+    pub(crate) fn with_token(mut self, token: Option<u64>) -> LockGuard {
+        self.token = token;
+        self
+    }
+
     /// This guard, granted on a waiting connection of `borrowed.main`.
     pub(crate) fn borrowed_from(mut self, borrowed: Borrowed) -> LockGuard {
         self.borrowed = Some(Box::new(borrowed));

@@ -23,6 +23,8 @@ use crate::caller::pool::Taken;
 use crate::caller::shared::{Shared, Waits};
 use crate::clock::deadline_in;
 use crate::error::{Error, ErrorKind, Result};
+use crate::key::LockKey;
+use crate::mode::Mode;
 use crate::protocol::request::{Fencing, Special, Wait};
 
 /// Waits for `wanted` until `deadline` (`None`: no deadline): in the lock queue when the manager
@@ -32,10 +34,35 @@ pub(crate) fn wait(
     wanted: Wanted<'_>,
     deadline: Option<Instant>,
 ) -> Result<Option<Vec<LockGuard>>> {
-    match shared.waits() {
-        Some(pool) => wait_in_queue(shared, pool, wanted, deadline),
-        None => poll_until(shared, deadline, &wanted, |d| try_once(shared, wanted, d)),
+    match (shared.waits(), wanted) {
+        (Some(_), Wanted::All(keys)) if shared.settings().transactions => {
+            wait_each(shared, keys, deadline)
+        }
+        (Some(pool), _) => wait_in_queue(shared, pool, wanted, deadline),
+        (None, _) => poll_until(shared, deadline, &wanted, |d| try_once(shared, wanted, d)),
     }
+}
+
+/// Transaction mode: every one of `keys` or none, each waited for in a lock transaction of its
+/// own, in the order of their ids (every caller's order, so that such waits cannot deadlock each
+/// other), all within `deadline`.
+fn wait_each(
+    shared: &Arc<Shared>,
+    keys: &[LockKey],
+    deadline: Option<Instant>,
+) -> Result<Option<Vec<LockGuard>>> {
+    let mut sorted = keys.to_vec();
+    sorted.sort();
+    let mut guards = Vec::with_capacity(keys.len());
+    for key in sorted {
+        match wait(shared, Wanted::One(key, Mode::Exclusive), deadline)? {
+            Some(mut got) => guards.append(&mut got),
+            // The guards taken so far release their keys as they drop.
+            None => return Ok(None),
+        }
+    }
+    guards.sort_by_key(|g| keys.iter().position(|&k| k == g.key()));
+    Ok(Some(guards))
 }
 
 /// How a wait in the queue ended: done, or no waiting connection to be had (poll instead).
@@ -98,7 +125,21 @@ fn queue_for(
                 return Queued::Poll;
             }
         };
-        match wait_on(&taken, wanted, deadline) {
+        let in_transaction = shared.settings().transactions;
+        match wait_on(&taken, wanted, deadline, !in_transaction) {
+            Ok(Some(guards)) if in_transaction && matches!(wanted, Wanted::Fenced(_)) => {
+                let borrowed = |guard: LockGuard| {
+                    guard.borrowed_from(Borrowed {
+                        main: Arc::clone(shared),
+                        _conn: Arc::clone(&taken),
+                    })
+                };
+                let fenced = guards
+                    .into_iter()
+                    .map(|g| acquire::fence(shared, borrowed(g)))
+                    .collect::<Result<Vec<_>>>();
+                return Queued::Done(fenced.map(Some));
+            }
             Ok(Some(guards)) => {
                 let borrowed = |guard: LockGuard| {
                     guard.borrowed_from(Borrowed {
@@ -122,17 +163,20 @@ fn queue_for(
 }
 
 /// On the waiting connection `taken`: waits for `wanted` in the lock queue until `deadline`.
+/// `token_here`: a fenced wait draws its token in the same round trip (in transaction mode the
+/// caller draws it afterwards, outside the lock's transaction).
 fn wait_on(
     taken: &Taken<Arc<Shared>>,
     wanted: Wanted<'_>,
     deadline: Option<Instant>,
+    token_here: bool,
 ) -> Result<Option<Vec<LockGuard>>> {
     let Some(conn) = taken.conn() else {
         return Ok(None);
     };
     let fencing = match wanted {
-        Wanted::Fenced(_) => Fencing::Token,
-        Wanted::One(..) | Wanted::All(_) => Fencing::NoToken,
+        Wanted::Fenced(_) if token_here => Fencing::Token,
+        Wanted::Fenced(_) | Wanted::One(..) | Wanted::All(_) => Fencing::NoToken,
     };
     let wait = Wait {
         keys: wanted.keys().to_vec(),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::caller::acquire::{self, Wanted, poll_until};
-use crate::caller::guard::LockGuard;
+use crate::caller::guard::{Borrowed, LockGuard};
 use crate::caller::handle::LockManager;
 use crate::caller::shared::{Call, Shared};
 use crate::caller::table::Reservation;
@@ -27,6 +27,10 @@ const TURNSTILE_SLOT: u32 = LockKey::TURNSTILE_SLOT;
 /// The pause between two tries of the slots by the turnstile's holder: a freed permit is taken
 /// within about this much plus a round trip, at one statement per pause and semaphore.
 const TURNSTILE_PAUSE: Duration = Duration::from_micros(500);
+
+/// [`TURNSTILE_PAUSE`] in transaction mode, where each try of the slots opens a connection to the
+/// pooler and a transaction.
+const TRANSACTION_TURNSTILE_PAUSE: Duration = Duration::from_millis(10);
 
 impl LockManager {
     /// Tries once to take one of `permits` permits of the semaphore `key`, without waiting.
@@ -118,6 +122,9 @@ fn try_permit(
     if shared.held() >= shared.settings().max_locks {
         return Err(shared.too_many_locks());
     }
+    if shared.settings().transactions {
+        return try_permit_in_transaction(shared, key, permits, deadline);
+    }
     let reply = shared.round_trip_special(Special::Permit { key, permits }, deadline)?;
     let grant = match reply {
         Reply::Grant(grant) => grant,
@@ -150,6 +157,37 @@ fn try_permit(
             })?;
             Ok(None)
         }
+    }
+}
+
+/// Transaction mode: one try of a free slot in a lock transaction of its own (see
+/// [`crate::Builder::transaction_pooler`]); the slot is reserved in this manager's table too once
+/// the server has said which it is.
+fn try_permit_in_transaction(
+    shared: &Arc<Shared>,
+    key: LockKey,
+    permits: u32,
+    deadline: Instant,
+) -> Result<Option<LockGuard>> {
+    let pool = shared.waits().ok_or_else(Error::not_in_transaction_mode)?;
+    let Some(taken) = pool.take(Some(deadline))? else {
+        return Err(Error::too_many_transactions());
+    };
+    let taken = Arc::new(taken);
+    let Some(conn) = taken.conn() else {
+        return Ok(None);
+    };
+    let Some(permit) = try_permit(conn, key, permits, deadline)? else {
+        return Ok(None);
+    };
+    match shared.reserve_all_unbounded(std::slice::from_ref(&permit.key()), Mode::Exclusive) {
+        Reservation::Reserved { .. } => Ok(Some(permit.borrowed_from(Borrowed {
+            main: Arc::clone(shared),
+            _conn: Arc::clone(&taken),
+        }))),
+        // A thread of this manager holds that slot's key itself: dropping the permit gives
+        // this grant back.
+        Reservation::Conflict | Reservation::Full => Ok(None),
     }
 }
 
@@ -189,7 +227,13 @@ fn wait_permit(
         if deadline.is_some_and(|d| now >= d) {
             break failing.map_or(Ok(None), Err);
         }
-        let until = acquire::pause_end(TURNSTILE_PAUSE, deadline);
+        // In transaction mode each try opens a transaction of its own: fewer of them.
+        let pause = if shared.settings().transactions {
+            TRANSACTION_TURNSTILE_PAUSE
+        } else {
+            TURNSTILE_PAUSE
+        };
+        let until = acquire::pause_end(pause, deadline);
         std::thread::sleep(until.saturating_duration_since(now));
     };
     drop(turn);

@@ -77,6 +77,10 @@ pub(crate) enum Special {
     },
     /// Who holds or waits for the key: [`Reply::Holders`](crate::protocol::reply::Reply::Holders).
     Holders(LockKey),
+    /// Draws one fencing token, taking no lock (transaction mode draws a lock's token after its
+    /// grant, outside its transaction): [`Reply::Grant`](crate::protocol::reply::Reply::Grant) of
+    /// no keys, with the token.
+    Token,
     /// Waits in PostgreSQL's lock queue for every one of the keys, on a waiting connection
     /// (never on the manager's own): [`Reply::Grant`](crate::protocol::reply::Reply::Grant), or [`Reply::Busy`](crate::protocol::reply::Reply::Busy) at the deadline with
     /// nothing held.

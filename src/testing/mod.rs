@@ -24,10 +24,12 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
+mod bouncer;
 mod process;
 mod skip;
 mod statements;
 
+pub use bouncer::{BouncerSetup, Pgbouncer};
 pub use skip::{REQUIRE_ALL, database_url, find_program, skip, skips_fail};
 pub use statements::{rows_returned, session_setup_sql};
 

@@ -16,7 +16,7 @@ use crate::mode::Mode;
 use crate::protocol::link::Lease;
 use crate::protocol::reply::{Grant, Reply};
 use crate::protocol::request::Special;
-use crate::worker::fencing::{CREATE_FENCE_SEQUENCE, fencing_error};
+use crate::worker::fencing::{CREATE_FENCE_SEQUENCE, NEXT_TOKEN, fencing_error};
 use crate::worker::queue_wait;
 use crate::worker::readback::undo;
 use crate::worker::session::{Conn, Failed, column};
@@ -29,7 +29,7 @@ pub(crate) fn serve(special: &Special, conn: &mut Conn, lease: &Lease) -> Result
         Special::Wait(wait) => queue_wait::serve(wait, conn, lease),
         Special::Fenced(key) => fenced(*key, conn, lease),
         Special::Permit { key, permits } => {
-            let sql = special_sql::permit(semaphore_class(*key), *permits);
+            let sql = special_sql::permit(semaphore_class(*key), *permits, conn.scope);
             first_row(conn.rows(&sql), |row| {
                 match column(row, 0).and_then(|t| t.parse::<u32>().ok()) {
                     Some(slot) => {
@@ -45,6 +45,7 @@ pub(crate) fn serve(special: &Special, conn: &mut Conn, lease: &Lease) -> Result
         Special::All { keys, mode } => first_row(conn.rows(&special_sql::all(keys, *mode)), |_| {
             Grant::reply(lease, keys.clone(), *mode, None)
         }),
+        Special::Token => token(conn, lease),
         Special::Holders(key) => match conn.rows(&special_sql::holders(*key)) {
             Ok(rows) => Ok(Reply::Holders(
                 rows_of(&rows).filter_map(holder_of).collect(),
@@ -112,6 +113,32 @@ fn fenced(key: LockKey, conn: &mut Conn, lease: &Lease) -> Result<Reply, Error> 
             undo(&[key], Mode::Exclusive, conn).map_err(Failed::into_error)?;
             Ok(Reply::Failed(fencing_error(e)))
         }
+        ran => first_row(ran, grant),
+    }
+}
+
+/// One fencing token, drawn by a statement of its own; a missing sequence is created and the
+/// token drawn again, once.
+fn token(conn: &mut Conn, lease: &Lease) -> Result<Reply, Error> {
+    let grant = |row: &SimpleQueryRow| match column(row, 0).and_then(|t| t.parse::<u64>().ok()) {
+        Some(token) => Grant::reply(lease, Vec::new(), Mode::Exclusive, Some(token)),
+        None => Reply::Failed(Error::new(
+            ErrorKind::Server,
+            "the server drew a fencing token without a number",
+        )),
+    };
+    let error = match conn.rows(NEXT_TOKEN) {
+        Err(Failed::Rejected(e)) => e,
+        ran => return first_row(ran, grant),
+    };
+    if error.sql_state() != Some(&SqlState::UNDEFINED_TABLE) {
+        return Ok(Reply::Failed(fencing_error(error)));
+    }
+    if let Err(Failed::Broken(e)) = conn.rows(CREATE_FENCE_SEQUENCE) {
+        return Err(e);
+    }
+    match conn.rows(NEXT_TOKEN) {
+        Err(Failed::Rejected(e)) => Ok(Reply::Failed(fencing_error(e))),
         ran => first_row(ran, grant),
     }
 }

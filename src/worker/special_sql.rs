@@ -27,17 +27,17 @@ pub(crate) fn fenced(key: LockKey) -> String {
 /// slots in order, the first free one taken, and no further one tried (LIMIT 1 stops the scan).
 /// A slot this session already holds is skipped before its try: session locks stack, so trying
 /// it would succeed again and count one holder twice. CASE fixes the order.
-pub(crate) fn permit(class: i32, permits: u32) -> String {
+pub(crate) fn permit(class: i32, permits: u32, scope: Scope) -> String {
     let mut sql = String::with_capacity(320);
     sql.push_str(PIN);
     let _ = write!(
         sql,
         "SELECT s FROM generate_series(0, {last}) s WHERE CASE WHEN EXISTS (SELECT FROM \
          pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND classid = \
-         {classid} AND objid::int8 = 2147483648 + s AND objsubid = 2) THEN false ELSE \
-         pg_try_advisory_lock(",
+         {classid} AND objid::int8 = 2147483648 + s AND objsubid = 2) THEN false ELSE {try_fn}",
         last = permits.saturating_sub(1),
         classid = class as u32,
+        try_fn = try_fn(Mode::Exclusive, scope),
     );
     push_int4(&mut sql, class);
     sql.push_str(", (s - 2147483648)::int4) END LIMIT 1");

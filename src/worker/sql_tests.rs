@@ -140,7 +140,7 @@ fn statements_beyond_one_key_are_built_from_integers() {
         all.contains("WHEN n = 1 THEN pg_advisory_unlock_shared(2,3) END"),
         "{all}"
     );
-    let permit = unpinned(&permit(7, 3)).to_owned();
+    let permit = unpinned(&permit(7, 3, Scope::Session)).to_owned();
     assert!(
         permit.starts_with("SELECT s FROM generate_series(0, 2) s"),
         "{permit}"
