@@ -15,8 +15,7 @@
 
 use std::env;
 use std::fs;
-use std::io::{self, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command};
 use std::sync::OnceLock;
@@ -34,8 +33,8 @@ pub use skip::{REQUIRE_ALL, database_url, find_program, skip, skips_fail};
 pub use statements::{rows_returned, session_setup_sql};
 
 use process::{
-    find_bin_dir, free_port, is_root, make_root_dir, postgres_user, run_quietly, spawn_watchdog,
-    wait_bounded,
+    configure, find_bin_dir, free_port, is_root, make_root_dir, postgres_user, run_quietly,
+    spawn_watchdog, wait_bounded,
 };
 
 /// A PostgreSQL server to test against: a throwaway local cluster, or the one `DATABASE_URL` names.
@@ -172,41 +171,7 @@ impl TestCluster {
             "--locale=C",
         ]);
         run_quietly(initdb, &root, run_as, Duration::from_secs(120)).map_err(cleanup)?;
-        // Superuser `postgres` needs no password; every other role must give a correct one, so
-        // tests can check how a wrong password is reported. The set-up's rules come first: the
-        // first matching line decides.
-        let mut hba = String::new();
-        for line in &setup.hba {
-            hba.push_str(line);
-            hba.push('\n');
-        }
-        hba.push_str(
-            "local all all trust\n\
-             local replication all trust\n\
-             host replication postgres 127.0.0.1/32 trust\n\
-             host all postgres 127.0.0.1/32 trust\n\
-             host all postgres ::1/128 trust\n\
-             host all all 127.0.0.1/32 scram-sha-256\n\
-             host all all ::1/128 scram-sha-256\n",
-        );
-        fs::write(data.join("pg_hba.conf"), hba).map_err(cleanup)?;
-        let mut conf = String::from("\n# distlock::testing::Setup\n");
-        for (name, value) in &setup.settings {
-            conf.push_str(&format!("{name} = '{}'\n", value.replace('\'', "''")));
-        }
-        fs::OpenOptions::new()
-            .append(true)
-            .open(data.join("postgresql.conf"))
-            .and_then(|mut f| f.write_all(conf.as_bytes()))
-            .map_err(cleanup)?;
-        for (name, contents) in &setup.files {
-            let path = data.join(name);
-            fs::write(&path, contents).map_err(cleanup)?;
-            fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).map_err(cleanup)?;
-            if let Some((uid, gid)) = run_as {
-                std::os::unix::fs::chown(&path, Some(uid), Some(gid)).map_err(cleanup)?;
-            }
-        }
+        configure(&data, setup, run_as).map_err(cleanup)?;
         let watchdog = spawn_watchdog(&bin, &data, &root, run_as).map_err(cleanup)?;
         let mut sockets = root.display().to_string();
         for dir in &setup.socket_dirs {
@@ -419,8 +384,7 @@ impl Local {
 
     fn pg_ctl_start(&self) -> io::Result<()> {
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
-             -c full_page_writes=off -c max_connections=300 -c shared_buffers=32MB",
+            "-p {} -k {} -c listen_addresses=127.0.0.1",
             self.port, self.sockets
         );
         let mut cmd = Command::new(self.bin.join("pg_ctl"));

@@ -7,7 +7,7 @@ use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io::{self, Write};
 use std::net::TcpListener;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -206,4 +206,54 @@ pub(super) fn make_root_dir(run_as: Option<(u32, u32)>) -> io::Result<PathBuf> {
 
 pub(super) fn free_port() -> io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Writes a new cluster's `pg_hba.conf`, its settings (the throwaway defaults, then `setup`'s) and
+/// `setup`'s files into `data`, the files owned by `run_as` when given.
+pub(super) fn configure(
+    data: &Path,
+    setup: &super::Setup,
+    run_as: Option<(u32, u32)>,
+) -> io::Result<()> {
+    // Superuser `postgres` needs no password; every other role must give a correct one, so
+    // tests can check how a wrong password is reported. The set-up's rules come first: the
+    // first matching line decides.
+    let mut hba = String::new();
+    for line in &setup.hba {
+        hba.push_str(line);
+        hba.push('\n');
+    }
+    hba.push_str(
+        "local all all trust\n\
+             local replication all trust\n\
+             host replication postgres 127.0.0.1/32 trust\n\
+             host all postgres 127.0.0.1/32 trust\n\
+             host all postgres ::1/128 trust\n\
+             host all all 127.0.0.1/32 scram-sha-256\n\
+             host all all ::1/128 scram-sha-256\n",
+    );
+    fs::write(data.join("pg_hba.conf"), hba)?;
+    // A throwaway cluster's defaults first, so that the setup's own settings (later lines win)
+    // can change them.
+    let mut conf = String::from(
+        "\n# distlock::testing defaults\nfsync = off\nsynchronous_commit = off\n\
+             full_page_writes = off\nmax_connections = 300\nshared_buffers = '32MB'\n\
+             # distlock::testing::Setup\n",
+    );
+    for (name, value) in &setup.settings {
+        conf.push_str(&format!("{name} = '{}'\n", value.replace('\'', "''")));
+    }
+    fs::OpenOptions::new()
+        .append(true)
+        .open(data.join("postgresql.conf"))
+        .and_then(|mut f| f.write_all(conf.as_bytes()))?;
+    for (name, contents) in &setup.files {
+        let path = data.join(name);
+        fs::write(&path, contents)?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
+        if let Some((uid, gid)) = run_as {
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
+        }
+    }
+    Ok(())
 }

@@ -8,6 +8,7 @@ mod demo;
 mod duration;
 mod exit;
 mod fairness;
+mod fleet;
 mod locks;
 mod run;
 
@@ -73,11 +74,17 @@ enum Command {
     Demo(demo::Args),
     /// The wall-clock benchmark suite; prints a table and writes JSON.
     Bench(bench::Args),
+    /// Thousands of managers on one small server through a transaction pooler, then in session
+    /// mode; prints the figures (throwaway server and pgbouncer of its own).
+    Fleet(fleet::Args),
     /// Start a throwaway PostgreSQL cluster and run COMMAND with DATABASE_URL set to it.
     Cluster(cluster::Args),
     /// Internal: how `run` starts its command (see child.rs).
     #[command(name = child::SUBCOMMAND, hide = true)]
     Child(child::Args),
+    /// Internal: one member process of `fleet` (see fleet.rs).
+    #[command(name = fleet::SUBCOMMAND, hide = true)]
+    FleetMember(fleet::MemberArgs),
     /// Internal: one contender of `bench`'s fairness measurement (see fairness.rs).
     #[command(name = fairness::SUBCOMMAND, hide = true)]
     Contend(fairness::Args),
@@ -104,6 +111,8 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(url, args),
         Command::Bench(args) => bench::run(url, args).map_err(Into::into),
         Command::Cluster(args) => cluster::run(args).map_err(Into::into),
+        Command::Fleet(args) => fleet::run(args).map_err(Into::into),
+        Command::FleetMember(args) => fleet::member(args).map_err(Into::into),
         Command::Child(args) => Ok(child::exec(args)),
         Command::Contend(args) => fairness::contend(url, args).map_err(Into::into),
     };

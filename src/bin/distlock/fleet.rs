@@ -1,0 +1,441 @@
+//! `distlock fleet`: thousands of managers on one small server, through a transaction pooler.
+//!
+//! A server with `max_connections = 60`, a real pgbouncer in transaction mode in front of it, and
+//! processes of managers (`distlock __fleet-member`) each locking one of a few hundred keys in a
+//! loop with short holds. Inside each hold a witness row is claimed and released on a connection
+//! of its own (straight to the server): a claim that finds the row owned, or a release that finds
+//! it taken over, is an overlap; one whose guard was never told it was lost is an unannounced
+//! loss. Then the same processes in session mode straight to the server, as many managers as it
+//! takes. Not a test: it prints figures for the README.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use distlock::testing::{BouncerSetup, Pgbouncer, Setup, TestCluster};
+use distlock::{LockKey, LockManager};
+use postgres::{Client, NoTls};
+
+/// The hidden subcommand a member process runs as.
+pub const SUBCOMMAND: &str = "__fleet-member";
+
+/// Witness connections per member process.
+const WITNESSES: u32 = 4;
+
+/// Wait-time buckets: powers of two of microseconds, up to about 70 minutes.
+const BUCKETS: usize = 32;
+
+/// `distlock fleet`'s arguments.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Managers in all, split evenly over the processes.
+    #[arg(long, default_value_t = 2000)]
+    managers: u32,
+    /// Member processes.
+    #[arg(long, default_value_t = 4)]
+    processes: u32,
+    /// Keys the managers contend for.
+    #[arg(long, default_value_t = 200)]
+    keys: u32,
+    /// How long each mode runs.
+    #[arg(long = "for", default_value = "60s", value_parser = crate::duration::parse)]
+    run_for: Duration,
+    /// How long each grant is held.
+    #[arg(long, default_value = "1ms", value_parser = crate::duration::parse)]
+    hold: Duration,
+    /// The server's max_connections.
+    #[arg(long, default_value_t = 60)]
+    max_connections: u32,
+    /// The pooler's default_pool_size (server connections).
+    #[arg(long, default_value_t = 20)]
+    pool: u32,
+}
+
+/// `distlock __fleet-member`'s arguments (internal: started by `fleet`).
+#[derive(clap::Args)]
+pub struct MemberArgs {
+    /// Where the managers connect.
+    #[arg(long)]
+    url: String,
+    /// Where the witness connections go (straight to the server).
+    #[arg(long)]
+    witness: String,
+    /// Transaction mode (else session mode).
+    #[arg(long)]
+    transaction: bool,
+    #[arg(long)]
+    managers: u32,
+    #[arg(long)]
+    keys: u32,
+    #[arg(long = "for", value_parser = crate::duration::parse)]
+    run_for: Duration,
+    #[arg(long, value_parser = crate::duration::parse)]
+    hold: Duration,
+    /// This process's number.
+    #[arg(long)]
+    id: u32,
+}
+
+/// What one member process counted.
+#[derive(Default)]
+struct Tally {
+    connected: i64,
+    refused: i64,
+    grants: i64,
+    overlaps: i64,
+    unannounced: i64,
+    lost: i64,
+    errors: i64,
+    waits: [i64; BUCKETS],
+}
+
+pub fn run(args: Args) -> Result<ExitCode> {
+    let setup = Setup {
+        settings: vec![("max_connections".into(), args.max_connections.to_string())],
+        ..Default::default()
+    };
+    let cluster = TestCluster::start_with(&setup).context("starting PostgreSQL")?;
+    let bouncer = Pgbouncer::start(
+        &cluster,
+        &BouncerSetup {
+            mode: "transaction".into(),
+            pool_size: args.pool,
+            max_clients: args.managers * 2 + 1000,
+        },
+    )
+    .context("starting pgbouncer")?;
+    let mut direct = Client::connect(cluster.url(), NoTls)?;
+    direct.batch_execute(&format!(
+        "CREATE TABLE fleet_witness (k int PRIMARY KEY, owner int); \
+         INSERT INTO fleet_witness SELECT generate_series(0, {}), NULL",
+        args.keys.saturating_sub(1)
+    ))?;
+    println!(
+        "distlock fleet: {} managers in {} processes, {} keys, {:?} holds, {:?} per mode; \
+         server max_connections = {}, pgbouncer transaction mode, default_pool_size = {}",
+        args.managers,
+        args.processes,
+        args.keys,
+        args.hold,
+        args.run_for,
+        args.max_connections,
+        args.pool
+    );
+    for transaction in [true, false] {
+        let url = if transaction {
+            bouncer.socket_url()
+        } else {
+            cluster.url().to_owned()
+        };
+        let (tally, most) = one_mode(&args, &url, cluster.url(), transaction)?;
+        // The witness connections (4 per process) and the sampler's own are not the managers'.
+        let theirs = most - i64::from(args.processes) * i64::from(WITNESSES) - 1;
+        report(&args, transaction, &tally, theirs);
+        if tally.overlaps > 0 || tally.unannounced > 0 {
+            bail!(
+                "{} overlaps, {} unannounced losses",
+                tally.overlaps,
+                tally.unannounced
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs the member processes in one mode; returns their tallies and the most server backends
+/// seen meanwhile.
+fn one_mode(args: &Args, url: &str, witness: &str, transaction: bool) -> Result<(Tally, i64)> {
+    let exe = std::env::current_exe()?;
+    let per = args.managers / args.processes.max(1);
+    let children: Vec<_> = (0..args.processes)
+        .map(|id| {
+            let mut cmd = Command::new(&exe);
+            cmd.arg(SUBCOMMAND)
+                .args(["--url", url, "--witness", witness])
+                .args([
+                    "--managers",
+                    &per.to_string(),
+                    "--keys",
+                    &args.keys.to_string(),
+                ])
+                .args(["--for", &format!("{}ms", args.run_for.as_millis())])
+                .args(["--hold", &format!("{}ms", args.hold.as_secs_f64() * 1000.0)])
+                .args(["--id", &id.to_string()])
+                .stdout(Stdio::piped());
+            if transaction {
+                cmd.arg("--transaction");
+            }
+            cmd.spawn().context("starting a member process")
+        })
+        .collect::<Result<_>>()?;
+    let sampling = Arc::new(AtomicBool::new(true));
+    let most = Arc::new(AtomicI64::new(0));
+    let sampler = {
+        let (sampling, most, witness) =
+            (Arc::clone(&sampling), Arc::clone(&most), witness.to_owned());
+        thread::spawn(move || -> Result<()> {
+            let mut client = Client::connect(&witness, NoTls)?;
+            while sampling.load(Ordering::Relaxed) {
+                let n: i64 = client
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity \
+                         WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+                        &[],
+                    )?
+                    .get(0);
+                most.fetch_max(n, Ordering::Relaxed);
+                thread::sleep(Duration::from_millis(50));
+            }
+            Ok(())
+        })
+    };
+    let mut total = Tally::default();
+    for mut child in children {
+        let out = child.stdout.take().context("member output")?;
+        for line in BufReader::new(out).lines() {
+            if let Some(rest) = line?.strip_prefix("tally ") {
+                add(&mut total, rest)?;
+            }
+        }
+        child.wait()?;
+    }
+    sampling.store(false, Ordering::Relaxed);
+    sampler
+        .join()
+        .map_err(|_| anyhow::anyhow!("the sampler panicked"))??;
+    Ok((total, most.load(Ordering::Relaxed)))
+}
+
+/// Adds a member's `tally` line to `total`.
+fn add(total: &mut Tally, line: &str) -> Result<()> {
+    let n: Vec<i64> = line
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    if n.len() != 7 + BUCKETS {
+        bail!("a malformed tally line: {line}");
+    }
+    total.connected += n[0];
+    total.refused += n[1];
+    total.grants += n[2];
+    total.overlaps += n[3];
+    total.unannounced += n[4];
+    total.lost += n[5];
+    total.errors += n[6];
+    for (bucket, count) in total.waits.iter_mut().zip(&n[7..]) {
+        *bucket += count;
+    }
+    Ok(())
+}
+
+fn report(args: &Args, transaction: bool, t: &Tally, most: i64) {
+    let mode = if transaction {
+        "transaction mode, through pgbouncer"
+    } else {
+        "session mode, straight to the server"
+    };
+    let per_s = t.grants as f64 / args.run_for.as_secs_f64();
+    println!("{mode}:");
+    println!(
+        "  managers connected       {} of {} ({} refused)",
+        t.connected, args.managers, t.refused
+    );
+    println!("  grants                   {} ({per_s:.0}/s)", t.grants);
+    println!("  overlaps (witness)       {}", t.overlaps);
+    println!("  unannounced losses       {}", t.unannounced);
+    println!("  announced losses         {}", t.lost);
+    println!("  errors                   {}", t.errors);
+    println!(
+        "  most server backends     {most} (the managers'; pool: {})",
+        args.pool
+    );
+    println!(
+        "  wait p50 / p99           {} / {}",
+        bucket_label(percentile(&t.waits, 0.50)),
+        bucket_label(percentile(&t.waits, 0.99))
+    );
+}
+
+/// The bucket under which `q` of the samples fall.
+fn percentile(waits: &[i64; BUCKETS], q: f64) -> usize {
+    let total: i64 = waits.iter().sum();
+    let mut seen = 0;
+    for (i, &n) in waits.iter().enumerate() {
+        seen += n;
+        if seen as f64 >= q * total as f64 && n > 0 {
+            return i;
+        }
+    }
+    0
+}
+
+fn bucket_label(i: usize) -> String {
+    let us = 1u64 << i;
+    if us >= 1_000_000 {
+        format!("≤ {:.1} s", us as f64 / 1e6)
+    } else if us >= 1000 {
+        format!("≤ {:.1} ms", us as f64 / 1e3)
+    } else {
+        format!("≤ {us} µs")
+    }
+}
+
+/// A member process: its managers, each on a thread of its own, lock and release until the end.
+pub fn member(args: MemberArgs) -> Result<ExitCode> {
+    let witness = Arc::new(Witness::open(&args.witness, WITNESSES as usize)?);
+    let deadline = Instant::now() + args.run_for;
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let threads: Vec<_> = (0..args.managers)
+        .map(|i| {
+            let (tally, witness) = (Arc::clone(&tally), Arc::clone(&witness));
+            let (url, transaction, keys, hold) =
+                (args.url.clone(), args.transaction, args.keys, args.hold);
+            let owner = i32::try_from(args.id * 100_000 + i).unwrap_or(i32::MAX);
+            thread::Builder::new()
+                .stack_size(256 * 1024)
+                .spawn(move || {
+                    let mine = manage(&url, transaction, keys, hold, owner, deadline, &witness);
+                    merge(&mut tally.lock().unwrap_or_else(|e| e.into_inner()), &mine);
+                })
+        })
+        .collect::<std::io::Result<_>>()?;
+    for t in threads {
+        let _ = t.join();
+    }
+    let t = tally.lock().unwrap_or_else(|e| e.into_inner());
+    let waits: Vec<String> = t.waits.iter().map(i64::to_string).collect();
+    println!(
+        "tally {} {} {} {} {} {} {} {}",
+        t.connected,
+        t.refused,
+        t.grants,
+        t.overlaps,
+        t.unannounced,
+        t.lost,
+        t.errors,
+        waits.join(" ")
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn merge(into: &mut Tally, from: &Tally) {
+    into.connected += from.connected;
+    into.refused += from.refused;
+    into.grants += from.grants;
+    into.overlaps += from.overlaps;
+    into.unannounced += from.unannounced;
+    into.lost += from.lost;
+    into.errors += from.errors;
+    for (a, b) in into.waits.iter_mut().zip(&from.waits) {
+        *a += b;
+    }
+}
+
+/// One manager's loop.
+fn manage(
+    url: &str,
+    transaction: bool,
+    keys: u32,
+    hold: Duration,
+    owner: i32,
+    deadline: Instant,
+    witness: &Witness,
+) -> Tally {
+    let mut t = Tally::default();
+    let locks = match LockManager::builder()
+        .application_name("fleet")
+        .transaction_pooler(transaction)
+        .max_transactions(1)
+        .connect_timeout(Duration::from_secs(5))
+        .connect(url)
+    {
+        Ok(locks) => locks,
+        Err(_) => {
+            t.refused = 1;
+            return t;
+        }
+    };
+    t.connected = 1;
+    let mut seed = u64::from(owner.unsigned_abs()).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    while Instant::now() < deadline {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let k = i32::try_from(seed % u64::from(keys.max(1))).unwrap_or(0);
+        let asked = Instant::now();
+        let guard = match locks.try_lock_for(LockKey::pair(7070, k), Duration::from_secs(2)) {
+            Ok(Some(guard)) => guard,
+            Ok(None) => continue,
+            Err(_) => {
+                t.errors += 1;
+                thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        let waited = u64::try_from(asked.elapsed().as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        t.waits[(63 - waited.leading_zeros() as usize).min(BUCKETS - 1)] += 1;
+        t.grants += 1;
+        let claimed = witness.update(
+            "UPDATE fleet_witness SET owner = $1 WHERE k = $2 AND owner IS NULL",
+            owner,
+            k,
+        );
+        thread::sleep(hold);
+        let released = witness.update(
+            "UPDATE fleet_witness SET owner = NULL WHERE k = $2 AND owner = $1",
+            owner,
+            k,
+        );
+        let lost = guard.is_lost();
+        let overlap = claimed != Some(1) || released != Some(1);
+        t.overlaps += i64::from(overlap);
+        t.unannounced += i64::from(overlap && !lost);
+        t.lost += i64::from(lost);
+        drop(guard);
+    }
+    t
+}
+
+/// A few connections straight to the server for the witness rows, shared by a process's
+/// managers.
+struct Witness {
+    idle: Mutex<Vec<Client>>,
+    freed: Condvar,
+}
+
+impl Witness {
+    fn open(url: &str, n: usize) -> Result<Witness> {
+        let idle = (0..n)
+            .map(|_| Client::connect(url, NoTls).context("a witness connection"))
+            .collect::<Result<_>>()?;
+        Ok(Witness {
+            idle: Mutex::new(idle),
+            freed: Condvar::new(),
+        })
+    }
+
+    /// Rows `sql` updated, or `None` when it failed.
+    fn update(&self, sql: &str, owner: i32, k: i32) -> Option<u64> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut client = loop {
+            match idle.pop() {
+                Some(client) => break client,
+                None => idle = self.freed.wait(idle).unwrap_or_else(|e| e.into_inner()),
+            }
+        };
+        drop(idle);
+        let rows = client.execute(sql, &[&owner, &k]).ok();
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(client);
+        self.freed.notify_one();
+        rows
+    }
+}
