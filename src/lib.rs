@@ -247,14 +247,17 @@
 //! * **Visible in `pg_locks`.** A held key `k` shows as `locktype = 'advisory'`,
 //!   `classid = k >> 32`, `objid = k & 0xffffffff`, `objsubid = 1` (`2` for a pair), next to the
 //!   session's `application_name` in `pg_stat_activity`.
-//! * **Not through a transaction pooler.** pgbouncer in transaction (or statement) pooling mode hands
-//!   each statement to any server connection, so a lock and its unlock land in different sessions,
-//!   or two clients' locks stack in one shared session, and locks exclude nobody. Connect
-//!   directly, or through session pooling. distlock detects it: each lock session carries a mark
-//!   of its own (`distlock.session`); a session found already marked at connect, or a heartbeat
-//!   or a failed [`LockGuard::ensure_held`] check that lands in another backend or finds another
-//!   client's mark, makes the manager fail for good with [`ErrorKind::Pooler`] (its guards are
-//!   told they are lost). Between two heartbeats a pooler can go unseen: the heartbeat bounds it.
+//! * **Session locks not through a transaction pooler.** pgbouncer in transaction (or statement)
+//!   pooling mode hands each statement to any server connection, so a lock and its unlock land in
+//!   different sessions, or two clients' locks stack in one shared session, and session locks
+//!   exclude nobody. Connect directly, through session pooling, or use transaction mode
+//!   ([`Builder::transaction_pooler`]), where each lock lives in a transaction of its own, which
+//!   the pooler keeps on one server connection. distlock detects a pooler in session mode: each
+//!   lock session carries a mark of its own (`distlock.session`); a session found already marked
+//!   at connect, or a heartbeat or a failed [`LockGuard::ensure_held`] check that lands in another
+//!   backend or finds another client's mark (every check requires it), makes the manager fail for
+//!   good with [`ErrorKind::Pooler`] (its guards are told they are lost). Between two heartbeats a
+//!   pooler can go unseen: the heartbeat bounds it.
 //! * **Behind a load-balancing proxy.** pgpool-II with `load_balance_mode = on` sends a session's
 //!   read-only statements to a replica, whose `pg_locks` shows none of the primary's locks: every
 //!   query distlock sends starts with `/*NO LOAD BALANCE*/`, which keeps it on the session's own
@@ -327,7 +330,7 @@
 //!   | protocol | `protocol/` | requests, typed replies, reply slots, the connection's state | ground |
 //!   | caller side | `caller/` | the handle, shared state, table, guard, the one acquire path, waiting, the waiting-connection pool | ground, protocol |
 //!   | capabilities | `capability/` | fenced, permits, multi-key, holders, election: one room each | ground, protocol, caller side |
-//!   | worker side | `worker/` | the loop, responses, batches, session, SQL, queue waits, read-backs, monitor, server keepalives; `worker/connect/`: one attempt per host, libpq parameters, TLS, certificates, pooler detection | ground, protocol |
+//!   | worker side | `worker/` | the loop, responses, batches, session, SQL (lock sessions and lock transactions), special statements, queue waits, read-backs, monitor, server keepalives; `worker/connect/`: one attempt per host, libpq parameters, TLS, certificates, pooler detection | ground, protocol |
 //!   | top | `lib`, `builder`, `start`, `testing/` | the builder and the start of both sides | anything |
 //! * Costs are measured, not assumed: instructions and allocations per lock+unlock cycle against
 //!   the raw client running the same SQL (every thread counted; CI fails above 1.15 × the raw

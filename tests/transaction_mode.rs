@@ -466,3 +466,87 @@ fn measured_cost_per_lock_in_each_mode() {
         );
     }
 }
+
+/// `distlock run` in transaction mode through the pooler and in session mode straight to the
+/// server contend for the same key, with library managers of both modes.
+#[test]
+fn the_command_in_either_mode_excludes_the_other() {
+    let Some(cluster) = cluster() else { return };
+    let Some(bouncer) = bouncer(&cluster, "transaction", 4) else {
+        return;
+    };
+    let run = |url: &str, transaction: bool, no_wait: bool, command: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_distlock"));
+        cmd.env("DATABASE_URL", url)
+            .env_remove("PGAPPNAME")
+            .arg("run")
+            .args(["--key", "txn/cli"]);
+        if transaction {
+            cmd.arg("--transaction-pooler");
+        }
+        if no_wait {
+            cmd.arg("--no-wait");
+        }
+        cmd.arg("--")
+            .args(command)
+            .stdin(std::process::Stdio::null());
+        cmd
+    };
+    let key = LockKey::name("txn/cli");
+    let mut direct = Client::connect(cluster.url(), NoTls).unwrap();
+    let txn = transactional(&bouncer, "txn-cli-lib");
+    let session = LockManager::connect(cluster.url()).unwrap();
+    // Held by the command in transaction mode: refused to the other mode and to both libraries.
+    let mut holder = run(&bouncer.url(), true, false, &["sleep", "30"])
+        .spawn()
+        .unwrap();
+    assert!(eventually(Duration::from_secs(10), || holders(
+        &mut direct,
+        key
+    )
+    .len()
+        == 1));
+    assert_eq!(
+        run(cluster.url(), false, true, &["true"])
+            .status()
+            .unwrap()
+            .code(),
+        Some(75)
+    );
+    assert!(session.try_lock(key).unwrap().is_none());
+    assert!(txn.try_lock(key).unwrap().is_none());
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &holder.id().to_string()])
+        .status();
+    holder.wait().unwrap();
+    // Held by the command in session mode: refused to a transaction-mode command.
+    let mut holder = run(cluster.url(), false, false, &["sleep", "30"])
+        .spawn()
+        .unwrap();
+    assert!(eventually(Duration::from_secs(10), || holders(
+        &mut direct,
+        key
+    )
+    .len()
+        == 1));
+    assert_eq!(
+        run(&bouncer.url(), true, true, &["true"])
+            .status()
+            .unwrap()
+            .code(),
+        Some(75)
+    );
+    assert!(txn.try_lock(key).unwrap().is_none());
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &holder.id().to_string()])
+        .status();
+    holder.wait().unwrap();
+    // Free: the transaction-mode command runs.
+    assert_eq!(
+        run(&bouncer.url(), true, true, &["true"])
+            .status()
+            .unwrap()
+            .code(),
+        Some(0)
+    );
+}

@@ -15,7 +15,7 @@ pub fn rows_returned(messages: &[postgres::SimpleQueryMessage]) -> u64 {
 /// proof costs a connect.
 pub fn session_setup_sql(mark: i64, proof: bool) -> String {
     let mut sql = crate::worker::sql::Sql::new();
-    sql.push_session_setup(150_000, None, mark, false);
+    sql.push_session_setup(150_000, None, mark);
     if proof {
         sql.push_exclusion_proof(mark);
     }

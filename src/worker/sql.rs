@@ -184,34 +184,26 @@ impl Sql {
         version: i32,
         keepalive: Option<ServerKeepalive>,
         marker: i64,
-        local: bool,
     ) {
-        // In a lock transaction behind a transaction pooler, every setting is the transaction's
-        // own (SET LOCAL): the server session goes back to the pool when it ends.
-        let set_kw = if local { "SET LOCAL " } else { "SET " };
         let set = |buf: &mut String, name: &str, value: u32| {
             if !buf.is_empty() {
                 buf.push(';');
             }
-            buf.push_str(set_kw);
+            buf.push_str("SET ");
             buf.push_str(name);
             buf.push_str(" = ");
             push_integer(buf, i64::from(value));
         };
         // The session's own mark, which only this connection sets (see `pooler::probe`).
-        self.buf.push_str(set_kw);
-        self.buf.push_str("distlock.session = '");
+        self.buf.push_str("SET distlock.session = '");
         push_int8(&mut self.buf, marker);
         self.buf.push('\'');
         set(&mut self.buf, "idle_in_transaction_session_timeout", 0);
-        self.buf.push_str(if local {
-            ";SELECT set_config('synchronous_commit', 'local', true) \
-             WHERE current_setting('synchronous_commit') = 'off'"
-        } else {
+        self.buf.push_str(
             ";SELECT set_config('synchronous_commit', 'local', false) \
-             WHERE current_setting('synchronous_commit') = 'off'"
-        });
-        if version >= 140_000 && !local {
+             WHERE current_setting('synchronous_commit') = 'off'",
+        );
+        if version >= 140_000 {
             set(&mut self.buf, "idle_session_timeout", 0);
         }
         if let Some(k) = keepalive {
@@ -222,6 +214,42 @@ impl Sql {
                 set(&mut self.buf, "tcp_user_timeout", k.user_timeout_ms);
             }
         }
+    }
+
+    /// Starts a lock transaction (see [`Scope::Transaction`]): `BEGIN`, then the transaction's
+    /// own settings — no cull of an idle transaction, the keepalives where the server has them —
+    /// and its mark, computed by the server from `salt` and its backend (see
+    /// `pooler::transaction_mark`), so that all of it takes one round trip with what follows.
+    pub(crate) fn push_transaction_start(&mut self, salt: u64, keepalive: Option<ServerKeepalive>) {
+        self.buf.push_str(&BEGIN_TRANSACTION[PIN.len()..]);
+        self.buf.push_str(
+            ";SET LOCAL idle_in_transaction_session_timeout = 0;\
+             SELECT set_config('distlock.session', ((",
+        );
+        push_int8(&mut self.buf, salt as i64);
+        self.buf
+            .push_str("::int8 # pg_backend_pid()::int8) & 9223372036854775807)::text, true)");
+        if let Some(k) = keepalive {
+            for (name, value) in [
+                ("tcp_keepalives_idle", k.idle_s),
+                ("tcp_keepalives_interval", k.interval_s),
+                ("tcp_keepalives_count", k.count),
+                ("tcp_user_timeout", k.user_timeout_ms),
+            ] {
+                // Only where the server has the setting (tcp_user_timeout: PostgreSQL 12).
+                let _ = write!(
+                    self.buf,
+                    ";SELECT set_config('{name}', '{value}', true) \
+                     WHERE current_setting('{name}', true) IS NOT NULL"
+                );
+            }
+        }
+    }
+
+    /// Appends the identifying statement ([`IDENTIFY`]).
+    pub(crate) fn push_identify(&mut self) {
+        self.separate();
+        self.buf.push_str(&IDENTIFY[PIN.len()..]);
     }
 
     /// Appends the proof that this session's locks exclude: each family of functions the locks

@@ -28,7 +28,7 @@ fn session_setup_sets_only_what_the_server_has() {
         }
     );
     let mut sql = Sql::new();
-    sql.push_session_setup(150_004, Some(keepalive), -5, false);
+    sql.push_session_setup(150_004, Some(keepalive), -5);
     assert_eq!(
         text(&sql),
         "SET distlock.session = '-5';SET idle_in_transaction_session_timeout = 0;\
@@ -38,7 +38,7 @@ fn session_setup_sets_only_what_the_server_has() {
          SET tcp_keepalives_count = 6;SET tcp_user_timeout = 11000"
     );
     sql.clear();
-    sql.push_session_setup(110_000, None, 7, false);
+    sql.push_session_setup(110_000, None, 7);
     assert_eq!(
         text(&sql),
         "SET distlock.session = '7';SET idle_in_transaction_session_timeout = 0;\
@@ -187,13 +187,15 @@ fn a_lock_transaction_takes_transaction_locks_and_ends_to_release() {
          SELECT WHERE pg_try_advisory_xact_lock_shared(1,2);ROLLBACK"
     );
     sql.clear();
-    sql.push_session_setup(150_000, None, 4, true);
+    sql.push_transaction_start(5, None);
     assert_eq!(
         text(&sql),
-        "SET LOCAL distlock.session = '4';SET LOCAL idle_in_transaction_session_timeout = 0;\
-         SELECT set_config('synchronous_commit', 'local', true) \
-         WHERE current_setting('synchronous_commit') = 'off'"
+        "BEGIN ISOLATION LEVEL READ COMMITTED;SET LOCAL idle_in_transaction_session_timeout = 0;\
+         SELECT set_config('distlock.session', ((5::int8 # pg_backend_pid()::int8) \
+         & 9223372036854775807)::text, true)"
     );
+    // The server computes the mark the client expects.
+    assert_eq!(crate::worker::connect::pooler::transaction_mark(5, 3), 6);
 }
 
 #[test]

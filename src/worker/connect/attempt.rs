@@ -9,7 +9,7 @@ use crate::protocol::link::Backend;
 use crate::worker::connect::{Flavor, pooler, tls};
 use crate::worker::keepalive::ServerKeepalive;
 use crate::worker::session::row_counts;
-use crate::worker::sql::{BEGIN_TRANSACTION, IDENTIFY, PROOF_STATEMENTS, Sql};
+use crate::worker::sql::{IDENTIFY, PROOF_STATEMENTS, Sql};
 
 /// Column `i` of the identifying row, parsed from its text.
 fn field<T: std::str::FromStr>(row: &SimpleQueryRow, i: usize) -> Result<T, Error> {
@@ -51,15 +51,74 @@ pub(super) fn attempt(
     fault::slow_connect(config);
     let mut client = tls.connect(config).map_err(classify)?;
     if flavor == Flavor::Holder {
-        // The lock's transaction, which pins one server connection for as long as it is open:
-        // READ COMMITTED whatever the cluster's default, so that no snapshot outlives a statement.
-        client.simple_query(BEGIN_TRANSACTION).map_err(classify)?;
+        return begin_transaction(client, allow_standby, keepalive, salt);
     }
     // The simple protocol, as for every statement: a transaction pooler (pgbouncer before 1.21)
     // cannot carry the named statements the extended protocol would prepare.
     let messages = client.simple_query(IDENTIFY).map_err(classify)?;
+    let (backend, facts) = identify(&messages, allow_standby, flavor)?;
+    match flavor {
+        // Nothing of the session is set: a transaction pooler shares it with other clients.
+        Flavor::Control | Flavor::Holder => {}
+        Flavor::Session => set_up(&mut client, &backend, &facts, keepalive, salt)?,
+    }
+    Ok((client, backend, facts))
+}
+
+/// A lock transaction's start, in one round trip: the transaction (which the pooler keeps on one
+/// server connection while it is open; READ COMMITTED whatever the cluster's default, so that no
+/// snapshot outlives a statement), its own settings and mark, the exclusion proof, and the
+/// identifying row.
+fn begin_transaction(
+    mut client: Client,
+    allow_standby: bool,
+    keepalive: Option<ServerKeepalive>,
+    salt: u64,
+) -> Attempt {
+    let mut start = Sql::new();
+    start.push_transaction_start(salt, keepalive);
+    let proof_keys = pooler::session_mark(
+        salt,
+        &Backend {
+            pid: 0,
+            started_us: 0,
+        },
+    );
+    start.push_exclusion_proof(proof_keys);
+    start.push_identify();
+    let messages = match client.simple_query(start.as_str()) {
+        Ok(messages) => messages,
+        Err(e) if e.code() == Some(&SqlState::UNDEFINED_FUNCTION) => {
+            return Err(no_exclusion("", "an advisory lock function is missing", e));
+        }
+        Err(e) => return Err(classify(e)),
+    };
+    let (backend, facts) = identify(&messages, allow_standby, Flavor::Holder)?;
+    let counts: Vec<u64> = row_counts(&messages).collect();
+    // The proof's statements come right before the identifying one.
+    let end = counts.len().saturating_sub(1);
+    let proof = &counts[end.saturating_sub(PROOF_STATEMENTS)..end];
+    if proof.len() == PROOF_STATEMENTS && proof.iter().all(|&rows| rows == 1) {
+        return Ok((client, backend, facts));
+    }
+    Err(no_exclusion(
+        &facts.version,
+        "a lock this session took does not show as held by it in pg_locks",
+        Unproven(proof.to_vec()),
+    ))
+}
+
+/// The backend and the facts of the identifying row among `messages`; refuses a standby unless
+/// allowed, and a lock session already marked by another client.
+fn identify(
+    messages: &[SimpleQueryMessage],
+    allow_standby: bool,
+    flavor: Flavor,
+) -> Result<(Backend, Facts), Error> {
+    // The last row: a lock transaction's start returns the proof's rows before it.
     let row = messages
         .iter()
+        .rev()
         .find_map(|m| match m {
             SimpleQueryMessage::Row(row) => Some(row),
             _ => None,
@@ -90,13 +149,7 @@ pub(super) fn attempt(
         version: field(row, 5)?,
         lock_table: field(row, 6)?,
     };
-    match flavor {
-        Flavor::Session => set_up(&mut client, &backend, &facts, keepalive, salt, false)?,
-        Flavor::Holder => set_up(&mut client, &backend, &facts, keepalive, salt, true)?,
-        // Nothing of the session is set: a transaction pooler shares it with other clients.
-        Flavor::Control => {}
-    }
-    Ok((client, backend, facts))
+    Ok((backend, facts))
 }
 
 /// What the server said of itself when a session was identified.
@@ -120,11 +173,10 @@ fn set_up(
     facts: &Facts,
     keepalive: Option<ServerKeepalive>,
     salt: u64,
-    local: bool,
 ) -> Result<(), Error> {
     let mark = pooler::session_mark(salt, backend);
     let mut setup = Sql::new();
-    setup.push_session_setup(facts.version_num, keepalive, mark, local);
+    setup.push_session_setup(facts.version_num, keepalive, mark);
     setup.push_exclusion_proof(mark);
     let messages = match client.simple_query(setup.as_str()) {
         Ok(messages) => messages,

@@ -112,7 +112,10 @@ impl Connector {
     /// backend, means a pooler shares the session. Different for every connection of every
     /// manager.
     pub(crate) fn session_mark(&self, backend: &Backend) -> i64 {
-        pooler::session_mark(self.salt, backend)
+        match self.flavor {
+            Flavor::Holder => pooler::transaction_mark(self.salt, backend.pid),
+            Flavor::Session | Flavor::Control => pooler::session_mark(self.salt, backend),
+        }
     }
 
     /// Connects within the connect timeout per host (TCP, start-up and authentication together)

@@ -22,6 +22,12 @@ pub(crate) fn session_mark(salt: u64, backend: &Backend) -> i64 {
     (h.finish() & i64::MAX as u64) as i64
 }
 
+/// The mark of a lock transaction of a manager with `salt` on the backend `pid`: the server
+/// computes the same in the transaction's first round trip (`Sql::push_transaction_start`).
+pub(crate) fn transaction_mark(salt: u64, pid: i32) -> i64 {
+    ((salt as i64) ^ i64::from(pid)) & i64::MAX
+}
+
 /// A number no other manager (in this process or another) is likely to use.
 pub(crate) fn random_salt() -> u64 {
     use std::hash::{BuildHasher, Hasher};
