@@ -249,10 +249,14 @@ fn report(args: &Args, transaction: bool, t: &Tally, most: i64) {
     println!("  unannounced losses       {}", t.unannounced);
     println!("  announced losses         {}", t.lost);
     println!("  errors                   {}", t.errors);
-    println!(
-        "  most server backends     {most} (the managers'; pool: {})",
-        args.pool
-    );
+    if transaction {
+        println!(
+            "  most server backends     {most} (the managers'; the pool has {})",
+            args.pool
+        );
+    } else {
+        println!("  most server backends     {most} (lock sessions and waiting connections)");
+    }
     println!(
         "  wait p50 / p99           {} / {}",
         bucket_label(percentile(&t.waits, 0.50)),
@@ -346,11 +350,19 @@ fn manage(
     witness: &Witness,
 ) -> Tally {
     let mut t = Tally::default();
+    // Processes of a fleet start over some seconds, not all in one instant: each manager connects
+    // at a point of the first few seconds of the run.
+    let mut seed = u64::from(owner.unsigned_abs()).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let spread = deadline
+        .saturating_duration_since(Instant::now())
+        .min(Duration::from_secs(10))
+        / 2;
+    thread::sleep(spread.mul_f64((seed % 1000) as f64 / 1000.0));
     let locks = match LockManager::builder()
         .application_name("fleet")
         .transaction_pooler(transaction)
         .max_transactions(1)
-        .connect_timeout(Duration::from_secs(5))
+        .connect_timeout(Duration::from_secs(30))
         .connect(url)
     {
         Ok(locks) => locks,
@@ -360,7 +372,6 @@ fn manage(
         }
     };
     t.connected = 1;
-    let mut seed = u64::from(owner.unsigned_abs()).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     while Instant::now() < deadline {
         seed ^= seed << 13;
         seed ^= seed >> 7;
