@@ -372,7 +372,10 @@ impl Worker {
     /// alive.
     #[inline]
     fn heartbeat_if_due(&mut self, conn: &mut Conn) -> Result<(), End> {
-        if !self.spec.link.take_heartbeat() {
+        // A transaction-mode manager's own connection holds no lock whose loss a heartbeat would
+        // announce, and each of its statements takes a server connection of the pooler's: it
+        // stays quiet (a broken connection shows at its next statement).
+        if !self.spec.link.take_heartbeat() || self.spec.connector.flavor == Flavor::Control {
             return Ok(());
         }
         self.heartbeat(conn)
