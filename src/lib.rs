@@ -326,7 +326,7 @@
 //!
 //!   | floor | where | what lives there | may import |
 //!   |---|---|---|---|
-//!   | ground | `error`, `key`, `mode`, `holder`, `clock`, `backoff` | leaf types | nothing of the crate |
+//!   | ground | `error`, `key`, `mode`, `holder`, `clock`, `backoff`, `stats` | leaf types, the statistics counters | nothing of the crate |
 //!   | protocol | `protocol/` | requests, typed replies, reply slots, the connection's state | ground |
 //!   | caller side | `caller/` | the handle, shared state, table, guard, the one acquire path, waiting, the waiting-connection pool | ground, protocol |
 //!   | capabilities | `capability/` | fenced, permits, multi-key, holders, election: one room each | ground, protocol, caller side |
@@ -347,6 +347,7 @@ mod error;
 mod holder;
 mod key;
 mod mode;
+mod stats;
 // The messages between the two sides of the worker's channel.
 mod protocol;
 // The caller side: the handle, its shared state, the table, guards, acquiring and waiting.
@@ -372,6 +373,7 @@ pub use error::{Error, ErrorKind, Result};
 pub use holder::Holder;
 pub use key::LockKey;
 pub use postgres;
+pub use stats::{BUCKETS, Histogram, Stats};
 pub use worker::connect::tls::{SslMode, Tls};
 
 /// The README's examples, compiled as doctests so that they cannot rot.

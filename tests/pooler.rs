@@ -166,6 +166,7 @@ fn shared_after_connect_is_noticed_by_the_heartbeat(mode: &str, pool_size: u32) 
     }
     let err = locks.try_lock("pooler/after-shared").unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Pooler, "{err:?}");
+    assert!(locks.stats().refused_servers >= 1, "{:?}", locks.stats());
     assert!(err.to_string().contains("pool_mode=session"), "{err}");
 }
 

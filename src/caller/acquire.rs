@@ -84,8 +84,20 @@ pub(crate) fn acquire<G>(
     let outcome = ask(sole_hold).and_then(granted);
     if !matches!(outcome, Ok(Some(_))) {
         shared.unreserve(keys, mode);
+        count_refusal(shared, &outcome);
     }
     outcome
+}
+
+/// Counts a try that did not grant: refused (someone else holds the lock), or timed out.
+#[cold]
+fn count_refusal<G>(shared: &Shared, outcome: &Result<Option<G>>) {
+    let counters = shared.link().counters();
+    match outcome {
+        Ok(None) => counters.refused(),
+        Err(e) if e.is_timeout() => counters.timed_out(),
+        _ => {}
+    }
 }
 
 /// One try of the plain lock `key`: the local table first, then (if free locally) the server.
@@ -121,6 +133,10 @@ pub(crate) fn try_lock(
                 mode,
                 lease,
                 None,
+                // When the call began: the clock read its deadline came from (no other here).
+                deadline
+                    .checked_sub(shared.request_timeout())
+                    .unwrap_or(deadline),
             ))),
             _ => Ok(None),
         },
@@ -185,6 +201,7 @@ fn in_transaction(
                 // The guards taken so far give their keys back (on the server and here).
                 shared.unreserve(&keys[i..], mode);
                 drop(guards);
+                count_refusal(shared, &refused);
                 return refused.map(|_| None);
             }
         }
@@ -241,6 +258,7 @@ pub(crate) fn fence(shared: &Shared, guard: LockGuard) -> Result<LockGuard> {
 
 /// The guards of a grant beyond a plain one, one per key held, each with the grant's token.
 pub(crate) fn guards(shared: &Arc<Shared>, reply: Reply) -> Result<Option<Vec<LockGuard>>> {
+    let since = Instant::now();
     match reply {
         Reply::Grant(grant) => Ok(Some(
             grant
@@ -253,6 +271,7 @@ pub(crate) fn guards(shared: &Arc<Shared>, reply: Reply) -> Result<Option<Vec<Lo
                         grant.mode,
                         grant.lease.clone(),
                         grant.token,
+                        since,
                     )
                 })
                 .collect(),

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Instant;
 
 use crossbeam_channel::Receiver;
 
@@ -14,6 +15,7 @@ use crate::mode::Mode;
 use crate::protocol::link::Lease;
 use crate::protocol::reply::Reply;
 use crate::protocol::request::Op;
+use crate::stats::Counters;
 
 /// A held advisory lock.
 ///
@@ -62,6 +64,8 @@ pub struct LockGuard {
     /// For a lock granted on a waiting connection: its reservation in the manager's own table
     /// and the connection (see [`Borrowed`]).
     borrowed: Option<Box<Borrowed>>,
+    /// When the call that took the lock began (its hold time runs from here).
+    since: Instant,
 }
 
 /// What a guard granted on a waiting connection keeps besides its lock: its key's reservation in
@@ -75,14 +79,17 @@ pub(crate) struct Borrowed {
 }
 
 impl LockGuard {
-    /// A guard of the lock `key`, held in `mode` under `lease`; `token` for a fenced grant.
+    /// A guard of the lock `key`, held in `mode` under `lease`, asked for at `since`; `token` for
+    /// a fenced grant.
     pub(crate) fn new(
         shared: Arc<Shared>,
         key: LockKey,
         mode: Mode,
         lease: Lease,
         token: Option<u64>,
+        since: Instant,
     ) -> LockGuard {
+        shared.link().counters().granted();
         LockGuard {
             shared,
             key,
@@ -91,6 +98,16 @@ impl LockGuard {
             released: false,
             token,
             borrowed: None,
+            since,
+        }
+    }
+
+    /// The counters of the manager the caller called (for a guard of a waiting connection, not
+    /// that connection's).
+    fn counters(&self) -> &Counters {
+        match &self.borrowed {
+            Some(borrowed) => borrowed.main.link().counters(),
+            None => self.shared.link().counters(),
         }
     }
 
@@ -102,6 +119,7 @@ impl LockGuard {
 
     /// This guard, granted on a waiting connection of `borrowed.main`.
     pub(crate) fn borrowed_from(mut self, borrowed: Borrowed) -> LockGuard {
+        borrowed.main.link().counters().granted();
         self.borrowed = Some(Box::new(borrowed));
         self
     }
@@ -239,10 +257,16 @@ impl LockGuard {
         self.released = true;
         if self.is_lost() {
             // The server released it with the connection; a newer connection must not be touched.
+            self.counters().lost();
             self.give_back();
             return Err(Error::lock_lost());
         }
-        let deadline = deadline_in(self.shared.request_timeout());
+        let timeout = self.shared.request_timeout();
+        let deadline = deadline_in(timeout);
+        // The clock read for the deadline dates the release too (none more on this path).
+        let released_at = deadline.checked_sub(timeout).unwrap_or(deadline);
+        self.counters()
+            .held(released_at.saturating_duration_since(self.since));
         let sole_hold = self.shared.sole_hold(self.key, self.mode);
         let outcome = self.shared.round_trip(Call {
             op: Op::Unlock,

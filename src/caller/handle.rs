@@ -15,6 +15,7 @@ use crate::clock::deadline_in;
 use crate::error::Result;
 use crate::key::LockKey;
 use crate::mode::Mode;
+use crate::stats::Stats;
 
 /// A handle to one connection's worth of advisory locks.
 ///
@@ -209,6 +210,27 @@ impl LockManager {
     }
 
     /// A handle on the caller side of a manager, as the builder starts it.
+    /// What this manager holds and who waits now, and what it has done since it was connected:
+    /// a snapshot, taken without a round trip and without allocating (see [`Stats`] field by
+    /// field). Cheap enough to call from a metrics scrape or a health check; keeping the figures
+    /// costs the request path a few relaxed atomic additions (measured in the README).
+    ///
+    /// ```no_run
+    /// # let locks = distlock::LockManager::connect("host=localhost user=postgres")?;
+    /// let stats = locks.stats();
+    /// println!(
+    ///     "{} held, {} waiting, {} lost since connect, wait p99 {:?}",
+    ///     stats.held_exclusive + stats.held_shared + stats.held_permits,
+    ///     stats.waiting,
+    ///     stats.lost,
+    ///     stats.wait_time.quantile(0.99),
+    /// );
+    /// # Ok::<(), distlock::Error>(())
+    /// ```
+    pub fn stats(&self) -> Stats {
+        self.shared.stats()
+    }
+
     pub(crate) fn from_shared(shared: Arc<Shared>) -> LockManager {
         LockManager { shared }
     }

@@ -146,7 +146,6 @@ impl<C: Send + 'static> WaitPool<C> {
     }
 
     /// Connections open now, free or taken.
-    #[cfg(test)]
     pub(crate) fn open_count(&self) -> usize {
         self.state.lock().open
     }

@@ -20,6 +20,7 @@ use crate::protocol::link::{Link, Site};
 use crate::protocol::reply::Reply;
 use crate::protocol::request::{Op, Plain, Request, Special};
 use crate::protocol::slot::{self, ReplySlot, Ticket, Waited};
+use crate::stats::Stats;
 
 /// Reply slots made up front; the pool grows to the number of calls in flight at once.
 const INITIAL_REPLY_SLOTS: usize = 16;
@@ -348,6 +349,20 @@ impl Shared {
     /// Holds in total, reserved ones included.
     pub(crate) fn held(&self) -> usize {
         self.table.lock().len()
+    }
+
+    /// A snapshot of the manager's statistics (see [`Stats`]): the counters, what the table holds,
+    /// and the connections open.
+    pub(crate) fn stats(&self) -> Stats {
+        let mut stats = self.link.counters().snapshot();
+        (stats.held_exclusive, stats.held_shared, stats.held_permits) =
+            self.table.lock().held_by_kind();
+        stats.lock_session_open = self.link.is_online();
+        stats.extra_connections_open = self
+            .waits
+            .as_ref()
+            .map_or(0, |pool| pool.open_count() as u64);
+        stats
     }
 
     /// The release counter, to pass to [`Shared::sleep_unless_released`].

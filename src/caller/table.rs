@@ -166,6 +166,21 @@ impl Table {
         self.releases
     }
 
+    /// Holds by kind: exclusive locks, shared holds, semaphore permits (a semaphore's queue,
+    /// held only while a waiter tries the slots, is none of them).
+    pub(crate) fn held_by_kind(&self) -> (u64, u64, u64) {
+        let (mut exclusive, mut shared, mut permits) = (0, 0, 0);
+        for (key, hold) in &self.holds {
+            match hold {
+                Hold::Shared(n) => shared += u64::from(*n),
+                Hold::Exclusive if key.is_semaphore_queue() => {}
+                Hold::Exclusive if key.semaphore_slot().is_some() => permits += 1,
+                Hold::Exclusive => exclusive += 1,
+            }
+        }
+        (exclusive, shared, permits)
+    }
+
     /// Holds in total.
     pub(crate) fn len(&self) -> usize {
         self.count

@@ -34,6 +34,35 @@ pub(crate) fn wait(
     wanted: Wanted<'_>,
     deadline: Option<Instant>,
 ) -> Result<Option<Vec<LockGuard>>> {
+    counted(shared, || wait_uncounted(shared, wanted, deadline))
+}
+
+/// Runs the waiting call `call`, counted in the manager's statistics: one more caller waiting
+/// while it runs, then its wait time, or a timeout.
+pub(crate) fn counted<T>(
+    shared: &Shared,
+    call: impl FnOnce() -> Result<Option<T>>,
+) -> Result<Option<T>> {
+    let counters = shared.link().counters();
+    let waiting = counters.wait_begins();
+    let started = Instant::now();
+    let outcome = call();
+    drop(waiting);
+    match &outcome {
+        Ok(Some(_)) => counters.waited(started.elapsed()),
+        Ok(None) => counters.timed_out(),
+        Err(e) if e.is_timeout() => counters.timed_out(),
+        Err(_) => {}
+    }
+    outcome
+}
+
+/// [`wait`], not counted (a part of a waiting call counted as a whole).
+pub(crate) fn wait_uncounted(
+    shared: &Arc<Shared>,
+    wanted: Wanted<'_>,
+    deadline: Option<Instant>,
+) -> Result<Option<Vec<LockGuard>>> {
     match (shared.waits(), wanted) {
         (Some(_), Wanted::All(keys)) if shared.settings().transactions => {
             wait_each(shared, keys, deadline)
@@ -55,7 +84,7 @@ fn wait_each(
     sorted.sort();
     let mut guards = Vec::with_capacity(keys.len());
     for key in sorted {
-        match wait(shared, Wanted::One(key, Mode::Exclusive), deadline)? {
+        match wait_uncounted(shared, Wanted::One(key, Mode::Exclusive), deadline)? {
             Some(mut got) => guards.append(&mut got),
             // The guards taken so far release their keys as they drop.
             None => return Ok(None),

@@ -128,7 +128,10 @@ fn try_permit(
     let reply = shared.round_trip_special(Special::Permit { key, permits }, deadline)?;
     let grant = match reply {
         Reply::Grant(grant) => grant,
-        Reply::Busy => return Ok(None),
+        Reply::Busy => {
+            shared.link().counters().refused();
+            return Ok(None);
+        }
         other => return Err(Error::unexpected(&other)),
     };
     let Some(&slot) = grant.held.first() else {
@@ -143,6 +146,7 @@ fn try_permit(
             Mode::Exclusive,
             grant.lease.clone(),
             None,
+            Instant::now(),
         ))),
         // A thread of this manager is taking the slot's key itself, with `try_lock`: the
         // grant stacked on its hold. Give this one back.
@@ -201,6 +205,18 @@ fn wait_permit(
     permits: u32,
     deadline: Option<Instant>,
 ) -> Result<Option<LockGuard>> {
+    waiting::counted(shared, || {
+        wait_permit_uncounted(shared, key, permits, deadline)
+    })
+}
+
+/// [`wait_permit`], not counted.
+fn wait_permit_uncounted(
+    shared: &Arc<Shared>,
+    key: LockKey,
+    permits: u32,
+    deadline: Option<Instant>,
+) -> Result<Option<LockGuard>> {
     if shared.waits().is_none() {
         return poll_until(shared, deadline, &key, |d| {
             try_permit(shared, key, permits, d)
@@ -213,7 +229,7 @@ fn wait_permit(
         Err(e) => return Err(e),
     }
     let turnstile = Wanted::One(key.permit_slot(TURNSTILE_SLOT), Mode::Exclusive);
-    let Some(turn) = waiting::wait(shared, turnstile, deadline)? else {
+    let Some(turn) = waiting::wait_uncounted(shared, turnstile, deadline)? else {
         return Ok(None);
     };
     let permit = loop {

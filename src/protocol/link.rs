@@ -10,6 +10,8 @@ use std::thread::Thread;
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 
+use crate::stats::Counters;
+
 /// A backend that may still hold locks nobody vouches for: its pid and start time (µs since the
 /// epoch), so that a later connection can end it without ever hitting a reused pid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +51,8 @@ pub(crate) struct Link {
     /// worker releases a grant in it at once (see `crate::protocol::slot`). Holds one nudge at most.
     nudge_tx: Sender<()>,
     nudge_rx: Receiver<()>,
+    /// What the manager has been doing (see [`crate::Stats`]).
+    counters: Counters,
     /// The rest, changed only on connect and loss.
     state: Mutex<State>,
     /// Test-only fault injection (see [`Site`]).
@@ -107,6 +111,12 @@ pub(crate) struct Lease {
 }
 
 impl Link {
+    /// The manager's counters.
+    #[inline]
+    pub(crate) fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
     pub(crate) fn new() -> Link {
         let (lost_tx, lost_rx) = crossbeam_channel::bounded(0);
         drop(lost_tx); // generation 0 never held anything
@@ -123,6 +133,7 @@ impl Link {
             worker: Mutex::new(None),
             nudge_tx,
             nudge_rx,
+            counters: Counters::default(),
             #[cfg(test)]
             hook: Mutex::new(None),
             state: Mutex::new(State {

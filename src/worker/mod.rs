@@ -245,12 +245,21 @@ impl Worker {
                 return None;
             }
             match attempt {
-                Ok(ok) => return Some(ok),
+                Ok(ok) => {
+                    self.spec.link.counters().reconnected();
+                    return Some(ok);
+                }
                 Err(e) if e.kind() == ErrorKind::Pooler => {
+                    self.spec.link.counters().server_refused();
                     self.spec.link.set_pooled();
                     continue;
                 }
-                Err(e) => log::warn!("distlock worker: reconnect failed: {e}"),
+                Err(e) => {
+                    if e.kind() == ErrorKind::NoExclusion {
+                        self.spec.link.counters().server_refused();
+                    }
+                    log::warn!("distlock worker: reconnect failed: {e}");
+                }
             }
             self.drain(Error::offline, Some(Instant::now() + backoff.next_pause()))?;
         }
@@ -412,6 +421,7 @@ impl Worker {
     /// `ErrorKind::Pooler`, and this connection's guards are lost.
     fn pooler_seen(&self) -> End {
         log::error!("distlock worker: {}", Error::pooler());
+        self.spec.link.counters().server_refused();
         self.spec.link.set_pooled();
         End::Lost
     }

@@ -55,15 +55,19 @@ pub(crate) fn serve(wait: &Wait, conn: &mut Conn, lease: &Lease) -> Result<Reply
     after_rejection(wait, conn, lease, error)
 }
 
-/// The server's `lock_timeout` for a wait until `deadline`: 0 (never) without one or past the
-/// largest it takes, at least 1 ms (0 would mean "never") for a deadline already passed.
+/// The server's `lock_timeout` for a wait until `deadline`, in whole milliseconds rounded up: 0
+/// (never) without one or past the largest it takes, at least 1 ms (0 would mean "never") for a
+/// deadline already passed.
 fn lock_timeout_ms(deadline: Option<Instant>) -> u128 {
     let Some(deadline) = deadline else {
         return 0;
     };
+    // Rounded up: the server gives up no earlier than the deadline, so that a wait that returns
+    // "still held" has waited its whole time.
     match deadline
         .saturating_duration_since(Instant::now())
-        .as_millis()
+        .as_micros()
+        .div_ceil(1000)
     {
         0 => 1,
         ms if ms > MAX_LOCK_TIMEOUT_MS => 0,
