@@ -80,6 +80,7 @@ impl Default for Builder {
                 dead_holder_timeout: DEFAULT_DEAD_HOLDER_TIMEOUT,
                 wait_connections: DEFAULT_WAIT_CONNECTIONS,
                 transaction_pooler: false,
+                warn_held_after: None,
                 max_transactions: DEFAULT_MAX_TRANSACTIONS,
                 flavor: Flavor::Session,
             },
@@ -196,6 +197,19 @@ impl Builder {
     /// Defaults to 4.
     pub fn wait_connections(mut self, connections: usize) -> Builder {
         self.options.wait_connections = connections;
+        self
+    }
+
+    /// Warns (through `log`, at `warn` level) of every guard held longer than `after`: once when
+    /// it passes the bound, naming its key and the place in the caller's code that took it
+    /// (`file:line`), and once more when it is finally released, with how long it was held. A
+    /// lock held for too long is how a stuck job or a forgotten guard shows; this tells which.
+    ///
+    /// Off by default; while off, nothing is kept. When on, each guard is registered in a small
+    /// table and a thread of the manager looks at it every quarter of `after` (at most every
+    /// second), so a warning comes within that much past the bound.
+    pub fn warn_held_after(mut self, after: Duration) -> Builder {
+        self.options.warn_held_after = Some(after);
         self
     }
 

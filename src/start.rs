@@ -58,6 +58,7 @@ pub(crate) struct Options {
     pub(crate) dead_holder_timeout: Duration,
     pub(crate) wait_connections: usize,
     pub(crate) transaction_pooler: bool,
+    pub(crate) warn_held_after: Option<Duration>,
     pub(crate) max_transactions: usize,
     /// What this manager's own connection is for (a lock transaction's manager is a
     /// [`Flavor::Holder`]).
@@ -119,6 +120,7 @@ pub(crate) fn start(
         max_retry_interval: options.max_retry_interval.max(FIRST_RETRY),
         spin_turns,
         transactions: options.transaction_pooler,
+        warn_held_after: options.warn_held_after,
     };
     let shared = Shared::new(requests, link, shutdown, settings, waits);
     Ok(LockManager::from_shared(shared))

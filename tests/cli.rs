@@ -980,3 +980,61 @@ fn a_waiting_run_on_a_terminal_shows_who_holds_the_lock() {
     );
     let _ = std::fs::remove_file(&done);
 }
+
+/// `distlock run` names its session after its key, and `distlock locks --key NAME` shows that
+/// name's lock alone: its holder, then its queue.
+#[test]
+fn locks_key_shows_one_named_lock_with_its_holder_and_queue() {
+    let key = "cli/named-job";
+    let mut holder = hold(&["--key", key, "--", "sleep", "30"], key, 1);
+    let mut waiter = distlock()
+        .args(["run", "--key", key, "--", "true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut outside = plain();
+    assert!(eventually(Duration::from_secs(10), || {
+        outside
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE \
+                 'distlock run cli/named-job%' AND wait_event = 'advisory'",
+                &[],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    }));
+    // Something else held meanwhile, which the filter leaves out.
+    let other = LockKey::name("cli/other-job");
+    assert!(plain_try_lock(&mut outside, other));
+    let out = output(distlock().args(["locks", "--key", key]));
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with(key)).collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(
+        lines[0].contains("held") && lines[0].contains("distlock run cli/named-job"),
+        "{text}"
+    );
+    assert!(
+        lines[1].contains("waiting") && lines[1].contains("distlock run cli/named-job"),
+        "{text}"
+    );
+    let id = LockKey::name(key).as_id().unwrap().to_string();
+    assert!(lines[0].contains(&id), "{text}");
+    assert!(
+        !text.contains(&other.as_id().unwrap().to_string()),
+        "{text}"
+    );
+    let nobody = output(distlock().args(["locks", "--key", "cli/nobody"]));
+    assert!(
+        String::from_utf8_lossy(&nobody.stdout).contains("(nobody holds or waits for cli/nobody)")
+    );
+    assert!(plain_unlock(&mut outside, other));
+    let _ = Command::new("kill")
+        .args(["-TERM", &holder.id().to_string()])
+        .status();
+    wait_exit(&mut holder, Duration::from_secs(10));
+    assert_eq!(wait_exit(&mut waiter, Duration::from_secs(10)), 0);
+}

@@ -115,3 +115,70 @@ fn held_locks_by_kind_lost_locks_and_reconnects_through_a_killed_backend() {
     drop(locks.try_lock("stats/after").unwrap().expect("free"));
     assert_eq!(locks.stats().grants, 5);
 }
+
+/// Collects distlock's log lines (the test installs it as the logger).
+struct Capture;
+
+static LINES: parking_lot::Mutex<Vec<String>> = parking_lot::Mutex::new(Vec::new());
+
+impl log::Log for Capture {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if record.level() <= log::Level::Warn {
+            LINES.lock().push(record.args().to_string());
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+#[test]
+fn a_guard_held_too_long_is_warned_of_once_with_where_it_was_taken_and_its_release() {
+    static CAPTURE: Capture = Capture;
+    let _ = log::set_logger(&CAPTURE);
+    log::set_max_level(log::LevelFilter::Warn);
+    let locks = LockManager::builder()
+        .application_name("stats-held-long")
+        .warn_held_after(Duration::from_millis(200))
+        .connect(common::url())
+        .unwrap();
+    let (long, quick) = (
+        LockKey::name("stats/held-long"),
+        LockKey::name("stats/quick"),
+    );
+    let guard = locks.try_lock(long).unwrap().expect("free");
+    let taken_on = line!() - 1;
+    drop(locks.try_lock(quick).unwrap().expect("free"));
+    let shared = locks
+        .try_lock_shared_for(quick, Duration::from_secs(1))
+        .unwrap();
+    drop(shared);
+    thread::sleep(Duration::from_millis(700));
+    let about = |key: LockKey| -> Vec<String> {
+        LINES
+            .lock()
+            .iter()
+            .filter(|l| l.contains(&key.to_string()))
+            .cloned()
+            .collect()
+    };
+    let lines = about(long);
+    assert_eq!(lines.len(), 1, "one warning, not one per look: {lines:?}");
+    assert!(lines[0].contains("has been held"), "{lines:?}");
+    assert!(
+        lines[0].contains(&format!("tests/stats.rs:{taken_on}")),
+        "the place that took it: {lines:?}"
+    );
+    assert!(
+        about(quick).is_empty(),
+        "a quick lock was warned of: {:?}",
+        about(quick)
+    );
+    drop(guard);
+    let lines = about(long);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(lines[1].contains("was released after"), "{lines:?}");
+}

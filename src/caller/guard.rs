@@ -1,11 +1,13 @@
 //! `LockGuard`: a held lock, released when the guard is dropped or unlocked.
 
 use std::fmt;
+use std::panic::Location;
 use std::sync::Arc;
 use std::time::Instant;
 
 use crossbeam_channel::Receiver;
 
+use crate::caller::held_watch::HeldWatch;
 use crate::caller::pool::Taken;
 use crate::caller::shared::{Call, Shared};
 use crate::clock::deadline_in;
@@ -66,6 +68,9 @@ pub struct LockGuard {
     borrowed: Option<Box<Borrowed>>,
     /// When the call that took the lock began (its hold time runs from here).
     since: Instant,
+    /// Watched for being held too long ([`crate::Builder::warn_held_after`]): by which watch, as
+    /// which guard.
+    watched: Option<(Arc<HeldWatch>, u64)>,
 }
 
 /// What a guard granted on a waiting connection keeps besides its lock: its key's reservation in
@@ -99,7 +104,22 @@ impl LockGuard {
             token,
             borrowed: None,
             since,
+            watched: None,
         }
+    }
+
+    /// This guard, taken at `at` in the caller's code: watched from now on when the manager
+    /// warns of locks held too long.
+    pub(crate) fn taken_at(mut self, at: &'static Location<'static>) -> LockGuard {
+        let main = match &self.borrowed {
+            Some(borrowed) => &borrowed.main,
+            None => &self.shared,
+        };
+        if let Some(watch) = main.held_watch() {
+            let id = watch.watch(self.key, self.mode, at, self.since);
+            self.watched = Some((Arc::clone(watch), id));
+        }
+        self
     }
 
     /// The counters of the manager the caller called (for a guard of a waiting connection, not
@@ -290,6 +310,9 @@ impl LockGuard {
     /// Gives the hold back in the table of the manager that granted it and, for a guard of a
     /// waiting connection, in the table of the manager the caller called.
     fn give_back(&mut self) {
+        if let Some((watch, id)) = self.watched.take() {
+            watch.released(id);
+        }
         let key = std::slice::from_ref(&self.key);
         self.shared.release_holds(key, self.mode);
         if let Some(borrowed) = self.borrowed.take() {
@@ -313,5 +336,39 @@ impl fmt::Debug for LockGuard {
             .field("shared", &self.is_shared())
             .field("lost", &self.is_lost())
             .finish_non_exhaustive()
+    }
+}
+
+/// What the public calls return, marked with the place in the caller's code that took each guard
+/// (see [`LockGuard::taken_at`]).
+pub(crate) trait TakenAt {
+    /// Marks every guard in it as taken at `at`.
+    fn taken_at(self, at: &'static Location<'static>) -> Self;
+}
+
+impl TakenAt for LockGuard {
+    #[inline]
+    fn taken_at(self, at: &'static Location<'static>) -> Self {
+        LockGuard::taken_at(self, at)
+    }
+}
+
+impl<T: TakenAt> TakenAt for Option<T> {
+    #[inline]
+    fn taken_at(self, at: &'static Location<'static>) -> Self {
+        self.map(|t| t.taken_at(at))
+    }
+}
+
+impl<T: TakenAt> TakenAt for Vec<T> {
+    fn taken_at(self, at: &'static Location<'static>) -> Self {
+        self.into_iter().map(|t| t.taken_at(at)).collect()
+    }
+}
+
+impl<T: TakenAt> TakenAt for Result<T> {
+    #[inline]
+    fn taken_at(self, at: &'static Location<'static>) -> Self {
+        self.map(|t| t.taken_at(at))
     }
 }

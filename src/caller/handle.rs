@@ -4,11 +4,13 @@
 //! builder's.
 
 use std::fmt;
+use std::panic::Location;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::caller::acquire::{self, Wanted};
 use crate::caller::guard::LockGuard;
+use crate::caller::guard::TakenAt;
 use crate::caller::shared::Shared;
 use crate::caller::waiting;
 use crate::clock::deadline_in;
@@ -59,13 +61,16 @@ impl LockManager {
     /// }
     /// # Ok::<(), distlock::Error>(())
     /// ```
+    #[track_caller]
     pub fn try_lock(&self, key: impl Into<LockKey>) -> Result<Option<LockGuard>> {
-        acquire::try_lock(
+        let at = Location::caller();
+        (acquire::try_lock(
             &self.shared,
             key.into(),
             Mode::Exclusive,
             self.shared.request_deadline(),
-        )
+        ))
+        .taken_at(at)
     }
 
     /// Takes the exclusive lock on `key`, waiting up to `timeout` for its holders to release it.
@@ -100,12 +105,14 @@ impl LockManager {
     /// guard.unlock()?;
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
+    #[track_caller]
     pub fn try_lock_for(
         &self,
         key: impl Into<LockKey>,
         timeout: Duration,
     ) -> Result<Option<LockGuard>> {
-        self.wait_one(key.into(), Mode::Exclusive, Some(deadline_in(timeout)))
+        let at = Location::caller();
+        (self.wait_one(key.into(), Mode::Exclusive, Some(deadline_in(timeout)))).taken_at(at)
     }
 
     /// Takes the exclusive lock on `key`, waiting for as long as it takes.
@@ -129,8 +136,10 @@ impl LockManager {
     /// assert_eq!(guard.key(), distlock::LockKey::id(42));
     /// # Ok::<(), distlock::Error>(())
     /// ```
+    #[track_caller]
     pub fn lock(&self, key: impl Into<LockKey>) -> Result<LockGuard> {
-        acquire::without_deadline(self.wait_one(key.into(), Mode::Exclusive, None))
+        let at = Location::caller();
+        (acquire::without_deadline(self.wait_one(key.into(), Mode::Exclusive, None))).taken_at(at)
     }
 
     /// Takes a shared lock on `key` unless someone holds it exclusively.
@@ -150,13 +159,16 @@ impl LockManager {
     /// # drop((a, b));
     /// # Ok::<(), distlock::Error>(())
     /// ```
+    #[track_caller]
     pub fn try_lock_shared(&self, key: impl Into<LockKey>) -> Result<Option<LockGuard>> {
-        acquire::try_lock(
+        let at = Location::caller();
+        (acquire::try_lock(
             &self.shared,
             key.into(),
             Mode::Shared,
             self.shared.request_deadline(),
-        )
+        ))
+        .taken_at(at)
     }
 
     /// Takes a shared lock on `key`, waiting up to `timeout` for an exclusive holder to leave.
@@ -173,12 +185,14 @@ impl LockManager {
     /// }
     /// # Ok::<(), distlock::Error>(())
     /// ```
+    #[track_caller]
     pub fn try_lock_shared_for(
         &self,
         key: impl Into<LockKey>,
         timeout: Duration,
     ) -> Result<Option<LockGuard>> {
-        self.wait_one(key.into(), Mode::Shared, Some(deadline_in(timeout)))
+        let at = Location::caller();
+        (self.wait_one(key.into(), Mode::Shared, Some(deadline_in(timeout)))).taken_at(at)
     }
 
     /// Takes a shared lock on `key`, waiting for as long as an exclusive holder keeps it.
@@ -192,8 +206,10 @@ impl LockManager {
     /// let _reading = locks.lock_shared("schema")?;
     /// # Ok::<(), distlock::Error>(())
     /// ```
+    #[track_caller]
     pub fn lock_shared(&self, key: impl Into<LockKey>) -> Result<LockGuard> {
-        acquire::without_deadline(self.wait_one(key.into(), Mode::Shared, None))
+        let at = Location::caller();
+        (acquire::without_deadline(self.wait_one(key.into(), Mode::Shared, None))).taken_at(at)
     }
 
     /// Waits for `key` in `mode` until `deadline` (`None`: no deadline).

@@ -6,6 +6,7 @@
 pub(crate) mod acquire;
 pub(crate) mod guard;
 pub(crate) mod handle;
+pub(crate) mod held_watch;
 pub(crate) mod pool;
 pub(crate) mod shared;
 pub(crate) mod table;

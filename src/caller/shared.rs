@@ -10,6 +10,7 @@ use crossbeam_channel::{SendTimeoutError, Sender};
 use object_pool::Pool;
 use parking_lot::{Condvar, Mutex};
 
+use crate::caller::held_watch::HeldWatch;
 use crate::caller::pool::WaitPool;
 use crate::caller::table::{Release, Reservation, Table};
 use crate::clock::deadline_in;
@@ -58,6 +59,8 @@ pub(crate) struct Settings {
     pub(crate) spin_turns: u32,
     /// Transaction mode: every lock lives in a lock transaction of the pool (`waits`).
     pub(crate) transactions: bool,
+    /// Warn of guards held longer than this ([`crate::Builder::warn_held_after`]).
+    pub(crate) warn_held_after: Option<Duration>,
 }
 
 /// The waiting connections of a manager: each one the shared state of a manager of its own.
@@ -84,6 +87,8 @@ pub(crate) struct Shared {
     _wake_on_drop: WakeOnDrop,
     /// The connections that wait in PostgreSQL's lock queue (none: waits poll).
     waits: Option<Arc<Waits>>,
+    /// Guards watched for being held too long, when the manager warns of them.
+    held_watch: Option<Arc<HeldWatch>>,
 }
 
 /// Unparks the worker when dropped.
@@ -109,13 +114,22 @@ impl Shared {
             replies: Pool::new(INITIAL_REPLY_SLOTS, ReplySlot::new),
             table: Mutex::new(Table::default()),
             released: Condvar::new(),
-            settings,
             link: Arc::clone(&link),
             in_flight: AtomicUsize::new(0),
             _shutdown: shutdown,
             _wake_on_drop: WakeOnDrop(link),
             waits: waits.map(Arc::new),
+            held_watch: settings
+                .warn_held_after
+                .map(|after| Arc::new(HeldWatch::new(after))),
+            settings,
         })
+    }
+
+    /// The watch of guards held too long, when the manager keeps one.
+    #[inline]
+    pub(crate) fn held_watch(&self) -> Option<&Arc<HeldWatch>> {
+        self.held_watch.as_ref()
     }
 
     #[inline]

@@ -79,6 +79,7 @@ impl Election {
     /// # Errors
     ///
     /// As for [`LockManager::lock_fenced`](crate::LockManager::lock_fenced).
+    #[track_caller]
     pub fn campaign(&self) -> Result<Leadership> {
         Ok(Leadership {
             guard: self.locks.lock_fenced(self.key)?,
@@ -90,6 +91,7 @@ impl Election {
     /// # Errors
     ///
     /// As for [`LockManager::try_lock_fenced`](crate::LockManager::try_lock_fenced).
+    #[track_caller]
     pub fn try_campaign(&self) -> Result<Option<Leadership>> {
         Ok(self
             .locks
@@ -102,6 +104,7 @@ impl Election {
     /// # Errors
     ///
     /// As for [`LockManager::try_lock_fenced_for`](crate::LockManager::try_lock_fenced_for).
+    #[track_caller]
     pub fn campaign_for(&self, timeout: Duration) -> Result<Option<Leadership>> {
         Ok(self
             .locks

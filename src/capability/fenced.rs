@@ -3,10 +3,12 @@
 //! WHERE pg_try_advisory_lock(k)`); a wait in the lock queue draws the token in the same round
 //! trip as the grant. Built on the caller side's acquire and waiting paths.
 
+use std::panic::Location;
 use std::time::Duration;
 
 use crate::caller::acquire::{self, Wanted};
 use crate::caller::guard::LockGuard;
+use crate::caller::guard::TakenAt;
 use crate::caller::handle::LockManager;
 use crate::caller::waiting;
 use crate::clock::deadline_in;
@@ -36,13 +38,18 @@ impl LockManager {
     /// }
     /// # Ok::<(), distlock::Error>(())
     /// ```
+    #[track_caller]
     pub fn try_lock_fenced(&self, key: impl Into<LockKey>) -> Result<Option<LockGuard>> {
-        let deadline = self.shared().request_deadline();
-        single(acquire::try_once(
-            self.shared(),
-            Wanted::Fenced(key.into()),
-            deadline,
-        ))
+        let at = Location::caller();
+        let taken: Result<Option<LockGuard>> = {
+            let deadline = self.shared().request_deadline();
+            single(acquire::try_once(
+                self.shared(),
+                Wanted::Fenced(key.into()),
+                deadline,
+            ))
+        };
+        taken.taken_at(at)
     }
 
     /// Takes the exclusive lock on `key` with a fencing token, waiting up to `timeout`.
@@ -53,16 +60,19 @@ impl LockManager {
     /// # Errors
     ///
     /// As for [`LockManager::try_lock_fenced`](crate::LockManager::try_lock_fenced).
+    #[track_caller]
     pub fn try_lock_fenced_for(
         &self,
         key: impl Into<LockKey>,
         timeout: Duration,
     ) -> Result<Option<LockGuard>> {
-        single(waiting::wait(
+        let at = Location::caller();
+        (single(waiting::wait(
             self.shared(),
             Wanted::Fenced(key.into()),
             Some(deadline_in(timeout)),
-        ))
+        )))
+        .taken_at(at)
     }
 
     /// Takes the exclusive lock on `key` with a fencing token, waiting for as long as it is held.
@@ -70,12 +80,15 @@ impl LockManager {
     /// # Errors
     ///
     /// As for [`LockManager::lock`](crate::LockManager::lock) and [`LockManager::try_lock_fenced`](crate::LockManager::try_lock_fenced).
+    #[track_caller]
     pub fn lock_fenced(&self, key: impl Into<LockKey>) -> Result<LockGuard> {
-        acquire::without_deadline(single(waiting::wait(
+        let at = Location::caller();
+        (acquire::without_deadline(single(waiting::wait(
             self.shared(),
             Wanted::Fenced(key.into()),
             None,
-        )))
+        ))))
+        .taken_at(at)
     }
 }
 

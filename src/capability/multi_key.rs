@@ -3,10 +3,12 @@
 //! for the keys in the order of their ids. Built on the caller side's acquire and waiting paths.
 
 use std::collections::HashSet;
+use std::panic::Location;
 use std::time::Duration;
 
 use crate::caller::acquire::{self, Wanted};
 use crate::caller::guard::LockGuard;
+use crate::caller::guard::TakenAt;
 use crate::caller::handle::LockManager;
 use crate::caller::waiting;
 use crate::clock::deadline_in;
@@ -43,16 +45,19 @@ impl LockManager {
     /// }
     /// # Ok::<(), distlock::Error>(())
     /// ```
+    #[track_caller]
     pub fn try_lock_all<K: Into<LockKey>>(
         &self,
         keys: impl IntoIterator<Item = K>,
     ) -> Result<Option<Vec<LockGuard>>> {
+        let at = Location::caller();
         let keys = key_list(keys)?;
         acquire::try_once(
             self.shared(),
             Wanted::All(&keys),
             self.shared().request_deadline(),
         )
+        .taken_at(at)
     }
 
     /// Takes every one of `keys` exclusively, or none, waiting up to `timeout` for all of them
@@ -61,17 +66,20 @@ impl LockManager {
     /// # Errors
     ///
     /// As for [`LockManager::try_lock_all`](crate::LockManager::try_lock_all).
+    #[track_caller]
     pub fn try_lock_all_for<K: Into<LockKey>>(
         &self,
         keys: impl IntoIterator<Item = K>,
         timeout: Duration,
     ) -> Result<Option<Vec<LockGuard>>> {
+        let at = Location::caller();
         let keys = key_list(keys)?;
         waiting::wait(
             self.shared(),
             Wanted::All(&keys),
             Some(deadline_in(timeout)),
         )
+        .taken_at(at)
     }
 
     /// Takes every one of `keys` exclusively, waiting for as long as any of them is held.
@@ -79,12 +87,15 @@ impl LockManager {
     /// # Errors
     ///
     /// As for [`LockManager::try_lock_all`](crate::LockManager::try_lock_all) and [`LockManager::lock`](crate::LockManager::lock).
+    #[track_caller]
     pub fn lock_all<K: Into<LockKey>>(
         &self,
         keys: impl IntoIterator<Item = K>,
     ) -> Result<Vec<LockGuard>> {
+        let at = Location::caller();
         let keys = key_list(keys)?;
         acquire::without_deadline(waiting::wait(self.shared(), Wanted::All(&keys), None))
+            .taken_at(at)
     }
 }
 

@@ -4,10 +4,12 @@
 //! semaphore's turnstile, a lock of its own, in PostgreSQL's lock queue; its holder alone tries
 //! the slots. Built on the caller side's acquire and waiting paths.
 
+use std::panic::Location;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::caller::acquire::{self, Wanted, poll_until};
+use crate::caller::guard::TakenAt;
 use crate::caller::guard::{Borrowed, LockGuard};
 use crate::caller::handle::LockManager;
 use crate::caller::shared::{Call, Shared};
@@ -58,19 +60,24 @@ impl LockManager {
     /// }
     /// # Ok::<(), distlock::Error>(())
     /// ```
+    #[track_caller]
     pub fn try_acquire_permit(
         &self,
         key: impl Into<LockKey>,
         permits: u32,
     ) -> Result<Option<LockGuard>> {
-        let key = key.into();
-        check_permits(permits)?;
-        try_permit(
-            self.shared(),
-            key,
-            permits,
-            self.shared().request_deadline(),
-        )
+        let at = Location::caller();
+        let taken: Result<Option<LockGuard>> = (|| {
+            let key = key.into();
+            check_permits(permits)?;
+            try_permit(
+                self.shared(),
+                key,
+                permits,
+                self.shared().request_deadline(),
+            )
+        })();
+        taken.taken_at(at)
     }
 
     /// Takes one of `permits` permits of the semaphore `key`, waiting up to `timeout` for one.
@@ -78,15 +85,20 @@ impl LockManager {
     /// # Errors
     ///
     /// As for [`LockManager::try_acquire_permit`](crate::LockManager::try_acquire_permit).
+    #[track_caller]
     pub fn try_acquire_permit_for(
         &self,
         key: impl Into<LockKey>,
         permits: u32,
         timeout: Duration,
     ) -> Result<Option<LockGuard>> {
-        let key = key.into();
-        check_permits(permits)?;
-        wait_permit(self.shared(), key, permits, Some(deadline_in(timeout)))
+        let at = Location::caller();
+        let taken: Result<Option<LockGuard>> = (|| {
+            let key = key.into();
+            check_permits(permits)?;
+            wait_permit(self.shared(), key, permits, Some(deadline_in(timeout)))
+        })();
+        taken.taken_at(at)
     }
 
     /// Takes one of `permits` permits of the semaphore `key`, waiting for as long as all are held.
@@ -94,10 +106,15 @@ impl LockManager {
     /// # Errors
     ///
     /// As for [`LockManager::try_acquire_permit`](crate::LockManager::try_acquire_permit) and [`LockManager::lock`](crate::LockManager::lock).
+    #[track_caller]
     pub fn acquire_permit(&self, key: impl Into<LockKey>, permits: u32) -> Result<LockGuard> {
-        let key = key.into();
-        check_permits(permits)?;
-        acquire::without_deadline(wait_permit(self.shared(), key, permits, None))
+        let at = Location::caller();
+        let taken: Result<LockGuard> = (|| {
+            let key = key.into();
+            check_permits(permits)?;
+            acquire::without_deadline(wait_permit(self.shared(), key, permits, None))
+        })();
+        taken.taken_at(at)
     }
 }
 

@@ -17,6 +17,10 @@ pub struct Args {
     /// Print JSON (an array of objects) instead of a table.
     #[arg(long)]
     json: bool,
+    /// Only the lock of this name (as `distlock run --key NAME` takes it, a semaphore's slots and
+    /// queue included): its holders and its queue, in order.
+    #[arg(long, value_name = "NAME")]
+    key: Option<String>,
 }
 
 /// One advisory lock of one session, as `pg_locks` and `pg_stat_activity` show it.
@@ -82,10 +86,14 @@ pub fn run(url: Option<&str>, args: Args) -> Result<ExitCode, Failure> {
             }
         })
         .collect();
+    let rows = match &args.key {
+        Some(name) => rows.into_iter().filter(|r| is_named(r.key, name)).collect(),
+        None => rows,
+    };
     if args.json {
         println!("{}", to_json(&rows));
     } else {
-        print_table(&rows);
+        print_table(&rows, args.key.as_deref());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -104,7 +112,14 @@ fn key_text(key: Option<LockKey>) -> String {
     }
 }
 
-fn print_table(rows: &[Row]) {
+/// Whether `key` is the lock `name` maps to, or a slot or the queue of the semaphore `name`.
+fn is_named(key: Option<LockKey>, name: &str) -> bool {
+    let named = LockKey::name(name);
+    let class = named.permit_slot(0).as_pair().map(|(class, _)| class);
+    key == Some(named) || (semaphore(key).map(|(c, _)| c) == class && class.is_some())
+}
+
+fn print_table(rows: &[Row], name: Option<&str>) {
     let header = [
         "KEY",
         "MODE",
@@ -119,7 +134,10 @@ fn print_table(rows: &[Row]) {
         .iter()
         .map(|r| {
             [
-                key_text(r.key),
+                match name {
+                    Some(name) => format!("{name} = {}", key_text(r.key)),
+                    None => key_text(r.key),
+                },
                 r.mode.to_owned(),
                 if r.granted { "held" } else { "waiting" }.to_owned(),
                 r.pid.to_string(),
@@ -153,7 +171,10 @@ fn print_table(rows: &[Row]) {
         line(row);
     }
     if rows.is_empty() {
-        println!("(no advisory locks)");
+        match name {
+            Some(name) => println!("(nobody holds or waits for {name})"),
+            None => println!("(no advisory locks)"),
+        }
     } else {
         println!(
             "FOR: how long a waiter has waited; ~ for held locks: the age of the holding connection."

@@ -82,7 +82,7 @@ const STATUS_EVERY: Duration = Duration::from_millis(500);
 
 pub fn run(url: Option<&str>, args: Args) -> Result<ExitCode, Failure> {
     let server = shared_server(url)?;
-    let locks = connect(&server, args.transaction_pooler)?;
+    let locks = connect(&server, &args.key, args.transaction_pooler)?;
     let key = LockKey::name(&args.key);
     let Some(guard) = acquire(&locks, key, &args, &server)? else {
         if !args.quiet {
@@ -132,8 +132,10 @@ pub fn run(url: Option<&str>, args: Args) -> Result<ExitCode, Failure> {
 
 /// The lock manager of a run: named after the connection string's `application_name`, else
 /// `distlock`.
-fn connect(server: &Server, transaction_pooler: bool) -> Result<LockManager, Failure> {
-    let app = application_name(&server.config, "distlock");
+fn connect(server: &Server, key: &str, transaction_pooler: bool) -> Result<LockManager, Failure> {
+    // Named after the key, so that `distlock locks` and pg_stat_activity tell which job holds
+    // (or waits for) which lock; PostgreSQL keeps the first 63 bytes.
+    let app = application_name(&server.config, &format!("distlock run {key}"));
     LockManager::builder()
         .application_name(&app)
         .heartbeat(Duration::from_secs(1))
