@@ -59,6 +59,8 @@ pub(crate) struct Options {
     pub(crate) wait_connections: usize,
     pub(crate) transaction_pooler: bool,
     pub(crate) warn_held_after: Option<Duration>,
+    /// A waiting connection or lock transaction of another manager (not one of its own).
+    pub(crate) member: bool,
     pub(crate) max_transactions: usize,
     /// What this manager's own connection is for (a lock transaction's manager is a
     /// [`Flavor::Holder`]).
@@ -123,6 +125,11 @@ pub(crate) fn start(
         warn_held_after: options.warn_held_after,
     };
     let shared = Shared::new(requests, link, shutdown, settings, waits);
+    // A manager's waiting connections and lock transactions are counted in its own figures.
+    #[cfg(feature = "metrics")]
+    if !options.member {
+        crate::caller::metrics::publish(&shared, &name);
+    }
     Ok(LockManager::from_shared(shared))
 }
 
@@ -183,12 +190,13 @@ fn lock_transactions(
 /// A pool of at most `max` managers started with `one`'s settings, each opened for a caller
 /// that waits: the connect gives up at the caller's deadline, so that the call keeps its bound.
 fn pool_of(
-    one: Options,
+    mut one: Options,
     config: &postgres::Config,
     tls: &Tls,
     max: usize,
     usable: fn(&Arc<Shared>) -> bool,
 ) -> Waits {
+    one.member = true;
     let (config, tls) = (config.clone(), tls.clone());
     let hosts = u32::try_from(params::each_host(&config).len()).unwrap_or(u32::MAX);
     let open: Open<Arc<Shared>> = Box::new(move |deadline| {

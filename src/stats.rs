@@ -126,6 +126,9 @@ pub(crate) struct Counters {
     refused_servers: AtomicU64,
     wait_time: AtomicHistogram,
     hold_time: AtomicHistogram,
+    /// Where the wait and hold times also go, with the `metrics` feature.
+    #[cfg(feature = "metrics")]
+    facade: std::sync::OnceLock<(metrics::Histogram, metrics::Histogram)>,
 }
 
 /// A [`Histogram`] kept with atomics.
@@ -192,11 +195,25 @@ impl Counters {
 
     pub(crate) fn waited(&self, d: Duration) {
         self.wait_time.record(d);
+        #[cfg(feature = "metrics")]
+        if let Some((wait, _)) = self.facade.get() {
+            wait.record(d.as_secs_f64());
+        }
     }
 
     #[inline]
     pub(crate) fn held(&self, d: Duration) {
         self.hold_time.record(d);
+        #[cfg(feature = "metrics")]
+        if let Some((_, hold)) = self.facade.get() {
+            hold.record(d.as_secs_f64());
+        }
+    }
+
+    /// With the `metrics` feature: records every later wait and hold time into these too.
+    #[cfg(feature = "metrics")]
+    pub(crate) fn record_times_into(&self, wait: metrics::Histogram, hold: metrics::Histogram) {
+        let _ = self.facade.set((wait, hold));
     }
 
     /// The counters' part of a snapshot (the rest is filled in by the manager).

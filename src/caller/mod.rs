@@ -7,6 +7,8 @@ pub(crate) mod acquire;
 pub(crate) mod guard;
 pub(crate) mod handle;
 pub(crate) mod held_watch;
+#[cfg(feature = "metrics")]
+pub(crate) mod metrics;
 pub(crate) mod pool;
 pub(crate) mod shared;
 pub(crate) mod table;
