@@ -1038,3 +1038,146 @@ fn locks_key_shows_one_named_lock_with_its_holder_and_queue() {
     wait_exit(&mut holder, Duration::from_secs(10));
     assert_eq!(wait_exit(&mut waiter, Duration::from_secs(10)), 0);
 }
+
+/// `distlock locks --watch` on a real terminal (tmux): holders, waiters with whom they wait
+/// for, semaphore slots, a changed key marked, a resize followed, and `q` giving the terminal back.
+#[test]
+fn locks_watch_is_a_live_view_in_a_real_terminal() {
+    let Some(tmux) = distlock::testing::find_program("tmux") else {
+        distlock::testing::skip("tmux is not installed (apt-get install tmux; .ci/run does)");
+        return;
+    };
+    let holder = distlock::LockManager::builder()
+        .application_name("watch-holder")
+        .connect(url())
+        .unwrap();
+    let held = holder.try_lock("cli/watch-a").unwrap().expect("free");
+    let permit = holder
+        .try_acquire_permit("cli/watch-sem", 2)
+        .unwrap()
+        .expect("a permit");
+    let waiter = distlock::LockManager::builder()
+        .application_name("watch-waiter")
+        .connect(url())
+        .unwrap();
+    let waiting = {
+        let waiter = waiter.clone();
+        thread::spawn(move || waiter.try_lock_for("cli/watch-a", Duration::from_secs(60)))
+    };
+    let holder_pid: i32 = plain()
+        .query_one(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'watch-holder'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let session = format!("distlock-watch-{}", std::process::id());
+    let done = temp_path("watch-done");
+    let _ = std::fs::remove_file(&done);
+    let inner = format!(
+        "DATABASE_URL='{}' {} locks --watch 200ms; echo exit=$? > {}; sleep 30",
+        url(),
+        env!("CARGO_BIN_EXE_distlock"),
+        done.display()
+    );
+    let tmux_cmd = |args: &[&str]| {
+        Command::new(&tmux)
+            .args(["-L", &session])
+            .args(args)
+            .output()
+            .expect("tmux")
+    };
+    let started = tmux_cmd(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "220",
+        "-y",
+        "30",
+        &inner,
+    ]);
+    assert!(
+        started.status.success(),
+        "{}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    struct Kill<'a>(&'a dyn Fn(&[&str]) -> Output);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            (self.0)(&["kill-server"]);
+        }
+    }
+    let _kill = Kill(&tmux_cmd);
+    let screen = |escapes: bool| {
+        let args: &[&str] = if escapes {
+            &["capture-pane", "-e", "-p"]
+        } else {
+            &["capture-pane", "-p"]
+        };
+        String::from_utf8_lossy(&tmux_cmd(args).stdout).into_owned()
+    };
+    let a = LockKey::name("cli/watch-a").as_id().unwrap().to_string();
+    let mut seen = String::new();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            seen = screen(false);
+            seen.contains("distlock locks --watch")
+                && seen
+                    .lines()
+                    .any(|l| l.contains(&a) && l.contains("held") && l.contains("watch-holder"))
+                && seen.lines().any(|l| {
+                    l.contains(&a)
+                        && l.contains("waiting")
+                        && l.contains("watch-waiter")
+                        && l.contains(&holder_pid.to_string())
+                })
+                && seen.contains("semaphore")
+                && seen.contains("WAITS FOR")
+        }),
+        "the terminal showed:\n{seen}"
+    );
+    eprintln!("captured `distlock locks --watch` screen:\n{seen}");
+    // A new holder: its key stands out (reverse video) at the next refresh.
+    let b = LockKey::name("cli/watch-b");
+    let new = holder.try_lock(b).unwrap().expect("free");
+    let b_id = b.as_id().unwrap().to_string();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            seen = screen(true);
+            seen.lines()
+                .any(|l| l.contains(&b_id) && l.contains("\u{1b}[7m"))
+        }),
+        "the new key was not marked:\n{seen}"
+    );
+    // Resized to 60 columns: the view follows, no line wider.
+    let resized = tmux_cmd(&["resize-window", "-t", &session, "-x", "60", "-y", "30"]);
+    assert!(
+        resized.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resized.stderr)
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            seen = screen(false);
+            seen.contains("distlock locks --watch") && seen.lines().all(|l| l.chars().count() <= 60)
+        }),
+        "after the resize:\n{seen}"
+    );
+    // q quits, with status 0, and gives the main screen back.
+    tmux_cmd(&["send-keys", "-t", &session, "q"]);
+    assert!(
+        eventually(Duration::from_secs(5), || std::fs::read_to_string(&done)
+            .is_ok_and(|d| d.trim() == "exit=0")),
+        "q did not quit"
+    );
+    let after = screen(false);
+    assert!(
+        !after.contains("distlock locks --watch"),
+        "the screen was not restored:\n{after}"
+    );
+    drop((held, permit, new));
+    assert!(waiting.join().unwrap().unwrap().is_some());
+    let _ = std::fs::remove_file(&done);
+}

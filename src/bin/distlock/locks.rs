@@ -17,6 +17,11 @@ pub struct Args {
     /// Print JSON (an array of objects) instead of a table.
     #[arg(long)]
     json: bool,
+    /// A live view, refreshed every INTERVAL (1s when not given) in place, like top: holders,
+    /// waiters in queue order with whom they wait for, keys that changed marked. q or Ctrl-C quits.
+    #[arg(long, value_name = "INTERVAL", num_args = 0..=1, default_missing_value = "1s",
+          value_parser = crate::duration::parse, conflicts_with = "json")]
+    watch: Option<Duration>,
     /// Only the lock of this name (as `distlock run --key NAME` takes it, a semaphore's slots and
     /// queue included): its holders and its queue, in order.
     #[arg(long, value_name = "NAME")]
@@ -24,7 +29,7 @@ pub struct Args {
 }
 
 /// One advisory lock of one session, as `pg_locks` and `pg_stat_activity` show it.
-struct Row {
+pub struct Row {
     key: Option<LockKey>,
     database: String,
     mode: &'static str,
@@ -35,6 +40,8 @@ struct Row {
     /// Waiting: how long it has waited. Granted: how long its connection has existed (PostgreSQL
     /// does not record when a lock was granted).
     age: Duration,
+    /// Waiting: the sessions it waits for (`pg_blocking_pids`).
+    blocking: String,
 }
 
 // `/*NO LOAD BALANCE*/`: a proxy that sends reads to replicas (pgpool-II) keeps this one on the
@@ -42,12 +49,13 @@ struct Row {
 const QUERY: &str = "/*NO LOAD BALANCE*/ SELECT l.classid::int8, l.objid::int8, l.objsubid::int4, l.mode, l.granted, l.pid, \
        coalesce(d.datname, ''), coalesce(a.application_name, ''), \
        coalesce(host(a.client_addr), 'local'), \
-       extract(epoch FROM now() - coalesce(l.waitstart, a.backend_start, now()))::float8 \
+       extract(epoch FROM now() - coalesce(l.waitstart, a.backend_start, now()))::float8, \
+       CASE WHEN l.granted THEN '' ELSE array_to_string(pg_blocking_pids(l.pid), ',') END \
      FROM pg_locks l \
      LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
      LEFT JOIN pg_database d ON d.oid = l.database \
      WHERE l.locktype = 'advisory' \
-     ORDER BY l.classid, l.objid, l.objsubid, l.granted DESC, l.pid";
+     ORDER BY l.classid, l.objid, l.objsubid, l.granted DESC, l.waitstart, l.pid";
 
 pub fn run(url: Option<&str>, args: Args) -> Result<ExitCode, Failure> {
     let server = shared_server(url)?;
@@ -63,6 +71,27 @@ pub fn run(url: Option<&str>, args: Args) -> Result<ExitCode, Failure> {
         };
         Failure::new(code, anyhow!(e).context("cannot connect to the server"))
     })?;
+    if let Some(every) = args.watch {
+        crate::watch::run(&mut client, every, args.key.as_deref())
+            .map_err(|e| Failure::new(exit::UNAVAILABLE, e))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows = fetch(&mut client)?;
+    let rows = match &args.key {
+        Some(name) => rows.into_iter().filter(|r| is_named(r.key, name)).collect(),
+        None => rows,
+    };
+    if args.json {
+        println!("{}", to_json(&rows));
+    } else {
+        print_table(&rows, args.key.as_deref());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Every advisory lock on the server, held or awaited, in key order (holders first, then the
+/// queue in arrival order).
+pub fn fetch(client: &mut postgres::Client) -> anyhow::Result<Vec<Row>> {
     let rows: Vec<Row> = client
         .query(QUERY, &[])
         .map_err(|e| anyhow!(e).context("reading pg_locks"))?
@@ -83,19 +112,29 @@ pub fn run(url: Option<&str>, args: Args) -> Result<ExitCode, Failure> {
                 application: r.get(7),
                 client: r.get(8),
                 age: Duration::from_secs_f64(r.get::<_, f64>(9).max(0.0)),
+                blocking: r.get(10),
             }
         })
         .collect();
-    let rows = match &args.key {
-        Some(name) => rows.into_iter().filter(|r| is_named(r.key, name)).collect(),
-        None => rows,
-    };
-    if args.json {
-        println!("{}", to_json(&rows));
-    } else {
-        print_table(&rows, args.key.as_deref());
+    Ok(rows)
+}
+
+impl Row {
+    pub fn key(&self) -> Option<LockKey> {
+        self.key
     }
-    Ok(ExitCode::SUCCESS)
+
+    pub fn key_text(&self) -> String {
+        key_text(self.key)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    pub fn granted(&self) -> bool {
+        self.granted
+    }
 }
 
 fn key_text(key: Option<LockKey>) -> String {
@@ -113,14 +152,32 @@ fn key_text(key: Option<LockKey>) -> String {
 }
 
 /// Whether `key` is the lock `name` maps to, or a slot or the queue of the semaphore `name`.
-fn is_named(key: Option<LockKey>, name: &str) -> bool {
+pub fn is_named(key: Option<LockKey>, name: &str) -> bool {
     let named = LockKey::name(name);
     let class = named.permit_slot(0).as_pair().map(|(class, _)| class);
     key == Some(named) || (semaphore(key).map(|(c, _)| c) == class && class.is_some())
 }
 
 fn print_table(rows: &[Row], name: Option<&str>) {
-    let header = [
+    for line in table(rows, name, false).into_iter().map(|(_, line)| line) {
+        println!("{line}");
+    }
+    if rows.is_empty() {
+        match name {
+            Some(name) => println!("(nobody holds or waits for {name})"),
+            None => println!("(no advisory locks)"),
+        }
+    } else {
+        println!(
+            "FOR: how long a waiter has waited; ~ for held locks: the age of the holding connection."
+        );
+    }
+}
+
+/// The table's lines, header first, each with the text of its key (empty for the header);
+/// `blockers`: a last column, WAITS FOR, with the sessions a waiter waits for.
+pub fn table(rows: &[Row], name: Option<&str>, blockers: bool) -> Vec<(String, String)> {
+    let mut header = vec![
         "KEY",
         "MODE",
         "STATE",
@@ -130,10 +187,13 @@ fn print_table(rows: &[Row], name: Option<&str>) {
         "FOR",
         "DATABASE",
     ];
-    let cells: Vec<[String; 8]> = rows
+    if blockers {
+        header.push("WAITS FOR");
+    }
+    let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
-            [
+            let mut cells = vec![
                 match name {
                     Some(name) => format!("{name} = {}", key_text(r.key)),
                     None => key_text(r.key),
@@ -149,10 +209,14 @@ fn print_table(rows: &[Row], name: Option<&str>) {
                     human(r.age)
                 },
                 r.database.clone(),
-            ]
+            ];
+            if blockers {
+                cells.push(r.blocking.clone());
+            }
+            cells
         })
         .collect();
-    let mut widths = header.map(str::len);
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in &cells {
         for (w, c) in widths.iter_mut().zip(row) {
             *w = (*w).max(c.chars().count());
@@ -161,25 +225,17 @@ fn print_table(rows: &[Row], name: Option<&str>) {
     let line = |cols: &[String]| {
         let text: Vec<String> = cols
             .iter()
-            .zip(widths)
+            .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        println!("{}", text.join("  ").trim_end());
+        text.join("  ").trim_end().to_owned()
     };
-    line(&header.map(str::to_owned));
-    for row in &cells {
-        line(row);
+    let header: Vec<String> = header.iter().map(|h| (*h).to_owned()).collect();
+    let mut lines = vec![(String::new(), line(&header))];
+    for (row, r) in cells.iter().zip(rows) {
+        lines.push((key_text(r.key), line(row)));
     }
-    if rows.is_empty() {
-        match name {
-            Some(name) => println!("(nobody holds or waits for {name})"),
-            None => println!("(no advisory locks)"),
-        }
-    } else {
-        println!(
-            "FOR: how long a waiter has waited; ~ for held locks: the age of the holding connection."
-        );
-    }
+    lines
 }
 
 /// For a semaphore slot's key (`distlock run --limit`, `LockManager::try_acquire_permit`): the
