@@ -51,8 +51,11 @@ pub fn run(client: &mut postgres::Client, every: Duration, name: Option<&str>) -
     {
         let quit = Arc::clone(&quit);
         thread::spawn(move || {
-            for byte in std::io::stdin().bytes() {
-                if matches!(byte, Ok(b'q' | b'Q') | Err(_)) {
+            // One key at a time (the terminal no longer waits for a line). At the end of input
+            // (not a terminal) it stops reading; Ctrl-C still quits.
+            let (mut stdin, mut key) = (std::io::stdin(), [0u8; 1]);
+            while let Ok(1) = stdin.read(&mut key) {
+                if matches!(key[0], b'q' | b'Q') {
                     quit.store(true, Ordering::Relaxed);
                     return;
                 }
