@@ -133,10 +133,7 @@ pub(crate) fn try_lock(
                 mode,
                 lease,
                 None,
-                // When the call began: the clock read its deadline came from (no other here).
-                deadline
-                    .checked_sub(shared.request_timeout())
-                    .unwrap_or(deadline),
+                deadline,
             ))),
             _ => Ok(None),
         },
@@ -258,7 +255,7 @@ pub(crate) fn fence(shared: &Shared, guard: LockGuard) -> Result<LockGuard> {
 
 /// The guards of a grant beyond a plain one, one per key held, each with the grant's token.
 pub(crate) fn guards(shared: &Arc<Shared>, reply: Reply) -> Result<Option<Vec<LockGuard>>> {
-    let since = Instant::now();
+    let since = shared.request_deadline();
     match reply {
         Reply::Grant(grant) => Ok(Some(
             grant

@@ -66,7 +66,9 @@ pub struct LockGuard {
     /// For a lock granted on a waiting connection: its reservation in the manager's own table
     /// and the connection (see [`Borrowed`]).
     borrowed: Option<Box<Borrowed>>,
-    /// When the call that took the lock began (its hold time runs from here).
+    /// The request deadline of the call that took the lock: when it began, plus the request
+    /// timeout. Its hold time runs from here to the release's own request deadline (the same
+    /// timeout later), so neither end needs a clock read or arithmetic of its own.
     since: Instant,
     /// Watched for being held too long ([`crate::Builder::warn_held_after`]): by which watch, as
     /// which guard.
@@ -84,8 +86,8 @@ pub(crate) struct Borrowed {
 }
 
 impl LockGuard {
-    /// A guard of the lock `key`, held in `mode` under `lease`, asked for at `since`; `token` for
-    /// a fenced grant.
+    /// A guard of the lock `key`, held in `mode` under `lease`, asked for by a call whose request
+    /// deadline was `since` (see the field); `token` for a fenced grant.
     pub(crate) fn new(
         shared: Arc<Shared>,
         key: LockKey,
@@ -116,7 +118,11 @@ impl LockGuard {
             None => &self.shared,
         };
         if let Some(watch) = main.held_watch() {
-            let id = watch.watch(self.key, self.mode, at, self.since);
+            let taken = self
+                .since
+                .checked_sub(self.shared.request_timeout())
+                .unwrap_or(self.since);
+            let id = watch.watch(self.key, self.mode, at, taken);
             self.watched = Some((Arc::clone(watch), id));
         }
         self
@@ -281,12 +287,10 @@ impl LockGuard {
             self.give_back();
             return Err(Error::lock_lost());
         }
-        let timeout = self.shared.request_timeout();
-        let deadline = deadline_in(timeout);
-        // The clock read for the deadline dates the release too (none more on this path).
-        let released_at = deadline.checked_sub(timeout).unwrap_or(deadline);
+        let deadline = deadline_in(self.shared.request_timeout());
+        // Deadline to deadline: the clock read for the release's dates it (none more here).
         self.counters()
-            .held(released_at.saturating_duration_since(self.since));
+            .held(deadline.saturating_duration_since(self.since));
         let sole_hold = self.shared.sole_hold(self.key, self.mode);
         let outcome = self.shared.round_trip(Call {
             op: Op::Unlock,
@@ -336,6 +340,17 @@ impl fmt::Debug for LockGuard {
             .field("shared", &self.is_shared())
             .field("lost", &self.is_lost())
             .finish_non_exhaustive()
+    }
+}
+
+/// `taken`, its guards marked as taken at `at` when the manager `shared` watches for locks held
+/// too long; as it is otherwise (one branch on the request path).
+#[inline(always)]
+pub(crate) fn marked<T: TakenAt>(shared: &Shared, taken: T, at: &'static Location<'static>) -> T {
+    if shared.held_watch().is_none() {
+        taken
+    } else {
+        taken.taken_at(at)
     }
 }
 

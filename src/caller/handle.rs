@@ -9,8 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::caller::acquire::{self, Wanted};
-use crate::caller::guard::LockGuard;
-use crate::caller::guard::TakenAt;
+use crate::caller::guard::{LockGuard, marked};
 use crate::caller::shared::Shared;
 use crate::caller::waiting;
 use crate::clock::deadline_in;
@@ -63,14 +62,13 @@ impl LockManager {
     /// ```
     #[track_caller]
     pub fn try_lock(&self, key: impl Into<LockKey>) -> Result<Option<LockGuard>> {
-        let at = Location::caller();
-        (acquire::try_lock(
+        let taken = acquire::try_lock(
             &self.shared,
             key.into(),
             Mode::Exclusive,
             self.shared.request_deadline(),
-        ))
-        .taken_at(at)
+        );
+        marked(self.shared(), taken, Location::caller())
     }
 
     /// Takes the exclusive lock on `key`, waiting up to `timeout` for its holders to release it.
@@ -111,8 +109,8 @@ impl LockManager {
         key: impl Into<LockKey>,
         timeout: Duration,
     ) -> Result<Option<LockGuard>> {
-        let at = Location::caller();
-        (self.wait_one(key.into(), Mode::Exclusive, Some(deadline_in(timeout)))).taken_at(at)
+        let taken = { self.wait_one(key.into(), Mode::Exclusive, Some(deadline_in(timeout))) };
+        marked(self.shared(), taken, Location::caller())
     }
 
     /// Takes the exclusive lock on `key`, waiting for as long as it takes.
@@ -138,8 +136,8 @@ impl LockManager {
     /// ```
     #[track_caller]
     pub fn lock(&self, key: impl Into<LockKey>) -> Result<LockGuard> {
-        let at = Location::caller();
-        (acquire::without_deadline(self.wait_one(key.into(), Mode::Exclusive, None))).taken_at(at)
+        let taken = { acquire::without_deadline(self.wait_one(key.into(), Mode::Exclusive, None)) };
+        marked(self.shared(), taken, Location::caller())
     }
 
     /// Takes a shared lock on `key` unless someone holds it exclusively.
@@ -161,14 +159,13 @@ impl LockManager {
     /// ```
     #[track_caller]
     pub fn try_lock_shared(&self, key: impl Into<LockKey>) -> Result<Option<LockGuard>> {
-        let at = Location::caller();
-        (acquire::try_lock(
+        let taken = acquire::try_lock(
             &self.shared,
             key.into(),
             Mode::Shared,
             self.shared.request_deadline(),
-        ))
-        .taken_at(at)
+        );
+        marked(self.shared(), taken, Location::caller())
     }
 
     /// Takes a shared lock on `key`, waiting up to `timeout` for an exclusive holder to leave.
@@ -191,8 +188,8 @@ impl LockManager {
         key: impl Into<LockKey>,
         timeout: Duration,
     ) -> Result<Option<LockGuard>> {
-        let at = Location::caller();
-        (self.wait_one(key.into(), Mode::Shared, Some(deadline_in(timeout)))).taken_at(at)
+        let taken = { self.wait_one(key.into(), Mode::Shared, Some(deadline_in(timeout))) };
+        marked(self.shared(), taken, Location::caller())
     }
 
     /// Takes a shared lock on `key`, waiting for as long as an exclusive holder keeps it.
@@ -208,8 +205,8 @@ impl LockManager {
     /// ```
     #[track_caller]
     pub fn lock_shared(&self, key: impl Into<LockKey>) -> Result<LockGuard> {
-        let at = Location::caller();
-        (acquire::without_deadline(self.wait_one(key.into(), Mode::Shared, None))).taken_at(at)
+        let taken = { acquire::without_deadline(self.wait_one(key.into(), Mode::Shared, None)) };
+        marked(self.shared(), taken, Location::caller())
     }
 
     /// Waits for `key` in `mode` until `deadline` (`None`: no deadline).

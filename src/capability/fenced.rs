@@ -7,8 +7,7 @@ use std::panic::Location;
 use std::time::Duration;
 
 use crate::caller::acquire::{self, Wanted};
-use crate::caller::guard::LockGuard;
-use crate::caller::guard::TakenAt;
+use crate::caller::guard::{LockGuard, marked};
 use crate::caller::handle::LockManager;
 use crate::caller::waiting;
 use crate::clock::deadline_in;
@@ -40,16 +39,18 @@ impl LockManager {
     /// ```
     #[track_caller]
     pub fn try_lock_fenced(&self, key: impl Into<LockKey>) -> Result<Option<LockGuard>> {
-        let at = Location::caller();
-        let taken: Result<Option<LockGuard>> = {
-            let deadline = self.shared().request_deadline();
-            single(acquire::try_once(
-                self.shared(),
-                Wanted::Fenced(key.into()),
-                deadline,
-            ))
+        let taken = {
+            let taken: Result<Option<LockGuard>> = {
+                let deadline = self.shared().request_deadline();
+                single(acquire::try_once(
+                    self.shared(),
+                    Wanted::Fenced(key.into()),
+                    deadline,
+                ))
+            };
+            taken
         };
-        taken.taken_at(at)
+        marked(self.shared(), taken, Location::caller())
     }
 
     /// Takes the exclusive lock on `key` with a fencing token, waiting up to `timeout`.
@@ -66,13 +67,12 @@ impl LockManager {
         key: impl Into<LockKey>,
         timeout: Duration,
     ) -> Result<Option<LockGuard>> {
-        let at = Location::caller();
-        (single(waiting::wait(
+        let taken = single(waiting::wait(
             self.shared(),
             Wanted::Fenced(key.into()),
             Some(deadline_in(timeout)),
-        )))
-        .taken_at(at)
+        ));
+        marked(self.shared(), taken, Location::caller())
     }
 
     /// Takes the exclusive lock on `key` with a fencing token, waiting for as long as it is held.
@@ -82,13 +82,12 @@ impl LockManager {
     /// As for [`LockManager::lock`](crate::LockManager::lock) and [`LockManager::try_lock_fenced`](crate::LockManager::try_lock_fenced).
     #[track_caller]
     pub fn lock_fenced(&self, key: impl Into<LockKey>) -> Result<LockGuard> {
-        let at = Location::caller();
-        (acquire::without_deadline(single(waiting::wait(
+        let taken = acquire::without_deadline(single(waiting::wait(
             self.shared(),
             Wanted::Fenced(key.into()),
             None,
-        ))))
-        .taken_at(at)
+        )));
+        marked(self.shared(), taken, Location::caller())
     }
 }
 

@@ -7,8 +7,7 @@ use std::panic::Location;
 use std::time::Duration;
 
 use crate::caller::acquire::{self, Wanted};
-use crate::caller::guard::LockGuard;
-use crate::caller::guard::TakenAt;
+use crate::caller::guard::{LockGuard, marked};
 use crate::caller::handle::LockManager;
 use crate::caller::waiting;
 use crate::clock::deadline_in;
@@ -50,14 +49,15 @@ impl LockManager {
         &self,
         keys: impl IntoIterator<Item = K>,
     ) -> Result<Option<Vec<LockGuard>>> {
-        let at = Location::caller();
-        let keys = key_list(keys)?;
-        acquire::try_once(
-            self.shared(),
-            Wanted::All(&keys),
-            self.shared().request_deadline(),
-        )
-        .taken_at(at)
+        let taken = {
+            let keys = key_list(keys)?;
+            acquire::try_once(
+                self.shared(),
+                Wanted::All(&keys),
+                self.shared().request_deadline(),
+            )
+        };
+        marked(self.shared(), taken, Location::caller())
     }
 
     /// Takes every one of `keys` exclusively, or none, waiting up to `timeout` for all of them
@@ -72,14 +72,15 @@ impl LockManager {
         keys: impl IntoIterator<Item = K>,
         timeout: Duration,
     ) -> Result<Option<Vec<LockGuard>>> {
-        let at = Location::caller();
-        let keys = key_list(keys)?;
-        waiting::wait(
-            self.shared(),
-            Wanted::All(&keys),
-            Some(deadline_in(timeout)),
-        )
-        .taken_at(at)
+        let taken = {
+            let keys = key_list(keys)?;
+            waiting::wait(
+                self.shared(),
+                Wanted::All(&keys),
+                Some(deadline_in(timeout)),
+            )
+        };
+        marked(self.shared(), taken, Location::caller())
     }
 
     /// Takes every one of `keys` exclusively, waiting for as long as any of them is held.
@@ -92,10 +93,11 @@ impl LockManager {
         &self,
         keys: impl IntoIterator<Item = K>,
     ) -> Result<Vec<LockGuard>> {
-        let at = Location::caller();
-        let keys = key_list(keys)?;
-        acquire::without_deadline(waiting::wait(self.shared(), Wanted::All(&keys), None))
-            .taken_at(at)
+        let taken = {
+            let keys = key_list(keys)?;
+            acquire::without_deadline(waiting::wait(self.shared(), Wanted::All(&keys), None))
+        };
+        marked(self.shared(), taken, Location::caller())
     }
 }
 

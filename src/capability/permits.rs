@@ -9,8 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::caller::acquire::{self, Wanted, poll_until};
-use crate::caller::guard::TakenAt;
-use crate::caller::guard::{Borrowed, LockGuard};
+use crate::caller::guard::{Borrowed, LockGuard, marked};
 use crate::caller::handle::LockManager;
 use crate::caller::shared::{Call, Shared};
 use crate::caller::table::Reservation;
@@ -66,18 +65,20 @@ impl LockManager {
         key: impl Into<LockKey>,
         permits: u32,
     ) -> Result<Option<LockGuard>> {
-        let at = Location::caller();
-        let taken: Result<Option<LockGuard>> = (|| {
-            let key = key.into();
-            check_permits(permits)?;
-            try_permit(
-                self.shared(),
-                key,
-                permits,
-                self.shared().request_deadline(),
-            )
-        })();
-        taken.taken_at(at)
+        let taken = {
+            let taken: Result<Option<LockGuard>> = (|| {
+                let key = key.into();
+                check_permits(permits)?;
+                try_permit(
+                    self.shared(),
+                    key,
+                    permits,
+                    self.shared().request_deadline(),
+                )
+            })();
+            taken
+        };
+        marked(self.shared(), taken, Location::caller())
     }
 
     /// Takes one of `permits` permits of the semaphore `key`, waiting up to `timeout` for one.
@@ -92,13 +93,15 @@ impl LockManager {
         permits: u32,
         timeout: Duration,
     ) -> Result<Option<LockGuard>> {
-        let at = Location::caller();
-        let taken: Result<Option<LockGuard>> = (|| {
-            let key = key.into();
-            check_permits(permits)?;
-            wait_permit(self.shared(), key, permits, Some(deadline_in(timeout)))
-        })();
-        taken.taken_at(at)
+        let taken = {
+            let taken: Result<Option<LockGuard>> = (|| {
+                let key = key.into();
+                check_permits(permits)?;
+                wait_permit(self.shared(), key, permits, Some(deadline_in(timeout)))
+            })();
+            taken
+        };
+        marked(self.shared(), taken, Location::caller())
     }
 
     /// Takes one of `permits` permits of the semaphore `key`, waiting for as long as all are held.
@@ -108,13 +111,15 @@ impl LockManager {
     /// As for [`LockManager::try_acquire_permit`](crate::LockManager::try_acquire_permit) and [`LockManager::lock`](crate::LockManager::lock).
     #[track_caller]
     pub fn acquire_permit(&self, key: impl Into<LockKey>, permits: u32) -> Result<LockGuard> {
-        let at = Location::caller();
-        let taken: Result<LockGuard> = (|| {
-            let key = key.into();
-            check_permits(permits)?;
-            acquire::without_deadline(wait_permit(self.shared(), key, permits, None))
-        })();
-        taken.taken_at(at)
+        let taken = {
+            let taken: Result<LockGuard> = (|| {
+                let key = key.into();
+                check_permits(permits)?;
+                acquire::without_deadline(wait_permit(self.shared(), key, permits, None))
+            })();
+            taken
+        };
+        marked(self.shared(), taken, Location::caller())
     }
 }
 
@@ -163,7 +168,7 @@ fn try_permit(
             Mode::Exclusive,
             grant.lease.clone(),
             None,
-            Instant::now(),
+            shared.request_deadline(),
         ))),
         // A thread of this manager is taking the slot's key itself, with `try_lock`: the
         // grant stacked on its hold. Give this one back.
