@@ -233,6 +233,17 @@
 //!   primary now. A grant on the new primary comes only after every guard of the old connection
 //!   was told it is lost. Measured figures are in the README's Performance section.
 //!
+//! # Operating
+//!
+//! [`LockManager::stats`] returns a [`Stats`] snapshot — locks held, callers waiting, connections
+//! open, and since connect: grants, refusals, timeouts, lost locks, reconnects, refused servers,
+//! wait and hold times in [`Histogram`]s — without a round trip or an allocation; the counters
+//! cost the request path a few relaxed atomic additions. With the `metrics` feature the same
+//! figures go through the `metrics` facade (`distlock_*`, labelled with the application name; the
+//! README has the table). [`Builder::warn_held_after`] logs a warning for a guard held too long,
+//! naming the place in the caller's code that took it. The README's "Operating" section says what
+//! to alert on and how a manager's sessions show in `pg_stat_activity`.
+//!
 //! # Notes on advisory locks
 //!
 //! * **Session-scoped.** A session advisory lock belongs to the connection that took it, not to a

@@ -248,8 +248,11 @@ fn many_threads_survive_repeated_kills_and_every_overlap_is_announced() {
                                     lost_holds.fetch_add(1, Ordering::Relaxed);
                                 }
                                 Err(e) => {
+                                    // The kill ended the connection while this guard held its
+                                    // lock, before the loss was announced: a hit all the same.
                                     assert!(e.is_transient(), "{e:?}");
                                     errors.fetch_add(1, Ordering::Relaxed);
+                                    lost_holds.fetch_add(1, Ordering::Relaxed);
                                 }
                             }
                         }
