@@ -581,7 +581,18 @@ fn extreme_durations_mean_forever_and_never_panic() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    thread::sleep(Duration::from_millis(500));
+    // It waits: queued in the server's lock queue, still running.
+    assert!(eventually(Duration::from_secs(10), || {
+        outside
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+                 AND objid::int8 = $1",
+                &[&i64::from(LockKey::name(key).pg_locks_tag().1)],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    }));
     assert!(run.try_wait().unwrap().is_none(), "it waits");
     assert!(plain_unlock(&mut outside, LockKey::name(key)));
     assert_eq!(wait_exit(&mut run, Duration::from_secs(10)), 0);

@@ -343,7 +343,20 @@ fn fencing_permits_all_or_nothing_and_elections_keep_their_meaning() {
         let b = b.clone();
         thread::spawn(move || b.try_acquire_permit_for(sem, 2, Duration::from_secs(10)))
     };
-    thread::sleep(Duration::from_millis(200));
+    // The waiter is first in the semaphore's line (it holds the turnstile, slot 0x7fffffff:
+    // objid 4294967295, and tries the slots) before the permit is freed.
+    assert!(eventually(Duration::from_secs(5), || {
+        direct
+            .query_one(
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+                 WHERE l.locktype = 'advisory' AND l.granted AND l.objid::int8 = 4294967295 \
+                 AND a.application_name LIKE 'txn-caps-b%'",
+                &[],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    }));
     drop(p1);
     let p3 = waiter.join().unwrap().unwrap().expect("the freed permit");
     assert_ne!(p3.key(), p2.key());
@@ -383,7 +396,10 @@ fn fencing_permits_all_or_nothing_and_elections_keep_their_meaning() {
     let eb = distlock::Election::new(&b, "txn/election");
     assert!(eb.try_campaign().unwrap().is_none());
     let campaign = thread::spawn(move || eb.campaign_for(Duration::from_secs(10)).unwrap());
-    thread::sleep(Duration::from_millis(200));
+    assert!(eventually(Duration::from_secs(5), || queued(
+        &mut direct,
+        "txn-caps-b"
+    ) == 1));
     let pid: i32 = direct
         .query_one(
             "SELECT pid FROM pg_stat_activity \
@@ -401,6 +417,19 @@ fn fencing_permits_all_or_nothing_and_elections_keep_their_meaning() {
     );
     let next = campaign.join().unwrap().expect("b leads after a");
     assert!(next.term() > lead.term());
+}
+
+/// Waits of sessions whose application name starts with `app`, in the server's lock queue.
+fn queued(direct: &mut Client, app: &str) -> i64 {
+    direct
+        .query_one(
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+             WHERE l.locktype = 'advisory' AND NOT l.granted \
+             AND a.application_name LIKE $1 || '%'",
+            &[&app],
+        )
+        .unwrap()
+        .get(0)
 }
 
 fn time_to_loss_of(lead: &distlock::Leadership) -> Option<Duration> {
