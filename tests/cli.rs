@@ -1192,3 +1192,75 @@ fn locks_watch_is_a_live_view_in_a_real_terminal() {
     assert!(waiting.join().unwrap().unwrap().is_some());
     let _ = std::fs::remove_file(&done);
 }
+
+/// `distlock locks --watch --key NAME`: the live view of one name's lock only.
+#[test]
+fn locks_watch_key_shows_only_that_names_lock() {
+    let Some(tmux) = distlock::testing::find_program("tmux") else {
+        distlock::testing::skip("tmux is not installed (apt-get install tmux; .ci/run does)");
+        return;
+    };
+    let holder = distlock::LockManager::builder()
+        .application_name("watch-key-holder")
+        .connect(url())
+        .unwrap();
+    let mine = holder.try_lock("cli/watch-key").unwrap().expect("free");
+    let other = holder
+        .try_lock("cli/watch-key-other")
+        .unwrap()
+        .expect("free");
+    let session = format!("distlock-watch-key-{}", std::process::id());
+    let inner = format!(
+        "DATABASE_URL='{}' {} locks --watch 200ms --key cli/watch-key; sleep 30",
+        url(),
+        env!("CARGO_BIN_EXE_distlock"),
+    );
+    let tmux_cmd = |args: &[&str]| {
+        Command::new(&tmux)
+            .args(["-L", &session])
+            .args(args)
+            .output()
+            .expect("tmux")
+    };
+    let started = tmux_cmd(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "200",
+        "-y",
+        "20",
+        &inner,
+    ]);
+    assert!(
+        started.status.success(),
+        "{}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    struct Kill<'a>(&'a dyn Fn(&[&str]) -> Output);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            (self.0)(&["kill-server"]);
+        }
+    }
+    let _kill = Kill(&tmux_cmd);
+    let mine_id = LockKey::name("cli/watch-key").as_id().unwrap().to_string();
+    let other_id = LockKey::name("cli/watch-key-other")
+        .as_id()
+        .unwrap()
+        .to_string();
+    let mut seen = String::new();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            seen = String::from_utf8_lossy(&tmux_cmd(&["capture-pane", "-p"]).stdout).into_owned();
+            seen.lines().any(|l| {
+                l.starts_with("cli/watch-key = ") && l.contains(&mine_id) && l.contains("held")
+            })
+        }),
+        "the terminal showed:\n{seen}"
+    );
+    assert!(!seen.contains(&other_id), "another key was shown:\n{seen}");
+    assert!(seen.contains("1 held, 0 waiting"), "{seen}");
+    drop((mine, other));
+}
