@@ -1,5 +1,6 @@
 //! `distlock locks`: every advisory lock on the server, held or awaited.
 
+use std::collections::HashMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use serde_json::json;
 use crate::connection::shared_server;
 use crate::duration::human;
 use crate::exit::{self, Failure};
+use crate::watch;
 
 /// `distlock locks`'s arguments.
 #[derive(clap::Args)]
@@ -29,7 +31,7 @@ pub struct Args {
 }
 
 /// One advisory lock of one session, as `pg_locks` and `pg_stat_activity` show it.
-pub struct Row {
+struct Row {
     key: Option<LockKey>,
     database: String,
     mode: &'static str,
@@ -72,15 +74,12 @@ pub fn run(url: Option<&str>, args: Args) -> Result<ExitCode, Failure> {
         Failure::new(code, anyhow!(e).context("cannot connect to the server"))
     })?;
     if let Some(every) = args.watch {
-        crate::watch::run(&mut client, every, args.key.as_deref())
+        let name = args.key.as_deref();
+        watch::run(every, || Ok(frame(fetch(&mut client)?, name)))
             .map_err(|e| Failure::new(exit::UNAVAILABLE, e))?;
         return Ok(ExitCode::SUCCESS);
     }
-    let rows = fetch(&mut client)?;
-    let rows = match &args.key {
-        Some(name) => rows.into_iter().filter(|r| is_named(r.key, name)).collect(),
-        None => rows,
-    };
+    let rows = only_named(fetch(&mut client)?, args.key.as_deref());
     if args.json {
         println!("{}", to_json(&rows));
     } else {
@@ -91,7 +90,7 @@ pub fn run(url: Option<&str>, args: Args) -> Result<ExitCode, Failure> {
 
 /// Every advisory lock on the server, held or awaited, in key order (holders first, then the
 /// queue in arrival order).
-pub fn fetch(client: &mut postgres::Client) -> anyhow::Result<Vec<Row>> {
+fn fetch(client: &mut postgres::Client) -> anyhow::Result<Vec<Row>> {
     let rows: Vec<Row> = client
         .query(QUERY, &[])
         .map_err(|e| anyhow!(e).context("reading pg_locks"))?
@@ -119,21 +118,30 @@ pub fn fetch(client: &mut postgres::Client) -> anyhow::Result<Vec<Row>> {
     Ok(rows)
 }
 
-impl Row {
-    pub fn key(&self) -> Option<LockKey> {
-        self.key
+/// `rows`, only `name`'s lock when given.
+fn only_named(rows: Vec<Row>, name: Option<&str>) -> Vec<Row> {
+    match name {
+        Some(name) => rows.into_iter().filter(|r| is_named(r.key, name)).collect(),
+        None => rows,
     }
+}
 
-    pub fn key_text(&self) -> String {
-        key_text(self.key)
+/// The live view's frame of `rows` (only `name`'s with one).
+fn frame(rows: Vec<Row>, name: Option<&str>) -> watch::Frame {
+    let rows = only_named(rows, name);
+    let mut state: HashMap<String, Vec<(i32, bool)>> = HashMap::new();
+    for r in &rows {
+        state
+            .entry(key_text(r.key))
+            .or_default()
+            .push((r.pid, r.granted));
     }
-
-    pub fn pid(&self) -> i32 {
-        self.pid
-    }
-
-    pub fn granted(&self) -> bool {
-        self.granted
+    let held = rows.iter().filter(|r| r.granted).count();
+    watch::Frame {
+        held,
+        waiting: rows.len() - held,
+        lines: table(&rows, name, true),
+        state,
     }
 }
 
@@ -152,7 +160,7 @@ fn key_text(key: Option<LockKey>) -> String {
 }
 
 /// Whether `key` is the lock `name` maps to, or a slot or the queue of the semaphore `name`.
-pub fn is_named(key: Option<LockKey>, name: &str) -> bool {
+fn is_named(key: Option<LockKey>, name: &str) -> bool {
     let named = LockKey::name(name);
     let class = named.permit_slot(0).as_pair().map(|(class, _)| class);
     key == Some(named) || (semaphore(key).map(|(c, _)| c) == class && class.is_some())
@@ -176,7 +184,7 @@ fn print_table(rows: &[Row], name: Option<&str>) {
 
 /// The table's lines, header first, each with the text of its key (empty for the header);
 /// `blockers`: a last column, WAITS FOR, with the sessions a waiter waits for.
-pub fn table(rows: &[Row], name: Option<&str>, blockers: bool) -> Vec<(String, String)> {
+fn table(rows: &[Row], name: Option<&str>, blockers: bool) -> Vec<(String, String)> {
     let mut header = vec![
         "KEY",
         "MODE",

@@ -17,7 +17,18 @@ use rustix::termios::{self, LocalModes, OptionalActions, Termios};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 use crate::duration::human;
-use crate::locks::{Row, fetch, table};
+
+/// One refresh of the view, as the caller builds it.
+pub struct Frame {
+    /// Locks held, and waits.
+    pub held: usize,
+    pub waiting: usize,
+    /// The table's lines, header first, each with the text of its key (empty for the header).
+    pub lines: Vec<(String, String)>,
+    /// Per key, who holds or waits, in order: a key whose entry changed since the last refresh
+    /// is marked.
+    pub state: HashMap<String, Vec<(i32, bool)>>,
+}
 
 /// The terminal as it was, given back when dropped: its modes, the main screen, the cursor.
 struct Restore(Option<Termios>);
@@ -33,8 +44,8 @@ impl Drop for Restore {
     }
 }
 
-/// Shows the locks every `every` until `q`, Ctrl-C, SIGTERM or SIGHUP; only `name`'s with one.
-pub fn run(client: &mut postgres::Client, every: Duration, name: Option<&str>) -> Result<()> {
+/// Shows the frame `frame` builds every `every` until `q`, Ctrl-C, SIGTERM or SIGHUP.
+pub fn run(every: Duration, mut frame: impl FnMut() -> Result<Frame>) -> Result<()> {
     let quit = Arc::new(AtomicBool::new(false));
     for signal in [SIGINT, SIGTERM, SIGHUP] {
         signal_hook::flag::register(signal, Arc::clone(&quit))?;
@@ -64,13 +75,9 @@ pub fn run(client: &mut postgres::Client, every: Duration, name: Option<&str>) -
     }
     let mut before: HashMap<String, Vec<(i32, bool)>> = HashMap::new();
     while !quit.load(Ordering::Relaxed) {
-        let rows: Vec<Row> = fetch(client)?
-            .into_iter()
-            .filter(|r| name.is_none_or(|n| crate::locks::is_named(r.key(), n)))
-            .collect();
-        let now = snapshot(&rows);
-        draw(&rows, name, every, &before, &now)?;
-        before = now;
+        let now = frame()?;
+        draw(&now, every, &before)?;
+        before = now.state;
         let until = Instant::now() + every;
         while !quit.load(Ordering::Relaxed) && Instant::now() < until {
             thread::sleep(Duration::from_millis(20).min(every));
@@ -79,25 +86,7 @@ pub fn run(client: &mut postgres::Client, every: Duration, name: Option<&str>) -
     Ok(())
 }
 
-/// Per key, who holds or waits, in order.
-fn snapshot(rows: &[Row]) -> HashMap<String, Vec<(i32, bool)>> {
-    let mut by_key: HashMap<String, Vec<(i32, bool)>> = HashMap::new();
-    for r in rows {
-        by_key
-            .entry(r.key_text())
-            .or_default()
-            .push((r.pid(), r.granted()));
-    }
-    by_key
-}
-
-fn draw(
-    rows: &[Row],
-    name: Option<&str>,
-    every: Duration,
-    before: &HashMap<String, Vec<(i32, bool)>>,
-    now: &HashMap<String, Vec<(i32, bool)>>,
-) -> Result<()> {
+fn draw(frame: &Frame, every: Duration, before: &HashMap<String, Vec<(i32, bool)>>) -> Result<()> {
     let width = termios::tcgetwinsize(std::io::stdout())
         .map(|w| usize::from(w.ws_col))
         .ok()
@@ -106,7 +95,6 @@ fn draw(
     let cut = |line: &str| line.chars().take(width).collect::<String>();
     let mut out = std::io::stdout().lock();
     write!(out, "\x1b[H\x1b[2J")?;
-    let held = rows.iter().filter(|r| r.granted()).count();
     let at = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() % 86_400);
@@ -117,22 +105,22 @@ fn draw(
         } else {
             human(every)
         },
-        held,
-        rows.len() - held,
+        frame.held,
+        frame.waiting,
         at / 3600,
         at / 60 % 60,
         at % 60
     );
     write!(out, "{}\r\n\r\n", cut(&title))?;
-    for (key, line) in table(rows, name, true) {
-        let changed = !key.is_empty() && before.get(&key) != now.get(&key);
+    for (key, line) in &frame.lines {
+        let changed = !key.is_empty() && before.get(key) != frame.state.get(key);
         if changed {
-            write!(out, "\x1b[7m{}\x1b[0m\r\n", cut(&line))?;
+            write!(out, "\x1b[7m{}\x1b[0m\r\n", cut(line))?;
         } else {
-            write!(out, "{}\r\n", cut(&line))?;
+            write!(out, "{}\r\n", cut(line))?;
         }
     }
-    if rows.is_empty() {
+    if frame.lines.len() <= 1 {
         write!(out, "(no advisory locks)\r\n")?;
     }
     out.flush()?;

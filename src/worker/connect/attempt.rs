@@ -6,10 +6,24 @@ use postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
 
 use crate::error::{Error, ErrorKind};
 use crate::protocol::link::Backend;
-use crate::worker::connect::{Flavor, pooler, tls};
+use crate::worker::connect::{pooler, tls};
 use crate::worker::keepalive::ServerKeepalive;
 use crate::worker::session::row_counts;
 use crate::worker::sql::{IDENTIFY, PROOF_STATEMENTS, Sql};
+
+/// What a manager's connection is for, which decides what its set-up may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flavor {
+    /// A lock session: session advisory locks, held as long as the connection.
+    Session,
+    /// Through a transaction pooler, a manager's own connection: it holds no lock and keeps no
+    /// session state (the pooler shares the server session), and only reads (`holders`, tokens).
+    Control,
+    /// Through a transaction pooler, one lock's connection: everything it does runs in one open
+    /// transaction (which keeps one server connection pinned), and its locks are transaction
+    /// locks, released when the transaction ends.
+    Holder,
+}
 
 /// Column `i` of the identifying row, parsed from its text.
 fn field<T: std::str::FromStr>(row: &SimpleQueryRow, i: usize) -> Result<T, Error> {

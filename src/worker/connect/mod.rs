@@ -29,6 +29,7 @@ use postgres::Client;
 
 use crate::error::{Error, ErrorKind};
 use crate::protocol::link::{Backend, Link, Site};
+pub(crate) use crate::worker::connect::attempt::Flavor;
 use crate::worker::connect::attempt::{Attempt, attempt};
 use crate::worker::keepalive::ServerKeepalive;
 use crate::worker::session::{Conn, Failed, Query};
@@ -38,20 +39,6 @@ mod certs;
 pub(crate) mod params;
 pub(crate) mod pooler;
 pub(crate) mod tls;
-
-/// What a manager's connection is for, which decides what its set-up may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Flavor {
-    /// A lock session: session advisory locks, held as long as the connection.
-    Session,
-    /// Through a transaction pooler, a manager's own connection: it holds no lock and keeps no
-    /// session state (the pooler shares the server session), and only reads (`holders`, tokens).
-    Control,
-    /// Through a transaction pooler, one lock's connection: everything it does runs in one open
-    /// transaction (which keeps one server connection pinned), and its locks are transaction
-    /// locks, released when the transaction ends.
-    Holder,
-}
 
 /// Makes the manager's connections, one attempt at a time.
 pub(crate) struct Connector {
