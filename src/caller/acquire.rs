@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::backoff::Backoff;
-use crate::caller::guard::{Borrowed, LockGuard};
+use crate::caller::guard::LockGuard;
+use crate::caller::pool::Taken;
 use crate::caller::shared::{Call, Shared};
 use crate::caller::table::Reservation;
 use crate::clock::deadline_in;
@@ -222,22 +223,24 @@ fn one_transaction(
     mode: Mode,
     deadline: Instant,
 ) -> Result<Option<LockGuard>> {
-    let Some(pool) = shared.waits() else {
-        return Err(Error::not_in_transaction_mode());
-    };
-    let Some(taken) = pool.take(Some(deadline))? else {
-        return Err(Error::too_many_transactions());
-    };
-    let taken = Arc::new(taken);
+    let taken = lock_transaction(shared, deadline)?;
     let Some(conn) = taken.conn() else {
         return Ok(None);
     };
-    Ok(try_lock(conn, key, mode, deadline)?.map(|guard| {
-        guard.borrowed_from(Borrowed {
-            main: Arc::clone(shared),
-            _conn: Arc::clone(&taken),
-        })
-    }))
+    Ok(try_lock(conn, key, mode, deadline)?.map(|guard| guard.borrowed_from(shared, &taken)))
+}
+
+/// Transaction mode: a lock transaction of the manager `shared`, to try one lock on, within
+/// `deadline` (a [`Error::too_many_transactions`] when none frees up in time).
+pub(crate) fn lock_transaction(
+    shared: &Shared,
+    deadline: Instant,
+) -> Result<Arc<Taken<Arc<Shared>>>> {
+    let pool = shared.waits().ok_or_else(Error::not_in_transaction_mode)?;
+    match pool.take(Some(deadline))? {
+        Some(taken) => Ok(Arc::new(taken)),
+        None => Err(Error::too_many_transactions()),
+    }
 }
 
 /// Transaction mode: the fencing token of `guard`'s fresh grant, drawn after it on the manager's

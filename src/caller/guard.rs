@@ -78,11 +78,11 @@ pub struct LockGuard {
 /// What a guard granted on a waiting connection keeps besides its lock: its key's reservation in
 /// the manager's own table (given back when the guard is gone, after its release) and the waiting
 /// connection (back in the pool when every guard of the wait is gone).
-pub(crate) struct Borrowed {
+struct Borrowed {
     /// The manager the caller called.
-    pub(crate) main: Arc<Shared>,
+    main: Arc<Shared>,
     /// The waiting connection that holds the lock.
-    pub(crate) _conn: Arc<Taken<Arc<Shared>>>,
+    _conn: Arc<Taken<Arc<Shared>>>,
 }
 
 impl LockGuard {
@@ -143,10 +143,17 @@ impl LockGuard {
         self
     }
 
-    /// This guard, granted on a waiting connection of `borrowed.main`.
-    pub(crate) fn borrowed_from(mut self, borrowed: Borrowed) -> LockGuard {
-        borrowed.main.link().counters().granted();
-        self.borrowed = Some(Box::new(borrowed));
+    /// This guard, granted on `conn`, a waiting connection (or lock transaction) of `main`.
+    pub(crate) fn borrowed_from(
+        mut self,
+        main: &Arc<Shared>,
+        conn: &Arc<Taken<Arc<Shared>>>,
+    ) -> LockGuard {
+        main.link().counters().granted();
+        self.borrowed = Some(Box::new(Borrowed {
+            main: Arc::clone(main),
+            _conn: Arc::clone(conn),
+        }));
         self
     }
 

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::backoff::Backoff;
 use crate::caller::acquire::{self, FIRST_RETRY, Wanted, guards, pause_end, poll_until, try_once};
-use crate::caller::guard::{Borrowed, LockGuard};
+use crate::caller::guard::LockGuard;
 use crate::caller::pool::Taken;
 use crate::caller::shared::{Shared, Waits};
 use crate::clock::deadline_in;
@@ -154,29 +154,20 @@ fn queue_for(
                 return Queued::Poll;
             }
         };
-        let in_transaction = shared.settings().transactions;
-        match wait_on(&taken, wanted, deadline, !in_transaction) {
-            Ok(Some(guards)) if in_transaction && matches!(wanted, Wanted::Fenced(_)) => {
-                let borrowed = |guard: LockGuard| {
-                    guard.borrowed_from(Borrowed {
-                        main: Arc::clone(shared),
-                        _conn: Arc::clone(&taken),
-                    })
-                };
-                let fenced = guards
-                    .into_iter()
-                    .map(|g| acquire::fence(shared, borrowed(g)))
-                    .collect::<Result<Vec<_>>>();
-                return Queued::Done(fenced.map(Some));
-            }
+        // In transaction mode a fenced wait's token is drawn afterwards, outside the lock's
+        // transaction.
+        let fence_after = shared.settings().transactions && matches!(wanted, Wanted::Fenced(_));
+        match wait_on(&taken, wanted, deadline, !fence_after) {
             Ok(Some(guards)) => {
-                let borrowed = |guard: LockGuard| {
-                    guard.borrowed_from(Borrowed {
-                        main: Arc::clone(shared),
-                        _conn: Arc::clone(&taken),
-                    })
-                };
-                return Queued::Done(Ok(Some(guards.into_iter().map(borrowed).collect())));
+                let guards = guards.into_iter().map(|g| {
+                    let g = g.borrowed_from(shared, &taken);
+                    if fence_after {
+                        acquire::fence(shared, g)
+                    } else {
+                        Ok(g)
+                    }
+                });
+                return Queued::Done(guards.collect::<Result<Vec<_>>>().map(Some));
             }
             Ok(None) => return Queued::Done(Ok(None)),
             // That connection failed (or is reconnecting): wait again on another.

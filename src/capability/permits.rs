@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::caller::acquire::{self, Wanted, poll_until};
-use crate::caller::guard::{Borrowed, LockGuard, marked};
+use crate::caller::guard::{LockGuard, marked};
 use crate::caller::handle::LockManager;
 use crate::caller::shared::{Call, Shared};
 use crate::caller::table::Reservation;
@@ -195,11 +195,7 @@ fn try_permit_in_transaction(
     permits: u32,
     deadline: Instant,
 ) -> Result<Option<LockGuard>> {
-    let pool = shared.waits().ok_or_else(Error::not_in_transaction_mode)?;
-    let Some(taken) = pool.take(Some(deadline))? else {
-        return Err(Error::too_many_transactions());
-    };
-    let taken = Arc::new(taken);
+    let taken = acquire::lock_transaction(shared, deadline)?;
     let Some(conn) = taken.conn() else {
         return Ok(None);
     };
@@ -207,10 +203,7 @@ fn try_permit_in_transaction(
         return Ok(None);
     };
     match shared.reserve_all_unbounded(std::slice::from_ref(&permit.key()), Mode::Exclusive) {
-        Reservation::Reserved { .. } => Ok(Some(permit.borrowed_from(Borrowed {
-            main: Arc::clone(shared),
-            _conn: Arc::clone(&taken),
-        }))),
+        Reservation::Reserved { .. } => Ok(Some(permit.borrowed_from(shared, &taken))),
         // A thread of this manager holds that slot's key itself: dropping the permit gives
         // this grant back.
         Reservation::Conflict | Reservation::Full => Ok(None),

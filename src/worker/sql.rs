@@ -98,7 +98,6 @@ impl Sql {
     /// Makes the buffer build transaction locks, and `ROLLBACK` for a release.
     pub(crate) fn set_scope(&mut self, scope: Scope) {
         self.scope = scope;
-        self.key_of_text = None;
     }
 
     /// Makes every check also require the session's mark to be `mark` (the lock session's, set by

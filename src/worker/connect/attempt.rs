@@ -91,14 +91,7 @@ fn begin_transaction(
 ) -> Attempt {
     let mut start = Sql::new();
     start.push_transaction_start(salt, keepalive);
-    let proof_keys = pooler::session_mark(
-        salt,
-        &Backend {
-            pid: 0,
-            started_us: 0,
-        },
-    );
-    start.push_exclusion_proof(proof_keys);
+    start.push_exclusion_proof(pooler::transaction_mark(salt, 0));
     start.push_identify();
     let messages = match client.simple_query(start.as_str()) {
         Ok(messages) => messages,

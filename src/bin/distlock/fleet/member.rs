@@ -52,7 +52,10 @@ pub fn member(args: MemberArgs) -> Result<ExitCode> {
                 .stack_size(256 * 1024)
                 .spawn(move || {
                     let mine = manage(&url, transaction, keys, hold, owner, deadline, &witness);
-                    merge(&mut tally.lock().unwrap_or_else(|e| e.into_inner()), &mine);
+                    tally
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .add(&mine.counts(), &mine.waits);
                 })
         })
         .collect::<std::io::Result<_>>()?;
@@ -68,15 +71,6 @@ pub fn member(args: MemberArgs) -> Result<ExitCode> {
         .collect();
     println!("tally {}", all.join(" "));
     Ok(ExitCode::SUCCESS)
-}
-
-fn merge(into: &mut Tally, from: &Tally) {
-    for (a, b) in into.counts_mut().into_iter().zip(from.counts()) {
-        *a += b;
-    }
-    for (a, b) in into.waits.iter_mut().zip(&from.waits) {
-        *a += b;
-    }
 }
 
 /// One manager's loop.

@@ -197,12 +197,7 @@ fn add(total: &mut Tally, line: &str) -> Result<()> {
     if n.len() != 7 + BUCKETS {
         bail!("a malformed tally line: {line}");
     }
-    for (a, b) in total.counts_mut().into_iter().zip(&n[..7]) {
-        *a += b;
-    }
-    for (bucket, count) in total.waits.iter_mut().zip(&n[7..]) {
-        *bucket += count;
-    }
+    total.add(&n[..7], &n[7..]);
     Ok(())
 }
 
@@ -276,7 +271,17 @@ impl Tally {
         ]
     }
 
-    pub(super) fn counts_mut(&mut self) -> [&mut i64; 7] {
+    /// Adds `counts` (in the order of [`Tally::counts`]) and `waits` (bucket by bucket).
+    pub(super) fn add(&mut self, counts: &[i64], waits: &[i64]) {
+        for (a, b) in self.counts_mut().into_iter().zip(counts) {
+            *a += b;
+        }
+        for (a, b) in self.waits.iter_mut().zip(waits) {
+            *a += b;
+        }
+    }
+
+    fn counts_mut(&mut self) -> [&mut i64; 7] {
         let t = self;
         [
             &mut t.connected,
