@@ -584,16 +584,7 @@ fn an_election_has_one_leader_that_is_told_when_it_stops_leading() {
     let mut outside = plain();
     assert!(
         eventually(Duration::from_secs(5), || {
-            outside
-                .query_one(
-                    "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
-                     WHERE l.locktype = 'advisory' AND NOT l.granted \
-                     AND a.application_name LIKE 'candidate-b%'",
-                    &[],
-                )
-                .unwrap()
-                .get::<_, i64>(0)
-                == 1
+            common::queued(&mut outside, "candidate-b") == 1
         }),
         "B never queued behind A"
     );

@@ -914,37 +914,8 @@ fn a_waiting_run_on_a_terminal_shows_who_holds_the_lock() {
         env!("CARGO_BIN_EXE_distlock"),
         done.display()
     );
-    let tmux_cmd = |args: &[&str]| {
-        Command::new(&tmux)
-            .args(["-L", &session])
-            .args(args)
-            .output()
-            .expect("tmux")
-    };
-    let started = tmux_cmd(&[
-        "new-session",
-        "-d",
-        "-s",
-        &session,
-        "-x",
-        "160",
-        "-y",
-        "10",
-        &inner,
-    ]);
-    assert!(
-        started.status.success(),
-        "{}",
-        String::from_utf8_lossy(&started.stderr)
-    );
-    struct Kill<'a>(&'a dyn Fn(&[&str]) -> Output);
-    impl Drop for Kill<'_> {
-        fn drop(&mut self) {
-            (self.0)(&["kill-server"]);
-        }
-    }
-    let _kill = Kill(&tmux_cmd);
-    let screen = || String::from_utf8_lossy(&tmux_cmd(&["capture-pane", "-p"]).stdout).into_owned();
+    let tmux = Tmux::start(&tmux, &session, 160, 10, &inner);
+    let screen = || tmux.screen(false);
     // What a person sees: how long it has waited, for which key, and the holder's application.
     let mut seen = String::new();
     assert!(
@@ -1091,44 +1062,8 @@ fn locks_watch_is_a_live_view_in_a_real_terminal() {
         env!("CARGO_BIN_EXE_distlock"),
         done.display()
     );
-    let tmux_cmd = |args: &[&str]| {
-        Command::new(&tmux)
-            .args(["-L", &session])
-            .args(args)
-            .output()
-            .expect("tmux")
-    };
-    let started = tmux_cmd(&[
-        "new-session",
-        "-d",
-        "-s",
-        &session,
-        "-x",
-        "220",
-        "-y",
-        "30",
-        &inner,
-    ]);
-    assert!(
-        started.status.success(),
-        "{}",
-        String::from_utf8_lossy(&started.stderr)
-    );
-    struct Kill<'a>(&'a dyn Fn(&[&str]) -> Output);
-    impl Drop for Kill<'_> {
-        fn drop(&mut self) {
-            (self.0)(&["kill-server"]);
-        }
-    }
-    let _kill = Kill(&tmux_cmd);
-    let screen = |escapes: bool| {
-        let args: &[&str] = if escapes {
-            &["capture-pane", "-e", "-p"]
-        } else {
-            &["capture-pane", "-p"]
-        };
-        String::from_utf8_lossy(&tmux_cmd(args).stdout).into_owned()
-    };
+    let tmux = Tmux::start(&tmux, &session, 220, 30, &inner);
+    let screen = |escapes: bool| tmux.screen(escapes);
     let a = LockKey::name("cli/watch-a").as_id().unwrap().to_string();
     let mut seen = String::new();
     assert!(
@@ -1163,7 +1098,7 @@ fn locks_watch_is_a_live_view_in_a_real_terminal() {
         "the new key was not marked:\n{seen}"
     );
     // Resized to 60 columns: the view follows, no line wider.
-    let resized = tmux_cmd(&["resize-window", "-t", &session, "-x", "60", "-y", "30"]);
+    let resized = tmux.run(&["resize-window", "-t", &session, "-x", "60", "-y", "30"]);
     assert!(
         resized.status.success(),
         "{}",
@@ -1177,7 +1112,7 @@ fn locks_watch_is_a_live_view_in_a_real_terminal() {
         "after the resize:\n{seen}"
     );
     // q quits, with status 0, and gives the main screen back.
-    tmux_cmd(&["send-keys", "-t", &session, "q"]);
+    tmux.run(&["send-keys", "-t", &session, "q"]);
     assert!(
         eventually(Duration::from_secs(5), || std::fs::read_to_string(&done)
             .is_ok_and(|d| d.trim() == "exit=0")),
@@ -1215,36 +1150,7 @@ fn locks_watch_key_shows_only_that_names_lock() {
         url(),
         env!("CARGO_BIN_EXE_distlock"),
     );
-    let tmux_cmd = |args: &[&str]| {
-        Command::new(&tmux)
-            .args(["-L", &session])
-            .args(args)
-            .output()
-            .expect("tmux")
-    };
-    let started = tmux_cmd(&[
-        "new-session",
-        "-d",
-        "-s",
-        &session,
-        "-x",
-        "200",
-        "-y",
-        "20",
-        &inner,
-    ]);
-    assert!(
-        started.status.success(),
-        "{}",
-        String::from_utf8_lossy(&started.stderr)
-    );
-    struct Kill<'a>(&'a dyn Fn(&[&str]) -> Output);
-    impl Drop for Kill<'_> {
-        fn drop(&mut self) {
-            (self.0)(&["kill-server"]);
-        }
-    }
-    let _kill = Kill(&tmux_cmd);
+    let tmux = Tmux::start(&tmux, &session, 200, 20, &inner);
     let mine_id = LockKey::name("cli/watch-key").as_id().unwrap().to_string();
     let other_id = LockKey::name("cli/watch-key-other")
         .as_id()
@@ -1253,7 +1159,7 @@ fn locks_watch_key_shows_only_that_names_lock() {
     let mut seen = String::new();
     assert!(
         eventually(Duration::from_secs(10), || {
-            seen = String::from_utf8_lossy(&tmux_cmd(&["capture-pane", "-p"]).stdout).into_owned();
+            seen = tmux.screen(false);
             seen.lines().any(|l| {
                 l.starts_with("cli/watch-key = ") && l.contains(&mine_id) && l.contains("held")
             })
@@ -1263,4 +1169,68 @@ fn locks_watch_key_shows_only_that_names_lock() {
     assert!(!seen.contains(&other_id), "another key was shown:\n{seen}");
     assert!(seen.contains("1 held, 0 waiting"), "{seen}");
     drop((mine, other));
+}
+
+/// A tmux server of a test's own (its own socket), killed when dropped.
+struct Tmux {
+    program: std::path::PathBuf,
+    socket: String,
+}
+
+impl Tmux {
+    /// Runs `command` in a new detached session `socket` of `width` × `height` characters.
+    fn start(
+        program: &std::path::Path,
+        socket: &str,
+        width: u32,
+        height: u32,
+        command: &str,
+    ) -> Tmux {
+        let tmux = Tmux {
+            program: program.to_owned(),
+            socket: socket.to_owned(),
+        };
+        let (width, height) = (width.to_string(), height.to_string());
+        let started = tmux.run(&[
+            "new-session",
+            "-d",
+            "-s",
+            socket,
+            "-x",
+            &width,
+            "-y",
+            &height,
+            command,
+        ]);
+        assert!(
+            started.status.success(),
+            "{}",
+            String::from_utf8_lossy(&started.stderr)
+        );
+        tmux
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(&self.program)
+            .args(["-L", &self.socket])
+            .args(args)
+            .output()
+            .expect("tmux")
+    }
+
+    /// What the pane shows now; with `escapes`, with its colours and attributes.
+    fn screen(&self, escapes: bool) -> String {
+        let args: &[&str] = if escapes {
+            &["capture-pane", "-e", "-p"]
+        } else {
+            &["capture-pane", "-p"]
+        };
+        String::from_utf8_lossy(&self.run(args).stdout).into_owned()
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        self.run(&["kill-server"]);
+    }
 }

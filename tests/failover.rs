@@ -53,6 +53,20 @@ fn both_hosts(primary: &TestCluster, standby: &TestCluster) -> String {
     )
 }
 
+/// For each guard, a thread that returns when the guard is told its lock is lost (at most a minute).
+fn when_lost(guards: &[distlock::LockGuard]) -> Vec<thread::JoinHandle<Instant>> {
+    guards
+        .iter()
+        .map(|g| {
+            let lost = g.lost().clone();
+            thread::spawn(move || {
+                let _ = lost.recv_timeout(Duration::from_secs(60));
+                Instant::now()
+            })
+        })
+        .collect()
+}
+
 #[test]
 fn a_standby_is_refused_unless_allowed() {
     let _one_at_a_time = PAIR.lock();
@@ -87,16 +101,7 @@ fn a_failover_loses_every_guard_and_the_promoted_standby_grants_again() {
         .map(|&k| locks.try_lock(k).unwrap().expect("free"))
         .collect();
     // Watch each guard's loss signal from the moment the primary dies.
-    let watchers: Vec<_> = guards
-        .iter()
-        .map(|g| {
-            let lost = g.lost().clone();
-            thread::spawn(move || {
-                let _ = lost.recv_timeout(Duration::from_secs(60));
-                Instant::now()
-            })
-        })
-        .collect();
+    let watchers = when_lost(&guards);
 
     let crashed = Instant::now();
     primary.crash().expect("crash the primary");
@@ -205,16 +210,7 @@ fn a_silent_old_primary_loses_every_guard_before_the_new_primary_grants() {
         .iter()
         .map(|&k| locks.try_lock(k).unwrap().expect("free"))
         .collect();
-    let watchers: Vec<_> = guards
-        .iter()
-        .map(|g| {
-            let lost = g.lost().clone();
-            thread::spawn(move || {
-                let _ = lost.recv_timeout(Duration::from_secs(60));
-                Instant::now()
-            })
-        })
-        .collect();
+    let watchers = when_lost(&guards);
 
     let stopped = server_processes(&primary);
     for &pid in &stopped {

@@ -325,16 +325,7 @@ fn a_waiter_rides_through_a_lost_connection_within_its_deadline() {
     // The waiter is in the queue (on a waiting connection) before the manager's sessions die.
     assert!(
         eventually(Duration::from_secs(5), || {
-            outside
-                .query_one(
-                    "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
-                     WHERE l.locktype = 'advisory' AND NOT l.granted \
-                     AND a.application_name LIKE $1 || '%'",
-                    &[&app],
-                )
-                .unwrap()
-                .get::<_, i64>(0)
-                == 1
+            common::queued(&mut outside, app) == 1
         }),
         "the waiter never queued"
     );

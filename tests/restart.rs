@@ -59,16 +59,7 @@ fn a_server_restart_loses_holders_and_waiters_carry_on() {
     let mut outside = plain();
     assert!(
         eventually(Duration::from_secs(5), || {
-            outside
-                .query_one(
-                    "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
-                     WHERE l.locktype = 'advisory' AND NOT l.granted \
-                     AND a.application_name LIKE 'r-restart%'",
-                    &[],
-                )
-                .unwrap()
-                .get::<_, i64>(0)
-                == 1
+            common::queued(&mut outside, "r-restart") == 1
         }),
         "the waiter never queued"
     );

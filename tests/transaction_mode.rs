@@ -9,7 +9,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::bouncer::{Bouncer, bouncer, cluster};
-use common::{eventually, holders, plain_try_lock, plain_unlock, time_to_loss};
+use common::{eventually, holders, plain_try_lock, plain_unlock, queued, time_to_loss};
 use distlock::testing::{Setup, TestCluster};
 use distlock::{ErrorKind, LockKey, LockManager};
 use postgres::{Client, NoTls};
@@ -252,16 +252,7 @@ fn a_wait_queues_in_the_servers_lock_queue_and_gets_the_lock_on_release() {
     let mut direct = Client::connect(cluster.url(), NoTls).unwrap();
     assert!(
         eventually(Duration::from_secs(5), || {
-            direct
-                .query_one(
-                    "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
-                     WHERE l.locktype = 'advisory' AND NOT l.granted \
-                     AND a.application_name = 'txn-wait-b (lock transaction)'",
-                    &[],
-                )
-                .unwrap()
-                .get::<_, i64>(0)
-                == 1
+            queued(&mut direct, "txn-wait-b (lock transaction)") == 1
         }),
         "the waiter never queued"
     );
@@ -417,19 +408,6 @@ fn fencing_permits_all_or_nothing_and_elections_keep_their_meaning() {
     );
     let next = campaign.join().unwrap().expect("b leads after a");
     assert!(next.term() > lead.term());
-}
-
-/// Waits of sessions whose application name starts with `app`, in the server's lock queue.
-fn queued(direct: &mut Client, app: &str) -> i64 {
-    direct
-        .query_one(
-            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
-             WHERE l.locktype = 'advisory' AND NOT l.granted \
-             AND a.application_name LIKE $1 || '%'",
-            &[&app],
-        )
-        .unwrap()
-        .get(0)
 }
 
 fn time_to_loss_of(lead: &distlock::Leadership) -> Option<Duration> {

@@ -62,6 +62,19 @@ pub fn locks_of_app(client: &mut Client, app: &str) -> i64 {
         .get(0)
 }
 
+/// Waits in the server's lock queue of sessions whose application name starts with `app` (a
+/// manager's lock session, waiting connections and lock transactions alike).
+pub fn queued(client: &mut Client, app: &str) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+             WHERE l.locktype = 'advisory' AND NOT l.granted AND a.application_name LIKE $1 || '%'",
+            &[&app],
+        )
+        .expect("pg_locks")
+        .get(0)
+}
+
 /// Sessions with application name `app`.
 pub fn sessions_of_app(client: &mut Client, app: &str) -> i64 {
     client
