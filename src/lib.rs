@@ -70,18 +70,29 @@
 //!   statement (`SELECT nextval(..) WHERE pg_try_advisory_lock(k)`), so a later holder's token is
 //!   always higher. The first fenced call creates the sequence if it is missing; a role that may
 //!   not gets an error naming what to run once (`CREATE SEQUENCE IF NOT EXISTS
-//!   public.distlock_fence; GRANT USAGE ON SEQUENCE public.distlock_fence TO ..`). Crashes: a
-//!   sequence writes its WAL ahead of the values it hands out, and the lock session raises
-//!   `synchronous_commit = off` to `local`, so that WAL is on disk before a token is returned and
-//!   no token is issued twice after a crash. **Failover with asynchronous replication:** the
-//!   promoted standby's sequence is where the WAL it had received left it, so tokens the old
-//!   primary issued within the replication lag (plus up to the 32 values a sequence logs ahead)
-//!   can be issued again by the new primary, and a resource that saw one of them refuses new
-//!   holders until the sequence passes it. With a synchronous standby (`synchronous_commit` `on`,
-//!   `remote_write` or `remote_apply`, which the lock session keeps), the sequence's WAL reaches
-//!   the standby before a token is returned, and tokens only grow across failover too. After
-//!   failing over to an asynchronous standby, restore the guarantee with `SELECT
-//!   setval('public.distlock_fence', <a value above any token issued>)`.
+//!   public.distlock_fence; GRANT USAGE ON SEQUENCE public.distlock_fence TO ..`).
+//!   **Crashes and synchronous standbys:** a sequence writes WAL once per 32 values, and only the
+//!   draw that writes it waits for that WAL; the next 31 values would be handed out at once,
+//!   before their WAL is on disk or on a synchronous standby. So each draw also writes a small
+//!   WAL record of its own in its transaction (a logical decoding message, prefix `distlock`;
+//!   `pg_logical_emit_message` is callable by every role unless an administrator revoked it),
+//!   with `synchronous_commit` raised to `on` for that transaction where it is `off` or `local`:
+//!   the token is returned only once the WAL up to it is flushed and, with a synchronous standby
+//!   (`synchronous_standby_names`, as Patroni's `synchronous_mode` sets it), confirmed by the
+//!   standby. No token is issued twice after a crash, and tokens only grow across a failover to
+//!   a synchronous standby, replication stalls included (tested: a stalled WAL sender, the
+//!   primary killed, the standby promoted). The cost is one WAL flush per fenced grant, and one
+//!   round trip to the synchronous standby (see the README's Performance section); while the
+//!   standby does not confirm, fenced calls wait and end at their bound like any stalled
+//!   statement. **Failover to an asynchronous standby:** the promoted standby's sequence is
+//!   where the WAL it had received left it, so tokens the old primary issued within the
+//!   replication lag (plus up to the 32 values a sequence logs ahead) can be issued again by the
+//!   new primary — any value above the highest the standby had received, up to the highest the
+//!   old primary issued. A resource that checks tokens then sees a token it already saw (or a
+//!   lower one) and refuses that holder, which is safe but stops new holders until the sequence
+//!   passes the highest token it has seen. Restore the guarantee after such a failover with
+//!   `SELECT setval('public.distlock_fence', <a value above any token issued>)`, or let the
+//!   resource hand its highest seen token back to an operator.
 //! * **Semaphores.** [`LockManager::try_acquire_permit`] (and `_for`, [`LockManager::acquire_permit`])
 //!   admit at most `permits` holders at once across all processes, with no DDL: each permit is a
 //!   slot, a lock of its own ([`LockKey::permit_slot`]); a try takes the first free slot in one

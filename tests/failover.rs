@@ -257,3 +257,115 @@ fn a_silent_old_primary_loses_every_guard_before_the_new_primary_grants() {
         );
     }
 }
+
+/// A synchronous standby whose replication stalls, a primary that then dies, the standby
+/// promoted: no fencing token handed out before the failover is handed out again after it. A
+/// sequence logs its WAL once per 32 values and only the draw that logs waits for the standby,
+/// so without a wait of each draw's own, the values after a logged one come back at once, with
+/// their WAL on the primary only — and the promoted standby issues them again.
+#[test]
+fn fencing_tokens_never_repeat_after_failover_to_a_synchronous_standby() {
+    let _one_at_a_time = PAIR.lock();
+    let Some((primary, standby)) = pair() else {
+        return;
+    };
+    let mut admin = postgres::Client::connect(primary.url(), postgres::NoTls).unwrap();
+    admin
+        .batch_execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+        .unwrap();
+    // As a cluster with a synchronous standby runs (test clusters default to `off`).
+    admin
+        .batch_execute("ALTER SYSTEM SET synchronous_commit = on")
+        .unwrap();
+    admin.batch_execute("SELECT pg_reload_conf()").unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            admin
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'",
+                    &[],
+                )
+                .unwrap()
+                .get::<_, i64>(0)
+                == 1
+        }),
+        "the standby never became synchronous"
+    );
+    let url = primary.url().to_owned();
+    let fenced = |locks: &LockManager, key: LockKey| -> Option<u64> {
+        match locks.try_lock_fenced(key) {
+            Ok(Some(guard)) => guard.fencing_token(),
+            _ => None,
+        }
+    };
+    // Tokens before the stall, replicated.
+    let before = LockManager::connect(&url).unwrap();
+    let mut issued: Vec<u64> = (0..40)
+        .filter_map(|i| fenced(&before, LockKey::pair(4545, i)))
+        .collect();
+    assert_eq!(issued.len(), 40, "fenced grants before the stall");
+
+    // The primary's WAL sender stops: nothing more reaches the standby.
+    let walsender: i32 = admin
+        .query_one("SELECT pid FROM pg_stat_replication", &[])
+        .unwrap()
+        .get(0);
+    common::signal(walsender, "STOP");
+    let resume = common::Resume(walsender);
+    // Four managers draw fenced tokens for two seconds, each on keys of its own.
+    let stall_started = Instant::now();
+    let drawers: Vec<_> = (0..4)
+        .map(|m| {
+            let url = url.clone();
+            thread::spawn(move || {
+                let mut tokens = Vec::new();
+                let mut tries = 0u32;
+                let Ok(locks) = LockManager::builder()
+                    .request_timeout(Duration::from_millis(500))
+                    .connect(&url)
+                else {
+                    return (tokens, tries);
+                };
+                let mut i = 0;
+                while stall_started.elapsed() < Duration::from_secs(2) && tries < 10_000 {
+                    tries += 1;
+                    i += 1;
+                    if let Ok(Some(guard)) = locks.try_lock_fenced(LockKey::pair(4546 + m, i)) {
+                        tokens.extend(guard.fencing_token());
+                    }
+                }
+                (tokens, tries)
+            })
+        })
+        .collect();
+    let mut tries = 0;
+    let mut during = Vec::new();
+    for d in drawers {
+        let (tokens, n) = d.join().unwrap();
+        during.extend(tokens);
+        tries += n;
+    }
+    eprintln!(
+        "replication stalled: {tries} fenced tries, {} tokens handed out {:?}",
+        during.len(),
+        during
+    );
+    assert!(tries >= 8, "the stall saw only {tries} fenced tries");
+    issued.extend(during);
+
+    // The primary dies with its WAL sender still stopped; the standby is promoted.
+    primary.crash().expect("crash the primary");
+    // The immediate stop ended the stopped WAL sender too (with SIGKILL): nothing to resume.
+    assert_eq!(process_state(walsender), None, "the WAL sender outlived its server");
+    std::mem::forget(resume);
+    standby.promote().expect("promote the standby");
+    let after = LockManager::connect(standby.url()).unwrap();
+    let highest = *issued.iter().max().unwrap();
+    for i in 0..40 {
+        let token = fenced(&after, LockKey::pair(4550, i)).expect("a fenced grant after failover");
+        assert!(
+            token > highest,
+            "token {token} after the failover; {highest} was handed out before it"
+        );
+    }
+}

@@ -174,10 +174,8 @@ impl Sql {
 
     /// Appends the lock session's set-up for a server of `version` (`server_version_num`): no
     /// idle-session culls (they would end the session, and its locks, between two statements),
-    /// and the server-side keepalives, when given. Only settings the server has are set. A cluster
-    /// whose `synchronous_commit` is `off` gets `local` for this session: the sequence record
-    /// behind a fencing token is then on disk before the token is returned, so a crash never
-    /// issues it again (stronger settings are kept).
+    /// and the server-side keepalives, when given. Only settings the server has are set. (A
+    /// fencing token's durability is its own statement's: see `fencing::NEXT_TOKEN`.)
     pub(crate) fn push_session_setup(
         &mut self,
         version: i32,
@@ -198,10 +196,6 @@ impl Sql {
         push_int8(&mut self.buf, marker);
         self.buf.push('\'');
         set(&mut self.buf, "idle_in_transaction_session_timeout", 0);
-        self.buf.push_str(
-            ";SELECT set_config('synchronous_commit', 'local', false) \
-             WHERE current_setting('synchronous_commit') = 'off'",
-        );
         if version >= 140_000 {
             set(&mut self.buf, "idle_session_timeout", 0);
         }

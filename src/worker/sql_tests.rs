@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::protocol::request::Fencing;
+use crate::worker::fencing::NEXT_TOKEN;
 use crate::worker::special_sql::{all, fenced, permit, wait};
 
 /// A query's text after its pin, which every query text starts with.
@@ -32,8 +33,7 @@ fn session_setup_sets_only_what_the_server_has() {
     assert_eq!(
         text(&sql),
         "SET distlock.session = '-5';SET idle_in_transaction_session_timeout = 0;\
-         SELECT set_config('synchronous_commit', 'local', false) \
-         WHERE current_setting('synchronous_commit') = 'off';SET idle_session_timeout = 0;\
+         SET idle_session_timeout = 0;\
          SET tcp_keepalives_idle = 5;SET tcp_keepalives_interval = 1;\
          SET tcp_keepalives_count = 6;SET tcp_user_timeout = 11000"
     );
@@ -41,9 +41,7 @@ fn session_setup_sets_only_what_the_server_has() {
     sql.push_session_setup(110_000, None, 7);
     assert_eq!(
         text(&sql),
-        "SET distlock.session = '7';SET idle_in_transaction_session_timeout = 0;\
-         SELECT set_config('synchronous_commit', 'local', false) \
-         WHERE current_setting('synchronous_commit') = 'off'"
+        "SET distlock.session = '7';SET idle_in_transaction_session_timeout = 0"
     );
     assert_eq!(
         unpinned(&crate::worker::connect::pooler::probe(42, 7)),
@@ -127,7 +125,7 @@ fn statements_hold_only_formatted_integers() {
 fn statements_beyond_one_key_are_built_from_integers() {
     assert_eq!(
         unpinned(&fenced(LockKey::id(-5))),
-        "SELECT nextval('public.distlock_fence') WHERE pg_try_advisory_lock(-5)",
+        format!("{} WHERE pg_try_advisory_lock(-5)", unpinned(NEXT_TOKEN)),
     );
     let all = all(&[LockKey::id(1), LockKey::pair(2, 3)], Mode::Shared);
     assert!(
@@ -158,7 +156,11 @@ fn statements_beyond_one_key_are_built_from_integers() {
             Scope::Session,
         )),
         "SET lock_timeout = 250;SELECT FROM pg_advisory_lock(-1);\
-         SELECT FROM pg_advisory_lock(9);/*NO LOAD BALANCE*/ SELECT nextval('public.distlock_fence')",
+         SELECT FROM pg_advisory_lock(9);/*NO LOAD BALANCE*/ SELECT \
+         pg_catalog.nextval('public.distlock_fence'), \
+         pg_catalog.pg_logical_emit_message(true, 'distlock', 'fencing token'), \
+         CASE WHEN pg_catalog.current_setting('synchronous_commit') IN ('off', 'local') \
+         THEN pg_catalog.set_config('synchronous_commit', 'on', true) END",
         "waits take their keys in the order of their ids"
     );
     // In a lock transaction: the transaction's own setting and transaction locks.
