@@ -70,6 +70,7 @@ impl Default for Builder {
             options: Options {
                 application_name: None,
                 connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+                connect_retry: Duration::ZERO,
                 request_timeout: DEFAULT_REQUEST_TIMEOUT,
                 max_locks: DEFAULT_MAX_LOCKS,
                 max_retry_interval: DEFAULT_MAX_RETRY_INTERVAL,
@@ -113,6 +114,21 @@ impl Builder {
     /// Defaults to 5 s.
     pub fn connect_timeout(mut self, timeout: Duration) -> Builder {
         self.options.connect_timeout = timeout;
+        self
+    }
+
+    /// How long `connect` keeps trying when the first connection fails for a reason that may
+    /// pass by itself: every host refused or unreachable, a timeout, a standby (a failover in
+    /// progress), a server starting up or shutting down, no connection slot left. It tries again
+    /// with the reconnect backoff (50 ms doubling to 1 s, with jitter) and returns the last error
+    /// once this much time has passed since it began — so `connect` takes at most this plus one
+    /// attempt (a connect timeout per host). A refused password, a missing database, a bad
+    /// certificate or bad parameters fail at once. `Duration::MAX` keeps trying for as long as it
+    /// takes.
+    ///
+    /// Defaults to zero: one attempt.
+    pub fn connect_retry(mut self, retry_for: Duration) -> Builder {
+        self.options.connect_retry = retry_for;
         self
     }
 

@@ -65,6 +65,9 @@ pub struct Error {
     kind: ErrorKind,
     message: Cow<'static, str>,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    /// A connect failure that may pass by itself: a refused or unreachable host, a timeout, a
+    /// standby, a server starting up or shutting down, no connection slot left.
+    passing: bool,
 }
 
 impl Error {
@@ -73,6 +76,7 @@ impl Error {
             kind,
             message: message.into(),
             source: None,
+            passing: kind == ErrorKind::Timeout,
         }
     }
 
@@ -85,6 +89,7 @@ impl Error {
             kind,
             message: message.into(),
             source: Some(Box::new(source)),
+            passing: kind == ErrorKind::Timeout,
         }
     }
 
@@ -105,15 +110,55 @@ impl Error {
         }
     }
 
+    /// This connect failure may pass by itself (see the field).
+    pub(crate) fn passing(mut self) -> Error {
+        self.passing = true;
+        self
+    }
+
+    /// True for a connect failure that may pass by itself; see
+    /// [`Builder::connect_retry`](crate::Builder::connect_retry).
+    pub(crate) fn may_pass(&self) -> bool {
+        self.passing
+    }
+
+    /// The message, then each cause's, `: `-separated: the whole story in one line.
+    pub(crate) fn chain(&self) -> String {
+        let mut text = self.message.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            let more = c.to_string();
+            if !more.is_empty() && !text.contains(&more) {
+                text.push_str(": ");
+                text.push_str(&more);
+            }
+            cause = c.source();
+        }
+        text
+    }
+
+    /// This error with `message` in place of its own; kind, cause and passing kept.
+    pub(crate) fn reworded(mut self, message: String) -> Error {
+        self.message = Cow::Owned(message);
+        self
+    }
+
     pub(crate) fn timeout(what: &'static str) -> Error {
         Error::new(ErrorKind::Timeout, what)
     }
 
-    pub(crate) fn offline() -> Error {
-        Error::new(
-            ErrorKind::Offline,
-            "the lock manager is reconnecting to the server",
-        )
+    /// `refusal`: why the last reconnect attempt failed, if one has.
+    pub(crate) fn offline(refusal: Option<&str>) -> Error {
+        match refusal {
+            None => Error::new(
+                ErrorKind::Offline,
+                "the lock manager is reconnecting to the server",
+            ),
+            Some(why) => Error::new(
+                ErrorKind::Offline,
+                format!("the lock manager is reconnecting to the server; the last attempt: {why}"),
+            ),
+        }
     }
 
     #[cold]

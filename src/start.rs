@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::backoff::Backoff;
 use crate::caller::acquire::FIRST_RETRY;
 use crate::caller::handle::LockManager;
 use crate::caller::pool::{IDLE_CLOSE, Open, WaitPool};
@@ -48,6 +49,8 @@ pub(crate) struct Options {
     /// `None`: the connection parameters', else [`DEFAULT_APPLICATION_NAME`].
     pub(crate) application_name: Option<String>,
     pub(crate) connect_timeout: Duration,
+    /// How long the first connect keeps trying a failure that may pass.
+    pub(crate) connect_retry: Duration,
     pub(crate) request_timeout: Duration,
     pub(crate) max_locks: usize,
     pub(crate) max_retry_interval: Duration,
@@ -112,7 +115,7 @@ pub(crate) fn start(
             SPIN_HAND_OVER_TURNS
         },
     };
-    start_worker(spec.clone(), spec.connector.bound())?;
+    start_worker_within(&spec, options.connect_retry)?;
     let (max_locks, lock_table_limit) = lock_limit(options.max_locks, spec.connector.lock_table());
     monitor::start(spec, shutdown_rx).map_err(spawn_error)?;
     let settings = Settings {
@@ -158,6 +161,8 @@ fn waiting_connections(
     }
     let one = Options {
         wait_connections: 0,
+        // Opened for a caller, within its deadline: one attempt.
+        connect_retry: Duration::ZERO,
         application_name: Some(suffixed(name, WAITING_SUFFIX)),
         ..options.clone()
     };
@@ -179,6 +184,7 @@ fn lock_transactions(
         wait_connections: 0,
         transaction_pooler: false,
         flavor: Flavor::Holder,
+        connect_retry: Duration::ZERO,
         application_name: Some(suffixed(name, TRANSACTION_SUFFIX)),
         ..options.clone()
     };
@@ -287,6 +293,27 @@ fn worker_connector(
         keepalive,
         options.flavor,
     )
+}
+
+/// Starts the worker and waits for its first connection; a failure that may pass is tried again,
+/// with the reconnect backoff, until `retry_for` has passed.
+fn start_worker_within(spec: &Spec, retry_for: Duration) -> Result<()> {
+    let deadline = Instant::now().checked_add(retry_for);
+    let mut backoff = Backoff::new(worker::FIRST_RECONNECT, worker::MAX_RECONNECT);
+    loop {
+        match start_worker(spec.clone(), spec.connector.bound()) {
+            Err(e) if e.may_pass() => {
+                let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+                if left.is_some_and(|left| left.is_zero()) {
+                    return Err(e);
+                }
+                log::info!("distlock: connect failed, trying again: {e}");
+                let pause = backoff.next_pause();
+                std::thread::sleep(left.map_or(pause, |left| pause.min(left)));
+            }
+            done => return done,
+        }
+    }
 }
 
 /// Starts the worker and waits for its first connection, within the connect timeout.

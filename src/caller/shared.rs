@@ -181,7 +181,7 @@ impl Shared {
         if self.link.is_pooled() {
             Error::pooler()
         } else {
-            Error::offline()
+            self.link.offline_error()
         }
     }
 

@@ -99,6 +99,8 @@ struct State {
     backend: Option<Backend>,
     /// Backends of lost generations that may still be alive (stalled, not dead) and hold locks.
     suspects: Vec<Backend>,
+    /// Why the last reconnect attempt failed, while offline (a standby, refused, timed out).
+    refusal: Option<std::sync::Arc<str>>,
 }
 
 /// A generation's identity as a guard keeps it.
@@ -142,6 +144,7 @@ impl Link {
                 lost_rx,
                 backend: None,
                 suspects: Vec::new(),
+                refusal: None,
             }),
         }
     }
@@ -232,6 +235,18 @@ impl Link {
         self.pooled.store(true, Ordering::SeqCst);
     }
 
+    /// Notes why the last reconnect attempt failed, for the offline error callers get.
+    pub(crate) fn note_refusal(&self, why: String) {
+        self.state.lock().refusal = Some(why.into());
+    }
+
+    /// The error of a call made while offline: says why the last reconnect attempt failed.
+    #[cold]
+    pub(crate) fn offline_error(&self) -> crate::error::Error {
+        let refusal = self.state.lock().refusal.clone();
+        crate::error::Error::offline(refusal.as_deref())
+    }
+
     /// True once a pooler was seen sharing the manager's session.
     pub(crate) fn is_pooled(&self) -> bool {
         self.pooled.load(Ordering::Acquire)
@@ -252,6 +267,7 @@ impl Link {
         state.lost_rx = lost_rx.clone();
         state.backend = Some(backend);
         let suspects = std::mem::take(&mut state.suspects);
+        state.refusal = None;
         self.current.store(state.generation, Ordering::Release);
         (
             Lease {

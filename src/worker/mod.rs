@@ -39,8 +39,8 @@ mod special_sql;
 pub(crate) mod sql;
 
 /// The first and the largest pause between two reconnect attempts.
-const FIRST_RECONNECT: Duration = Duration::from_millis(50);
-const MAX_RECONNECT: Duration = Duration::from_secs(1);
+pub(crate) const FIRST_RECONNECT: Duration = Duration::from_millis(50);
+pub(crate) const MAX_RECONNECT: Duration = Duration::from_secs(1);
 
 /// Everything a worker needs; the monitor keeps a copy to start a replacement.
 #[derive(Clone)]
@@ -170,7 +170,7 @@ impl Worker {
                     // connection for nothing). Its pool closes it.
                     self.spec.link.lose(lease.generation);
                     drop(conn);
-                    let _ = self.drain(lost_error, None);
+                    let _ = self.drain(|_| lost_error(), None);
                     return;
                 }
                 End::Lost | End::Finished => {
@@ -232,7 +232,7 @@ impl Worker {
         loop {
             if self.spec.link.is_pooled() {
                 // For good: returns only when the manager is gone.
-                let _ = self.drain(Error::pooler, None);
+                let _ = self.drain(|_| Error::pooler(), None);
                 return None;
             }
             // Requests that queue while the attempt runs are answered at once, as offline.
@@ -259,9 +259,10 @@ impl Worker {
                         self.spec.link.counters().server_refused();
                     }
                     log::warn!("distlock worker: reconnect failed: {e}");
+                    self.spec.link.note_refusal(e.chain());
                 }
             }
-            self.drain(Error::offline, Some(Instant::now() + backoff.next_pause()))?;
+            self.drain(offline, Some(Instant::now() + backoff.next_pause()))?;
         }
     }
 
@@ -269,7 +270,7 @@ impl Worker {
     /// replies over, and waits up to `left` for more of either or for the attempt. `None` when
     /// the manager is gone.
     fn offline_turn(&mut self, attempt: &Receiver<Attempt>, left: Duration) -> Option<()> {
-        if self.answer_queued(Error::offline).is_none() {
+        if self.answer_queued(offline).is_none() {
             // Nobody to answer: wait for the attempt alone (it closes what it gets).
             connect::await_attempt(attempt, left);
             return None;
@@ -281,7 +282,7 @@ impl Worker {
 
     /// With no connection: answers every queued request with `refusal()` and hands late replies
     /// over, until `until` (`None`: for good). `None` when the manager is gone.
-    fn drain(&mut self, refusal: fn() -> Error, until: Option<Instant>) -> Option<()> {
+    fn drain(&mut self, refusal: fn(&Link) -> Error, until: Option<Instant>) -> Option<()> {
         loop {
             self.answer_queued(refusal)?;
             let pause = match until {
@@ -299,11 +300,14 @@ impl Worker {
     /// With no connection: hands late replies over (a grant given back needs no statement, its
     /// session is gone) and answers every request queued now with `refusal()`. `None` when the
     /// manager is gone.
-    fn answer_queued(&mut self, refusal: fn() -> Error) -> Option<()> {
+    fn answer_queued(&mut self, refusal: fn(&Link) -> Error) -> Option<()> {
         let _ = self.settle_late(None);
         loop {
             match self.spec.requests.try_recv() {
-                Ok(request) => self.fail(request, refusal()),
+                Ok(request) => {
+                    let error = refusal(&self.spec.link);
+                    self.fail(request, error);
+                }
                 Err(TryRecvError::Disconnected) => return None,
                 Err(TryRecvError::Empty) => return Some(()),
             }
@@ -425,6 +429,11 @@ impl Worker {
         self.spec.link.set_pooled();
         End::Lost
     }
+}
+
+/// The answer to a request while reconnecting: offline, and why the last attempt failed.
+fn offline(link: &Link) -> Error {
+    link.offline_error()
 }
 
 /// The error of a request whose connection failed before or while it ran.

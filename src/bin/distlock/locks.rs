@@ -28,6 +28,10 @@ pub struct Args {
     /// queue included): its holders and its queue, in order.
     #[arg(long, value_name = "NAME")]
     key: Option<String>,
+    /// Show a standby's own locks. A standby's pg_locks shows none of the primary's locks, so by
+    /// default distlock refuses one.
+    #[arg(long)]
+    allow_standby: bool,
 }
 
 /// One advisory lock of one session, as `pg_locks` and `pg_stat_activity` show it.
@@ -73,6 +77,9 @@ pub fn run(url: Option<&str>, args: Args) -> Result<ExitCode, Failure> {
         };
         Failure::new(code, anyhow!(e).context("cannot connect to the server"))
     })?;
+    if !args.allow_standby {
+        refuse_standby(&mut client)?;
+    }
     if let Some(every) = args.watch {
         let name = args.key.as_deref();
         watch::run(every, || Ok(frame(fetch(&mut client)?, name)))
@@ -86,6 +93,27 @@ pub fn run(url: Option<&str>, args: Args) -> Result<ExitCode, Failure> {
         print_table(&rows, args.key.as_deref());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Refuses a standby: its `pg_locks` shows only the locks taken on it, none of the primary's, and
+/// an empty list there would say "no locks" while the primary's are held.
+fn refuse_standby(client: &mut postgres::Client) -> Result<(), Failure> {
+    let in_recovery: bool = client
+        .query_one("/*NO LOAD BALANCE*/ SELECT pg_is_in_recovery()", &[])
+        .map_err(|e| Failure::new(exit::UNAVAILABLE, anyhow!(e).context("asking the server")))?
+        .get(0);
+    if in_recovery {
+        return Err(Failure::new(
+            exit::UNAVAILABLE,
+            anyhow!(
+                "the server is a standby (in recovery, a read replica): its pg_locks shows none \
+                 of the primary's locks. Point distlock at the primary (with several hosts, add \
+                 target_session_attrs=read-write), or pass --allow-standby to see the locks \
+                 taken on this standby itself"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Every advisory lock on the server, held or awaited, in key order (holders first, then the

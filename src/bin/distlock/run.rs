@@ -45,9 +45,19 @@ pub struct Args {
     /// What to do if the lock is lost while the command runs.
     #[arg(long, value_enum, default_value_t = OnLost::Terminate)]
     on_lost: OnLost,
-    /// After a lost lock, how long the command has between SIGTERM and SIGKILL.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration::parse)]
-    kill_after: Duration,
+    /// After a lost lock, how long the command has between SIGTERM and SIGKILL [default: what
+    /// --dead-holder-timeout leaves after the loss is told, so that the command is gone before
+    /// the server frees the lock for anyone else: 3s with the defaults].
+    #[arg(long, value_name = "DURATION", value_parser = duration::parse)]
+    kill_after: Option<Duration>,
+    /// How often the lock's connection is checked while the command runs.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = duration::parse)]
+    heartbeat: Duration,
+    /// How long the server keeps the lock of a holder whose host vanished (lost power or its
+    /// network); distlock is told within half of it and stops the command before the rest
+    /// has passed.
+    #[arg(long, value_name = "DURATION", default_value = "12s", value_parser = duration::parse)]
+    dead_holder_timeout: Duration,
     /// Exit code when the lock is not acquired.
     #[arg(long, value_name = "N", default_value_t = exit::CONFLICT)]
     conflict_exit_code: u8,
@@ -80,9 +90,22 @@ enum OnLost {
 /// How often the status line is refreshed while waiting.
 const STATUS_EVERY: Duration = Duration::from_millis(500);
 
-pub fn run(url: Option<&str>, args: Args) -> Result<ExitCode, Failure> {
+pub fn run(url: Option<&str>, mut args: Args) -> Result<ExitCode, Failure> {
     let server = shared_server(url)?;
-    let locks = connect(&server, &args.key, args.transaction_pooler)?;
+    let window = loss_window(args.heartbeat, args.dead_holder_timeout);
+    match args.kill_after {
+        None => args.kill_after = Some(window),
+        Some(kill_after) if kill_after > window && args.on_lost == OnLost::Terminate => eprintln!(
+            "distlock: warning: --kill-after {} is longer than the {} that --dead-holder-timeout \
+             {} leaves after a lost lock is told: another host may be granted the lock while the \
+             command still runs (use --fence, or a longer --dead-holder-timeout)",
+            human(kill_after),
+            human(window),
+            human(args.dead_holder_timeout)
+        ),
+        Some(_) => {}
+    }
+    let locks = connect(&server, &args)?;
     let key = LockKey::name(&args.key);
     let Some(guard) = acquire(&locks, key, &args, &server)? else {
         if !args.quiet {
@@ -130,16 +153,37 @@ pub fn run(url: Option<&str>, args: Args) -> Result<ExitCode, Failure> {
     Ok(ExitCode::from(exit::of_status(status)))
 }
 
+/// How long the command may take to exit after a lost lock is told, so that it is gone before
+/// the server can free the lock for anyone else: the server frees a vanished holder's locks no
+/// sooner than a second short of the dead-holder bound after the last packet it received, which
+/// may be a heartbeat before the cut; distlock is told within half the bound of the cut; and a
+/// second is kept for the kill itself and the kernel's timers.
+fn loss_window(heartbeat: Duration, dead_holder_timeout: Duration) -> Duration {
+    dead_holder_timeout
+        .saturating_sub(Duration::from_secs(1))
+        .saturating_sub(heartbeat)
+        .saturating_sub(dead_holder_timeout / 2)
+        .saturating_sub(Duration::from_secs(1))
+}
+
 /// The lock manager of a run: named after the connection string's `application_name`, else
-/// `distlock`.
-fn connect(server: &Server, key: &str, transaction_pooler: bool) -> Result<LockManager, Failure> {
+/// `distlock`. A run that may wait keeps trying to connect (a failover, a restart) until its
+/// wait is over.
+fn connect(server: &Server, args: &Args) -> Result<LockManager, Failure> {
     // Named after the key, so that `distlock locks` and pg_stat_activity tell which job holds
     // (or waits for) which lock; PostgreSQL keeps the first 63 bytes.
-    let app = application_name(&server.config, &format!("distlock run {key}"));
+    let app = application_name(&server.config, &format!("distlock run {}", args.key));
+    let connect_retry = match (args.no_wait, args.wait) {
+        (true, _) => Duration::ZERO,
+        (false, Some(wait)) => wait,
+        (false, None) => Duration::MAX,
+    };
     LockManager::builder()
         .application_name(&app)
-        .heartbeat(Duration::from_secs(1))
-        .transaction_pooler(transaction_pooler)
+        .heartbeat(args.heartbeat)
+        .dead_holder_timeout(args.dead_holder_timeout)
+        .connect_retry(connect_retry)
+        .transaction_pooler(args.transaction_pooler)
         .tls(server.tls.clone())
         .connect_config(server.config.clone())
         .map_err(|e| {
@@ -198,7 +242,8 @@ fn supervise(
     let mut killed = false;
     let never = crossbeam_channel::never();
     loop {
-        let timeout = match lost_at.map(|at| at.checked_add(args.kill_after)) {
+        let kill_after = args.kill_after.unwrap_or_default();
+        let timeout = match lost_at.map(|at| at.checked_add(kill_after)) {
             // A --kill-after too large to add to now never comes.
             Some(Some(kill_at)) if args.on_lost == OnLost::Terminate && !killed => {
                 kill_at.saturating_duration_since(Instant::now())
@@ -234,8 +279,9 @@ fn announce_loss(pid: u32, args: &Args) {
         OnLost::Terminate => {
             eprintln!(
                 "distlock: lost the lock on {} (the connection to the server failed); \
-                 terminating the command (SIGKILL in {:?})",
-                args.key, args.kill_after
+                 terminating the command (SIGKILL in {})",
+                args.key,
+                human(args.kill_after.unwrap_or_default())
             );
             send_signal(pid, SIGTERM);
         }
@@ -295,6 +341,8 @@ fn acquire(
     // A --wait too large to add to now is no deadline at all.
     let deadline = args.wait.and_then(|w| started.checked_add(w));
     let mut status = StatusLine::new(!args.quiet && std::io::stderr().is_terminal(), server);
+    // What the manager last said of a reconnect (a standby, a refused host), said once.
+    let mut said: Option<String> = None;
     loop {
         let step = match deadline {
             Some(d) => d
@@ -308,8 +356,15 @@ fn acquire(
                 return Ok(Some(guard));
             }
             Ok(None) => {}
-            // A reconnect in progress: keep waiting, within the deadline.
-            Err(e) if e.is_transient() && deadline.is_none_or(|d| Instant::now() < d) => {}
+            // A reconnect in progress: keep waiting, within the deadline, and say why once.
+            Err(e) if e.is_transient() && deadline.is_none_or(|d| Instant::now() < d) => {
+                let text = e.to_string();
+                if !args.quiet && e.kind() == ErrorKind::Offline && said.as_ref() != Some(&text) {
+                    status.clear();
+                    eprintln!("distlock: still waiting for {}: {text}", args.key);
+                    said = Some(text);
+                }
+            }
             Err(e) => {
                 status.clear();
                 return Err(unavailable(e));

@@ -149,7 +149,8 @@ fn identify(
              hosts, add target_session_attrs=read-write; behind a proxy, make it route this \
              database's statements to the primary), or allow it with \
              Builder::allow_standby(true)",
-        ));
+        )
+        .passing());
     }
     let facts = Facts {
         version_num: field(row, 3)?,
@@ -259,9 +260,13 @@ fn classify(e: postgres::Error) -> Error {
             db.severity(),
             db.message()
         );
-        Error::with_source(ErrorKind::Connect, why, e)
+        // Starting up, shutting down, in recovery, or out of connection slots: it may pass.
+        let passing = matches!(db.code().code(), "57P01" | "57P03" | "53300");
+        let error = Error::with_source(ErrorKind::Connect, why, e);
+        if passing { error.passing() } else { error }
     } else {
-        Error::with_source(ErrorKind::Connect, "could not connect to the server", e)
+        // Refused, unreachable, reset: the host may come back.
+        Error::with_source(ErrorKind::Connect, "could not connect to the server", e).passing()
     }
 }
 

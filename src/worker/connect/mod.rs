@@ -133,8 +133,9 @@ impl Connector {
             .saturating_mul(u32::try_from(self.hosts.len()).unwrap_or(u32::MAX))
     }
 
-    /// Tries the hosts in turn until one serves. The error, when none does, is the first that
-    /// says more than a timeout (a refused password, a standby), else the last.
+    /// Tries the hosts in turn until one serves. The error, when none does, has the kind of the
+    /// first that says more than a timeout (a refused password, a standby), else the last's, and
+    /// with several hosts its message names every host and why it failed.
     fn attempt_while(&self, idle: &mut Idle<'_>) -> Attempt {
         let mut order: Vec<usize> = (0..self.hosts.len()).collect();
         if self.shuffle {
@@ -142,12 +143,14 @@ impl Connector {
         }
         let mut telling: Option<Error> = None;
         let mut last = None;
+        let mut each = Vec::new();
         for i in order {
             match self.attempt_host(i, idle) {
                 Ok(attempt) => return Ok(attempt),
                 Err(e) => {
                     if self.hosts.len() > 1 {
                         log::debug!("distlock: host {} of {}: {e}", i + 1, self.hosts.len());
+                        each.push(format!("{}: {}", params::host_label(&self.hosts[i]), e.chain()));
                     }
                     if telling.is_none() && e.kind() != ErrorKind::Timeout {
                         telling = Some(e);
@@ -157,9 +160,18 @@ impl Connector {
                 }
             }
         }
-        Err(telling
+        let error = telling
             .or(last)
-            .unwrap_or_else(|| Error::new(ErrorKind::Config, "no host to connect to")))
+            .unwrap_or_else(|| Error::new(ErrorKind::Config, "no host to connect to"));
+        if each.len() > 1 {
+            let message = format!(
+                "could not connect to any of the {} hosts: {}",
+                each.len(),
+                each.join("; ")
+            );
+            return Err(error.reworded(message));
+        }
+        Err(error)
     }
 
     /// One attempt at host `i`, within the connect timeout.

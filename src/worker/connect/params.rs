@@ -180,6 +180,21 @@ pub(crate) fn check_hosts(config: &postgres::Config) -> Result<()> {
 /// One configuration per host of a host list, in order, each otherwise as `config`, so that each
 /// host can be tried within a connect timeout of its own (as libpq does). A list of one host (or
 /// none) is returned as it is.
+/// `host:port` (or the socket directory and port) of a one-host configuration, for messages.
+pub(crate) fn host_label(config: &postgres::Config) -> String {
+    use postgres::config::Host;
+    let host = match (config.get_hostaddrs().first(), config.get_hosts().first()) {
+        (Some(addr), _) => addr.to_string(),
+        (None, Some(Host::Tcp(name))) => name.clone(),
+        (None, Some(Host::Unix(path))) => path.display().to_string(),
+        (None, None) => "localhost".to_owned(),
+    };
+    match config.get_ports().first() {
+        Some(port) => format!("{host}:{port}"),
+        None => host,
+    }
+}
+
 pub(crate) fn each_host(config: &postgres::Config) -> Vec<postgres::Config> {
     use postgres::config::Host;
     let (hosts, addrs, ports) = (
