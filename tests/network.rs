@@ -122,6 +122,14 @@ fn a_vanished_holders_locks_are_free_within_the_bound_and_the_holder_is_told_fir
         eprintln!("{line}");
     }
     assert!(configured.contains("dead host: configured"), "{configured}");
+    // `distlock run` with every setting at its default, its command deaf to SIGTERM.
+    let Some(command) = in_namespace("command") else {
+        return;
+    };
+    for line in command.lines().filter(|l| l.starts_with("dead host:")) {
+        eprintln!("{line}");
+    }
+    assert!(command.contains("dead host: command"), "{command}");
     if let Some(baseline) = baseline.join().unwrap() {
         for line in baseline.lines().filter(|l| l.starts_with("dead host:")) {
             eprintln!("{line}");
@@ -149,6 +157,10 @@ fn scenario_inside_a_namespace() {
     let cluster = TestCluster::start().expect("a cluster in the namespace");
     let port = cluster.port().unwrap();
     let socket = cluster.socket_dir().unwrap().display().to_string();
+    if scenario == "command" {
+        command_outlives_no_lock(&cluster);
+        return;
+    }
     let mut holder = LockManager::builder().application_name("dead-holder");
     if scenario == "baseline" {
         // The server's own (kernel) keepalive settings: about two hours.
@@ -202,4 +214,82 @@ fn scenario_inside_a_namespace() {
             "the lock was free only after {waited:?}, past the 12 s bound"
         );
     }
+}
+
+/// Nanoseconds since the epoch, as `date +%s%N` prints them.
+fn now_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// Inside the namespace: `distlock run`, every setting at its default, holds a lock over TCP for
+/// a command that ignores SIGTERM and writes the time every 20 ms; the loopback goes down; a
+/// contender over the unix socket takes the lock as soon as the server frees it. The command's
+/// last write must come before that grant: never two holders at once.
+fn command_outlives_no_lock(cluster: &TestCluster) {
+    let port = cluster.port().unwrap();
+    let socket = cluster.socket_dir().unwrap().display().to_string();
+    let dir = std::env::temp_dir().join(format!("distlock-netns-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let writes = dir.join("writes");
+    let key = "network/dead-host-command";
+    let mut holder = Command::new(env!("CARGO_BIN_EXE_distlock"))
+        .args(["run", "--key", key, "--no-wait", "--database-url"])
+        .arg(format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"))
+        .args(["--", "sh", "-c"])
+        .arg(r#"trap '' TERM; while :; do date +%s%N >> "$0"; sleep 0.02; done"#)
+        .arg(&writes)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("distlock run");
+    assert!(
+        eventually(Duration::from_secs(30), || std::fs::metadata(&writes)
+            .is_ok_and(|m| m.len() > 0)),
+        "the command never ran"
+    );
+    let contender = LockManager::connect(&format!(
+        "host={socket} port={port} user=postgres dbname=postgres"
+    ))
+    .unwrap();
+    let lock_key = LockKey::name(key);
+    assert!(contender.try_lock(lock_key).unwrap().is_none(), "not held");
+    let cut = Instant::now();
+    ip(&["link", "set", "lo", "down"]);
+    let mut granted = None;
+    while cut.elapsed() < Duration::from_secs(40) {
+        if let Ok(Some(guard)) = contender.try_lock(lock_key) {
+            granted = Some((now_ns(), cut.elapsed(), guard));
+            break;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    let (granted_ns, granted_after, _guard) = granted.expect("the server never freed the lock");
+    let exited = eventually(Duration::from_secs(30), || {
+        holder.try_wait().ok().flatten().is_some()
+    });
+    assert!(exited, "distlock run did not exit");
+    let status = holder.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(holder.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let text = std::fs::read_to_string(&writes).unwrap();
+    let last: u128 = text
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .next_back()
+        .expect("the command's writes");
+    let _ = std::fs::remove_dir_all(&dir);
+    eprintln!(
+        "dead host: command (defaults) — the contender was granted {granted_after:?} after the \
+         cut; the command's last write came {:.2} s before that grant",
+        (granted_ns as f64 - last as f64) / 1e9
+    );
+    assert_eq!(status.code(), Some(76), "{stderr}");
+    assert!(stderr.contains("SIGKILL"), "{stderr}");
+    assert!(
+        last < granted_ns,
+        "the command wrote {:.2} s after another process was granted its lock:\n{stderr}",
+        (last - granted_ns) as f64 / 1e9
+    );
 }
