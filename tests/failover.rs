@@ -369,3 +369,108 @@ fn fencing_tokens_never_repeat_after_failover_to_a_synchronous_standby() {
         );
     }
 }
+
+/// The `distlock` command, for the tests that run it.
+fn distlock() -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_distlock"));
+    cmd.env_remove("DATABASE_URL");
+    cmd
+}
+
+/// A failover that begins before a waiting command connects: every host refuses (the primary is
+/// down, the standby not yet promoted), and the command keeps trying until its deadline — naming
+/// every host and why when the deadline passes first, granted on the promoted standby otherwise.
+#[test]
+fn a_wait_survives_a_failover_that_begins_before_it_connects() {
+    let _one_at_a_time = PAIR.lock();
+    let Some((primary, standby)) = pair() else {
+        return;
+    };
+    let both = both_hosts(&primary, &standby);
+    primary.crash().expect("crash the primary");
+    let started = Instant::now();
+    let out = distlock()
+        .args(["run", "--key", "failover/before-connect", "--wait", "1s"])
+        .args(["--database-url", &both, "--", "true"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{stderr}");
+    assert!(started.elapsed() >= Duration::from_secs(1), "gave up early: {stderr}");
+    for port in [primary.port().unwrap(), standby.port().unwrap()] {
+        assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
+    }
+    // Now the promotion comes two seconds into the wait.
+    let mut waiting = distlock()
+        .args(["run", "--key", "failover/before-connect", "--fence", "--wait", "20s"])
+        .args(["--database-url", &both, "--", "sh", "-c", "echo token=$DISTLOCK_TOKEN"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_secs(2));
+    assert!(waiting.try_wait().unwrap().is_none(), "the wait ended before the promotion");
+    standby.promote().expect("promote the standby");
+    let out = waiting.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stdout.starts_with("token="), "{stdout}");
+}
+
+/// A standby is named out loud: `distlock locks` refuses one (its pg_locks shows none of the
+/// primary's locks) unless asked, and a `distlock run` whose only host turned into a standby
+/// while it waited says so, and says it again when its deadline passes.
+#[test]
+fn a_standby_is_named_by_the_command() {
+    let _one_at_a_time = PAIR.lock();
+    let Some((primary, standby)) = pair() else {
+        return;
+    };
+    let out = distlock()
+        .args(["locks", "--database-url", standby.url()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{stderr}");
+    assert!(stderr.contains("standby"), "{stderr}");
+    let out = distlock()
+        .args(["locks", "--allow-standby", "--database-url", standby.url()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+
+    // A run waits on the primary behind a plain session's hold...
+    let key = LockKey::name("failover/turned-standby");
+    let mut plain = postgres::Client::connect(primary.url(), postgres::NoTls).unwrap();
+    plain
+        .query_one("SELECT pg_advisory_lock($1)", &[&key.as_id().unwrap()])
+        .unwrap();
+    let waiting = distlock()
+        .args(["run", "--key", "failover/turned-standby", "--wait", "12s"])
+        .args(["--database-url", primary.url(), "--", "true"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || common::queued(&mut plain, "distlock run failover/turned-standby") == 1),
+        "the run never queued"
+    );
+    // ...and the primary comes back as a standby.
+    primary.crash().expect("crash the primary");
+    std::fs::write(primary.data_dir().unwrap().join("standby.signal"), b"").unwrap();
+    primary.start_again().expect("start it again, in recovery");
+    let out = waiting.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{stderr}");
+    let told = stderr
+        .lines()
+        .find(|l| l.contains("still waiting") && l.contains("standby"));
+    assert!(told.is_some(), "never said it waits on a standby: {stderr}");
+    assert!(
+        stderr.lines().last().is_some_and(|l| l.contains("standby")),
+        "the last word does not name the standby: {stderr}"
+    );
+}

@@ -281,6 +281,11 @@ impl TestCluster {
         text.lines().next()?.trim().parse().ok()
     }
 
+    /// The data directory of a local cluster (a test may put `standby.signal` there, say).
+    pub fn data_dir(&self) -> Option<&Path> {
+        self.local.as_ref().map(|l| l.data.as_path())
+    }
+
     /// The directory of the PostgreSQL binaries of a local cluster (`pgbench` may live there too).
     pub fn bin_dir(&self) -> Option<&Path> {
         self.local.as_ref().map(|l| l.bin.as_path())
