@@ -1,0 +1,277 @@
+//! High availability the way people run it: a real Patroni cluster (etcd, two PostgreSQL nodes,
+//! `ttl` 10 s) on loopback. A node's death tells the holder before a queued waiter is granted on
+//! the new leader; a planned switchover, whose new leader can grant within a heartbeat of the old
+//! one ending the holder's session, tells it within that heartbeat; a frozen leader cannot leave two commands running with the
+//! command's defaults; fencing tokens only grow across a failover to a synchronous standby after a
+//! replication stall; a standby is named. One cluster at a time.
+
+mod common;
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::eventually;
+use common::patroni::{self, Cluster, TTL_S};
+use distlock::{LockKey, LockManager};
+use parking_lot::Mutex;
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn cluster(synchronous: bool) -> Option<Cluster> {
+    if let Some(why) = patroni::unavailable() {
+        distlock::testing::skip(&why);
+        return None;
+    }
+    eprintln!("patroni: {}", Cluster::versions());
+    Some(Cluster::start(synchronous))
+}
+
+/// Nanoseconds since the epoch, as `date +%s%N` prints them.
+fn now_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// A holder and a waiter queued behind it on the leader; `fault` strikes; the waiter must be
+/// granted on the new leader, and the holder told — before the grant when `told_first`, else
+/// within a heartbeat (and a round trip) of it: the old leader's end of the holder's session
+/// comes before the grant, and an idle holder learns of it at its next heartbeat.
+fn holder_told_and_waiter_granted(
+    c: &Cluster,
+    what: &str,
+    key: LockKey,
+    told_first: bool,
+    fault: impl FnOnce(),
+) {
+    let old = c.leader().expect("a leader");
+    let holder = LockManager::builder()
+        .application_name("ha-holder")
+        .connect(&c.url())
+        .expect("the holder connects");
+    let guard = holder.try_lock(key).unwrap().expect("free");
+    let lost = guard.lost().clone();
+    let url = c.url();
+    let waiter = thread::spawn(move || {
+        let locks = LockManager::builder()
+            .application_name("ha-waiter")
+            .connect(&url)
+            .expect("the waiter connects");
+        let granted = locks.try_lock_for(key, Duration::from_secs(90));
+        (Instant::now(), granted.map(|g| g.map(|g| g.ensure_held().is_ok())))
+    });
+    let mut leader = postgres::Client::connect(&c.node_url(old), postgres::NoTls).unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || common::queued(&mut leader, "ha-waiter") == 1),
+        "the waiter never queued"
+    );
+    drop(leader);
+    let struck = Instant::now();
+    fault();
+    let told = lost.recv_timeout(Duration::from_secs(60)).err().map(|_| Instant::now());
+    let (granted_at, granted) = waiter.join().unwrap();
+    let told = told.expect("the holder was never told");
+    assert_eq!(granted.unwrap(), Some(true), "{what}: the waiter was not granted and held");
+    let new = c.leader().expect("a leader after the fault");
+    assert_ne!(new, old, "{what}: the leadership did not move");
+    eprintln!(
+        "patroni {what}: holder told after {:?}, waiter granted on the new leader after {:?}",
+        told.duration_since(struck),
+        granted_at.duration_since(struck)
+    );
+    if told_first {
+        assert!(told <= granted_at, "{what}: the waiter was granted before the holder was told");
+    } else {
+        let heartbeat = Duration::from_secs(1) + Duration::from_millis(150);
+        assert!(
+            told <= granted_at + heartbeat,
+            "{what}: the holder was told {:?} after the waiter was granted, past a heartbeat",
+            told.duration_since(granted_at)
+        );
+    }
+    drop(guard);
+}
+
+#[test]
+fn a_switchover_and_a_node_death_tell_the_holder_and_grant_the_waiter_on_the_new_leader() {
+    let _one = ONE_AT_A_TIME.lock();
+    let Some(c) = cluster(false) else {
+        return;
+    };
+    holder_told_and_waiter_granted(&c, "switchover", LockKey::name("ha/switchover"), false, || {
+        c.switchover()
+    });
+    // The old leader follows the new one; a standby is named, not shown as "no locks".
+    assert!(
+        eventually(Duration::from_secs(60), || c
+            .members()
+            .iter()
+            .filter(|(_, _, state)| state == "running" || state == "streaming")
+            .count()
+            == 2),
+        "the old leader never followed"
+    );
+    let replica = 1 - c.leader().unwrap();
+    let mut stderr = String::new();
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            let o = std::process::Command::new(env!("CARGO_BIN_EXE_distlock"))
+                .args(["locks", "--database-url", &c.node_url(replica)])
+                .env_remove("DATABASE_URL")
+                .output()
+                .unwrap();
+            stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+            o.status.code() == Some(69) && stderr.contains("standby")
+        }),
+        "distlock locks on the old leader: {stderr}"
+    );
+    let leader = c.leader().unwrap();
+    holder_told_and_waiter_granted(&c, "node death", LockKey::name("ha/death"), true, || {
+        c.signal_node(leader, "KILL")
+    });
+}
+
+/// The leader freezes (every process of its node stopped: no FIN, no RST). `distlock run` with
+/// every setting at its default holds the lock for a command deaf to SIGTERM; another process
+/// polls for the lock through both hosts. The command's last write must come before that
+/// process's grant on the new leader.
+#[test]
+fn a_frozen_leader_cannot_leave_two_commands_running_with_the_defaults() {
+    let _one = ONE_AT_A_TIME.lock();
+    let Some(c) = cluster(false) else {
+        return;
+    };
+    let old = c.leader().unwrap();
+    let dir = std::env::temp_dir().join(format!("distlock-ha-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let writes = dir.join("writes");
+    let key = "ha/frozen";
+    let mut holder = std::process::Command::new(env!("CARGO_BIN_EXE_distlock"))
+        .args(["run", "--key", key, "--no-wait", "--database-url", &c.url()])
+        .args(["--", "sh", "-c"])
+        .arg(r#"trap '' TERM; while :; do date +%s%N >> "$0"; sleep 0.02; done"#)
+        .arg(&writes)
+        .env_remove("DATABASE_URL")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || std::fs::metadata(&writes)
+            .is_ok_and(|m| m.len() > 0)),
+        "the command never ran"
+    );
+    let contender = LockManager::builder()
+        .connect_timeout(Duration::from_secs(1))
+        .request_timeout(Duration::from_secs(1))
+        .connect(&c.url())
+        .unwrap();
+    let lock_key = LockKey::name(key);
+    assert!(contender.try_lock(lock_key).unwrap().is_none(), "not held");
+    let frozen = Instant::now();
+    c.signal_node(old, "STOP");
+    let mut granted = None;
+    while frozen.elapsed() < Duration::from_secs(TTL_S * 6) {
+        if let Ok(Some(guard)) = contender.try_lock(lock_key) {
+            granted = Some((now_ns(), frozen.elapsed(), guard));
+            break;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    let (granted_ns, after, _guard) = granted.expect("never granted on the new leader");
+    assert!(
+        eventually(Duration::from_secs(30), || holder.try_wait().ok().flatten().is_some()),
+        "distlock run did not exit"
+    );
+    let status = holder.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(holder.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let last: u128 = std::fs::read_to_string(&writes)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .next_back()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    eprintln!(
+        "patroni freeze: another process granted {after:?} after the freeze; the command's last \
+         write {:.2} s before that",
+        (granted_ns as f64 - last as f64) / 1e9
+    );
+    assert_eq!(status.code(), Some(76), "{stderr}");
+    assert!(last < granted_ns, "two commands ran at once:\n{stderr}");
+}
+
+/// `synchronous_mode`: the leader's WAL sender stops for 3 s while four managers draw fenced
+/// tokens, then the leader's node is killed and Patroni promotes the synchronous standby. No
+/// token repeats, and every token drawn after the failover is above every one drawn before.
+#[test]
+fn fencing_tokens_only_grow_across_a_synchronous_failover_after_a_replication_stall() {
+    let _one = ONE_AT_A_TIME.lock();
+    let Some(c) = cluster(true) else {
+        return;
+    };
+    let old = c.leader().unwrap();
+    let started = Instant::now();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let drawers: Vec<_> = (0..4)
+        .map(|m| {
+            let (url, stop) = (c.url(), stop.clone());
+            thread::spawn(move || {
+                let mut tokens: Vec<(Instant, u64)> = Vec::new();
+                let locks = LockManager::builder()
+                    .connect_timeout(Duration::from_secs(1))
+                    .request_timeout(Duration::from_secs(1))
+                    .connect_retry(Duration::from_secs(30))
+                    .connect(&url)
+                    .expect("a drawer connects");
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                    && started.elapsed() < Duration::from_secs(120)
+                {
+                    i += 1;
+                    match locks.try_lock_fenced(LockKey::pair(9000 + m, i)) {
+                        Ok(Some(guard)) => tokens.extend(guard.fencing_token().map(|t| (Instant::now(), t))),
+                        _ => thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+                tokens
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_secs(1));
+    let walsender = c.walsender(old).expect("the leader streams");
+    let _ = std::process::Command::new("kill").args(["-STOP", &walsender.to_string()]).status();
+    thread::sleep(Duration::from_secs(3));
+    let killed = Instant::now();
+    c.signal_node(old, "KILL");
+    let (_, promoted) = c
+        .new_leader(old, Duration::from_secs(TTL_S * 6))
+        .expect("the synchronous standby was never promoted");
+    // Draw on the new leader for a while.
+    thread::sleep(Duration::from_secs(3));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut all: Vec<(Instant, u64)> = drawers.into_iter().flat_map(|d| d.join().unwrap()).collect();
+    all.sort();
+    let before: Vec<u64> = all.iter().filter(|(at, _)| *at < killed).map(|&(_, t)| t).collect();
+    let after: Vec<u64> = all.iter().filter(|(at, _)| *at > promoted).map(|&(_, t)| t).collect();
+    eprintln!(
+        "patroni synchronous failover: {} tokens before the kill, {} after the promotion \
+         ({:?} after the kill)",
+        before.len(),
+        after.len(),
+        promoted.duration_since(killed)
+    );
+    assert!(before.len() >= 10 && after.len() >= 10, "too few tokens to tell");
+    let mut tokens: Vec<u64> = all.iter().map(|&(_, t)| t).collect();
+    tokens.sort_unstable();
+    let n = tokens.len();
+    tokens.dedup();
+    assert_eq!(tokens.len(), n, "a token was issued twice");
+    let highest = before.iter().max().unwrap();
+    let lowest_after = after.iter().min().unwrap();
+    assert!(
+        lowest_after > highest,
+        "token {lowest_after} after the failover; {highest} was issued before it"
+    );
+}
