@@ -356,7 +356,11 @@ fn fencing_tokens_never_repeat_after_failover_to_a_synchronous_standby() {
     // The primary dies with its WAL sender still stopped; the standby is promoted.
     primary.crash().expect("crash the primary");
     // The immediate stop ended the stopped WAL sender too (with SIGKILL): nothing to resume.
-    assert_eq!(process_state(walsender), None, "the WAL sender outlived its server");
+    assert_eq!(
+        process_state(walsender),
+        None,
+        "the WAL sender outlived its server"
+    );
     std::mem::forget(resume);
     standby.promote().expect("promote the standby");
     let after = LockManager::connect(standby.url()).unwrap();
@@ -396,20 +400,40 @@ fn a_wait_survives_a_failover_that_begins_before_it_connects() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(69), "{stderr}");
-    assert!(started.elapsed() >= Duration::from_secs(1), "gave up early: {stderr}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "gave up early: {stderr}"
+    );
     for port in [primary.port().unwrap(), standby.port().unwrap()] {
         assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
     }
     // Now the promotion comes two seconds into the wait.
     let mut waiting = distlock()
-        .args(["run", "--key", "failover/before-connect", "--fence", "--wait", "20s"])
-        .args(["--database-url", &both, "--", "sh", "-c", "echo token=$DISTLOCK_TOKEN"])
+        .args([
+            "run",
+            "--key",
+            "failover/before-connect",
+            "--fence",
+            "--wait",
+            "20s",
+        ])
+        .args([
+            "--database-url",
+            &both,
+            "--",
+            "sh",
+            "-c",
+            "echo token=$DISTLOCK_TOKEN",
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     thread::sleep(Duration::from_secs(2));
-    assert!(waiting.try_wait().unwrap().is_none(), "the wait ended before the promotion");
+    assert!(
+        waiting.try_wait().unwrap().is_none(),
+        "the wait ended before the promotion"
+    );
     standby.promote().expect("promote the standby");
     let out = waiting.wait_with_output().unwrap();
     let (stdout, stderr) = (
@@ -455,7 +479,10 @@ fn a_standby_is_named_by_the_command() {
         .spawn()
         .unwrap();
     assert!(
-        eventually(Duration::from_secs(10), || common::queued(&mut plain, "distlock run failover/turned-standby") == 1),
+        eventually(Duration::from_secs(10), || common::queued(
+            &mut plain,
+            "distlock run failover/turned-standby"
+        ) == 1),
         "the run never queued"
     );
     // ...and the primary comes back as a standby.
@@ -472,5 +499,60 @@ fn a_standby_is_named_by_the_command() {
     assert!(
         stderr.lines().last().is_some_and(|l| l.contains("standby")),
         "the last word does not name the standby: {stderr}"
+    );
+}
+
+/// Measured, not asserted (`cargo test --release --test failover fenced_grant_cost -- --ignored
+/// --nocapture`): a fenced try + drop and a plain one, p50 over 300 cycles each, on a primary
+/// with an asynchronous standby, then with the same standby synchronous.
+#[test]
+#[ignore = "a measurement; run it with --ignored --nocapture"]
+fn fenced_grant_cost_with_a_synchronous_standby() {
+    let _one_at_a_time = PAIR.lock();
+    let Some((primary, _standby)) = pair() else {
+        return;
+    };
+    let mut admin = postgres::Client::connect(primary.url(), postgres::NoTls).unwrap();
+    admin
+        .batch_execute("ALTER SYSTEM SET synchronous_commit = on")
+        .unwrap();
+    admin.batch_execute("SELECT pg_reload_conf()").unwrap();
+    let locks = LockManager::connect(primary.url()).unwrap();
+    let p50 = |fenced: bool| {
+        let mut times: Vec<Duration> = (0..300)
+            .map(|i| {
+                let key = LockKey::pair(4600, i);
+                let t = Instant::now();
+                let guard = if fenced {
+                    locks.try_lock_fenced(key)
+                } else {
+                    locks.try_lock(key)
+                };
+                drop(guard.unwrap().expect("free"));
+                t.elapsed()
+            })
+            .collect();
+        times.sort();
+        times[times.len() / 2]
+    };
+    let (plain, fenced) = (p50(false), p50(true));
+    admin
+        .batch_execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+        .unwrap();
+    admin.batch_execute("SELECT pg_reload_conf()").unwrap();
+    assert!(eventually(Duration::from_secs(30), || {
+        admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'",
+                &[],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    }));
+    let synchronous = p50(true);
+    eprintln!(
+        "try + drop p50: plain {plain:?}; fenced {fenced:?} (asynchronous standby); fenced \
+         {synchronous:?} (synchronous standby, loopback)"
     );
 }

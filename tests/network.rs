@@ -237,7 +237,9 @@ fn command_outlives_no_lock(cluster: &TestCluster) {
     let key = "network/dead-host-command";
     let mut holder = Command::new(env!("CARGO_BIN_EXE_distlock"))
         .args(["run", "--key", key, "--no-wait", "--database-url"])
-        .arg(format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"))
+        .arg(format!(
+            "host=127.0.0.1 port={port} user=postgres dbname=postgres"
+        ))
         .args(["--", "sh", "-c"])
         .arg(r#"trap '' TERM; while :; do date +%s%N >> "$0"; sleep 0.02; done"#)
         .arg(&writes)

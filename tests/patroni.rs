@@ -6,14 +6,16 @@
 //! replication stall; a standby is named. One cluster at a time.
 
 mod common;
+#[path = "common/patroni.rs"]
+mod patroni;
 
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::eventually;
-use common::patroni::{self, Cluster, TTL_S};
 use distlock::{LockKey, LockManager};
 use parking_lot::Mutex;
+use patroni::{Cluster, TTL_S};
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -59,20 +61,33 @@ fn holder_told_and_waiter_granted(
             .connect(&url)
             .expect("the waiter connects");
         let granted = locks.try_lock_for(key, Duration::from_secs(90));
-        (Instant::now(), granted.map(|g| g.map(|g| g.ensure_held().is_ok())))
+        (
+            Instant::now(),
+            granted.map(|g| g.map(|g| g.ensure_held().is_ok())),
+        )
     });
     let mut leader = postgres::Client::connect(&c.node_url(old), postgres::NoTls).unwrap();
     assert!(
-        eventually(Duration::from_secs(20), || common::queued(&mut leader, "ha-waiter") == 1),
+        eventually(Duration::from_secs(20), || common::queued(
+            &mut leader,
+            "ha-waiter"
+        ) == 1),
         "the waiter never queued"
     );
     drop(leader);
     let struck = Instant::now();
     fault();
-    let told = lost.recv_timeout(Duration::from_secs(60)).err().map(|_| Instant::now());
+    let told = lost
+        .recv_timeout(Duration::from_secs(60))
+        .err()
+        .map(|_| Instant::now());
     let (granted_at, granted) = waiter.join().unwrap();
     let told = told.expect("the holder was never told");
-    assert_eq!(granted.unwrap(), Some(true), "{what}: the waiter was not granted and held");
+    assert_eq!(
+        granted.unwrap(),
+        Some(true),
+        "{what}: the waiter was not granted and held"
+    );
     let new = c.leader().expect("a leader after the fault");
     assert_ne!(new, old, "{what}: the leadership did not move");
     eprintln!(
@@ -81,7 +96,10 @@ fn holder_told_and_waiter_granted(
         granted_at.duration_since(struck)
     );
     if told_first {
-        assert!(told <= granted_at, "{what}: the waiter was granted before the holder was told");
+        assert!(
+            told <= granted_at,
+            "{what}: the waiter was granted before the holder was told"
+        );
     } else {
         let heartbeat = Duration::from_secs(1) + Duration::from_millis(150);
         assert!(
@@ -99,9 +117,13 @@ fn a_switchover_and_a_node_death_tell_the_holder_and_grant_the_waiter_on_the_new
     let Some(c) = cluster(false) else {
         return;
     };
-    holder_told_and_waiter_granted(&c, "switchover", LockKey::name("ha/switchover"), false, || {
-        c.switchover()
-    });
+    holder_told_and_waiter_granted(
+        &c,
+        "switchover",
+        LockKey::name("ha/switchover"),
+        false,
+        || c.switchover(),
+    );
     // The old leader follows the new one; a standby is named, not shown as "no locks".
     assert!(
         eventually(Duration::from_secs(60), || c
@@ -180,7 +202,11 @@ fn a_frozen_leader_cannot_leave_two_commands_running_with_the_defaults() {
     }
     let (granted_ns, after, _guard) = granted.expect("never granted on the new leader");
     assert!(
-        eventually(Duration::from_secs(30), || holder.try_wait().ok().flatten().is_some()),
+        eventually(Duration::from_secs(30), || holder
+            .try_wait()
+            .ok()
+            .flatten()
+            .is_some()),
         "distlock run did not exit"
     );
     let status = holder.wait().unwrap();
@@ -231,7 +257,9 @@ fn fencing_tokens_only_grow_across_a_synchronous_failover_after_a_replication_st
                 {
                     i += 1;
                     match locks.try_lock_fenced(LockKey::pair(9000 + m, i)) {
-                        Ok(Some(guard)) => tokens.extend(guard.fencing_token().map(|t| (Instant::now(), t))),
+                        Ok(Some(guard)) => {
+                            tokens.extend(guard.fencing_token().map(|t| (Instant::now(), t)))
+                        }
                         _ => thread::sleep(Duration::from_millis(5)),
                     }
                 }
@@ -241,7 +269,9 @@ fn fencing_tokens_only_grow_across_a_synchronous_failover_after_a_replication_st
         .collect();
     thread::sleep(Duration::from_secs(1));
     let walsender = c.walsender(old).expect("the leader streams");
-    let _ = std::process::Command::new("kill").args(["-STOP", &walsender.to_string()]).status();
+    let _ = std::process::Command::new("kill")
+        .args(["-STOP", &walsender.to_string()])
+        .status();
     thread::sleep(Duration::from_secs(3));
     let killed = Instant::now();
     c.signal_node(old, "KILL");
@@ -251,10 +281,21 @@ fn fencing_tokens_only_grow_across_a_synchronous_failover_after_a_replication_st
     // Draw on the new leader for a while.
     thread::sleep(Duration::from_secs(3));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut all: Vec<(Instant, u64)> = drawers.into_iter().flat_map(|d| d.join().unwrap()).collect();
+    let mut all: Vec<(Instant, u64)> = drawers
+        .into_iter()
+        .flat_map(|d| d.join().unwrap())
+        .collect();
     all.sort();
-    let before: Vec<u64> = all.iter().filter(|(at, _)| *at < killed).map(|&(_, t)| t).collect();
-    let after: Vec<u64> = all.iter().filter(|(at, _)| *at > promoted).map(|&(_, t)| t).collect();
+    let before: Vec<u64> = all
+        .iter()
+        .filter(|(at, _)| *at < killed)
+        .map(|&(_, t)| t)
+        .collect();
+    let after: Vec<u64> = all
+        .iter()
+        .filter(|(at, _)| *at > promoted)
+        .map(|&(_, t)| t)
+        .collect();
     eprintln!(
         "patroni synchronous failover: {} tokens before the kill, {} after the promotion \
          ({:?} after the kill)",
@@ -262,7 +303,10 @@ fn fencing_tokens_only_grow_across_a_synchronous_failover_after_a_replication_st
         after.len(),
         promoted.duration_since(killed)
     );
-    assert!(before.len() >= 10 && after.len() >= 10, "too few tokens to tell");
+    assert!(
+        before.len() >= 10 && after.len() >= 10,
+        "too few tokens to tell"
+    );
     let mut tokens: Vec<u64> = all.iter().map(|&(_, t)| t).collect();
     tokens.sort_unstable();
     let n = tokens.len();

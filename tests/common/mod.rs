@@ -5,7 +5,6 @@
 #![allow(dead_code)]
 
 pub mod bouncer;
-pub mod patroni;
 
 use std::time::{Duration, Instant};
 

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::eventually;
+use crate::common::eventually;
 
 /// The leader key's time to live, in seconds: the longest a dead leader keeps the leadership.
 pub const TTL_S: u64 = 10;
@@ -37,7 +37,9 @@ pub struct Node {
 /// Why the cluster cannot run here, said by `skip`, or `None` when it can.
 pub fn unavailable() -> Option<String> {
     if distlock::testing::database_url().is_some() {
-        return Some("DATABASE_URL is set, and these tests run a Patroni cluster of their own".into());
+        return Some(
+            "DATABASE_URL is set, and these tests run a Patroni cluster of their own".into(),
+        );
     }
     for program in ["patroni", "patronictl", "etcd"] {
         if distlock::testing::find_program(program).is_none() {
@@ -112,7 +114,9 @@ impl Cluster {
             .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
             .arg(format!("--advertise-client-urls=http://127.0.0.1:{client}"))
             .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
-            .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"))
+            .arg(format!(
+                "--initial-advertise-peer-urls=http://127.0.0.1:{peer}"
+            ))
             .arg(format!("--initial-cluster=e1=http://127.0.0.1:{peer}"))
             .stdout(Stdio::null())
             .stderr(fs::File::create(root.join("etcd.log")).unwrap())
@@ -134,13 +138,16 @@ impl Cluster {
             cluster.log(0)
         );
         cluster.nodes[1].start();
-        let want = if synchronous { "Sync Standby" } else { "Replica" };
+        let want = if synchronous {
+            "Sync Standby"
+        } else {
+            "Replica"
+        };
         assert!(
             eventually(Duration::from_secs(90), || {
-                cluster
-                    .members()
-                    .iter()
-                    .any(|(_, role, state)| role == want && (state == "streaming" || state == "running"))
+                cluster.members().iter().any(|(_, role, state)| {
+                    role == want && (state == "streaming" || state == "running")
+                })
             }),
             "the second node never became a {want}:\n{}",
             cluster.log(1)
@@ -311,7 +318,10 @@ impl Cluster {
     pub fn new_leader(&self, old: usize, limit: Duration) -> Option<(usize, Instant)> {
         let mut found = None;
         eventually(limit, || {
-            found = self.leader().filter(|&l| l != old).map(|l| (l, Instant::now()));
+            found = self
+                .leader()
+                .filter(|&l| l != old)
+                .map(|l| (l, Instant::now()));
             found.is_some()
         });
         found
@@ -323,10 +333,20 @@ impl Cluster {
             Command::new(program)
                 .arg(arg)
                 .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_owned())
+                .map(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .to_owned()
+                })
                 .unwrap_or_default()
         };
-        format!("{}; {}", version("patroni", "--version"), version("etcd", "--version"))
+        format!(
+            "{}; {}",
+            version("patroni", "--version"),
+            version("etcd", "--version")
+        )
     }
 }
 
@@ -349,7 +369,13 @@ impl Node {
 }
 
 fn read_pid(path: &Path) -> Option<i32> {
-    fs::read_to_string(path).ok()?.lines().next()?.trim().parse().ok()
+    fs::read_to_string(path)
+        .ok()?
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 impl Drop for Cluster {

@@ -11,6 +11,7 @@ mod fairness;
 mod fleet;
 mod locks;
 mod run;
+mod status;
 mod watch;
 
 use std::process::ExitCode;

@@ -150,7 +150,11 @@ impl Connector {
                 Err(e) => {
                     if self.hosts.len() > 1 {
                         log::debug!("distlock: host {} of {}: {e}", i + 1, self.hosts.len());
-                        each.push(format!("{}: {}", params::host_label(&self.hosts[i]), e.chain()));
+                        each.push(format!(
+                            "{}: {}",
+                            params::host_label(&self.hosts[i]),
+                            e.chain()
+                        ));
                     }
                     if telling.is_none() && e.kind() != ErrorKind::Timeout {
                         telling = Some(e);
