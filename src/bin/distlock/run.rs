@@ -168,16 +168,17 @@ fn loss_window(heartbeat: Duration, dead_holder_timeout: Duration) -> Duration {
 }
 
 /// The lock manager of a run: named after the connection string's `application_name`, else
-/// `distlock`. A run that may wait keeps trying to connect (a failover, a restart) until its
+/// `distlock`. A run with `--wait` keeps trying to connect (a failover, a restart) until its
 /// wait is over.
 fn connect(server: &Server, args: &Args) -> Result<LockManager, Failure> {
     // Named after the key, so that `distlock locks` and pg_stat_activity tell which job holds
     // (or waits for) which lock; PostgreSQL keeps the first 63 bytes.
     let app = application_name(&server.config, &format!("distlock run {}", args.key));
+    // Only a run given a deadline: without one, a host that never answers would hold a job
+    // forever, where a wrong host name should fail it at once.
     let connect_retry = match (args.no_wait, args.wait) {
-        (true, _) => Duration::ZERO,
         (false, Some(wait)) => wait,
-        (false, None) => Duration::MAX,
+        _ => Duration::ZERO,
     };
     LockManager::builder()
         .application_name(&app)
