@@ -168,9 +168,12 @@ impl Builder {
 
     /// How long the connection may sit idle before the worker checks it with an empty query.
     ///
-    /// A session lock lives exactly as long as its connection, and the client does not notice a
-    /// connection killed on the server side until it next talks to it; the heartbeat bounds how long a
-    /// loss can go unnoticed (one heartbeat plus a round trip). A busy connection needs no heartbeat:
+    /// A session lock lives exactly as long as its connection. A session the server ends is seen
+    /// sooner, within a quarter of a second at most: an idle worker reads its socket at each tick
+    /// of the manager's monitor (at most 250 ms apart, and a quarter of the heartbeat when that is
+    /// shorter) without sending anything. A connection that goes silent (a stopped server, a lost network) says nothing,
+    /// and the heartbeat bounds how long that loss can go unnoticed (one heartbeat plus a round
+    /// trip). A busy connection needs no heartbeat:
     /// every request proves it alive. Values down to 10 ms work; each check costs the server one
     /// round trip.
     ///

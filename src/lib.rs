@@ -124,9 +124,13 @@
 //!
 //! * **Lost.** A guard is *lost* when the connection that granted it fails. [`LockGuard::is_lost`]
 //!   turns true and [`LockGuard::lost`] becomes ready (a `crossbeam_channel::Receiver` to `select!`
-//!   on). The worker checks an idle connection every [`Builder::heartbeat`] (1 s by default) and
-//!   TCP keepalives are on, so a killed backend or a restarted server is noticed within one heartbeat
-//!   plus a round trip; a busy connection notices at its next statement.
+//!   on). An idle worker reads its socket at each tick of the manager's monitor (at most 250 ms
+//!   apart) without sending anything, so a session the server ends — a killed backend, a
+//!   restart, a planned switchover, a pooler that closes its client — is noticed within about
+//!   that; it also checks the connection with a round trip every
+//!   [`Builder::heartbeat`] (1 s by default) and TCP keepalives are on, so a connection that went
+//!   silent is noticed within one heartbeat plus a round trip; a busy connection notices at its
+//!   next statement.
 //! * **Stalled.** The blocking client cannot time out a statement. Callers get
 //!   [`ErrorKind::Timeout`] at [`Builder::request_timeout`] all the same, and if a statement runs
 //!   longer than that or than the stall bound the dead-holder bound leaves (4 s by default: see

@@ -415,15 +415,91 @@ fn a_lost_guard_keeps_its_key_reserved_in_this_manager_until_it_is_dropped() {
 
 /// `ensure_held` right before an irreversible step, on a lock whose backend is already gone but
 /// whose loss no heartbeat has noticed yet (10 s apart): its own round trip must find out.
+/// A TCP forwarder to the test cluster whose `cut` ends the server's side of every connection
+/// (the backends end, their locks go) while the clients' sides stay open and silent — as a NAT
+/// or a proxy that lost its upstream would leave them. A client learns of it only when it next
+/// sends something.
+struct SilentCut {
+    port: u16,
+    upstreams: std::sync::Arc<Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl SilentCut {
+    fn start(server_port: u16) -> SilentCut {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let upstreams = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let kept = upstreams.clone();
+        thread::spawn(move || {
+            // Bounded: a test makes a handful of connections.
+            for client in listener.incoming().take(64).flatten() {
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", server_port)) else {
+                    continue;
+                };
+                kept.lock().push(server.try_clone().unwrap());
+                let (mut c_in, mut s_out) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (mut s_in, mut c_out) = (server, client);
+                // Client to server: once the server's side is gone, the client's is closed too.
+                thread::spawn(move || {
+                    let _ = std::io::copy(&mut c_in, &mut s_out);
+                    let _ = c_in.shutdown(std::net::Shutdown::Both);
+                });
+                // Server to client: the server's end is not passed on.
+                thread::spawn(move || {
+                    let _ = std::io::copy(&mut s_in, &mut c_out);
+                });
+            }
+        });
+        SilentCut { port, upstreams }
+    }
+
+    fn cut(&self) {
+        for server in self.upstreams.lock().drain(..) {
+            let _ = server.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+#[test]
+fn a_session_the_server_ended_is_told_without_waiting_for_the_heartbeat() {
+    let app = "f-ended-idle";
+    let locks = manager_with(app, Duration::from_secs(10), Duration::from_secs(5));
+    let guard = locks
+        .try_lock(LockKey::name("failures/ended-idle"))
+        .unwrap()
+        .expect("free");
+    let mut outside = plain();
+    assert_eq!(kill_app(&mut outside, app), 1);
+    let detected = time_to_loss(&guard, Duration::from_secs(15)).expect("loss signal");
+    eprintln!("an idle session the server ended: told after {detected:?} (heartbeat 10 s)");
+    assert!(
+        detected < Duration::from_millis(500),
+        "told only after {detected:?}: the idle worker did not look at its socket"
+    );
+}
+
 #[test]
 fn ensure_held_finds_a_loss_no_heartbeat_has_noticed_yet() {
+    let Some(server_port) = cluster().port() else {
+        distlock::testing::skip("DATABASE_URL is set; this test forwards to a local cluster");
+        return;
+    };
+    let proxy = SilentCut::start(server_port);
     let app = "f-ensure-unnoticed";
-    let locks = manager_with(app, Duration::from_secs(10), Duration::from_secs(5));
+    let locks = LockManager::builder()
+        .application_name(app)
+        .heartbeat(Duration::from_secs(10))
+        .connect(&format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            proxy.port
+        ))
+        .expect("connect through the forwarder");
     let key = LockKey::name("failures/ensure-unnoticed");
     let guard = locks.try_lock(key).unwrap().expect("free");
     guard.ensure_held().unwrap();
     let mut outside = plain();
-    assert_eq!(kill_app(&mut outside, app), 1);
+    proxy.cut();
     assert!(
         eventually(Duration::from_secs(5), || pids_of_app(&mut outside, app)
             .is_empty()),

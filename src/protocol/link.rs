@@ -22,6 +22,11 @@ pub(crate) struct Backend {
     pub(crate) started_us: i64,
 }
 
+/// In [`Link::take_due`]: a heartbeat is due.
+pub(crate) const DUE_HEARTBEAT: u8 = 1;
+/// In [`Link::take_due`]: a look at the socket is due.
+pub(crate) const DUE_LOOK: u8 = 2;
+
 /// What is known about the current connection.
 #[derive(Debug)]
 pub(crate) struct Link {
@@ -40,9 +45,11 @@ pub(crate) struct Link {
     epoch: std::time::Instant,
     /// True while the serving worker is parked (or about to park) for want of requests.
     idle: AtomicBool,
-    /// Set by the monitor when the connection has been idle for a heartbeat: the worker, unparked,
-    /// then checks the connection. Keeping the clock in the monitor keeps it off the request path.
-    heartbeat_due: AtomicBool,
+    /// Set by the monitor when the connection has been idle for a heartbeat ([`DUE_HEARTBEAT`]:
+    /// the worker, unparked, checks the connection with a round trip) or for one of its ticks
+    /// ([`DUE_LOOK`]: it reads its socket). Keeping the clock in the monitor keeps it off the
+    /// request path.
+    heartbeat_due: std::sync::atomic::AtomicU8,
     /// Set for good once a pooler was seen sharing the manager's session (see `ErrorKind::Pooler`).
     pooled: AtomicBool,
     /// The thread of the worker serving now, unparked when a request is queued while it is idle.
@@ -130,7 +137,7 @@ impl Link {
             wait_until: AtomicU64::new(0),
             epoch: std::time::Instant::now(),
             idle: AtomicBool::new(false),
-            heartbeat_due: AtomicBool::new(false),
+            heartbeat_due: std::sync::atomic::AtomicU8::new(0),
             pooled: AtomicBool::new(false),
             worker: Mutex::new(None),
             nudge_tx,
@@ -201,13 +208,20 @@ impl Link {
 
     /// The monitor asks the worker for a heartbeat.
     pub(crate) fn request_heartbeat(&self) {
-        self.heartbeat_due.store(true, Ordering::SeqCst);
+        self.heartbeat_due.fetch_or(DUE_HEARTBEAT, Ordering::SeqCst);
         self.unpark_worker();
     }
 
-    /// The worker takes a pending heartbeat request.
-    pub(crate) fn take_heartbeat(&self) -> bool {
-        self.heartbeat_due.swap(false, Ordering::SeqCst)
+    /// The monitor asks the worker, idle since its last tick, to look at its socket.
+    pub(crate) fn request_look(&self) {
+        self.heartbeat_due.fetch_or(DUE_LOOK, Ordering::SeqCst);
+        self.unpark_worker();
+    }
+
+    /// The worker takes what the monitor asked for: [`DUE_HEARTBEAT`] and [`DUE_LOOK`] bits, 0
+    /// for nothing.
+    pub(crate) fn take_due(&self) -> u8 {
+        self.heartbeat_due.swap(0, Ordering::SeqCst)
     }
 
     /// Statements begun so far; unchanged between two samples means the connection sat idle.

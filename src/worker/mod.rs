@@ -15,7 +15,7 @@ use postgres::Client;
 
 use crate::backoff::Backoff;
 use crate::error::{Error, ErrorKind};
-use crate::protocol::link::{Backend, Lease, Link};
+use crate::protocol::link::{Backend, DUE_HEARTBEAT, Lease, Link};
 use crate::protocol::reply::Orphan;
 use crate::protocol::request::Request;
 use crate::protocol::slot::LateReplies;
@@ -382,16 +382,34 @@ impl Worker {
     }
 
     /// Idle for a whole heartbeat (the monitor keeps the time and asks): prove the connection
-    /// alive.
+    /// alive; idle for one of the monitor's ticks: read what the socket holds.
     #[inline]
     fn heartbeat_if_due(&mut self, conn: &mut Conn) -> Result<(), End> {
+        let due = self.spec.link.take_due();
         // A transaction-mode manager's own connection holds no lock whose loss a heartbeat would
         // announce, and each of its statements takes a server connection of the pooler's: it
         // stays quiet (a broken connection shows at its next statement).
-        if !self.spec.link.take_heartbeat() || self.spec.connector.flavor == Flavor::Control {
+        if due == 0 || self.spec.connector.flavor == Flavor::Control {
             return Ok(());
         }
-        self.heartbeat(conn)
+        if due & DUE_HEARTBEAT != 0 {
+            self.heartbeat(conn)
+        } else {
+            self.look(conn)
+        }
+    }
+
+    /// Idle: reads what the socket holds, without a round trip (see [`Conn::look`]): a session
+    /// the server ended — a planned switchover, an administrator's `pg_terminate_backend`, a
+    /// pooler that closes its client — is seen within a tick of the monitor, not a heartbeat, so
+    /// that its holders are told before a new primary can grant their locks elsewhere.
+    #[cold]
+    #[inline(never)]
+    fn look(&mut self, conn: &mut Conn) -> Result<(), End> {
+        conn.look().map_err(|e| {
+            log::warn!("distlock worker: {}", e.into_error());
+            End::Lost
+        })
     }
 
     #[inline(never)]

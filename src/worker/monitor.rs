@@ -65,18 +65,20 @@ struct Monitor {
 
 impl Monitor {
     /// Heartbeat: no statement for a heartbeat's length (less one tick, so that the check starts
-    /// within the heartbeat) and none running.
+    /// within the heartbeat) and none running; a look at the socket when quiet for less.
     fn heartbeat_if_quiet(&mut self) {
         let link = &self.spec.link;
         let statements = link.statements();
         if statements != self.quiet.0 {
             self.quiet = (statements, Instant::now());
-        } else if self.quiet.1.elapsed() + self.tick >= self.spec.heartbeat
-            && link.running().is_none()
-            && link.is_online()
-        {
+        } else if link.running().is_some() || !link.is_online() {
+        } else if self.quiet.1.elapsed() + self.tick >= self.spec.heartbeat {
             link.request_heartbeat();
             self.quiet.1 = Instant::now();
+        } else {
+            // Quiet since the last tick: the worker reads its socket, so that a session the
+            // server ended is seen within a tick rather than a heartbeat.
+            link.request_look();
         }
     }
 

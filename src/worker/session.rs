@@ -83,6 +83,10 @@ impl Query {
     }
 }
 
+/// How long one [`Conn::look`] drives the client: long enough for its I/O driver to read what
+/// the socket holds, short enough that a request arriving meanwhile hardly waits.
+const LOOK_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// The worker's connection: one generation's `postgres::Client`, every statement marked for the
 /// monitor, so that none can stall unseen.
 pub(crate) struct Conn {
@@ -128,6 +132,24 @@ impl Conn {
         Ok(messages
             .iter()
             .any(|m| matches!(m, SimpleQueryMessage::Row(_))))
+    }
+
+    /// Looks at the connection without a round trip: drives the client for at most
+    /// [`LOOK_WAIT`], so that a session the server ended (its `FATAL` and close, or a reset) is
+    /// read the moment it happened rather than at the next heartbeat. `Err`: the connection is
+    /// gone. Nothing is sent; a live idle connection has nothing to read.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn look(&mut self) -> Result<(), Failed> {
+        use postgres::fallible_iterator::FallibleIterator;
+        match self.client.notifications().timeout_iter(LOOK_WAIT).next() {
+            Ok(_) => Ok(()),
+            Err(e) => Err(Failed::Broken(Error::with_source(
+                ErrorKind::ConnectionLost,
+                "the server ended the connection",
+                e,
+            ))),
+        }
     }
 
     /// Runs `sql` and returns its messages, rows included: for the statements that read values
