@@ -111,8 +111,7 @@ pub(crate) fn start_replacement(spec: Spec) -> io::Result<thread::JoinHandle<()>
 }
 
 /// How long a worker with late replies and nothing else to do waits before it looks at its
-/// connection and its heartbeat again. Callers arriving at their receive or giving up wake it
-/// sooner.
+/// connection and its heartbeat again (callers arriving at their receive or giving up wake it).
 const LATE_TICK: Duration = Duration::from_millis(5);
 
 /// The worker's state: one connection at a time, and the queue it serves.
@@ -262,7 +261,10 @@ impl Worker {
                     self.spec.link.note_refusal(e.chain());
                 }
             }
-            self.drain(offline, Some(Instant::now() + backoff.next_pause()))?;
+            self.drain(
+                Link::offline_error,
+                Some(Instant::now() + backoff.next_pause()),
+            )?;
         }
     }
 
@@ -270,7 +272,7 @@ impl Worker {
     /// replies over, and waits up to `left` for more of either or for the attempt. `None` when
     /// the manager is gone.
     fn offline_turn(&mut self, attempt: &Receiver<Attempt>, left: Duration) -> Option<()> {
-        if self.answer_queued(offline).is_none() {
+        if self.answer_queued(Link::offline_error).is_none() {
             // Nobody to answer: wait for the attempt alone (it closes what it gets).
             connect::await_attempt(attempt, left);
             return None;
@@ -386,26 +388,16 @@ impl Worker {
     #[inline]
     fn heartbeat_if_due(&mut self, conn: &mut Conn) -> Result<(), End> {
         let due = self.spec.link.take_due();
-        // A transaction-mode manager's own connection holds no lock whose loss a heartbeat would
-        // announce, and each of its statements takes a server connection of the pooler's: it
-        // stays quiet (a broken connection shows at its next statement).
+        // A transaction-mode manager's own connection holds no lock whose loss would be told, and
+        // each statement takes a pooler's server connection: it stays quiet.
         if due == 0 || self.spec.connector.flavor == Flavor::Control {
             return Ok(());
         }
         if due & DUE_HEARTBEAT != 0 {
-            self.heartbeat(conn)
-        } else {
-            self.look(conn)
+            return self.heartbeat(conn);
         }
-    }
-
-    /// Idle: reads what the socket holds, without a round trip (see [`Conn::look`]): a session
-    /// the server ended — a planned switchover, an administrator's `pg_terminate_backend`, a
-    /// pooler that closes its client — is seen within a tick of the monitor, not a heartbeat, so
-    /// that its holders are told before a new primary can grant their locks elsewhere.
-    #[cold]
-    #[inline(never)]
-    fn look(&mut self, conn: &mut Conn) -> Result<(), End> {
+        // Quiet for a tick: read the socket (no round trip), so that a session the server ended
+        // (a switchover, `pg_terminate_backend`) is told before a new primary can grant its locks.
         conn.look().map_err(|e| {
             log::warn!("distlock worker: {}", e.into_error());
             End::Lost
@@ -447,11 +439,6 @@ impl Worker {
         self.spec.link.set_pooled();
         End::Lost
     }
-}
-
-/// The answer to a request while reconnecting: offline, and why the last attempt failed.
-fn offline(link: &Link) -> Error {
-    link.offline_error()
 }
 
 /// The error of a request whose connection failed before or while it ran.
