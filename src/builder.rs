@@ -171,11 +171,10 @@ impl Builder {
     /// A session lock lives exactly as long as its connection. A session the server ends is seen
     /// sooner, within a quarter of a second at most: an idle worker reads its socket at each tick
     /// of the manager's monitor (at most 250 ms apart, and a quarter of the heartbeat when that is
-    /// shorter) without sending anything. A connection that goes silent (a stopped server, a lost network) says nothing,
-    /// and the heartbeat bounds how long that loss can go unnoticed (one heartbeat plus a round
-    /// trip). A busy connection needs no heartbeat:
-    /// every request proves it alive. Values down to 10 ms work; each check costs the server one
-    /// round trip.
+    /// shorter) without sending anything. A connection that goes silent (a stopped server, a lost
+    /// network) says nothing, and the heartbeat bounds how long that loss can go unnoticed (one
+    /// heartbeat plus a round trip). A busy connection needs no heartbeat: every request proves it
+    /// alive. Values down to 10 ms work; each check costs the server one round trip.
     ///
     /// Defaults to 1 s.
     pub fn heartbeat(mut self, interval: Duration) -> Builder {

@@ -65,8 +65,8 @@ pub struct Error {
     kind: ErrorKind,
     message: Cow<'static, str>,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
-    /// A connect failure that may pass by itself: a refused or unreachable host, a timeout, a
-    /// standby, a server starting up or shutting down, no connection slot left.
+    /// A connect failure that may pass by itself: a refused or unreachable host, a standby, a
+    /// server starting up or shutting down, no connection slot left (a timeout always may).
     passing: bool,
 }
 
@@ -76,7 +76,7 @@ impl Error {
             kind,
             message: message.into(),
             source: None,
-            passing: kind == ErrorKind::Timeout,
+            passing: false,
         }
     }
 
@@ -89,7 +89,7 @@ impl Error {
             kind,
             message: message.into(),
             source: Some(Box::new(source)),
-            passing: kind == ErrorKind::Timeout,
+            passing: false,
         }
     }
 
@@ -119,7 +119,7 @@ impl Error {
     /// True for a connect failure that may pass by itself; see
     /// [`Builder::connect_retry`](crate::Builder::connect_retry).
     pub(crate) fn may_pass(&self) -> bool {
-        self.passing
+        self.passing || self.kind == ErrorKind::Timeout
     }
 
     /// The message, then each cause's, `: `-separated: the whole story in one line.

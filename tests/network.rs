@@ -9,7 +9,7 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::eventually;
+use common::{eventually, now_ns};
 use distlock::testing::{Setup, TestCluster};
 use distlock::{LockKey, LockManager};
 
@@ -215,15 +215,6 @@ fn scenario_inside_a_namespace() {
         );
     }
 }
-
-/// Nanoseconds since the epoch, as `date +%s%N` prints them.
-fn now_ns() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
-}
-
 /// Inside the namespace: `distlock run`, every setting at its default, holds a lock over TCP for
 /// a command that ignores SIGTERM and writes the time every 20 ms; the loopback goes down; a
 /// contender over the unix socket takes the lock as soon as the server frees it. The command's

@@ -12,7 +12,7 @@ mod patroni;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::eventually;
+use common::{eventually, now_ns};
 use distlock::{LockKey, LockManager};
 use parking_lot::Mutex;
 use patroni::{Cluster, TTL_S};
@@ -27,15 +27,6 @@ fn cluster(synchronous: bool) -> Option<Cluster> {
     eprintln!("patroni: {}", Cluster::versions());
     Some(Cluster::start(synchronous))
 }
-
-/// Nanoseconds since the epoch, as `date +%s%N` prints them.
-fn now_ns() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
-}
-
 /// A holder and a waiter queued behind it on the leader, and two `distlock run`s on another
 /// key; `fault` strikes; the holder must be told before the waiter is granted on the new leader,
 /// and the holding command must be gone before the waiting one starts.

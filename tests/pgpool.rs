@@ -6,13 +6,12 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::eventually;
+use common::{eventually, free_port};
 use distlock::testing::TestCluster;
 use distlock::{LockKey, LockManager};
 use postgres::{Client, NoTls};
@@ -46,15 +45,6 @@ impl Pool {
         Client::connect(&self.url(), NoTls).expect("connect through pgpool")
     }
 }
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A pgpool-II in streaming-replication mode with load balancing over a primary and a standby of
 /// it, equal weights, with `children` client processes (each caching its backend connections);
 /// `None` (said why) when it cannot run here.

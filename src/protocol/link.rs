@@ -4,7 +4,7 @@
 //! them; when that connection is lost, its loss signal fires for all of them at once, and nothing they
 //! do later (unlock, drop, `ensure_held`) reaches a newer session — which may hold the same key again.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::thread::Thread;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -49,7 +49,7 @@ pub(crate) struct Link {
     /// the worker, unparked, checks the connection with a round trip) or for one of its ticks
     /// ([`DUE_LOOK`]: it reads its socket). Keeping the clock in the monitor keeps it off the
     /// request path.
-    heartbeat_due: std::sync::atomic::AtomicU8,
+    due: AtomicU8,
     /// Set for good once a pooler was seen sharing the manager's session (see `ErrorKind::Pooler`).
     pooled: AtomicBool,
     /// The thread of the worker serving now, unparked when a request is queued while it is idle.
@@ -137,7 +137,7 @@ impl Link {
             wait_until: AtomicU64::new(0),
             epoch: std::time::Instant::now(),
             idle: AtomicBool::new(false),
-            heartbeat_due: std::sync::atomic::AtomicU8::new(0),
+            due: AtomicU8::new(0),
             pooled: AtomicBool::new(false),
             worker: Mutex::new(None),
             nudge_tx,
@@ -208,20 +208,20 @@ impl Link {
 
     /// The monitor asks the worker for a heartbeat.
     pub(crate) fn request_heartbeat(&self) {
-        self.heartbeat_due.fetch_or(DUE_HEARTBEAT, Ordering::SeqCst);
+        self.due.fetch_or(DUE_HEARTBEAT, Ordering::SeqCst);
         self.unpark_worker();
     }
 
     /// The monitor asks the worker, idle since its last tick, to look at its socket.
     pub(crate) fn request_look(&self) {
-        self.heartbeat_due.fetch_or(DUE_LOOK, Ordering::SeqCst);
+        self.due.fetch_or(DUE_LOOK, Ordering::SeqCst);
         self.unpark_worker();
     }
 
     /// The worker takes what the monitor asked for: [`DUE_HEARTBEAT`] and [`DUE_LOOK`] bits, 0
     /// for nothing.
     pub(crate) fn take_due(&self) -> u8 {
-        self.heartbeat_due.swap(0, Ordering::SeqCst)
+        self.due.swap(0, Ordering::SeqCst)
     }
 
     /// Statements begun so far; unchanged between two samples means the connection sat idle.

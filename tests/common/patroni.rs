@@ -5,14 +5,13 @@
 #![allow(dead_code)]
 
 use std::fs;
-use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::eventually;
+use crate::common::{eventually, free_port};
 
 /// The leader key's time to live, in seconds: the longest a dead leader keeps the leadership.
 pub const TTL_S: u64 = 10;
@@ -77,15 +76,6 @@ fn pg_bin() -> Option<PathBuf> {
     let initdb = distlock::testing::find_program("initdb")?;
     Some(fs::canonicalize(initdb).ok()?.parent()?.to_path_buf())
 }
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A command run as the `postgres` user when this process is root.
 fn as_postgres(program: &str) -> Command {
     let mut cmd = Command::new(program);

@@ -91,20 +91,18 @@ enum OnLost {
 /// How often the status line is refreshed while waiting.
 const STATUS_EVERY: Duration = Duration::from_millis(500);
 
-pub fn run(url: Option<&str>, mut args: Args) -> Result<ExitCode, Failure> {
+pub fn run(url: Option<&str>, args: Args) -> Result<ExitCode, Failure> {
     let server = shared_server(url)?;
     let window = loss_window(args.heartbeat, args.dead_holder_timeout);
-    match args.kill_after {
-        None => args.kill_after = Some(window),
-        Some(kill_after) if kill_after > window && args.on_lost == OnLost::Terminate => eprintln!(
+    if args.kill_after() > window && args.on_lost == OnLost::Terminate {
+        eprintln!(
             "distlock: warning: --kill-after {} is longer than the {} that --dead-holder-timeout \
              {} leaves after a lost lock is told: another host may be granted the lock while the \
              command still runs (use --fence, or a longer --dead-holder-timeout)",
-            human(kill_after),
+            human(args.kill_after()),
             human(window),
             human(args.dead_holder_timeout)
-        ),
-        Some(_) => {}
+        );
     }
     let locks = connect(&server, &args)?;
     let key = LockKey::name(&args.key);
@@ -152,6 +150,14 @@ pub fn run(url: Option<&str>, mut args: Args) -> Result<ExitCode, Failure> {
         return Ok(ExitCode::from(exit::LOST));
     }
     Ok(ExitCode::from(exit::of_status(status)))
+}
+
+impl Args {
+    /// `--kill-after`, or by default the loss window the loss-detection settings leave.
+    fn kill_after(&self) -> Duration {
+        self.kill_after
+            .unwrap_or_else(|| loss_window(self.heartbeat, self.dead_holder_timeout))
+    }
 }
 
 /// How long the command may take to exit after a lost lock is told, so that it is gone before
@@ -244,8 +250,7 @@ fn supervise(
     let mut killed = false;
     let never = crossbeam_channel::never();
     loop {
-        let kill_after = args.kill_after.unwrap_or_default();
-        let timeout = match lost_at.map(|at| at.checked_add(kill_after)) {
+        let timeout = match lost_at.map(|at| at.checked_add(args.kill_after())) {
             // A --kill-after too large to add to now never comes.
             Some(Some(kill_at)) if args.on_lost == OnLost::Terminate && !killed => {
                 kill_at.saturating_duration_since(Instant::now())
@@ -283,7 +288,7 @@ fn announce_loss(pid: u32, args: &Args) {
                 "distlock: lost the lock on {} (the connection to the server failed); \
                  terminating the command (SIGKILL in {})",
                 args.key,
-                human(args.kill_after.unwrap_or_default())
+                human(args.kill_after())
             );
             send_signal(pid, SIGTERM);
         }
