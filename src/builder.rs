@@ -82,7 +82,7 @@ impl Default for Builder {
                 wait_connections: DEFAULT_WAIT_CONNECTIONS,
                 transaction_pooler: false,
                 warn_held_after: None,
-                member: false,
+                owner: None,
                 max_transactions: DEFAULT_MAX_TRANSACTIONS,
                 flavor: Flavor::Session,
             },

@@ -62,8 +62,9 @@ pub(crate) struct Options {
     pub(crate) wait_connections: usize,
     pub(crate) transaction_pooler: bool,
     pub(crate) warn_held_after: Option<Duration>,
-    /// A waiting connection or lock transaction of another manager (not one of its own).
-    pub(crate) member: bool,
+    /// A waiting connection or lock transaction of another manager: that manager's link, whose
+    /// stalls end this one's waits.
+    pub(crate) owner: Option<Arc<Link>>,
     pub(crate) max_transactions: usize,
     /// What this manager's own connection is for (a lock transaction's manager is a
     /// [`Flavor::Holder`]).
@@ -83,15 +84,16 @@ pub(crate) fn start(
         .or_else(|| config.get_application_name().map(str::to_owned))
         .unwrap_or_else(|| DEFAULT_APPLICATION_NAME.to_owned());
     config.application_name(&name);
+    let link = Arc::new(Link::new());
     let (options, waits) = if options.transaction_pooler {
-        let waits = lock_transactions(&options, &name, &config, &tls);
+        let waits = lock_transactions(&options, &name, &config, &tls, &link);
         let control = Options {
             flavor: Flavor::Control,
             ..options
         };
         (control, waits)
     } else {
-        let waits = waiting_connections(&options, &name, &config, &tls);
+        let waits = waiting_connections(&options, &name, &config, &tls, &link);
         (options, waits)
     };
     params::libpq_defaults(&mut config)?;
@@ -102,7 +104,6 @@ pub(crate) fn start(
     let spin_turns = spin_turns(options.spin_wait);
     let (requests, queue) = crossbeam_channel::bounded(QUEUE_CAPACITY);
     let (shutdown, shutdown_rx) = crossbeam_channel::bounded(0);
-    let link = Arc::new(Link::new());
     let spec = Spec {
         connector: Arc::new(worker_connector(&options, config, connector)),
         requests: queue,
@@ -114,6 +115,7 @@ pub(crate) fn start(
         } else {
             SPIN_HAND_OVER_TURNS
         },
+        owner: options.owner.clone(),
     };
     start_worker_within(&spec, options.connect_retry)?;
     let (max_locks, lock_table_limit) = lock_limit(options.max_locks, spec.connector.lock_table());
@@ -130,7 +132,7 @@ pub(crate) fn start(
     let shared = Shared::new(requests, link, shutdown, settings, waits);
     // A manager's waiting connections and lock transactions are counted in its own figures.
     #[cfg(feature = "metrics")]
-    if !options.member {
+    if options.owner.is_none() {
         crate::caller::metrics::publish(&shared, &name);
     }
     Ok(LockManager::from_shared(shared))
@@ -155,6 +157,7 @@ fn waiting_connections(
     name: &str,
     config: &postgres::Config,
     tls: &Tls,
+    owner: &Arc<Link>,
 ) -> Option<Waits> {
     if options.wait_connections == 0 {
         return None;
@@ -167,7 +170,14 @@ fn waiting_connections(
         ..options.clone()
     };
     let usable = |shared: &Arc<Shared>| shared.link().is_online();
-    Some(pool_of(one, config, tls, options.wait_connections, usable))
+    Some(pool_of(
+        one,
+        config,
+        tls,
+        options.wait_connections,
+        usable,
+        owner,
+    ))
 }
 
 /// The lock transactions of a manager named `name` in transaction mode: each a manager of its own
@@ -179,6 +189,7 @@ fn lock_transactions(
     name: &str,
     config: &postgres::Config,
     tls: &Tls,
+    owner: &Arc<Link>,
 ) -> Option<Waits> {
     let one = Options {
         wait_connections: 0,
@@ -188,9 +199,14 @@ fn lock_transactions(
         application_name: Some(suffixed(name, TRANSACTION_SUFFIX)),
         ..options.clone()
     };
-    Some(pool_of(one, config, tls, options.max_transactions, |_| {
-        false
-    }))
+    Some(pool_of(
+        one,
+        config,
+        tls,
+        options.max_transactions,
+        |_| false,
+        owner,
+    ))
 }
 
 /// A pool of at most `max` managers started with `one`'s settings, each opened for a caller
@@ -201,8 +217,9 @@ fn pool_of(
     tls: &Tls,
     max: usize,
     usable: fn(&Arc<Shared>) -> bool,
+    owner: &Arc<Link>,
 ) -> Waits {
-    one.member = true;
+    one.owner = Some(Arc::clone(owner));
     let (config, tls) = (config.clone(), tls.clone());
     let hosts = u32::try_from(params::each_host(&config).len()).unwrap_or(u32::MAX);
     let open: Open<Arc<Shared>> = Box::new(move |deadline| {

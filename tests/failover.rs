@@ -191,7 +191,9 @@ fn server_processes(server: &TestCluster) -> Vec<i32> {
 
 /// The old primary goes silent — stopped, so its connections get no FIN and no RST — while the
 /// standby is promoted. The manager only learns of the loss from its own stall bound, and must
-/// still tell every old guard before anything is granted on the new primary.
+/// still tell every old guard before anything is granted on the new primary. A waiter of another
+/// manager, queued on the old primary behind one of those guards, leaves the silent wait when its
+/// manager's own connection stalls, and is granted on the new primary long before its deadline.
 #[test]
 fn a_silent_old_primary_loses_every_guard_before_the_new_primary_grants() {
     let _one_at_a_time = PAIR.lock();
@@ -211,6 +213,28 @@ fn a_silent_old_primary_loses_every_guard_before_the_new_primary_grants() {
         .map(|&k| locks.try_lock(k).unwrap().expect("free"))
         .collect();
     let watchers = when_lost(&guards);
+    let queued_key = keys[0];
+    let url = both.clone();
+    let waiter = thread::spawn(move || {
+        let waiter = LockManager::builder()
+            .application_name("failover-silent-waiter")
+            .connect_timeout(Duration::from_secs(1))
+            .request_timeout(Duration::from_secs(2))
+            .connect(&url)
+            .expect("the waiter connects");
+        let got = waiter.try_lock_for(queued_key, Duration::from_secs(60));
+        let at = Instant::now();
+        (at, got.map(|g| g.map(|g| g.ensure_held().is_ok())))
+    });
+    let mut old = postgres::Client::connect(primary.url(), postgres::NoTls).unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || common::queued(
+            &mut old,
+            "failover-silent-waiter"
+        ) == 1),
+        "the waiter never queued"
+    );
+    drop(old);
 
     let stopped = server_processes(&primary);
     for &pid in &stopped {
@@ -243,7 +267,19 @@ fn a_silent_old_primary_loses_every_guard_before_the_new_primary_grants() {
     assert_eq!(common::holders(&mut promoted, key).len(), 1);
     new_guard.ensure_held().unwrap();
     let took = granted_at.duration_since(silenced);
-    eprintln!("silent failover: old primary stopped -> first new grant {took:?}");
+    let (waiter_at, waited) = waiter.join().unwrap();
+    let waited_for = waiter_at.duration_since(silenced);
+    eprintln!(
+        "silent failover: old primary stopped -> first new grant {took:?}; the queued waiter \
+         granted after {waited_for:?}"
+    );
+    assert_eq!(
+        waited.unwrap(),
+        Some(true),
+        "the waiter queued on the silent primary was not granted on the new one"
+    );
+    // Its deadline was a minute: it left the silent wait at its manager's stall bound.
+    assert!(waited_for < Duration::from_secs(30), "took {waited_for:?}");
     // Told within the stall bound (2 s request timeout) and a heartbeat; then one connect timeout
     // on the silent host, and the promoted one.
     assert!(took < Duration::from_secs(10), "took {took:?}");

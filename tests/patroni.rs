@@ -38,27 +38,7 @@ fn holder_told_and_waiter_granted(c: &Cluster, what: &str, key: LockKey, fault: 
         .expect("the holder connects");
     let guard = holder.try_lock(key).unwrap().expect("free");
     let lost = guard.lost().clone();
-    let url = c.url();
-    let waiter = thread::spawn(move || {
-        let locks = LockManager::builder()
-            .application_name("ha-waiter")
-            .connect(&url)
-            .expect("the waiter connects");
-        let granted = locks.try_lock_for(key, Duration::from_secs(90));
-        (
-            Instant::now(),
-            granted.map(|g| g.map(|g| g.ensure_held().is_ok())),
-        )
-    });
-    let mut leader = postgres::Client::connect(&c.node_url(old), postgres::NoTls).unwrap();
-    assert!(
-        eventually(Duration::from_secs(20), || common::queued(
-            &mut leader,
-            "ha-waiter"
-        ) == 1),
-        "the waiter never queued"
-    );
-    drop(leader);
+    let waiter = queued_waiter(c, old, key, "ha-waiter");
     let commands = Commands::start(c, &format!("ha/{}-command", what.replace(' ', "-")));
     // Told when the loss signal fires, watched from before the fault (a switchover's command
     // returns only when the switchover is done).
@@ -91,6 +71,35 @@ fn holder_told_and_waiter_granted(c: &Cluster, what: &str, key: LockKey, fault: 
     );
     drop(guard);
     commands.never_overlapped(what);
+}
+
+/// A waiter of a manager of its own, queued on node `leader` for `key` (for up to 90 s) when
+/// this returns; it answers when its wait ended and whether it was granted and held.
+fn queued_waiter(
+    c: &Cluster,
+    leader: usize,
+    key: LockKey,
+    name: &'static str,
+) -> thread::JoinHandle<(Instant, distlock::Result<Option<bool>>)> {
+    let url = c.url();
+    let waiter = thread::spawn(move || {
+        let locks = LockManager::builder()
+            .application_name(name)
+            .connect(&url)
+            .expect("the waiter connects");
+        let granted = locks.try_lock_for(key, Duration::from_secs(90));
+        (
+            Instant::now(),
+            granted.map(|g| g.map(|g| g.ensure_held().is_ok())),
+        )
+    });
+    let mut node = postgres::Client::connect(&c.node_url(leader), postgres::NoTls).unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || common::queued(&mut node, name)
+            == 1),
+        "the waiter never queued"
+    );
+    waiter
 }
 
 /// Two `distlock run`s on one key with every setting at its default: a holder whose command
@@ -224,7 +233,8 @@ fn a_switchover_and_a_node_death_tell_the_holder_and_grant_the_waiter_on_the_new
 /// The leader freezes (every process of its node stopped: no FIN, no RST). `distlock run` with
 /// every setting at its default holds the lock for a command deaf to SIGTERM; another process
 /// polls for the lock through both hosts. The command's last write must come before that
-/// process's grant on the new leader.
+/// process's grant on the new leader. A waiter queued on the frozen leader behind a library
+/// holder leaves its silent wait and is granted on the new leader, after the holder was told.
 #[test]
 fn a_frozen_leader_cannot_leave_two_commands_running_with_the_defaults() {
     let _one = ONE_AT_A_TIME.lock();
@@ -257,6 +267,19 @@ fn a_frozen_leader_cannot_leave_two_commands_running_with_the_defaults() {
         .unwrap();
     let lock_key = LockKey::name(key);
     assert!(contender.try_lock(lock_key).unwrap().is_none(), "not held");
+    let queue_key = LockKey::name("ha/frozen-queue");
+    let queue_holder = LockManager::builder()
+        .application_name("ha-frozen-holder")
+        .connect(&c.url())
+        .expect("the holder connects");
+    let queue_guard = queue_holder.try_lock(queue_key).unwrap().expect("free");
+    let lost = queue_guard.lost().clone();
+    let told = thread::spawn(move || {
+        lost.recv_timeout(Duration::from_secs(90))
+            .err()
+            .map(|_| Instant::now())
+    });
+    let waiter = queued_waiter(&c, old, queue_key, "ha-frozen-waiter");
     let frozen = Instant::now();
     c.signal_node(old, "STOP");
     let mut granted = None;
@@ -293,6 +316,24 @@ fn a_frozen_leader_cannot_leave_two_commands_running_with_the_defaults() {
     );
     assert_eq!(status.code(), Some(76), "{stderr}");
     assert!(last < granted_ns, "two commands ran at once:\n{stderr}");
+    let (waited_at, waited) = waiter.join().unwrap();
+    let told = told.join().unwrap().expect("the holder was never told");
+    eprintln!(
+        "patroni freeze: a holder told after {:?}, the waiter queued behind it granted on the new \
+         leader after {:?}",
+        told.duration_since(frozen),
+        waited_at.duration_since(frozen)
+    );
+    assert_eq!(
+        waited.unwrap(),
+        Some(true),
+        "the waiter queued on the frozen leader was not granted on the new one"
+    );
+    assert!(
+        told <= waited_at,
+        "the waiter was granted before the holder was told"
+    );
+    drop(queue_guard);
 }
 
 /// `synchronous_mode`: the leader's WAL sender stops for 3 s while four managers draw fenced

@@ -187,7 +187,7 @@ impl Shared {
 
     /// Sends one plain request and waits for its reply until the call's deadline.
     pub(crate) fn round_trip(&self, call: Call) -> Result<Reply> {
-        self.exchange(call.deadline, |reply| {
+        self.exchange(call.deadline, None, |reply| {
             Request::Plain(Plain {
                 op: call.op,
                 mode: call.mode,
@@ -206,13 +206,23 @@ impl Shared {
         if self.settings.transactions && !matches!(special, Special::Holders(_) | Special::Token) {
             return Err(Error::not_in_transaction_mode());
         }
-        self.exchange(deadline, |reply| Request::Special(Box::new(special), reply))
+        // A wait in the lock queue also ends when its connection is declared lost: a frozen
+        // server would otherwise keep it until its deadline.
+        let lost = match special {
+            Special::Wait(_) => self.link.loss_signal(),
+            _ => None,
+        };
+        self.exchange(deadline, lost.as_ref(), |reply| {
+            Request::Special(Box::new(special), reply)
+        })
     }
 
+    /// Sends a request and waits for its reply until `deadline`, or until `lost` is ready.
     #[inline(always)]
     fn exchange(
         &self,
         deadline: Instant,
+        lost: Option<&crossbeam_channel::Receiver<()>>,
         request: impl FnOnce(Ticket) -> Request,
     ) -> Result<Reply> {
         let slot = self.replies.pull(ReplySlot::new);
@@ -232,7 +242,9 @@ impl Shared {
         self.link.wake_worker();
         self.link.hook(Site::BeforeReceive);
         let spin_turns = self.settings.spin_turns;
-        let waited = if spin_turns == 0 {
+        let waited = if let Some(lost) = lost {
+            slot::wait_or_lost(&slot, number, deadline, lost)
+        } else if spin_turns == 0 {
             slot::wait(&slot, number, deadline, 0)
         } else {
             // Spin only as the manager's one call in flight: many spinning callers would take
@@ -246,13 +258,20 @@ impl Shared {
         match waited {
             Waited::Reply(Reply::Failed(e)) => Err(e),
             Waited::Reply(reply) => Ok(reply),
-            Waited::GaveUp { in_doubt } => {
+            Waited::GaveUp { in_doubt, lost } => {
                 if in_doubt {
                     // The worker holds a reply for this slot that never reached us: the slot must
                     // never serve another call. Detached, it dies with the worker's reference; the
                     // nudge makes the worker give back a grant in the reply at once.
                     let _ = slot.detach();
                     self.link.nudge();
+                }
+                if lost {
+                    return Err(Error::new(
+                        ErrorKind::ConnectionLost,
+                        "the connection waiting in the lock queue was lost (its server stopped \
+                         answering)",
+                    ));
                 }
                 Err(Error::timeout(
                     "timed out waiting for the lock manager's worker",

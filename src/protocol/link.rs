@@ -43,6 +43,9 @@ pub(crate) struct Link {
     wait_until: AtomicU64,
     /// The origin of `wait_until`.
     epoch: std::time::Instant,
+    /// Generations the monitor has declared lost because a statement stalled (see
+    /// [`Link::note_stall`]).
+    stalls: AtomicU64,
     /// True while the serving worker is parked (or about to park) for want of requests.
     idle: AtomicBool,
     /// Set by the monitor when the connection has been idle for a heartbeat ([`DUE_HEARTBEAT`]:
@@ -136,6 +139,7 @@ impl Link {
             busy: AtomicU64::new(0),
             wait_until: AtomicU64::new(0),
             epoch: std::time::Instant::now(),
+            stalls: AtomicU64::new(0),
             idle: AtomicBool::new(false),
             due: AtomicU8::new(0),
             pooled: AtomicBool::new(false),
@@ -261,6 +265,26 @@ impl Link {
         crate::error::Error::offline(refusal.as_deref())
     }
 
+    /// Counts a generation the monitor declared lost because its statement stalled. The waiting
+    /// connections of the manager, on the same server, read it: a wait in the lock queue cannot
+    /// tell a frozen server from a lock held long, but the manager's own heartbeat can.
+    pub(crate) fn note_stall(&self) {
+        self.stalls.fetch_add(1, Ordering::Release);
+    }
+
+    /// Stalls declared so far (see [`Link::note_stall`]).
+    pub(crate) fn stalls(&self) -> u64 {
+        self.stalls.load(Ordering::Acquire)
+    }
+
+    /// The loss signal of the generation serving now, if one is: ready once it is lost.
+    pub(crate) fn loss_signal(&self) -> Option<Receiver<()>> {
+        let state = self.state.lock();
+        self.is_current(state.generation)
+            .then(|| state.lost_rx.clone())
+            .filter(|_| state.generation != 0)
+    }
+
     /// True once a pooler was seen sharing the manager's session.
     pub(crate) fn is_pooled(&self) -> bool {
         self.pooled.load(Ordering::Acquire)
@@ -373,59 +397,5 @@ impl Link {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crossbeam_channel::TryRecvError;
-
-    const B: Backend = Backend {
-        pid: 7,
-        started_us: 1,
-    };
-
-    #[test]
-    fn losing_a_generation_fires_its_signal_once_and_makes_its_backend_a_suspect() {
-        let link = Link::new();
-        let (lease, suspects) = link.go_online(B);
-        assert!(suspects.is_empty());
-        assert!(link.is_current(lease.generation));
-        assert_eq!(lease.lost.try_recv(), Err(TryRecvError::Empty));
-        assert!(link.lose(lease.generation));
-        assert!(!link.lose(lease.generation), "only one caller wins");
-        assert_eq!(lease.lost.try_recv(), Err(TryRecvError::Disconnected));
-        assert!(!link.is_online());
-        let (next, suspects) = link.go_online(Backend { pid: 8, ..B });
-        assert_eq!(suspects, vec![B]);
-        assert!(next.generation > lease.generation);
-        assert!(!link.is_current(lease.generation));
-        assert_eq!(next.lost.try_recv(), Err(TryRecvError::Empty));
-    }
-
-    #[test]
-    fn a_stale_generation_cannot_lose_the_current_one() {
-        let link = Link::new();
-        let (old, _) = link.go_online(B);
-        assert!(link.lose(old.generation));
-        let (new, _) = link.go_online(B);
-        assert!(!link.lose(old.generation));
-        assert!(link.is_current(new.generation));
-    }
-
-    #[test]
-    fn a_running_statement_is_seen_only_for_the_current_generation() {
-        let link = Link::new();
-        let (lease, _) = link.go_online(B);
-        assert_eq!(link.running(), None, "idle");
-        let mark = link.begin_statement(lease.generation);
-        assert_eq!(link.running(), Some((mark, lease.generation)));
-        link.end_statement(mark);
-        assert_eq!(link.running(), None);
-        let next = link.begin_statement(lease.generation);
-        assert_ne!(next, mark, "each statement has its own mark");
-        // A mark left by an old generation's stuck worker does not count against the new one.
-        assert!(link.lose(lease.generation));
-        let _ = link.go_online(B);
-        let stale = link.begin_statement(lease.generation);
-        assert_eq!(link.running(), None);
-        link.end_statement(stale);
-    }
-}
+#[path = "link_tests.rs"]
+mod tests;

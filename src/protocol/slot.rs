@@ -143,7 +143,8 @@ impl Delivery {
 
 /// Replies claimed for callers that were not receiving yet when they were ready, kept by the worker
 /// until each is taken or its caller gives up. Kept across reconnects: a caller waits for its reply
-/// until its own deadline, whatever happens to the connection.
+/// until its own deadline whatever happens to the connection (a wait in the lock queue: or until
+/// its connection is declared lost).
 #[derive(Debug)]
 pub(crate) struct LateReplies {
     /// Owed now.
@@ -267,12 +268,14 @@ pub(crate) fn arm(slot: &Arc<ReplySlot>) -> Ticket {
 pub(crate) enum Waited {
     /// The reply to this very ticket.
     Reply(Reply),
-    /// The deadline passed first. `in_doubt`: the worker had claimed a reply that never reached
+    /// The deadline passed first, or the connection was lost. `in_doubt`: the worker had claimed a reply that never reached
     /// the caller, so the slot must not go back to the pool (and the worker should be nudged to
     /// release a grant in it).
     GaveUp {
         /// The slot may still be sent to; it must be detached from the pool.
         in_doubt: bool,
+        /// It gave up before the deadline: the connection serving the request was lost.
+        lost: bool,
     },
 }
 
@@ -298,20 +301,58 @@ pub(crate) fn wait(slot: &ReplySlot, ticket: u64, deadline: Instant, spin: u32) 
             return Waited::Reply(reply);
         }
     }
-    // The receive is over, so no reply can reach this caller any more; decide the ticket's fate.
+    give_up(slot, ticket, false)
+}
+
+/// [`wait`] (without spinning), which also gives up once `lost` is ready: the connection the
+/// request went to was declared lost, and its reply may never come.
+pub(crate) fn wait_or_lost(
+    slot: &ReplySlot,
+    ticket: u64,
+    deadline: Instant,
+    lost: &Receiver<()>,
+) -> Waited {
+    let claimed = slot.state.load(Ordering::Acquire) != state(ticket, WAITING);
+    let mut gone = false;
+    if !claimed || Instant::now() < deadline {
+        let mut select = Select::new();
+        let reply = select.recv(&slot.rx);
+        select.recv(lost);
+        match select.select_deadline(deadline) {
+            Ok(op) if op.index() == reply => {
+                if let Ok(reply) = op.recv(&slot.rx) {
+                    return Waited::Reply(reply);
+                }
+            }
+            Ok(op) => gone = op.recv(lost).is_err(),
+            Err(_) => {}
+        }
+    }
+    give_up(slot, ticket, gone)
+}
+
+/// The receive is over, so no reply can reach this caller any more: decides the ticket's fate.
+#[cold]
+fn give_up(slot: &ReplySlot, ticket: u64, lost: bool) -> Waited {
     match slot.state.compare_exchange(
         state(ticket, WAITING),
         state(ticket, ABANDONED),
         Ordering::AcqRel,
         Ordering::Acquire,
     ) {
-        Ok(_) => Waited::GaveUp { in_doubt: false },
+        Ok(_) => Waited::GaveUp {
+            in_doubt: false,
+            lost,
+        },
         Err(_) => {
             // Claimed by the worker, not delivered: the worker never changes a claimed phase, so
             // this store is the only change and cannot race with another.
             slot.state
                 .store(state(ticket, ABANDONED), Ordering::Release);
-            Waited::GaveUp { in_doubt: true }
+            Waited::GaveUp {
+                in_doubt: true,
+                lost,
+            }
         }
     }
 }

@@ -70,7 +70,10 @@ fn reply_after_the_caller_gave_up_is_handed_back() {
     let ticket = arm(&slot);
     assert!(matches!(
         wait(&slot, ticket.number(), Instant::now(), 0),
-        Waited::GaveUp { in_doubt: false }
+        Waited::GaveUp {
+            in_doubt: false,
+            lost: false
+        }
     ));
     assert!(matches!(ticket.claim(Reply::Held), Err(Reply::Held)));
 }
@@ -86,7 +89,10 @@ fn a_claimed_reply_the_caller_never_took_leaves_the_slot_in_doubt_and_is_handed_
     let started = Instant::now();
     assert!(matches!(
         wait(&slot, n, Instant::now(), 0),
-        Waited::GaveUp { in_doubt: true }
+        Waited::GaveUp {
+            in_doubt: true,
+            lost: false
+        }
     ));
     assert!(started.elapsed() < Duration::from_millis(50));
     // The worker sees the caller gone and takes its reply back.
@@ -100,7 +106,10 @@ fn stale_ticket_never_reaches_the_next_user() {
     let old = arm(&slot);
     assert!(matches!(
         wait(&slot, old.number(), Instant::now(), 0),
-        Waited::GaveUp { in_doubt: false }
+        Waited::GaveUp {
+            in_doubt: false,
+            lost: false
+        }
     ));
     let new = arm(&slot);
     let n = new.number();
@@ -116,4 +125,41 @@ fn stale_ticket_never_reaches_the_next_user() {
     let unused = arm(&slot);
     let _next = arm(&slot);
     assert!(unused.claim(Reply::Held).is_err());
+}
+
+#[test]
+fn a_caller_watching_a_loss_signal_takes_its_reply_or_gives_up_at_the_loss() {
+    let slot = ReplySlot::new();
+    let ticket = arm(&slot);
+    let (lost_tx, lost) = crossbeam_channel::bounded::<()>(0);
+    let worker = deliver_from_worker(ticket, Reply::Held);
+    assert!(matches!(
+        wait_or_lost(&slot, slot_number(&slot), soon(), &lost),
+        Waited::Reply(Reply::Held)
+    ));
+    assert!(worker.join().unwrap());
+    // The connection is lost long before the deadline: the caller gives up then, and a reply
+    // that comes later is handed back.
+    let ticket = arm(&slot);
+    let started = Instant::now();
+    let dropper = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(20));
+        drop(lost_tx);
+    });
+    let far = Instant::now() + Duration::from_secs(30);
+    assert!(matches!(
+        wait_or_lost(&slot, ticket.number(), far, &lost),
+        Waited::GaveUp {
+            in_doubt: false,
+            lost: true
+        }
+    ));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    dropper.join().unwrap();
+    assert!(matches!(ticket.claim(Reply::Held), Err(Reply::Held)));
+}
+
+/// The ticket a slot is armed with now.
+fn slot_number(slot: &ReplySlot) -> u64 {
+    slot.state.load(Ordering::Acquire) >> PHASE_BITS
 }

@@ -58,6 +58,8 @@ pub(crate) struct Spec {
     pub(crate) stall_limit: Duration,
     /// How many times a reply is offered before it is kept for later (more when callers spin).
     pub(crate) hand_over_turns: u32,
+    /// A waiting connection's or lock transaction's manager's link: its stalls end a wait.
+    pub(crate) owner: Option<Arc<Link>>,
 }
 
 /// How a connection's service ended.
@@ -206,8 +208,7 @@ impl Worker {
             Arc::clone(&self.spec.link),
             lease.generation,
             backend,
-            // A control connection keeps no session of its own to prove: its heartbeat only
-            // proves it alive.
+            // A control connection keeps no session to prove: its heartbeat proves it alive.
             (flavor != Flavor::Control).then_some(mark),
             scope,
         )
@@ -300,8 +301,7 @@ impl Worker {
     }
 
     /// With no connection: hands late replies over (a grant given back needs no statement, its
-    /// session is gone) and answers every request queued now with `refusal()`. `None` when the
-    /// manager is gone.
+    /// session is gone) and answers every request queued now with `refusal()`. `None`: no manager.
     fn answer_queued(&mut self, refusal: fn(&Link) -> Error) -> Option<()> {
         let _ = self.settle_late(None);
         loop {

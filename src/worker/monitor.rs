@@ -39,6 +39,7 @@ pub(crate) fn start(spec: Spec, shutdown: Receiver<()>) -> std::io::Result<()> {
                 tick,
                 replacement_due: false,
                 seen: None,
+                waiting: None,
             };
             while let Err(RecvTimeoutError::Timeout) | Ok(()) = shutdown.recv_timeout(tick) {
                 monitor.heartbeat_if_quiet();
@@ -61,6 +62,8 @@ struct Monitor {
     seen: Option<(u64, Instant)>,
     /// The statement count last sampled, and since when it has not moved.
     quiet: (u64, Instant),
+    /// The wait in the lock queue last sampled, and the owner's stalls when it was first seen.
+    waiting: Option<(u64, u64)>,
 }
 
 impl Monitor {
@@ -88,6 +91,7 @@ impl Monitor {
         if let Some(generation) = self.stalled() {
             self.seen = None;
             if self.spec.link.lose(generation) {
+                self.spec.link.note_stall();
                 log::warn!(
                     "distlock: a statement has run for over {:?}; replacing the connection and \
                      reporting its locks lost",
@@ -113,10 +117,22 @@ impl Monitor {
                 None
             }
             // A wait in the lock queue runs until its own deadline: it counts as stalled only
-            // past that, by the same limit.
-            (Some((mark, _)), _) if link.wait_left(mark).is_some_and(|left| !left.is_zero()) => {
+            // past that, by the same limit, or once the owner's connection to the same server
+            // stalls (a frozen server never ends a wait).
+            (Some((mark, generation)), _)
+                if link.wait_left(mark).is_some_and(|left| !left.is_zero()) =>
+            {
                 self.seen = None;
-                None
+                let stalls = self.spec.owner.as_ref().map_or(0, |owner| owner.stalls());
+                match self.waiting {
+                    Some((seen, before)) if seen == mark => {
+                        (stalls != before).then_some(generation)
+                    }
+                    _ => {
+                        self.waiting = Some((mark, stalls));
+                        None
+                    }
+                }
             }
             (Some((mark, generation)), Some((last, since))) if mark == last => {
                 // It began at most one tick before it was first seen, so it is declared stalled
