@@ -248,6 +248,16 @@ fn the_fencing_sequence_is_created_on_first_use_and_a_refusal_leaks_nothing() {
     );
     assert!(seen[0].backend_start().is_some(), "{seen:?}");
     drop(own);
+    // Granted the sequence, an unprivileged role draws tokens: every part of the draw (the WAL
+    // record that makes it wait for a synchronous standby included) is open to it.
+    admin
+        .batch_execute("GRANT USAGE ON SEQUENCE public.distlock_fence TO fence_user")
+        .unwrap();
+    let fenced = user
+        .try_lock_fenced("fence/granted")
+        .expect("an unprivileged role with USAGE draws a token")
+        .expect("free");
+    assert!(fenced.fencing_token().is_some_and(|t| t > 0));
 }
 
 #[test]
