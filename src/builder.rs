@@ -243,8 +243,9 @@ impl Builder {
     /// transaction, so the server connections a fleet uses follow the locks held and the waits in
     /// progress, not the processes: a manager that holds nothing holds no server connection (its
     /// own connection to the pooler runs only `holders` lookups). Each transaction is READ
-    /// COMMITTED and sets its own `idle_in_transaction_session_timeout` to 0 (a server-wide cull
-    /// would otherwise end it, and free its lock) and assigns no transaction id, so a held lock
+    /// COMMITTED and sets its own `idle_in_transaction_session_timeout` to the lease (see
+    /// [`Builder::dead_holder_timeout`]; a shorter server-wide cull would otherwise end it, and
+    /// free its lock) and assigns no transaction id, so a held lock
     /// never holds back vacuum. Loss is announced (heartbeats run inside the transaction, on its
     /// pinned server connection), `ensure_held` proves the lock, and waits queue in PostgreSQL's
     /// lock queue — each wait in a transaction of its own, which pins a server connection while it
@@ -338,6 +339,16 @@ impl Builder {
     /// heartbeat of at most a sixth of the bound (the defaults, 1 s and 12 s, keep it); with a
     /// longer heartbeat the holder is still told, within a heartbeat and a quarter of the bound.
     /// Over a unix-domain socket there is no TCP, and nothing to set.
+    ///
+    /// Behind a proxy (a pooler, pgpool-II) the keepalives watch the proxy's socket, not the
+    /// client's, so the server also keeps a lease on each lock session and lock transaction: its
+    /// `idle_session_timeout` (PostgreSQL 14 and later) or `idle_in_transaction_session_timeout`
+    /// is set to the bound less a second, and every statement — the heartbeat, when nothing else
+    /// runs — renews it. A client that vanished behind any proxy loses its locks within the bound.
+    /// The lease is never shorter than a heartbeat plus the time one may take before the
+    /// connection counts as stalled, plus a second, so it never ends a live session; but a holder
+    /// stopped past it (SIGSTOP, a frozen VM) loses its locks too, and is told at its next call
+    /// ([`crate::LockGuard::ensure_held`] refuses).
     ///
     /// Whole seconds, at least 2; longer than 24 days leaves the server's settings alone.
     /// Measured: see the README's Performance section.

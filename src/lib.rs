@@ -146,11 +146,18 @@
 //!   frees a silent holder's locks within [`Builder::dead_holder_timeout`] (12 s by default), and
 //!   the holder, whose heartbeats and statements then go unanswered, gives the connection up and is
 //!   told within half of that (with a heartbeat of at most a sixth of it, as by default) — before
-//!   anyone else can take its locks. Measured with real packet
-//!   loss: see the README's Performance section.
+//!   anyone else can take its locks. Behind a proxy the keepalives would watch the proxy's socket,
+//!   so the server also holds a **lease** on each lock session (`idle_session_timeout`, PostgreSQL
+//!   14 and later) and lock transaction (`idle_in_transaction_session_timeout`): the bound less a
+//!   second, renewed by the heartbeat. A client that vanishes behind any proxy has its session
+//!   ended and its locks freed within the bound; a holder alive but stalled past it (a stopped
+//!   process, a frozen VM) loses them the same way and is told at its next call
+//!   ([`LockGuard::ensure_held`] refuses). Measured with real packet loss: see the README's
+//!   Performance section.
 //! * **Culls.** Cluster-wide `idle_session_timeout` and `idle_in_transaction_session_timeout`
-//!   would end a lock session idle between statements, and free its locks; every lock session sets
-//!   both to 0 for itself.
+//!   would end a lock session idle between statements, and free its locks; every lock session
+//!   replaces both with its own lease (never shorter than a heartbeat and the time one may take),
+//!   or with 0 when the bound is past 24 days.
 //! * **Reconnect.** After a loss the worker reconnects by itself, with capped exponential backoff
 //!   (50 ms doubling to 1 s) plus jitter. While it is offline, `try_lock`, `unlock` and
 //!   `ensure_held` fail fast with [`ErrorKind::Offline`]; waiting calls (`lock`, `try_lock_for` and

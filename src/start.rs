@@ -300,8 +300,13 @@ fn worker_connector(
     connector: tls::Connector,
 ) -> Connector {
     // Past 24 days (or never), the server's own keepalive settings are left alone.
-    let keepalive = (options.dead_holder_timeout <= MAX_TCP_USER_TIMEOUT)
-        .then(|| ServerKeepalive::within(options.dead_holder_timeout));
+    let keepalive = (options.dead_holder_timeout <= MAX_TCP_USER_TIMEOUT).then(|| {
+        let renewed_within = options
+            .heartbeat
+            .max(MIN_HEARTBEAT)
+            .saturating_add(stall_limit(options));
+        ServerKeepalive::within(options.dead_holder_timeout, renewed_within)
+    });
     Connector::new(
         config,
         connector,

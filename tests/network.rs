@@ -9,12 +9,17 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::netns::{INSIDE, ip};
 use common::{eventually, now_ns};
 use distlock::testing::{Setup, TestCluster};
 use distlock::{LockKey, LockManager};
 
-/// Set in the re-executed test process that runs inside the namespace: which scenario.
-const INSIDE: &str = "DISTLOCK_NETNS_SCENARIO";
+/// The test that runs a scenario inside the namespace.
+const RUNNER: &str = "scenario_inside_a_namespace";
+
+fn in_namespace(scenario: &str) -> Option<String> {
+    common::netns::in_namespace(RUNNER, scenario)
+}
 
 #[test]
 fn idle_session_culls_do_not_end_a_lock_session() {
@@ -64,46 +69,6 @@ fn idle_session_culls_do_not_end_a_lock_session() {
     );
 }
 
-/// Runs `scenario` in a private network namespace; returns its stderr, or `None` (said why) where
-/// the machine does not allow namespaces.
-fn in_namespace(scenario: &str) -> Option<String> {
-    let exe = std::env::current_exe().unwrap();
-    let out = Command::new("unshare")
-        .args(["-n", "--"])
-        .arg(&exe)
-        .args([
-            "--exact",
-            "scenario_inside_a_namespace",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(INSIDE, scenario)
-        .output();
-    let out = match out {
-        Ok(out) => out,
-        Err(e) => {
-            distlock::testing::skip(&format!(
-                "cannot run unshare ({e}); this test needs a network namespace"
-            ));
-            return None;
-        }
-    };
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    if !out.status.success() && err.contains("unshare failed") {
-        distlock::testing::skip(&format!(
-            "this machine forbids network namespaces (unshare -n needs root): {}",
-            err.trim()
-        ));
-        return None;
-    }
-    assert!(
-        out.status.success(),
-        "scenario {scenario} failed:\n{}\n{err}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    Some(err)
-}
-
 #[test]
 fn a_vanished_holders_locks_are_free_within_the_bound_and_the_holder_is_told_first() {
     if std::env::var(INSIDE).is_ok() {
@@ -136,14 +101,6 @@ fn a_vanished_holders_locks_are_free_within_the_bound_and_the_holder_is_told_fir
         }
         assert!(baseline.contains("dead host: baseline"), "{baseline}");
     }
-}
-
-fn ip(args: &[&str]) {
-    let status = Command::new("ip")
-        .args(args)
-        .status()
-        .expect("ip (iproute2)");
-    assert!(status.success(), "ip {args:?}");
 }
 
 /// Inside the namespace (the test above runs it): the holder over TCP, the contender over the

@@ -56,6 +56,11 @@ impl Pgbouncer {
         let server_port = cluster
             .port()
             .ok_or_else(|| io::Error::other("pgbouncer needs a local cluster"))?;
+        // The server over its unix socket where it has one: a pooler's own connections then
+        // survive a test that takes the loopback down to cut its clients off.
+        let server_host = cluster
+            .socket_dir()
+            .map_or_else(|| "127.0.0.1".to_owned(), |d| d.display().to_string());
         let port = free_port()?;
         let dir =
             std::env::temp_dir().join(format!("distlock-pgbouncer-{}-{port}", std::process::id()));
@@ -66,7 +71,7 @@ impl Pgbouncer {
             &ini,
             format!(
                 "[databases]\n\
-                 postgres = host=127.0.0.1 port={server_port} dbname=postgres user=postgres\n\
+                 postgres = host={server_host} port={server_port} dbname=postgres user=postgres\n\
                  [pgbouncer]\n\
                  listen_addr = 127.0.0.1\n\
                  listen_port = {port}\n\

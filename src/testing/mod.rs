@@ -1,8 +1,9 @@
 //! A throwaway PostgreSQL cluster for tests, benchmarks and demos.
 //!
 //! [`TestCluster::from_env`] uses `DATABASE_URL` when it is set. Otherwise it runs `initdb` and starts
-//! a server from the local PostgreSQL installation (`initdb` and `pg_ctl` on `PATH`, or under
-//! `/usr/lib/postgresql/*/bin`) in a new directory under the system's temporary directory, listening
+//! a server from a PostgreSQL installation — the directory of binaries [`PG_BIN`] names when it is
+//! set, else the local one (`initdb` and `pg_ctl` on `PATH`, or the newest under
+//! `/usr/lib/postgresql/*/bin`) — in a new directory under the system's temporary directory, listening
 //! on a unix socket there and on a free loopback TCP port. When the process runs as root, the server
 //! runs as the `postgres` OS user, since PostgreSQL refuses to run as root.
 //!
@@ -87,6 +88,10 @@ struct Local {
     /// The watchdog and the write end of its pipe; dropping the pipe makes it stop the server.
     watchdog: Mutex<Option<(Child, ChildStdin)>>,
 }
+
+/// The environment variable that points the test clusters at a PostgreSQL installation: a
+/// directory holding `initdb`, `pg_ctl` and `postgres` (of any supported version).
+pub const PG_BIN: &str = "DISTLOCK_PG_BIN";
 
 pub(crate) const INSTALL_HINT: &str = "no PostgreSQL server binaries found (initdb and pg_ctl on PATH or under \
      /usr/lib/postgresql/*/bin); install them, e.g. `apt-get install postgresql` on Debian or Ubuntu, \

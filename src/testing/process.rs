@@ -121,8 +121,25 @@ pub(super) fn spawn_watchdog(
     Ok((child, stdin))
 }
 
+/// The installation named by [`super::PG_BIN`], if set; else `initdb` on `PATH`, else the newest
+/// under `/usr/lib/postgresql`.
 pub(super) fn find_bin_dir() -> io::Result<PathBuf> {
     let has_tools = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
+    if let Some(dir) = env::var_os(super::PG_BIN).filter(|d| !d.is_empty()) {
+        let dir = PathBuf::from(dir);
+        return if has_tools(&dir) {
+            Ok(dir)
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "{} is set to {}, which holds no initdb and pg_ctl",
+                    super::PG_BIN,
+                    dir.display()
+                ),
+            ))
+        };
+    }
     if let Some(path) = env::var_os("PATH") {
         for dir in env::split_paths(&path) {
             if has_tools(&dir) {

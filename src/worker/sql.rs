@@ -172,10 +172,10 @@ impl Sql {
         );
     }
 
-    /// Appends the lock session's set-up for a server of `version` (`server_version_num`): no
-    /// idle-session culls (they would end the session, and its locks, between two statements),
-    /// and the server-side keepalives, when given. Only settings the server has are set. (A
-    /// fencing token's durability is its own statement's: see `fencing::NEXT_TOKEN`.)
+    /// Appends the lock session's set-up for a server of `version` (`server_version_num`): the
+    /// server-side keepalives and the lease (`idle_session_timeout`, PostgreSQL 14 and later),
+    /// when given; without them no idle-session cull at all. Only settings the server has are set.
+    /// (A fencing token's durability is its own statement's: see `fencing::NEXT_TOKEN`.)
     pub(crate) fn push_session_setup(
         &mut self,
         version: i32,
@@ -197,7 +197,8 @@ impl Sql {
         self.buf.push('\'');
         set(&mut self.buf, "idle_in_transaction_session_timeout", 0);
         if version >= 140_000 {
-            set(&mut self.buf, "idle_session_timeout", 0);
+            let lease = keepalive.map_or(0, |k| k.lease_ms);
+            set(&mut self.buf, "idle_session_timeout", lease);
         }
         if let Some(k) = keepalive {
             set(&mut self.buf, "tcp_keepalives_idle", k.idle_s);
@@ -210,15 +211,20 @@ impl Sql {
     }
 
     /// Starts a lock transaction (see [`Scope::Transaction`]): `BEGIN`, then the transaction's
-    /// own settings — no cull of an idle transaction, the keepalives where the server has them —
+    /// own settings — the lease as its idle-transaction cull (none without one), the keepalives
+    /// where the server has them —
     /// and its mark, computed by the server from `salt` and its backend (see
     /// `pooler::transaction_mark`), so that all of it takes one round trip with what follows.
     pub(crate) fn push_transaction_start(&mut self, salt: u64, keepalive: Option<ServerKeepalive>) {
         self.buf.push_str(&BEGIN_TRANSACTION[PIN.len()..]);
-        self.buf.push_str(
-            ";SET LOCAL idle_in_transaction_session_timeout = 0;\
-             SELECT set_config('distlock.session', ((",
+        self.buf
+            .push_str(";SET LOCAL idle_in_transaction_session_timeout = ");
+        push_integer(
+            &mut self.buf,
+            i64::from(keepalive.map_or(0, |k| k.lease_ms)),
         );
+        self.buf
+            .push_str(";SELECT set_config('distlock.session', ((");
         push_int8(&mut self.buf, salt as i64);
         self.buf
             .push_str("::int8 # pg_backend_pid()::int8) & 9223372036854775807)::text, true)");

@@ -18,22 +18,36 @@ fn text(sql: &Sql) -> &str {
 
 #[test]
 fn session_setup_sets_only_what_the_server_has() {
-    let keepalive = ServerKeepalive::within(std::time::Duration::from_secs(12));
+    let keepalive = ServerKeepalive::within(
+        std::time::Duration::from_secs(12),
+        std::time::Duration::from_secs(5),
+    );
     assert_eq!(
         keepalive,
         ServerKeepalive {
             idle_s: 5,
             interval_s: 1,
             count: 6,
-            user_timeout_ms: 11_000
+            user_timeout_ms: 11_000,
+            lease_ms: 11_000,
         }
+    );
+    // A heartbeat too long for the bound stretches the lease, never ends a live session.
+    let stretched = ServerKeepalive::within(
+        std::time::Duration::from_secs(12),
+        std::time::Duration::from_secs(20),
+    );
+    assert_eq!(stretched.lease_ms, 21_000);
+    assert_eq!(
+        ServerKeepalive::within(std::time::Duration::MAX, std::time::Duration::MAX).lease_ms,
+        i32::MAX as u32
     );
     let mut sql = Sql::new();
     sql.push_session_setup(150_004, Some(keepalive), -5);
     assert_eq!(
         text(&sql),
         "SET distlock.session = '-5';SET idle_in_transaction_session_timeout = 0;\
-         SET idle_session_timeout = 0;\
+         SET idle_session_timeout = 11000;\
          SET tcp_keepalives_idle = 5;SET tcp_keepalives_interval = 1;\
          SET tcp_keepalives_count = 6;SET tcp_user_timeout = 11000"
     );
@@ -43,13 +57,19 @@ fn session_setup_sets_only_what_the_server_has() {
         text(&sql),
         "SET distlock.session = '7';SET idle_in_transaction_session_timeout = 0"
     );
+    sql.clear();
+    sql.push_session_setup(140_000, None, 7);
+    assert!(
+        text(&sql).ends_with("SET idle_session_timeout = 0"),
+        "no lease: no cull"
+    );
     assert_eq!(
         unpinned(&crate::worker::connect::pooler::probe(42, 7)),
         "SELECT WHERE pg_backend_pid() = 42 AND current_setting('distlock.session', true) = '7'"
     );
-    let long = ServerKeepalive::within(std::time::Duration::from_secs(100));
+    let long = ServerKeepalive::within(std::time::Duration::from_secs(100), Default::default());
     assert_eq!((long.idle_s, long.interval_s, long.count), (49, 5, 10));
-    let tiny = ServerKeepalive::within(std::time::Duration::from_millis(1));
+    let tiny = ServerKeepalive::within(std::time::Duration::from_millis(1), Default::default());
     assert_eq!((tiny.idle_s, tiny.interval_s, tiny.count), (1, 1, 1));
 }
 
@@ -195,6 +215,20 @@ fn a_lock_transaction_takes_transaction_locks_and_ends_to_release() {
         "BEGIN ISOLATION LEVEL READ COMMITTED;SET LOCAL idle_in_transaction_session_timeout = 0;\
          SELECT set_config('distlock.session', ((5::int8 # pg_backend_pid()::int8) \
          & 9223372036854775807)::text, true)"
+    );
+    sql.clear();
+    let lease = ServerKeepalive::within(
+        std::time::Duration::from_secs(12),
+        std::time::Duration::from_secs(5),
+    );
+    sql.push_transaction_start(5, Some(lease));
+    assert!(
+        text(&sql).starts_with(
+            "BEGIN ISOLATION LEVEL READ COMMITTED;\
+             SET LOCAL idle_in_transaction_session_timeout = 11000;"
+        ),
+        "{}",
+        text(&sql)
     );
     // The server computes the mark the client expects.
     assert_eq!(crate::worker::connect::pooler::transaction_mark(5, 3), 6);

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod bouncer;
+pub mod netns;
 
 use std::time::{Duration, Instant};
 
