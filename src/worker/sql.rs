@@ -200,6 +200,11 @@ impl Sql {
             let lease = keepalive.map_or(0, |k| k.lease_ms);
             set(&mut self.buf, "idle_session_timeout", lease);
         }
+        // PostgreSQL 17 and later: a cluster's or role's transaction_timeout would end a
+        // statement that waits in the lock queue past it, and the session with it.
+        if version >= 170_000 {
+            set(&mut self.buf, "transaction_timeout", 0);
+        }
         if let Some(k) = keepalive {
             set(&mut self.buf, "tcp_keepalives_idle", k.idle_s);
             set(&mut self.buf, "tcp_keepalives_interval", k.interval_s);
@@ -222,6 +227,12 @@ impl Sql {
         push_integer(
             &mut self.buf,
             i64::from(keepalive.map_or(0, |k| k.lease_ms)),
+        );
+        // PostgreSQL 17 and later: a cluster's or role's transaction_timeout would end the lock's
+        // transaction, and free the lock, however alive its holder.
+        self.buf.push_str(
+            ";SELECT pg_catalog.set_config('transaction_timeout', '0', true) \
+             WHERE pg_catalog.current_setting('transaction_timeout', true) IS NOT NULL",
         );
         self.buf
             .push_str(";SELECT set_config('distlock.session', ((");

@@ -63,6 +63,13 @@ fn session_setup_sets_only_what_the_server_has() {
         text(&sql).ends_with("SET idle_session_timeout = 0"),
         "no lease: no cull"
     );
+    sql.clear();
+    sql.push_session_setup(170_000, None, 7);
+    assert!(
+        text(&sql).ends_with("SET idle_session_timeout = 0;SET transaction_timeout = 0"),
+        "{}",
+        text(&sql)
+    );
     assert_eq!(
         unpinned(&crate::worker::connect::pooler::probe(42, 7)),
         "SELECT WHERE pg_backend_pid() = 42 AND current_setting('distlock.session', true) = '7'"
@@ -213,6 +220,8 @@ fn a_lock_transaction_takes_transaction_locks_and_ends_to_release() {
     assert_eq!(
         text(&sql),
         "BEGIN ISOLATION LEVEL READ COMMITTED;SET LOCAL idle_in_transaction_session_timeout = 0;\
+         SELECT pg_catalog.set_config('transaction_timeout', '0', true) \
+         WHERE pg_catalog.current_setting('transaction_timeout', true) IS NOT NULL;\
          SELECT set_config('distlock.session', ((5::int8 # pg_backend_pid()::int8) \
          & 9223372036854775807)::text, true)"
     );

@@ -157,8 +157,26 @@ fn identify(
         version: field(row, 5)?,
         lock_table: field(row, 6)?,
     };
+    if facts.version_num < OLDEST_SUPPORTED {
+        return Err(Error::new(
+            ErrorKind::Connect,
+            format!(
+                "refusing PostgreSQL {}.{} (the server says: {}): distlock supports PostgreSQL \
+                 {} and later, whose servers can hold a lock session's lease \
+                 (idle_session_timeout); upgrade the server",
+                facts.version_num / 10_000,
+                facts.version_num % 10_000,
+                facts.version,
+                OLDEST_SUPPORTED / 10_000
+            ),
+        ));
+    }
     Ok((backend, facts))
 }
+
+/// The oldest server version distlock supports (`server_version_num`): PostgreSQL 14, the first
+/// with `idle_session_timeout`, which keeps the lease of a lock session behind a proxy.
+const OLDEST_SUPPORTED: i32 = 140_000;
 
 /// What the server said of itself when a session was identified.
 #[derive(Debug, Clone)]
