@@ -27,6 +27,7 @@ use parking_lot::Mutex;
 mod bouncer;
 mod process;
 mod skip;
+mod standby;
 mod statements;
 
 pub use bouncer::{BouncerSetup, Pgbouncer};
@@ -194,33 +195,20 @@ impl TestCluster {
         Ok(cluster)
     }
 
-    /// Starts a streaming standby of this local cluster (`pg_basebackup -R`), listening on a port
-    /// of its own; it is stopped and removed like any [`TestCluster`].
+    /// Starts a streaming standby of this local cluster, listening on a port of its own; it is
+    /// stopped and removed like any [`TestCluster`]. Made with `pg_basebackup -R` where the
+    /// installation has it, else with the server's low-level backup and a copy of the data
+    /// directory.
     ///
     /// # Errors
     ///
-    /// For a cluster named by `DATABASE_URL`, or when `pg_basebackup` or the server fails.
+    /// For a cluster named by `DATABASE_URL`, or when the backup or the server fails.
     pub fn start_standby(&self) -> io::Result<TestCluster> {
         let primary = self.local_or_err()?;
         let (bin, run_as) = (primary.bin.clone(), primary.run_as);
         let root = make_root_dir(run_as)?;
         let data = root.join("data");
-        let mut basebackup = Command::new(bin.join("pg_basebackup"));
-        basebackup
-            .arg("-D")
-            .arg(&data)
-            .args([
-                "-R",
-                "-X",
-                "stream",
-                "-h",
-                "127.0.0.1",
-                "-U",
-                "postgres",
-                "-p",
-            ])
-            .arg(primary.port.to_string());
-        if let Err(e) = run_quietly(basebackup, &root, run_as, Duration::from_secs(120)) {
+        if let Err(e) = standby::make(primary, &data, &root) {
             let _ = fs::remove_dir_all(&root);
             return Err(e);
         }
