@@ -138,7 +138,7 @@ fn a_cluster_transaction_timeout_ends_no_wait_and_no_lock_in_either_mode() {
     guard.ensure_held().expect("a session lock held 3 s");
     drop(guard);
     let (waited, got) = waiter.join().unwrap();
-    assert_eq!(got.unwrap(), true, "the waiter was not granted");
+    assert!(got.unwrap(), "the waiter was not granted");
     assert!(waited >= held, "waited only {waited:?}");
     // Transaction mode through pgbouncer: a lock held 3 s in its transaction.
     let Some(pooler) = bouncer(&cluster, "transaction", 4) else {
