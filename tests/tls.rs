@@ -100,6 +100,7 @@ fn tls() -> Option<&'static Tls> {
             ],
             // Also listen where a connection without a host looks, as libpq's would.
             socket_dirs: vec![distlock::testing::default_socket_dir().to_path_buf()],
+            ..Default::default()
         };
         let cluster = TestCluster::start_with(&setup).expect("start the TLS cluster");
         Some(Tls { cluster, dir })

@@ -244,6 +244,15 @@ impl LockManager {
         self.shared.stats()
     }
 
+    /// While the manager's own connection is down: why, as the error a call would get now
+    /// ([`crate::ErrorKind::Offline`], naming the last reconnect attempt's failure — a standby, a
+    /// refused or silent host — once there is one). `None` while it is connected. No round trip:
+    /// for a status line or a health check beside a wait that goes on.
+    pub fn offline(&self) -> Option<crate::Error> {
+        let link = self.shared.link();
+        (!link.is_online()).then(|| link.offline_error())
+    }
+
     pub(crate) fn from_shared(shared: Arc<Shared>) -> LockManager {
         LockManager { shared }
     }

@@ -63,6 +63,9 @@ pub struct Setup {
     /// Directories for more unix-domain sockets, besides the cluster's own directory (the default
     /// socket directory, say: [`default_socket_dir`]).
     pub socket_dirs: Vec<PathBuf>,
+    /// The PostgreSQL installation to run: a directory holding `initdb`, `pg_ctl` and `postgres`.
+    /// `None`: the one [`PG_BIN`] names, else the local one.
+    pub installation: Option<PathBuf>,
 }
 
 /// Where a connection whose parameters name no host looks for the server's socket, as libpq does:
@@ -153,7 +156,7 @@ impl TestCluster {
     ///
     /// As for [`TestCluster::from_env`], or when the set-up SQL fails.
     pub fn start_with(setup: &Setup) -> io::Result<TestCluster> {
-        let bin = find_bin_dir()?;
+        let bin = find_bin_dir(setup.installation.as_deref())?;
         let run_as = if is_root() {
             Some(postgres_user()?)
         } else {

@@ -121,22 +121,24 @@ pub(super) fn spawn_watchdog(
     Ok((child, stdin))
 }
 
-/// The installation named by [`super::PG_BIN`], if set; else `initdb` on `PATH`, else the newest
-/// under `/usr/lib/postgresql`.
-pub(super) fn find_bin_dir() -> io::Result<PathBuf> {
+/// `installation` if given, else the one named by [`super::PG_BIN`], if set; else `initdb` on
+/// `PATH`, else the newest under `/usr/lib/postgresql`.
+pub(super) fn find_bin_dir(installation: Option<&Path>) -> io::Result<PathBuf> {
     let has_tools = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
-    if let Some(dir) = env::var_os(super::PG_BIN).filter(|d| !d.is_empty()) {
-        let dir = PathBuf::from(dir);
+    let named = installation
+        .map(|dir| (dir.to_path_buf(), "the installation given"))
+        .or_else(|| {
+            env::var_os(super::PG_BIN)
+                .filter(|d| !d.is_empty())
+                .map(|dir| (PathBuf::from(dir), super::PG_BIN))
+        });
+    if let Some((dir, by)) = named {
         return if has_tools(&dir) {
             Ok(dir)
         } else {
             Err(io::Error::new(
                 io::ErrorKind::NotFound,
-                format!(
-                    "{} is set to {}, which holds no initdb and pg_ctl",
-                    super::PG_BIN,
-                    dir.display()
-                ),
+                format!("{by} ({}) holds no initdb and pg_ctl", dir.display()),
             ))
         };
     }

@@ -205,6 +205,11 @@ impl Sql {
         if version >= 170_000 {
             set(&mut self.buf, "transaction_timeout", 0);
         }
+        // A role's or database's statement_timeout or lock_timeout would cut a wait in the lock
+        // queue short (and it would queue again at the back); each wait sets its own
+        // lock_timeout, to its deadline.
+        set(&mut self.buf, "statement_timeout", 0);
+        set(&mut self.buf, "lock_timeout", 0);
         if let Some(k) = keepalive {
             set(&mut self.buf, "tcp_keepalives_idle", k.idle_s);
             set(&mut self.buf, "tcp_keepalives_interval", k.interval_s);
@@ -231,7 +236,8 @@ impl Sql {
         // PostgreSQL 17 and later: a cluster's or role's transaction_timeout would end the lock's
         // transaction, and free the lock, however alive its holder.
         self.buf.push_str(
-            ";SELECT pg_catalog.set_config('transaction_timeout', '0', true) \
+            ";SET LOCAL statement_timeout = 0;SET LOCAL lock_timeout = 0;\
+             SELECT pg_catalog.set_config('transaction_timeout', '0', true) \
              WHERE pg_catalog.current_setting('transaction_timeout', true) IS NOT NULL",
         );
         self.buf

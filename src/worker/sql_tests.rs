@@ -47,7 +47,7 @@ fn session_setup_sets_only_what_the_server_has() {
     assert_eq!(
         text(&sql),
         "SET distlock.session = '-5';SET idle_in_transaction_session_timeout = 0;\
-         SET idle_session_timeout = 11000;\
+         SET idle_session_timeout = 11000;SET statement_timeout = 0;SET lock_timeout = 0;\
          SET tcp_keepalives_idle = 5;SET tcp_keepalives_interval = 1;\
          SET tcp_keepalives_count = 6;SET tcp_user_timeout = 11000"
     );
@@ -55,18 +55,19 @@ fn session_setup_sets_only_what_the_server_has() {
     sql.push_session_setup(110_000, None, 7);
     assert_eq!(
         text(&sql),
-        "SET distlock.session = '7';SET idle_in_transaction_session_timeout = 0"
+        "SET distlock.session = '7';SET idle_in_transaction_session_timeout = 0;\
+         SET statement_timeout = 0;SET lock_timeout = 0"
     );
     sql.clear();
     sql.push_session_setup(140_000, None, 7);
     assert!(
-        text(&sql).ends_with("SET idle_session_timeout = 0"),
+        text(&sql).contains("SET idle_session_timeout = 0;"),
         "no lease: no cull"
     );
     sql.clear();
     sql.push_session_setup(170_000, None, 7);
     assert!(
-        text(&sql).ends_with("SET idle_session_timeout = 0;SET transaction_timeout = 0"),
+        text(&sql).contains("SET idle_session_timeout = 0;SET transaction_timeout = 0;"),
         "{}",
         text(&sql)
     );
@@ -220,6 +221,7 @@ fn a_lock_transaction_takes_transaction_locks_and_ends_to_release() {
     assert_eq!(
         text(&sql),
         "BEGIN ISOLATION LEVEL READ COMMITTED;SET LOCAL idle_in_transaction_session_timeout = 0;\
+         SET LOCAL statement_timeout = 0;SET LOCAL lock_timeout = 0;\
          SELECT pg_catalog.set_config('transaction_timeout', '0', true) \
          WHERE pg_catalog.current_setting('transaction_timeout', true) IS NOT NULL;\
          SELECT set_config('distlock.session', ((5::int8 # pg_backend_pid()::int8) \

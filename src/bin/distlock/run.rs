@@ -321,66 +321,106 @@ fn pause_before_spawn() {
     }
 }
 
-/// Waits for the lock as asked; `None` when it was not acquired in time.
+/// Waits for the lock as asked; `None` when it was not acquired in time. One wait, one place in
+/// the lock queue for its whole length: the live status line is drawn beside it, by a thread of
+/// its own.
 fn acquire(
     locks: &LockManager,
     key: LockKey,
     args: &Args,
     server: &Server,
 ) -> Result<Option<LockGuard>, Failure> {
-    let take = |wait: Duration| {
-        if args.shared {
-            locks.try_lock_shared_for(key, wait)
-        } else if args.fence {
-            locks.try_lock_fenced_for(key, wait)
-        } else if let Some(permits) = args.limit {
-            locks.try_acquire_permit_for(key, permits, wait)
-        } else {
-            locks.try_lock_for(key, wait)
-        }
-    };
     let unavailable =
         |e: distlock::Error| Failure::new(exit::UNAVAILABLE, anyhow!(e).context("taking the lock"));
     if args.no_wait {
-        return take(Duration::ZERO).map_err(unavailable);
+        return take(locks, key, args, Some(Duration::ZERO)).map_err(unavailable);
     }
     let started = Instant::now();
     // A --wait too large to add to now is no deadline at all.
     let deadline = args.wait.and_then(|w| started.checked_add(w));
-    let mut status = StatusLine::new(!args.quiet && std::io::stderr().is_terminal(), server);
-    // What the manager last said of a reconnect (a standby, a refused host), said once.
-    let mut said: Option<String> = None;
-    loop {
-        let step = match deadline {
-            Some(d) => d
-                .saturating_duration_since(Instant::now())
-                .min(STATUS_EVERY),
-            None => STATUS_EVERY,
-        };
-        match take(step) {
-            Ok(Some(guard)) => {
-                status.clear();
-                return Ok(Some(guard));
-            }
-            Ok(None) => {}
-            // A reconnect in progress: keep waiting, within the deadline, and say why once.
+    let status = Status::start(locks, key, args, server, started);
+    let outcome = loop {
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        match take(locks, key, args, left) {
+            Ok(got) => break Ok(got),
+            // The manager gave up on a failure that may pass before the deadline (it waits
+            // through reconnects by itself): wait again.
             Err(e) if e.is_transient() && deadline.is_none_or(|d| Instant::now() < d) => {
-                let text = e.to_string();
-                if !args.quiet && e.kind() == ErrorKind::Offline && said.as_ref() != Some(&text) {
-                    status.clear();
-                    eprintln!("distlock: still waiting for {}: {text}", args.key);
-                    said = Some(text);
+                thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => break Err(unavailable(e)),
+        }
+    };
+    status.stop();
+    outcome
+}
+
+/// One waiting call of the kind `args` asks for: until `wait` has passed (`None`: until granted).
+fn take(
+    locks: &LockManager,
+    key: LockKey,
+    args: &Args,
+    wait: Option<Duration>,
+) -> distlock::Result<Option<LockGuard>> {
+    match (wait, args.shared, args.fence, args.limit) {
+        (Some(w), true, ..) => locks.try_lock_shared_for(key, w),
+        (Some(w), _, true, _) => locks.try_lock_fenced_for(key, w),
+        (Some(w), _, _, Some(permits)) => locks.try_acquire_permit_for(key, permits, w),
+        (Some(w), ..) => locks.try_lock_for(key, w),
+        (None, true, ..) => locks.lock_shared(key).map(Some),
+        (None, _, true, _) => locks.lock_fenced(key).map(Some),
+        (None, _, _, Some(permits)) => locks.acquire_permit(key, permits).map(Some),
+        (None, ..) => locks.lock(key).map(Some),
+    }
+}
+
+/// The thread that draws the live status line while the wait goes on, and says once why the
+/// manager is reconnecting (a standby, a refused host) when it is.
+struct Status {
+    stop: crossbeam_channel::Sender<()>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Status {
+    fn start(
+        locks: &LockManager,
+        key: LockKey,
+        args: &Args,
+        server: &Server,
+        started: Instant,
+    ) -> Status {
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+        let mut line = StatusLine::new(!args.quiet && std::io::stderr().is_terminal(), server);
+        let (locks, name, limit, quiet) = (locks.clone(), args.key.clone(), args.limit, args.quiet);
+        let thread = thread::Builder::new()
+            .name("distlock-status".into())
+            .spawn(move || {
+                // What the manager last said of a reconnect, said once.
+                let mut said: Option<String> = None;
+                while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(STATUS_EVERY)
+                {
+                    if let Some(e) = locks.offline().filter(|_| !quiet) {
+                        let text = e.to_string();
+                        if said.as_ref() != Some(&text) {
+                            line.clear();
+                            eprintln!("distlock: still waiting for {name}: {text}");
+                            said = Some(text);
+                        }
+                    }
+                    line.show(&name, key, limit, started.elapsed());
                 }
-            }
-            Err(e) => {
-                status.clear();
-                return Err(unavailable(e));
-            }
+                line.clear();
+            })
+            .ok();
+        Status { stop, thread }
+    }
+
+    /// Stops the thread and clears the line, before anything else is printed.
+    fn stop(mut self) {
+        drop(self.stop);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            status.clear();
-            return Ok(None);
-        }
-        status.show(&args.key, key, args.limit, started.elapsed());
     }
 }
