@@ -109,14 +109,14 @@ fn raw_cycles(cycles: u64) -> u64 {
         sql.clear();
         std::fmt::Write::write_fmt(
             &mut sql,
-            format_args!("SELECT WHERE pg_try_advisory_lock({key})"),
+            format_args!("SELECT WHERE pg_catalog.pg_try_advisory_lock({key})"),
         )
         .unwrap();
         granted += rows(&client.simple_query(&sql).unwrap());
         sql.clear();
         std::fmt::Write::write_fmt(
             &mut sql,
-            format_args!("SELECT WHERE pg_advisory_unlock({key})"),
+            format_args!("SELECT WHERE pg_catalog.pg_advisory_unlock({key})"),
         )
         .unwrap();
         granted += rows(&client.simple_query(&sql).unwrap());

@@ -45,8 +45,9 @@ pub enum ErrorKind {
     /// held by it: locks there would exclude nobody. CockroachDB's advisory functions are stubs
     /// that return `true`; YugabyteDB before its advisory-lock support, with the "not supported"
     /// error silenced, turns every call into a no-op; other wire-compatible servers return no row
-    /// or keep locks per node; and a schema ahead of `pg_catalog` on the role's `search_path` can
-    /// shadow the functions on a real PostgreSQL. Every connect and reconnect proves, in the same
+    /// or keep locks per node. (A schema ahead of `pg_catalog` on the role's `search_path` cannot
+    /// shadow them: every function distlock calls is schema-qualified.) Every connect and
+    /// reconnect proves, in the same
     /// round trip as the session's set-up and with the SQL the locks use, that a lock taken shows
     /// in `pg_locks` under the session's own backend; otherwise the connection is refused with
     /// this kind, and the message names what the server's `version()` says it is.

@@ -1,6 +1,7 @@
 //! Never a lock that excludes nobody, never a server taken down, and names an operator can read:
-//! the exclusion proof at connect against a real PostgreSQL whose advisory functions a schema on
-//! the role's search path shadows, a manager's share of the server's lock table on a cluster with
+//! the exclusion proof at connect against a real PostgreSQL whose advisory functions are stubs
+//! that exclude nobody, a role whose search path shadows them (which changes nothing), a manager's
+//! share of the server's lock table on a cluster with
 //! a small one, and the application names of lock sessions and waiting connections.
 
 mod common;
@@ -16,8 +17,8 @@ use postgres::{Client, NoTls};
 
 /// Creates (once per call, idempotently) a login role whose search path puts `schema` ahead of
 /// `pg_catalog`, with stand-ins there for every advisory function the locks use, each
-/// returning `answer` (`true`: CockroachDB's stubs; `NULL`: a server that answers no row).
-fn stub_role(schema: &str, answer: &str) -> String {
+/// returning `true` (as CockroachDB's stubs do).
+fn shadowing_role(schema: &str) -> String {
     let mut admin = plain();
     let mut sql = format!(
         "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}; \
@@ -26,6 +27,15 @@ fn stub_role(schema: &str, answer: &str) -> String {
          GRANT USAGE ON SCHEMA {schema} TO {schema}_user; \
          ALTER ROLE {schema}_user SET search_path = {schema}, pg_catalog;"
     );
+    sql.push_str(&stubs(schema, "true"));
+    admin.batch_execute(&sql).expect("stub schema and role");
+    format!("{} user={schema}_user password=stub", url())
+}
+
+/// `CREATE OR REPLACE FUNCTION` statements that make every advisory function the locks use in
+/// `schema` return `answer` and take no lock.
+fn stubs(schema: &str, answer: &str) -> String {
+    let mut sql = String::new();
     for function in [
         "pg_try_advisory_lock",
         "pg_try_advisory_lock_shared",
@@ -34,26 +44,39 @@ fn stub_role(schema: &str, answer: &str) -> String {
     ] {
         for args in ["bigint", "int, int"] {
             sql.push_str(&format!(
-                "CREATE FUNCTION {schema}.{function}({args}) RETURNS bool LANGUAGE sql \
-                 AS 'SELECT {answer}::bool';"
+                "CREATE OR REPLACE FUNCTION {schema}.{function}({args}) RETURNS bool \
+                 LANGUAGE sql AS 'SELECT {answer}::bool';"
             ));
         }
     }
-    admin.batch_execute(&sql).expect("stub schema and role");
-    format!("{} user={schema}_user password=stub", url())
+    sql
 }
 
 #[test]
 fn a_server_whose_locks_exclude_nobody_is_refused_and_postgresql_is_not() {
+    if distlock::testing::database_url().is_some() {
+        distlock::testing::skip("DATABASE_URL is set, and this test replaces a server's functions");
+        return;
+    }
     let key = LockKey::name("safety/stubbed");
-    for (schema, answer) in [("stub_true", "true"), ("stub_null", "NULL")] {
-        let params = stub_role(schema, answer);
-        // The harm: through the stubs two sessions "take" the same lock, or none does.
-        let mut a = Client::connect(&params, NoTls).expect("stub role connects");
-        let mut b = Client::connect(&params, NoTls).expect("stub role connects");
+    // A server whose own advisory functions accept calls and exclude nobody (CockroachDB's
+    // stubs return true; others answer no row): pg_catalog's functions replaced on a cluster of
+    // this test's own.
+    for answer in ["true", "NULL"] {
+        let cluster = TestCluster::start().expect("a cluster to stub");
+        let mut admin = Client::connect(cluster.url(), NoTls).unwrap();
+        admin
+            .batch_execute(&format!(
+                "SET allow_system_table_mods = on; {}",
+                stubs("pg_catalog", answer)
+            ))
+            .expect("stub pg_catalog");
+        // The harm: two sessions "take" the same lock, or none does.
+        let mut a = Client::connect(cluster.url(), NoTls).unwrap();
+        let mut b = Client::connect(cluster.url(), NoTls).unwrap();
         let granted = |c: &mut Client| {
             let sql = format!(
-                "SELECT WHERE pg_try_advisory_lock({})",
+                "SELECT WHERE pg_catalog.pg_try_advisory_lock({})",
                 key.as_id().unwrap()
             );
             distlock::testing::rows_returned(&c.simple_query(&sql).unwrap()) == 1
@@ -61,21 +84,21 @@ fn a_server_whose_locks_exclude_nobody_is_refused_and_postgresql_is_not() {
         let (ga, gb) = (granted(&mut a), granted(&mut b));
         assert!(
             (ga && gb) || (!ga && !gb),
-            "{schema}: the stubs should grant both or neither"
+            "{answer}: the stubs should grant both or neither"
         );
-        // A manager for that role refuses to connect, and says why.
+        // A manager refuses to connect, and says why.
         let err = LockManager::builder()
             .application_name("safety-stub")
-            .connect(&params)
+            .connect(cluster.url())
             .expect_err("a server whose locks exclude nobody");
-        assert_eq!(err.kind(), ErrorKind::NoExclusion, "{schema}: {err}");
+        assert_eq!(err.kind(), ErrorKind::NoExclusion, "{answer}: {err}");
         let text = err.to_string();
         assert!(text.contains("exclude nobody"), "{text}");
         assert!(text.contains("PostgreSQL"), "names version(): {text}");
         // So does the command, with its own exit code, and runs nothing.
-        let marker = std::env::temp_dir().join(format!("distlock-{schema}-{}", std::process::id()));
+        let marker = std::env::temp_dir().join(format!("distlock-stub-{}", std::process::id()));
         let out = Command::new(env!("CARGO_BIN_EXE_distlock"))
-            .env("DATABASE_URL", &params)
+            .env("DATABASE_URL", cluster.url())
             .env_remove("PGAPPNAME")
             .stdin(Stdio::null())
             .args(["run", "--key", "safety/stubbed", "--", "touch"])
@@ -85,11 +108,55 @@ fn a_server_whose_locks_exclude_nobody_is_refused_and_postgresql_is_not() {
         assert_eq!(out.status.code(), Some(78), "{out:?}");
         assert!(!marker.exists(), "the command ran");
     }
-    // A normal role on the same server connects as before, and its locks exclude.
+    // A real server connects as before, and its locks exclude.
     let locks = common::manager("safety-normal");
     let guard = locks.try_lock(key).unwrap().expect("free");
     assert!(!plain_try_lock(&mut plain(), key), "a real lock excludes");
     drop(guard);
+}
+
+/// A role whose search path puts a schema of stand-ins ahead of `pg_catalog` changes nothing:
+/// every function distlock calls is `pg_catalog`'s, so its locks are real and exclude.
+#[test]
+fn a_search_path_that_shadows_the_lock_functions_changes_nothing() {
+    let params = shadowing_role("shadow");
+    let key = LockKey::name("safety/shadowed");
+    // The shadow is real: that role's unqualified calls reach the stand-ins.
+    let mut shadowed = Client::connect(&params, NoTls).expect("the role connects");
+    let sql = format!("SELECT pg_try_advisory_lock({})", key.as_id().unwrap());
+    assert!(
+        shadowed
+            .query_one(sql.as_str(), &[])
+            .unwrap()
+            .get::<_, bool>(0)
+    );
+    assert!(
+        plain_try_lock(&mut plain(), key),
+        "the stand-in took no lock"
+    );
+    let locks = LockManager::builder()
+        .application_name("safety-shadowed")
+        .connect(&params)
+        .expect("a shadowing search path is no reason to refuse");
+    let guard = locks.try_lock(key).unwrap().expect("free");
+    guard.ensure_held().unwrap();
+    assert!(
+        !plain_try_lock(&mut plain(), key),
+        "the lock excludes a plain session"
+    );
+    let other = LockManager::connect(&params).unwrap();
+    assert!(
+        other.try_lock(key).unwrap().is_none(),
+        "and another manager of the role"
+    );
+    let shared = LockKey::name("safety/shadowed-shared");
+    let a = locks.try_lock_shared(shared).unwrap().expect("free");
+    assert!(
+        other.try_lock(shared).unwrap().is_none(),
+        "shared excludes exclusive"
+    );
+    drop((guard, a));
+    assert!(other.try_lock(key).unwrap().is_some(), "released for real");
 }
 
 #[test]

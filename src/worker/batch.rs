@@ -295,16 +295,16 @@ mod tests {
     }
 
     fn try_lock(k: i64) -> String {
-        format!("SELECT WHERE pg_try_advisory_lock({k})")
+        format!("SELECT WHERE pg_catalog.pg_try_advisory_lock({k})")
     }
 
     fn unlock(k: i64) -> String {
-        format!("SELECT WHERE pg_advisory_unlock({k})")
+        format!("SELECT WHERE pg_catalog.pg_advisory_unlock({k})")
     }
 
     fn check(k: i64) -> String {
         format!(
-            "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() \
+            "SELECT 1 FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid() \
              AND granted AND mode = 'ExclusiveLock' AND classid = 0 AND objid = {k} \
              AND objsubid = 1"
         )

@@ -32,8 +32,8 @@ pub(crate) fn permit(class: i32, permits: u32, scope: Scope) -> String {
     sql.push_str(PIN);
     let _ = write!(
         sql,
-        "SELECT s FROM generate_series(0, {last}) s WHERE CASE WHEN EXISTS (SELECT FROM \
-         pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND classid = \
+        "SELECT s FROM pg_catalog.generate_series(0, {last}) s WHERE CASE WHEN EXISTS (SELECT FROM \
+         pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid() AND classid = \
          {classid} AND objid::int8 = 2147483648 + s AND objsubid = 2) THEN false ELSE {try_fn}",
         last = permits.saturating_sub(1),
         classid = class as u32,
@@ -62,8 +62,8 @@ pub(crate) fn all(keys: &[LockKey], mode: Mode) -> String {
         sql.push_str("))");
     }
     sql.push_str(
-        ") SELECT WHERE CASE WHEN (SELECT bool_and(got) FROM t) THEN true ELSE \
-         (SELECT count(*) FROM t WHERE CASE WHEN NOT got THEN false",
+        ") SELECT WHERE CASE WHEN (SELECT pg_catalog.bool_and(got) FROM t) THEN true ELSE \
+         (SELECT pg_catalog.count(*) FROM t WHERE CASE WHEN NOT got THEN false",
     );
     for (n, key) in keys.iter().enumerate() {
         let _ = write!(sql, " WHEN n = {n} THEN ");
@@ -80,10 +80,10 @@ pub(crate) fn holders(key: LockKey) -> String {
     let (classid, objid, objsubid) = key.pg_locks_tag();
     format!(
         "{PIN}SELECT l.pid, l.mode = 'ShareLock', l.granted, a.application_name, \
-         host(a.client_addr), (extract(epoch FROM a.backend_start) * 1000000)::int8 \
-         FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
+         pg_catalog.host(a.client_addr), (extract(epoch FROM a.backend_start) * 1000000)::int8 \
+         FROM pg_catalog.pg_locks l LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid \
          WHERE l.locktype = 'advisory' AND l.pid IS NOT NULL \
-         AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+         AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database()) \
          AND l.classid = {classid} AND l.objid = {objid} AND l.objsubid = {objsubid} \
          ORDER BY NOT l.granted, l.pid"
     )

@@ -45,14 +45,14 @@ pub(crate) enum Scope {
 /// whether the server is a standby (in recovery).
 /// Also what the server says it is (`version()`), and the entries of its shared lock table
 /// (`max_locks_per_transaction × (max_connections + max_prepared_transactions)`).
-pub(crate) const IDENTIFY: &str = "/*NO LOAD BALANCE*/ SELECT pg_backend_pid(), \
-     (extract(epoch FROM backend_start) * 1000000)::int8, pg_is_in_recovery(), \
-     current_setting('server_version_num')::int4, \
-     coalesce(current_setting('distlock.session', true), '') <> '', version(), \
-     current_setting('max_locks_per_transaction')::int8 * \
-     (current_setting('max_connections')::int8 + \
-     current_setting('max_prepared_transactions')::int8) \
-     FROM pg_stat_activity WHERE pid = pg_backend_pid()";
+pub(crate) const IDENTIFY: &str = "/*NO LOAD BALANCE*/ SELECT pg_catalog.pg_backend_pid(), \
+     (extract(epoch FROM backend_start) * 1000000)::int8, pg_catalog.pg_is_in_recovery(), \
+     pg_catalog.current_setting('server_version_num')::int4, \
+     coalesce(pg_catalog.current_setting('distlock.session', true), '') <> '', pg_catalog.version(), \
+     pg_catalog.current_setting('max_locks_per_transaction')::int8 * \
+     (pg_catalog.current_setting('max_connections')::int8 + \
+     pg_catalog.current_setting('max_prepared_transactions')::int8) \
+     FROM pg_catalog.pg_stat_activity WHERE pid = pg_catalog.pg_backend_pid()";
 
 /// How many statements [`Sql::push_exclusion_proof`] appends.
 pub(crate) const PROOF_STATEMENTS: usize = 11;
@@ -106,7 +106,7 @@ impl Sql {
     pub(crate) fn own_session(&mut self, mark: i64) {
         self.own.clear();
         self.own
-            .push_str(" AND current_setting('distlock.session', true) = '");
+            .push_str(" AND pg_catalog.current_setting('distlock.session', true) = '");
         push_int8(&mut self.own, mark);
         self.own.push('\'');
     }
@@ -154,7 +154,7 @@ impl Sql {
     pub(crate) fn push_check(&mut self, mode: Mode, key: LockKey) {
         self.separate();
         self.buf.push_str(
-            "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() \
+            "SELECT 1 FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid() \
              AND granted AND ",
         );
         push_lock_tag(&mut self.buf, mode, key);
@@ -167,7 +167,7 @@ impl Sql {
         self.separate();
         let _ = write!(
             self.buf,
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = {pid} \
+            "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity WHERE pid = {pid} \
              AND (extract(epoch FROM backend_start) * 1000000)::int8 = {started_us}"
         );
     }
@@ -241,10 +241,11 @@ impl Sql {
              WHERE pg_catalog.current_setting('transaction_timeout', true) IS NOT NULL",
         );
         self.buf
-            .push_str(";SELECT set_config('distlock.session', ((");
+            .push_str(";SELECT pg_catalog.set_config('distlock.session', ((");
         push_int8(&mut self.buf, salt as i64);
-        self.buf
-            .push_str("::int8 # pg_backend_pid()::int8) & 9223372036854775807)::text, true)");
+        self.buf.push_str(
+            "::int8 # pg_catalog.pg_backend_pid()::int8) & 9223372036854775807)::text, true)",
+        );
         if let Some(k) = keepalive {
             for (name, value) in [
                 ("tcp_keepalives_idle", k.idle_s),
@@ -255,8 +256,8 @@ impl Sql {
                 // Only where the server has the setting (tcp_user_timeout: PostgreSQL 12).
                 let _ = write!(
                     self.buf,
-                    ";SELECT set_config('{name}', '{value}', true) \
-                     WHERE current_setting('{name}', true) IS NOT NULL"
+                    ";SELECT pg_catalog.set_config('{name}', '{value}', true) \
+                     WHERE pg_catalog.current_setting('{name}', true) IS NOT NULL"
                 );
             }
         }
@@ -296,7 +297,7 @@ impl Sql {
         self.buf.push(')');
         self.separate();
         self.buf.push_str(
-            "SELECT WHERE (SELECT count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory' \
+            "SELECT WHERE (SELECT pg_catalog.count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory' \
              AND pid = pg_catalog.pg_backend_pid() AND granted AND (false",
         );
         for (key, mode) in tries.into_iter().chain([(waited, Mode::Exclusive)]) {
@@ -393,28 +394,28 @@ pub(crate) fn push_args(out: &mut String, key: LockKey) {
 /// The function that tries once, up to its opening parenthesis.
 pub(crate) fn try_fn(mode: Mode, scope: Scope) -> &'static str {
     match (mode, scope) {
-        (Mode::Exclusive, Scope::Session) => "pg_try_advisory_lock(",
-        (Mode::Shared, Scope::Session) => "pg_try_advisory_lock_shared(",
-        (Mode::Exclusive, Scope::Transaction) => "pg_try_advisory_xact_lock(",
-        (Mode::Shared, Scope::Transaction) => "pg_try_advisory_xact_lock_shared(",
+        (Mode::Exclusive, Scope::Session) => "pg_catalog.pg_try_advisory_lock(",
+        (Mode::Shared, Scope::Session) => "pg_catalog.pg_try_advisory_lock_shared(",
+        (Mode::Exclusive, Scope::Transaction) => "pg_catalog.pg_try_advisory_xact_lock(",
+        (Mode::Shared, Scope::Transaction) => "pg_catalog.pg_try_advisory_xact_lock_shared(",
     }
 }
 
 /// The function that releases one hold, up to its opening parenthesis.
 pub(crate) fn unlock_fn(mode: Mode) -> &'static str {
     match mode {
-        Mode::Exclusive => "pg_advisory_unlock(",
-        Mode::Shared => "pg_advisory_unlock_shared(",
+        Mode::Exclusive => "pg_catalog.pg_advisory_unlock(",
+        Mode::Shared => "pg_catalog.pg_advisory_unlock_shared(",
     }
 }
 
 /// The function that waits in the lock queue, up to its opening parenthesis.
 pub(crate) fn wait_fn(mode: Mode, scope: Scope) -> &'static str {
     match (mode, scope) {
-        (Mode::Exclusive, Scope::Session) => "pg_advisory_lock(",
-        (Mode::Shared, Scope::Session) => "pg_advisory_lock_shared(",
-        (Mode::Exclusive, Scope::Transaction) => "pg_advisory_xact_lock(",
-        (Mode::Shared, Scope::Transaction) => "pg_advisory_xact_lock_shared(",
+        (Mode::Exclusive, Scope::Session) => "pg_catalog.pg_advisory_lock(",
+        (Mode::Shared, Scope::Session) => "pg_catalog.pg_advisory_lock_shared(",
+        (Mode::Exclusive, Scope::Transaction) => "pg_catalog.pg_advisory_xact_lock(",
+        (Mode::Shared, Scope::Transaction) => "pg_catalog.pg_advisory_xact_lock_shared(",
     }
 }
 

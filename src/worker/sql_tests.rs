@@ -73,7 +73,7 @@ fn session_setup_sets_only_what_the_server_has() {
     );
     assert_eq!(
         unpinned(&crate::worker::connect::pooler::probe(42, 7)),
-        "SELECT WHERE pg_backend_pid() = 42 AND current_setting('distlock.session', true) = '7'"
+        "SELECT WHERE pg_catalog.pg_backend_pid() = 42 AND pg_catalog.current_setting('distlock.session', true) = '7'"
     );
     let long = ServerKeepalive::within(std::time::Duration::from_secs(100), Default::default());
     assert_eq!((long.idle_s, long.interval_s, long.count), (49, 5, 10));
@@ -111,8 +111,8 @@ fn a_cached_key_text_is_reused_only_for_its_own_key() {
     sql.push(Op::Unlock, Mode::Exclusive, LockKey::id(3));
     assert_eq!(
         text(&sql),
-        "SELECT WHERE pg_try_advisory_lock(12);SELECT WHERE pg_advisory_unlock(12);\
-         SELECT WHERE pg_advisory_unlock(1,2);SELECT WHERE pg_advisory_unlock(3)"
+        "SELECT WHERE pg_catalog.pg_try_advisory_lock(12);SELECT WHERE pg_catalog.pg_advisory_unlock(12);\
+         SELECT WHERE pg_catalog.pg_advisory_unlock(1,2);SELECT WHERE pg_catalog.pg_advisory_unlock(3)"
     );
 }
 
@@ -120,20 +120,23 @@ fn a_cached_key_text_is_reused_only_for_its_own_key() {
 fn statements_hold_only_formatted_integers() {
     let mut sql = Sql::new();
     sql.push(Op::TryLock, Mode::Exclusive, LockKey::id(-42));
-    assert_eq!(text(&sql), "SELECT WHERE pg_try_advisory_lock(-42)");
+    assert_eq!(
+        text(&sql),
+        "SELECT WHERE pg_catalog.pg_try_advisory_lock(-42)"
+    );
     sql.clear();
     sql.push(Op::Unlock, Mode::Shared, LockKey::pair(1, i32::MIN));
     assert_eq!(
         text(&sql),
-        "SELECT WHERE pg_advisory_unlock_shared(1,(-2147483647-1))"
+        "SELECT WHERE pg_catalog.pg_advisory_unlock_shared(1,(-2147483647-1))"
     );
     sql.clear();
     sql.push(Op::TryLock, Mode::Shared, LockKey::id(i64::MIN));
     sql.push(Op::Unlock, Mode::Exclusive, LockKey::id(i64::MAX));
     assert_eq!(
         text(&sql),
-        "SELECT WHERE pg_try_advisory_lock_shared((-9223372036854775807-1));\
-         SELECT WHERE pg_advisory_unlock(9223372036854775807)"
+        "SELECT WHERE pg_catalog.pg_try_advisory_lock_shared((-9223372036854775807-1));\
+         SELECT WHERE pg_catalog.pg_advisory_unlock(9223372036854775807)"
     );
     sql.clear();
     sql.push(Op::Check, Mode::Shared, LockKey::id(-1));
@@ -145,7 +148,9 @@ fn statements_hold_only_formatted_integers() {
     sql.clear();
     sql.push(Op::Check, Mode::Exclusive, LockKey::id(1));
     assert!(
-        text(&sql).ends_with("objsubid = 1 AND current_setting('distlock.session', true) = '-7'")
+        text(&sql).ends_with(
+            "objsubid = 1 AND pg_catalog.current_setting('distlock.session', true) = '-7'"
+        )
     );
 }
 
@@ -153,26 +158,29 @@ fn statements_hold_only_formatted_integers() {
 fn statements_beyond_one_key_are_built_from_integers() {
     assert_eq!(
         unpinned(&fenced(LockKey::id(-5))),
-        format!("{} WHERE pg_try_advisory_lock(-5)", unpinned(NEXT_TOKEN)),
+        format!(
+            "{} WHERE pg_catalog.pg_try_advisory_lock(-5)",
+            unpinned(NEXT_TOKEN)
+        ),
     );
     let all = all(&[LockKey::id(1), LockKey::pair(2, 3)], Mode::Shared);
     assert!(
         all.contains(
-            "VALUES (0, pg_try_advisory_lock_shared(1)),(1, pg_try_advisory_lock_shared(2,3)))"
+            "VALUES (0, pg_catalog.pg_try_advisory_lock_shared(1)),(1, pg_catalog.pg_try_advisory_lock_shared(2,3)))"
         ),
         "{all}"
     );
     assert!(
-        all.contains("WHEN n = 1 THEN pg_advisory_unlock_shared(2,3) END"),
+        all.contains("WHEN n = 1 THEN pg_catalog.pg_advisory_unlock_shared(2,3) END"),
         "{all}"
     );
     let permit = unpinned(&permit(7, 3, Scope::Session)).to_owned();
     assert!(
-        permit.starts_with("SELECT s FROM generate_series(0, 2) s"),
+        permit.starts_with("SELECT s FROM pg_catalog.generate_series(0, 2) s"),
         "{permit}"
     );
     assert!(
-        permit.contains("pg_try_advisory_lock(7, (s - 2147483648)::int4)"),
+        permit.contains("pg_catalog.pg_try_advisory_lock(7, (s - 2147483648)::int4)"),
         "{permit}"
     );
     assert_eq!(
@@ -183,8 +191,8 @@ fn statements_beyond_one_key_are_built_from_integers() {
             Fencing::Token,
             Scope::Session,
         )),
-        "SET lock_timeout = 250;SELECT FROM pg_advisory_lock(-1);\
-         SELECT FROM pg_advisory_lock(9);/*NO LOAD BALANCE*/ SELECT \
+        "SET lock_timeout = 250;SELECT FROM pg_catalog.pg_advisory_lock(-1);\
+         SELECT FROM pg_catalog.pg_advisory_lock(9);/*NO LOAD BALANCE*/ SELECT \
          pg_catalog.nextval('public.distlock_fence'), \
          pg_catalog.pg_logical_emit_message(true, 'distlock', 'fencing token'), \
          CASE WHEN pg_catalog.current_setting('synchronous_commit') IN ('off', 'local') \
@@ -200,7 +208,7 @@ fn statements_beyond_one_key_are_built_from_integers() {
             Fencing::NoToken,
             Scope::Transaction,
         )),
-        "SET LOCAL lock_timeout = 5;SELECT FROM pg_advisory_xact_lock_shared(9)"
+        "SET LOCAL lock_timeout = 5;SELECT FROM pg_catalog.pg_advisory_xact_lock_shared(9)"
     );
 }
 
@@ -213,8 +221,8 @@ fn a_lock_transaction_takes_transaction_locks_and_ends_to_release() {
     sql.push(Op::Unlock, Mode::Exclusive, LockKey::id(3));
     assert_eq!(
         text(&sql),
-        "SELECT WHERE pg_try_advisory_xact_lock(3);\
-         SELECT WHERE pg_try_advisory_xact_lock_shared(1,2);ROLLBACK"
+        "SELECT WHERE pg_catalog.pg_try_advisory_xact_lock(3);\
+         SELECT WHERE pg_catalog.pg_try_advisory_xact_lock_shared(1,2);ROLLBACK"
     );
     sql.clear();
     sql.push_transaction_start(5, None);
@@ -224,7 +232,7 @@ fn a_lock_transaction_takes_transaction_locks_and_ends_to_release() {
          SET LOCAL statement_timeout = 0;SET LOCAL lock_timeout = 0;\
          SELECT pg_catalog.set_config('transaction_timeout', '0', true) \
          WHERE pg_catalog.current_setting('transaction_timeout', true) IS NOT NULL;\
-         SELECT set_config('distlock.session', ((5::int8 # pg_backend_pid()::int8) \
+         SELECT pg_catalog.set_config('distlock.session', ((5::int8 # pg_catalog.pg_backend_pid()::int8) \
          & 9223372036854775807)::text, true)"
     );
     sql.clear();

@@ -46,9 +46,9 @@ pub(crate) fn random_salt() -> u64 {
 /// session, or another client set its mark in this one.
 pub(crate) fn probe(pid: i32, mark: i64) -> String {
     let mut sql = String::from(PIN);
-    sql.push_str("SELECT WHERE pg_backend_pid() = ");
+    sql.push_str("SELECT WHERE pg_catalog.pg_backend_pid() = ");
     push_int4(&mut sql, pid);
-    sql.push_str(" AND current_setting('distlock.session', true) = '");
+    sql.push_str(" AND pg_catalog.current_setting('distlock.session', true) = '");
     push_int8(&mut sql, mark);
     sql.push('\'');
     sql
