@@ -84,6 +84,8 @@ pub struct Fairness {
     pub handoffs: Vec<Duration>,
     /// Grants that went to a waiter while another process had been waiting longer.
     pub overtakes: usize,
+    /// The longest an overtaken waiter had arrived before the grant that overtook it.
+    pub overtake_gap: Duration,
     pub mean_wait: Duration,
     pub longest_wait: Duration,
 }
@@ -141,20 +143,22 @@ pub fn measure(
         .collect();
     // A grant overtakes when another process was already waiting when this one arrived and was
     // still waiting when this one was granted.
-    let overtakes = grants
-        .iter()
-        .filter(|a| {
-            grants
-                .iter()
-                .any(|b| b.process != a.process && b.arrived < a.arrived && b.granted > a.granted)
-        })
-        .count();
+    let overtaken_by = |a: &Grant| {
+        grants
+            .iter()
+            .filter(|b| b.process != a.process && b.arrived < a.arrived && b.granted > a.granted)
+            .map(|b| a.arrived - b.arrived)
+            .max()
+    };
+    let gaps: Vec<u128> = grants.iter().filter_map(overtaken_by).collect();
+    let overtakes = gaps.len();
     let waits: Vec<u128> = grants.iter().map(|g| g.granted - g.arrived).collect();
     let mean = waits.iter().sum::<u128>() / waits.len() as u128;
     Ok(Fairness {
         grants: grants.len(),
         handoffs,
         overtakes,
+        overtake_gap: ns(gaps.iter().copied().max().unwrap_or(0)),
         mean_wait: ns(mean),
         longest_wait: ns(waits.iter().copied().max().unwrap_or(0)),
     })

@@ -132,6 +132,65 @@ pub(super) fn fairness(
             "x",
         );
     }
+    long_waits(cluster, run_for, report)
+}
+
+/// Waits of seconds in the lock queue: 4 processes holding 1 s each, so that each waits about
+/// 3 s; overtakes, and the server sessions opened per wait (`pg_stat_database.sessions`, which
+/// counts every session begun, including each process's own).
+fn long_waits(cluster: &TestCluster, run_for: Duration, report: &mut Report) -> Result<()> {
+    let mut client = postgres::Client::connect(cluster.url(), postgres::NoTls)?;
+    let sessions = |client: &mut postgres::Client| -> Result<i64> {
+        // Counted when a session ends: read after the processes are gone.
+        Ok(client
+            .query_one(
+                "SELECT sessions FROM pg_stat_database WHERE datname = current_database()",
+                &[],
+            )?
+            .get(0))
+    };
+    client.batch_execute("SELECT pg_stat_force_next_flush()").ok();
+    let before = sessions(&mut client)?;
+    let run_for = run_for.max(Duration::from_secs(10));
+    let four = crate::fairness::measure(
+        cluster,
+        "bench/fair-4-long",
+        4,
+        Duration::from_secs(1),
+        run_for,
+        false,
+    )?;
+    // Session counts reach the statistics when each session ends and its backend flushes them.
+    std::thread::sleep(Duration::from_secs(1));
+    let after = sessions(&mut client)?;
+    let what = format!(
+        "4 processes, 1 s holds, {}, lock queue",
+        crate::duration::human(run_for)
+    );
+    report.add(format!("{what}: grants"), four.grants as f64, "");
+    report.add(
+        format!("{what}: grants overtaking an earlier waiter"),
+        four.overtakes as f64 / four.grants.max(1) as f64 * 100.0,
+        "%",
+    );
+    report.add(
+        format!("{what}: mean wait"),
+        micros(four.mean_wait) / 1000.0,
+        "ms",
+    );
+    report.add(
+        format!("{what}: longest head start of an overtaken waiter"),
+        micros(four.overtake_gap),
+        "µs",
+    );
+    report.add(
+        format!(
+            "{what}: server sessions opened in the run (each process: its lock session and one \
+             waiting connection)"
+        ),
+        (after - before) as f64,
+        "",
+    );
     Ok(())
 }
 
