@@ -522,6 +522,49 @@ fn ensure_held_finds_a_loss_no_heartbeat_has_noticed_yet() {
     assert!(plain_unlock(&mut outside, key));
 }
 
+/// A wait in the lock queue whose waiting connection's backend stops answering (SIGSTOP) still
+/// ends at its deadline, and does not wait a request timeout more for the server's answer.
+#[test]
+fn a_wait_whose_waiting_connection_stops_answering_ends_at_its_deadline() {
+    let app = "f-stall-wait";
+    let request_timeout = Duration::from_secs(3);
+    let holder = manager("f-stall-wait-holder");
+    let key = LockKey::name("bounds/stopped-wait");
+    let guard = holder.try_lock(key).unwrap().expect("free");
+    let waiter = manager_with(app, Duration::from_secs(10), request_timeout);
+    // A first wait opens the waiting connection.
+    assert!(
+        waiter
+            .try_lock_for(key, Duration::from_millis(50))
+            .unwrap()
+            .is_none()
+    );
+    let mut outside = plain();
+    let pid: i32 = outside
+        .query_one(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1 || ' (waiting connection)'",
+            &[&app],
+        )
+        .expect("the waiting connection")
+        .get(0);
+    signal(pid, "STOP");
+    let _resume = Resume(pid);
+    let wait = Duration::from_millis(300);
+    let started = Instant::now();
+    let outcome = waiter.try_lock_for(key, wait);
+    let took = started.elapsed();
+    eprintln!("a wait on a stopped waiting connection returned after {took:?}: {outcome:?}");
+    assert!(!matches!(outcome, Ok(Some(_))), "granted while held");
+    // The deadline, the answer's grace (100 ms) and scheduling on a loaded machine; a request
+    // timeout (3 s) more without the grace.
+    assert!(
+        took < wait + Duration::from_millis(900),
+        "the wait outlasted its deadline by {:?}",
+        took - wait
+    );
+    drop(guard);
+}
+
 /// Every kind of call, made while the lock session's backend is stopped (SIGSTOP: no error, no
 /// answer), returns by its documented bound: a single request by the request timeout, a call with
 /// a timeout by that timeout (its first try by the request timeout), and the calls that wait

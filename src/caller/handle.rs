@@ -82,7 +82,9 @@ impl LockManager {
     /// no waiting connections, it polls instead, with capped exponential backoff and jitter (1 ms
     /// doubling up to [`Builder::max_retry_interval`](crate::Builder::max_retry_interval), 8 ms by default), and at once when a guard
     /// of this manager releases a hold. Returns `Ok(None)` if the lock was still held at the
-    /// deadline; it returns within a few milliseconds of it. The first try always runs to completion
+    /// deadline; it returns within a few milliseconds of it, and at most 100 ms after it (the time
+    /// the server's answer to its `lock_timeout` is given to arrive: past that, a waiting
+    /// connection that stopped answering makes it return [`ErrorKind::Timeout`](crate::ErrorKind::Timeout)). The first try always runs to completion
     /// (bounded by the request timeout), so a zero `timeout` behaves like [`LockManager::try_lock`](crate::LockManager::try_lock).
     ///
     /// # Errors

@@ -27,6 +27,10 @@ use crate::key::LockKey;
 use crate::mode::Mode;
 use crate::protocol::request::{Fencing, Special, Wait};
 
+/// How long past its deadline a wait in the lock queue waits for the server's answer to its
+/// `lock_timeout`: a round trip, on any network distlock is meant for.
+pub(crate) const WAIT_REPLY_GRACE: Duration = Duration::from_millis(100);
+
 /// Waits for `wanted` until `deadline` (`None`: no deadline): in the lock queue when the manager
 /// has waiting connections, else by polling.
 pub(crate) fn wait(
@@ -204,9 +208,13 @@ fn wait_on(
         fencing,
         deadline,
     };
-    // The server ends the wait at the deadline; the reply may take a request timeout more.
+    // The server ends the wait at the deadline, and its answer takes a round trip more: the
+    // caller gives it [`WAIT_REPLY_GRACE`] (at most the request timeout), so that a waiting
+    // connection whose backend stopped answering cannot hold the call a request timeout past
+    // its deadline.
+    let grace = conn.request_timeout().min(WAIT_REPLY_GRACE);
     let reply_deadline = deadline
-        .and_then(|d| d.checked_add(conn.request_timeout()))
+        .and_then(|d| d.checked_add(grace))
         .unwrap_or_else(|| deadline_in(Duration::MAX));
     acquire::acquire(
         conn,

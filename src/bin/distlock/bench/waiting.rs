@@ -149,7 +149,9 @@ fn long_waits(cluster: &TestCluster, run_for: Duration, report: &mut Report) -> 
             )?
             .get(0))
     };
-    client.batch_execute("SELECT pg_stat_force_next_flush()").ok();
+    client
+        .batch_execute("SELECT pg_stat_force_next_flush()")
+        .ok();
     let before = sessions(&mut client)?;
     let run_for = run_for.max(Duration::from_secs(10));
     let four = crate::fairness::measure(
