@@ -217,11 +217,18 @@ impl Error {
         Error::new(ErrorKind::Timeout, "lock wait ended without a deadline")
     }
 
-    pub(crate) fn lock_lost() -> Error {
-        Error::new(
-            ErrorKind::LockLost,
-            "the lock was lost: the connection that held it ended",
-        )
+    /// A lost lock's error; `cause`: why its connection ended, as the server or a pooler said.
+    pub(crate) fn lock_lost(cause: Option<&str>) -> Error {
+        match cause {
+            None => Error::new(
+                ErrorKind::LockLost,
+                "the lock was lost: the connection that held it ended",
+            ),
+            Some(why) => Error::new(
+                ErrorKind::LockLost,
+                format!("the lock was lost: the connection that held it ended: {why}"),
+            ),
+        }
     }
 
     pub(crate) fn shutdown() -> Error {

@@ -404,3 +404,60 @@ fn stopped_holder(url: &str) {
     let lost = if guard.is_lost() { "lost" } else { "not lost" };
     println!("stopped holder: {said}; the guard: {lost}");
 }
+
+/// pgbouncer's own `idle_transaction_timeout` (1 s) shorter than the heartbeat (1.5 s) ends a
+/// transaction-mode lock between two heartbeats: the guard is told, and its error — and
+/// `distlock run`'s message — names the pooler's reason and the setting to change.
+#[test]
+fn a_lock_the_pooler_ends_is_told_with_the_poolers_reason_and_setting() {
+    if std::env::var(INSIDE).is_ok() || std::env::var(STOPPED).is_ok() {
+        return;
+    }
+    let Some(cluster) = common::bouncer::cluster() else {
+        return;
+    };
+    let settings = [("idle_transaction_timeout", "1")];
+    let Some(pooler) = common::bouncer::bouncer_with(&cluster, "transaction", 4, &settings) else {
+        return;
+    };
+    let locks = LockManager::builder()
+        .transaction_pooler(true)
+        .heartbeat(Duration::from_millis(1500))
+        .connect(&pooler.url())
+        .unwrap();
+    let guard = locks
+        .try_lock(LockKey::name("proxy/pooler-ended"))
+        .unwrap()
+        .expect("free");
+    let taken = Instant::now();
+    let lost = guard.lost().clone();
+    assert!(
+        lost.recv_timeout(Duration::from_secs(10)).is_err(),
+        "the guard was never told"
+    );
+    let told = taken.elapsed();
+    let err = guard.ensure_held().expect_err("lost");
+    eprintln!("pooler ended the lock: told after {told:?}: {err}");
+    assert_eq!(err.kind(), distlock::ErrorKind::LockLost, "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("idle transaction timeout") && text.contains("idle_transaction_timeout"),
+        "{text}"
+    );
+    // The command says the same when it loses its lock.
+    let out = Command::new(env!("CARGO_BIN_EXE_distlock"))
+        .args([
+            "run",
+            "--key",
+            "proxy/pooler-ended-run",
+            "--transaction-pooler",
+        ])
+        .args(["--heartbeat", "1500ms", "--database-url", &pooler.url()])
+        .args(["--", "sleep", "5"])
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(76), "{stderr}");
+    assert!(stderr.contains("idle_transaction_timeout"), "{stderr}");
+}

@@ -11,7 +11,7 @@ use crate::caller::held_watch::HeldWatch;
 use crate::caller::pool::Taken;
 use crate::caller::shared::{Call, Shared};
 use crate::clock::deadline_in;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::key::LockKey;
 use crate::mode::Mode;
 use crate::protocol::link::Lease;
@@ -229,7 +229,7 @@ impl LockGuard {
     /// ```
     pub fn ensure_held(&self) -> Result<()> {
         if self.is_lost() {
-            return Err(Error::lock_lost());
+            return Err(self.shared.link().lock_lost_error(self.lease.generation));
         }
         let deadline = deadline_in(self.shared.request_timeout());
         let reply = self.shared.round_trip(Call {
@@ -243,7 +243,7 @@ impl LockGuard {
         })?;
         match reply {
             Reply::Held if !self.is_lost() => Ok(()),
-            _ => Err(Error::lock_lost()),
+            _ => Err(self.shared.link().lock_lost_error(self.lease.generation)),
         }
     }
 
@@ -292,7 +292,7 @@ impl LockGuard {
             // The server released it with the connection; a newer connection must not be touched.
             self.counters().lost();
             self.give_back();
-            return Err(Error::lock_lost());
+            return Err(self.shared.link().lock_lost_error(self.lease.generation));
         }
         let deadline = deadline_in(self.shared.request_timeout());
         // Deadline to deadline: the clock read for the release's dates it (none more here).
@@ -312,7 +312,7 @@ impl LockGuard {
         self.give_back();
         match outcome? {
             Reply::Released => Ok(()),
-            _ => Err(Error::lock_lost()),
+            _ => Err(self.shared.link().lock_lost_error(self.lease.generation)),
         }
     }
 }

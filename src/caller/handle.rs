@@ -250,7 +250,7 @@ impl LockManager {
     /// ([`crate::ErrorKind::Offline`], naming the last reconnect attempt's failure — a standby, a
     /// refused or silent host — once there is one). `None` while it is connected. No round trip:
     /// for a status line or a health check beside a wait that goes on.
-    pub fn offline(&self) -> Option<crate::Error> {
+    pub fn offline(&self) -> Option<crate::error::Error> {
         let link = self.shared.link();
         (!link.is_online()).then(|| link.offline_error())
     }

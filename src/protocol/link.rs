@@ -111,6 +111,8 @@ struct State {
     suspects: Vec<Backend>,
     /// Why the last reconnect attempt failed, while offline (a standby, refused, timed out).
     refusal: Option<std::sync::Arc<str>>,
+    /// The last generation lost with a cause the server or a pooler gave, and that cause.
+    loss: Option<(u64, std::sync::Arc<str>)>,
 }
 
 /// A generation's identity as a guard keeps it.
@@ -156,6 +158,7 @@ impl Link {
                 backend: None,
                 suspects: Vec::new(),
                 refusal: None,
+                loss: None,
             }),
         }
     }
@@ -256,6 +259,19 @@ impl Link {
     /// Notes why the last reconnect attempt failed, for the offline error callers get.
     pub(crate) fn note_refusal(&self, why: String) {
         self.state.lock().refusal = Some(why.into());
+    }
+
+    /// Notes why `generation`'s connection ended, as the server or a pooler said it.
+    pub(crate) fn note_loss(&self, generation: u64, cause: String) {
+        self.state.lock().loss = Some((generation, cause.into()));
+    }
+
+    /// The error of a guard of `generation` whose lock is lost: says why, when that is known.
+    #[cold]
+    pub(crate) fn lock_lost_error(&self, generation: u64) -> crate::error::Error {
+        let state = self.state.lock();
+        let cause = state.loss.as_ref().filter(|(g, _)| *g == generation);
+        crate::error::Error::lock_lost(cause.map(|(_, why)| &**why))
     }
 
     /// The error of a call made while offline: says why the last reconnect attempt failed.

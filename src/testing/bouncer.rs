@@ -19,6 +19,8 @@ pub struct BouncerSetup {
     pub pool_size: u32,
     /// `max_client_conn`: client connections it accepts.
     pub max_clients: u32,
+    /// More `[pgbouncer]` settings, `(name, value)` (`idle_transaction_timeout`, say).
+    pub settings: Vec<(String, String)>,
 }
 
 /// A pgbouncer (Debian's package) in front of a local cluster, on a free loopback port and a unix
@@ -81,11 +83,16 @@ impl Pgbouncer {
                  default_pool_size = {pool}\n\
                  max_client_conn = {clients}\n\
                  ignore_startup_parameters = extra_float_digits,options\n\
-                 logfile = {dir}/pgbouncer.log\n",
+                 logfile = {dir}/pgbouncer.log\n{extra}",
                 dir = dir.display(),
                 mode = setup.mode,
                 pool = setup.pool_size,
                 clients = setup.max_clients,
+                extra = setup
+                    .settings
+                    .iter()
+                    .map(|(name, value)| format!("{name} = {value}\n"))
+                    .collect::<String>(),
             ),
         )?;
         std::fs::set_permissions(&ini, std::fs::Permissions::from_mode(0o644))?;

@@ -2,13 +2,11 @@
 //! idle, and reconnects after a loss.
 //!
 //! One worker serves at a time. If its connection stalls inside a statement, the monitor
-//! ([`crate::worker::monitor`]) declares the generation lost and starts a replacement on the same queue;
-//! the stalled worker, if it ever wakes, sees that it is no longer current and exits.
+//! ([`crate::worker::monitor`]) declares the generation lost and starts a replacement on the same
+//! queue; the stalled worker, if it ever wakes, sees that it is no longer current and exits.
 
-use std::io;
-use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
+use std::{io, sync::Arc, thread};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use postgres::Client;
@@ -26,6 +24,7 @@ use crate::worker::session::{Conn, Query};
 use crate::worker::sql::Scope;
 
 pub(crate) mod batch;
+mod cause;
 pub(crate) mod connect;
 mod fencing;
 pub(crate) mod keepalive;
@@ -399,7 +398,7 @@ impl Worker {
         // Quiet for a tick: read the socket (no round trip), so that a session the server ended
         // (a switchover, `pg_terminate_backend`) is told before a new primary can grant its locks.
         conn.look().map_err(|e| {
-            log::warn!("distlock worker: {}", e.into_error());
+            cause::lost(&self.spec.link, conn.generation, &e.into_error());
             End::Lost
         })
     }
@@ -410,7 +409,7 @@ impl Worker {
             Ok(true) => Ok(()),
             Ok(false) => Err(self.pooler_seen()),
             Err(e) => {
-                log::warn!("distlock worker: heartbeat failed: {}", e.into_error());
+                cause::lost(&self.spec.link, conn.generation, &e.into_error());
                 Err(End::Lost)
             }
         }

@@ -10,10 +10,10 @@ use crate::protocol::reply::{Orphan, Reply};
 use crate::protocol::request::{Op, Plain, Request, Special};
 use crate::protocol::slot::Ticket;
 use crate::worker::batch::{Broken, MAX_BATCH, Outcome};
-use crate::worker::requests;
 use crate::worker::session::{Conn, Failed};
 use crate::worker::sql::{END_TRANSACTION, Scope};
 use crate::worker::{End, Worker, lost_error};
+use crate::worker::{cause, requests};
 
 impl Worker {
     /// The uncontended case: one request, one statement, no batch bookkeeping.
@@ -30,7 +30,7 @@ impl Worker {
                 Ok(row) => Outcome::Done(row),
                 Err(Failed::Rejected(e)) => Outcome::Failed(e),
                 Err(Failed::Broken(e)) => {
-                    log::warn!("distlock worker: connection failed: {e}");
+                    cause::lost(&self.spec.link, lease.generation, &e);
                     self.fail(Request::Plain(request), lost_error());
                     return Err(self.ended(lease.generation));
                 }
@@ -67,7 +67,7 @@ impl Worker {
         let mut result = match ran {
             Ok(()) => Ok(()),
             Err(Broken(e)) => {
-                log::warn!("distlock worker: connection failed: {e}");
+                cause::lost(&self.spec.link, lease.generation, &e);
                 Err(self.ended(lease.generation))
             }
         };
@@ -110,7 +110,7 @@ impl Worker {
             }
             Ok(answer) => answer,
             Err(e) => {
-                log::warn!("distlock worker: connection failed: {e}");
+                cause::lost(&self.spec.link, lease.generation, &e);
                 self.answer(reply, Reply::Failed(lost_error()), None);
                 return Err(self.ended(lease.generation));
             }

@@ -9,10 +9,24 @@ pub type Bouncer = Pgbouncer;
 /// A pgbouncer in `mode` with `pool_size` server connections in front of `cluster`, or `None`
 /// (said why) where pgbouncer is not installed.
 pub fn bouncer(cluster: &TestCluster, mode: &str, pool_size: u32) -> Option<Bouncer> {
+    bouncer_with(cluster, mode, pool_size, &[])
+}
+
+/// [`bouncer`], with more `[pgbouncer]` settings.
+pub fn bouncer_with(
+    cluster: &TestCluster,
+    mode: &str,
+    pool_size: u32,
+    settings: &[(&str, &str)],
+) -> Option<Bouncer> {
     let setup = BouncerSetup {
         mode: mode.to_owned(),
         pool_size,
         max_clients: 100,
+        settings: settings
+            .iter()
+            .map(|&(name, value)| (name.to_owned(), value.to_owned()))
+            .collect(),
     };
     match Pgbouncer::start(cluster, &setup) {
         Ok(bouncer) => Some(bouncer),

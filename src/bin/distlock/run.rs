@@ -267,7 +267,9 @@ fn supervise(
             }
             recv(if watch_loss { guard.lost() } else { &never }) -> _ => {
                 lost_at = Some(Instant::now());
-                announce_loss(pid, args);
+                // A lost guard answers at once, with why its connection ended when that is known.
+                let why = guard.ensure_held().err().map(|e| e.to_string());
+                announce_loss(pid, args, why.as_deref().unwrap_or("the lock was lost"));
             }
             default(timeout) => {
                 if lost_at.is_some() && args.on_lost == OnLost::Terminate && !killed {
@@ -281,20 +283,18 @@ fn supervise(
 }
 
 /// Says that the lock was lost, and terminates the command unless --on-lost ignore.
-fn announce_loss(pid: u32, args: &Args) {
+fn announce_loss(pid: u32, args: &Args, why: &str) {
     match args.on_lost {
         OnLost::Terminate => {
             eprintln!(
-                "distlock: lost the lock on {} (the connection to the server failed); \
-                 terminating the command (SIGKILL in {})",
+                "distlock: lost the lock on {} ({why}); terminating the command (SIGKILL in {})",
                 args.key,
                 human(args.kill_after())
             );
             send_signal(pid, SIGTERM);
         }
         OnLost::Ignore => eprintln!(
-            "distlock: lost the lock on {} (the connection to the server failed); \
-             the command keeps running (--on-lost ignore)",
+            "distlock: lost the lock on {} ({why}); the command keeps running (--on-lost ignore)",
             args.key
         ),
     }

@@ -83,6 +83,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             mode: "transaction".into(),
             pool_size: args.pool,
             max_clients: args.managers * 2 + 1000,
+            settings: Vec::new(),
         },
     )
     .context("starting pgbouncer")?;
