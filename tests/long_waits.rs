@@ -20,6 +20,23 @@ const GAPS: [Duration; 2] = [Duration::from_millis(300), Duration::from_millis(6
 /// How long the last waiter waits before the holder lets go.
 const LAST_WAITS: Duration = Duration::from_millis(1500);
 
+/// The two servers every test runs on: a plain one, and one whose role `waiter` cuts statements
+/// at 100 ms and lock waits at 50 ms and whose `transaction_timeout` (17 and later) is 300 ms.
+fn each_server(mut test: impl FnMut(&TestCluster, &str)) {
+    if distlock::testing::database_url().is_some() {
+        distlock::testing::skip(
+            "DATABASE_URL is set, and this test configures a server of its own",
+        );
+        return;
+    }
+    let plain = TestCluster::start().expect("a cluster");
+    test(&plain, plain.url());
+    let Some((culling, url)) = cluster() else {
+        return;
+    };
+    test(&culling, &url);
+}
+
 /// A cluster whose role `waiter` cuts statements at 100 ms and lock waits at 50 ms, and whose
 /// `transaction_timeout` (17 and later) is 300 ms.
 fn cluster() -> Option<(TestCluster, String)> {
@@ -113,11 +130,17 @@ fn queue_three(
 
 #[test]
 fn distlock_run_waits_keep_arrival_order_under_role_and_cluster_timeouts() {
-    let Some((cluster, url)) = cluster() else {
-        return;
-    };
+    each_server(run_waits_keep_arrival_order);
+}
+
+fn run_waits_keep_arrival_order(cluster: &TestCluster, url: &str) {
+    let url = url.to_owned();
     let mut admin = Client::connect(cluster.url(), NoTls).unwrap();
-    let dir = std::env::temp_dir().join(format!("distlock-long-waits-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "distlock-long-waits-{}-{}",
+        std::process::id(),
+        cluster.port().unwrap()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let order = dir.join("order");
     let key = "long-waits/run";
@@ -146,9 +169,11 @@ fn distlock_run_waits_keep_arrival_order_under_role_and_cluster_timeouts() {
 
 #[test]
 fn library_waits_keep_arrival_order_under_role_and_cluster_timeouts() {
-    let Some((cluster, url)) = cluster() else {
-        return;
-    };
+    each_server(library_waits_keep_arrival_order);
+}
+
+fn library_waits_keep_arrival_order(cluster: &TestCluster, url: &str) {
+    let url = url.to_owned();
     let mut admin = Client::connect(cluster.url(), NoTls).unwrap();
     let key = LockKey::name("long-waits/library");
     let (served_tx, served) = crossbeam_channel::unbounded();
@@ -174,4 +199,64 @@ fn library_waits_keep_arrival_order_under_role_and_cluster_timeouts() {
     }
     let order: Vec<usize> = served.try_iter().collect();
     assert_eq!(order, vec![0, 1, 2], "not served in arrival order");
+}
+
+/// A lock held 5 s, in session mode and in transaction mode through pgbouncer, survives a
+/// database whose every session has `statement_timeout = 100ms` and `lock_timeout = 50ms`, and
+/// (17 and later) a cluster's `transaction_timeout = 300ms`.
+#[test]
+fn a_held_lock_survives_the_settings_of_a_database_in_both_modes() {
+    if distlock::testing::database_url().is_some() {
+        distlock::testing::skip(
+            "DATABASE_URL is set, and this test configures a server of its own",
+        );
+        return;
+    }
+    let cluster = TestCluster::start().expect("a cluster");
+    let mut admin = Client::connect(cluster.url(), NoTls).unwrap();
+    admin
+        .batch_execute("ALTER DATABASE postgres SET statement_timeout = '100ms'")
+        .unwrap();
+    admin
+        .batch_execute("ALTER DATABASE postgres SET lock_timeout = '50ms'")
+        .unwrap();
+    let version: i32 = admin
+        .query_one("SELECT current_setting('server_version_num')::int4", &[])
+        .unwrap()
+        .get(0);
+    if version >= 170_000 {
+        admin
+            .batch_execute("ALTER SYSTEM SET transaction_timeout = '300ms'")
+            .unwrap();
+        admin.batch_execute("SELECT pg_reload_conf()").unwrap();
+    }
+    let Some(pooler) = common::bouncer::bouncer(&cluster, "transaction", 4) else {
+        return;
+    };
+    let session = LockManager::connect(cluster.url()).unwrap();
+    let transactions = LockManager::builder()
+        .transaction_pooler(true)
+        .connect(&pooler.url())
+        .unwrap();
+    let (a, b) = (
+        LockKey::name("long-waits/held"),
+        LockKey::name("long-waits/held-tx"),
+    );
+    let held = session.try_lock(a).unwrap().expect("free");
+    let held_tx = transactions.try_lock(b).unwrap().expect("free");
+    thread::sleep(Duration::from_secs(5));
+    for (guard, mode) in [(&held, "session"), (&held_tx, "transaction")] {
+        assert!(!guard.is_lost(), "{mode} mode: lost");
+        guard
+            .ensure_held()
+            .unwrap_or_else(|e| panic!("{mode} mode: {e}"));
+    }
+    let mut outside = Client::connect(cluster.url(), NoTls).unwrap();
+    for key in [a, b] {
+        let taken: bool = outside
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&key.as_id().unwrap()])
+            .unwrap()
+            .get(0);
+        assert!(!taken, "another session took {key:?}");
+    }
 }
