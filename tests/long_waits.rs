@@ -55,16 +55,7 @@ fn cluster() -> Option<(TestCluster, String)> {
              ALTER ROLE waiter SET lock_timeout = '50ms'",
         )
         .unwrap();
-    let version: i32 = admin
-        .query_one("SELECT current_setting('server_version_num')::int4", &[])
-        .unwrap()
-        .get(0);
-    if version >= 170_000 {
-        admin
-            .batch_execute("ALTER SYSTEM SET transaction_timeout = '300ms'")
-            .unwrap();
-        admin.batch_execute("SELECT pg_reload_conf()").unwrap();
-    }
+    common::set_transaction_timeout(&mut admin, "300ms");
     let url = format!(
         "host=127.0.0.1 port={} user=waiter password=waiter-secret dbname=postgres",
         cluster.port().unwrap()
@@ -220,16 +211,7 @@ fn a_held_lock_survives_the_settings_of_a_database_in_both_modes() {
     admin
         .batch_execute("ALTER DATABASE postgres SET lock_timeout = '50ms'")
         .unwrap();
-    let version: i32 = admin
-        .query_one("SELECT current_setting('server_version_num')::int4", &[])
-        .unwrap()
-        .get(0);
-    if version >= 170_000 {
-        admin
-            .batch_execute("ALTER SYSTEM SET transaction_timeout = '300ms'")
-            .unwrap();
-        admin.batch_execute("SELECT pg_reload_conf()").unwrap();
-    }
+    common::set_transaction_timeout(&mut admin, "300ms");
     let Some(pooler) = common::bouncer::bouncer(&cluster, "transaction", 4) else {
         return;
     };

@@ -13,20 +13,13 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::bouncer::bouncer;
-use common::eventually;
+use common::{eventually, version_num};
 use distlock::testing::TestCluster;
 use distlock::{ErrorKind, LockKey, LockManager};
 use postgres::{Client, NoTls};
 
 /// The oldest supported server, as `server_version_num`.
 const OLDEST_SUPPORTED: i32 = 140_000;
-
-fn version_num(client: &mut Client) -> i32 {
-    client
-        .query_one("SELECT current_setting('server_version_num')::int4", &[])
-        .unwrap()
-        .get(0)
-}
 
 #[test]
 fn a_supported_server_serves_and_an_older_one_is_refused_by_name() {
@@ -90,12 +83,8 @@ fn a_cluster_transaction_timeout_ends_no_wait_and_no_lock_in_either_mode() {
         return; // refused at connect: the test above
     }
     // Before 17 the setting does not exist, and what it would break is checked all the same.
-    let timeout = version >= 170_000;
+    let timeout = common::set_transaction_timeout(&mut admin, "1s");
     if timeout {
-        admin
-            .batch_execute("ALTER SYSTEM SET transaction_timeout = '1s'")
-            .unwrap();
-        admin.batch_execute("SELECT pg_reload_conf()").unwrap();
         // The cull is real: a plain transaction open past it is ended.
         let mut plain = Client::connect(cluster.url(), NoTls).unwrap();
         plain.batch_execute("BEGIN").unwrap();

@@ -200,3 +200,26 @@ pub fn now_ns() -> u128 {
         .unwrap()
         .as_nanos()
 }
+
+/// The server's `server_version_num`.
+pub fn version_num(client: &mut Client) -> i32 {
+    client
+        .query_one("SELECT current_setting('server_version_num')::int4", &[])
+        .expect("server_version_num")
+        .get(0)
+}
+
+/// Sets the cluster's `transaction_timeout` to `value` where the server has it (PostgreSQL 17 and
+/// later); returns whether it did.
+pub fn set_transaction_timeout(client: &mut Client, value: &str) -> bool {
+    if version_num(client) < 170_000 {
+        return false;
+    }
+    client
+        .batch_execute(&format!("ALTER SYSTEM SET transaction_timeout = '{value}'"))
+        .expect("ALTER SYSTEM");
+    client
+        .batch_execute("SELECT pg_reload_conf()")
+        .expect("reload");
+    true
+}
