@@ -23,6 +23,9 @@ pub enum ErrorKind {
     /// The connection to the server failed while the call was under way; locks it held are gone.
     ConnectionLost,
     /// The manager is reconnecting after losing its connection; calls fail fast until it is back.
+    /// In transaction mode also: a lock transaction's connection could not be opened for a reason
+    /// that may pass (the pooler or the server refused, restarted or did not answer). Waiting calls
+    /// retry it until their deadline, in both modes.
     Offline,
     /// The guard's lock was not held by the session any more when it was used or released: the
     /// connection that took it has ended, so the server had already released it.
@@ -159,6 +162,26 @@ impl Error {
                 ErrorKind::Offline,
                 format!("the lock manager is reconnecting to the server; the last attempt: {why}"),
             ),
+        }
+    }
+
+    /// A connect failure that may pass (a refused, unreachable or restarting pooler or server)
+    /// as [`ErrorKind::Offline`], which waiting calls retry until their deadline; others as they
+    /// are.
+    #[cold]
+    pub(crate) fn offline_if_passing(self) -> Error {
+        if self.kind != ErrorKind::Connect || !self.passing {
+            return self;
+        }
+        let message = format!(
+            "could not open a connection for a lock transaction (the pooler or the server may be \
+             restarting): {}",
+            self.message
+        );
+        Error {
+            kind: ErrorKind::Offline,
+            message: message.into(),
+            ..self
         }
     }
 

@@ -461,3 +461,94 @@ fn a_lock_the_pooler_ends_is_told_with_the_poolers_reason_and_setting() {
     assert_eq!(out.status.code(), Some(76), "{stderr}");
     assert!(stderr.contains("idle_transaction_timeout"), "{stderr}");
 }
+
+/// pgbouncer SIGKILLed while transaction-mode locks are held, and started again a second later,
+/// under callers that keep taking locks with a deadline: every held lock is told lost, no caller
+/// whose deadline had not passed gets a connect error (the outage is waited out, as a server's
+/// is), and the same manager grants again once the pooler is back.
+#[test]
+fn a_pooler_restart_is_waited_out_in_transaction_mode() {
+    if std::env::var(INSIDE).is_ok() || std::env::var(STOPPED).is_ok() {
+        return;
+    }
+    let Some(cluster) = common::bouncer::cluster() else {
+        return;
+    };
+    let Some(mut pooler) = bouncer(&cluster, "transaction", 8) else {
+        return;
+    };
+    let locks = LockManager::builder()
+        .transaction_pooler(true)
+        .connect_timeout(Duration::from_millis(500))
+        .connect(&pooler.url())
+        .unwrap();
+    let held = locks
+        .try_lock(LockKey::name("proxy/restart-held"))
+        .unwrap()
+        .expect("free");
+    let lost = held.lost().clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let callers: Vec<_> = (0..3)
+        .map(|i| {
+            let (locks, stop) = (locks.clone(), stop.clone());
+            thread::spawn(move || {
+                let key = LockKey::name(&format!("proxy/restart-{i}"));
+                let (mut grants, mut failures) = (Vec::new(), Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let wait = Duration::from_millis(200);
+                    let deadline = Instant::now() + wait;
+                    match locks.try_lock_for(key, wait) {
+                        Ok(Some(guard)) => {
+                            grants.push(Instant::now());
+                            drop(guard);
+                        }
+                        Ok(None) => {}
+                        // A failure past the deadline is the call's bound; one before it is not.
+                        Err(e) if !e.is_transient() || Instant::now() < deadline => {
+                            failures.push(format!("{:?}: {e}", e.kind()));
+                        }
+                        Err(_) => {}
+                    }
+                    thread::sleep(Duration::from_millis(10));
+                }
+                (grants, failures)
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(500));
+    pooler.kill();
+    let killed = Instant::now();
+    assert!(
+        lost.recv_timeout(Duration::from_secs(10)).is_err(),
+        "a lock held through the pooler was never told lost"
+    );
+    let told = killed.elapsed();
+    thread::sleep(Duration::from_secs(1).saturating_sub(killed.elapsed()));
+    pooler.start_again().expect("pgbouncer starts again");
+    let back = Instant::now();
+    thread::sleep(Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut regranted = 0;
+    for caller in callers {
+        let (grants, failures) = caller.join().unwrap();
+        assert!(failures.is_empty(), "callers saw: {failures:?}");
+        regranted += grants.iter().filter(|&&at| at > back).count();
+    }
+    eprintln!(
+        "pooler killed: the held lock told after {told:?}; {regranted} grants after the restart"
+    );
+    assert!(
+        regranted > 0,
+        "the manager granted nothing after the pooler came back"
+    );
+    assert!(held.is_lost());
+    // Nothing is left held on the server.
+    drop(held);
+    let mut plain = postgres::Client::connect(cluster.url(), NoTls).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || common::locks_of_app(
+            &mut plain, "distlock"
+        ) == 0),
+        "locks left on the server"
+    );
+}

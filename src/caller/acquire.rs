@@ -237,7 +237,12 @@ pub(crate) fn lock_transaction(
     deadline: Instant,
 ) -> Result<Arc<Taken<Arc<Shared>>>> {
     let pool = shared.waits().ok_or_else(Error::not_in_transaction_mode)?;
-    match pool.take(Some(deadline))? {
+    // A pooler (or server) that refuses or drops connections for a while — a restart, say — is
+    // a failure that may pass, as a reconnect is in session mode.
+    match pool
+        .take(Some(deadline))
+        .map_err(Error::offline_if_passing)?
+    {
         Some(taken) => Ok(Arc::new(taken)),
         None => Err(Error::too_many_transactions()),
     }

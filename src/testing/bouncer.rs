@@ -31,6 +31,8 @@ pub struct Pgbouncer {
     child: Child,
     port: u16,
     dir: PathBuf,
+    /// How it was started, to start it again.
+    command: Command,
 }
 
 impl Drop for Pgbouncer {
@@ -98,29 +100,58 @@ impl Pgbouncer {
         std::fs::set_permissions(&ini, std::fs::Permissions::from_mode(0o644))?;
         // Room for every client, the server connections and its own files.
         let files = u64::from(setup.max_clients) + u64::from(setup.pool_size) + 100;
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c")
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
             .arg(format!(
                 "ulimit -n {files} 2>/dev/null || true; exec \"$0\" \"$@\""
             ))
             .arg(exe);
         if is_root() {
-            cmd.args(["-u", "postgres"]);
+            command.args(["-u", "postgres"]);
         }
-        let child = cmd
+        command
             .arg(&ini)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let bouncer = Pgbouncer { child, port, dir };
+            .stderr(Stdio::null());
+        let child = command.spawn()?;
+        let mut bouncer = Pgbouncer {
+            child,
+            port,
+            dir,
+            command,
+        };
+        bouncer.wait_up()?;
+        Ok(bouncer)
+    }
+
+    /// Kills it at once (SIGKILL): its clients' connections are cut, and its server connections
+    /// closed by the server.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again after [`Pgbouncer::kill`], on the same port and settings, and waits (up to
+    /// 10 s) until it accepts connections.
+    ///
+    /// # Errors
+    ///
+    /// When it cannot be started or does not come up.
+    pub fn start_again(&mut self) -> io::Result<()> {
+        self.child = self.command.spawn()?;
+        self.wait_up()
+    }
+
+    fn wait_up(&mut self) -> io::Result<()> {
         let started = Instant::now();
-        while postgres::Client::connect(&bouncer.url(), postgres::NoTls).is_err() {
+        while postgres::Client::connect(&self.url(), postgres::NoTls).is_err() {
             if started.elapsed() > Duration::from_secs(10) {
                 return Err(io::Error::other("pgbouncer did not come up within 10 s"));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(bouncer)
+        Ok(())
     }
 
     /// libpq parameters for the superuser through the pooler, over loopback TCP.
