@@ -505,7 +505,7 @@ fn a_pooler_restart_is_waited_out_in_transaction_mode() {
                         Ok(None) => {}
                         // A failure past the deadline is the call's bound; one before it is not.
                         Err(e) if !e.is_transient() || Instant::now() < deadline => {
-                            failures.push(format!("{:?}: {e}", e.kind()));
+                            failures.push(format!("{e:?}"));
                         }
                         Err(_) => {}
                     }
@@ -551,4 +551,55 @@ fn a_pooler_restart_is_waited_out_in_transaction_mode() {
         ) == 0),
         "locks left on the server"
     );
+}
+
+/// pgbouncer paused (its admin console's `PAUSE`): a transaction-mode `try_lock_for(200 ms)`
+/// returns by its deadline (and a little), not after a connect timeout or a request timeout, and
+/// the manager grants again after `RESUME`.
+#[test]
+fn a_paused_pooler_keeps_no_call_past_its_deadline() {
+    if std::env::var(INSIDE).is_ok() || std::env::var(STOPPED).is_ok() {
+        return;
+    }
+    let Some(cluster) = common::bouncer::cluster() else {
+        return;
+    };
+    let settings = [("admin_users", "postgres")];
+    let Some(pooler) = common::bouncer::bouncer_with(&cluster, "transaction", 4, &settings) else {
+        return;
+    };
+    let locks = LockManager::builder()
+        .transaction_pooler(true)
+        .connect_timeout(Duration::from_secs(5))
+        .request_timeout(Duration::from_secs(5))
+        .connect(&pooler.url())
+        .unwrap();
+    let admin_url = pooler.url().replace("dbname=postgres", "dbname=pgbouncer");
+    let mut admin = Client::connect(&admin_url, NoTls).expect("pgbouncer's admin console");
+    admin.simple_query("PAUSE postgres").expect("PAUSE");
+    let wait = Duration::from_millis(200);
+    let mut longest = Duration::ZERO;
+    for i in 0..3 {
+        let started = Instant::now();
+        let outcome = locks.try_lock_for(LockKey::name(&format!("proxy/paused-{i}")), wait);
+        let took = started.elapsed();
+        longest = longest.max(took);
+        assert!(
+            !matches!(outcome, Ok(Some(_))),
+            "granted through a paused pooler"
+        );
+    }
+    admin.simple_query("RESUME postgres").expect("RESUME");
+    eprintln!("paused pooler: the longest try_lock_for(200 ms) took {longest:?}");
+    // The deadline, and scheduling on a loaded machine; a connect or request timeout (5 s) without
+    // the bound.
+    assert!(
+        longest < wait + Duration::from_millis(800),
+        "a call outlasted its deadline by {:?}",
+        longest - wait
+    );
+    let guard = locks
+        .try_lock_for(LockKey::name("proxy/paused-after"), Duration::from_secs(5))
+        .unwrap();
+    assert!(guard.is_some(), "no grant after RESUME");
 }

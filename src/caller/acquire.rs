@@ -110,7 +110,7 @@ pub(crate) fn try_lock(
     deadline: Instant,
 ) -> Result<Option<LockGuard>> {
     if shared.settings().transactions {
-        let guards = in_transaction(shared, Wanted::One(key, mode), deadline)?;
+        let guards = in_transaction(shared, Wanted::One(key, mode), deadline, deadline)?;
         return Ok(guards.and_then(|mut guards| guards.pop()));
     }
     acquire(
@@ -149,7 +149,7 @@ pub(crate) fn try_once(
     deadline: Instant,
 ) -> Result<Option<Vec<LockGuard>>> {
     if shared.settings().transactions {
-        return in_transaction(shared, wanted, deadline);
+        return in_transaction(shared, wanted, deadline, deadline);
     }
     let special = match wanted {
         Wanted::One(key, mode) => {
@@ -171,16 +171,38 @@ pub(crate) fn try_once(
     )
 }
 
+/// The first try of a waiting call whose deadline is `deadline`: its round trip may use the whole
+/// request timeout (so that a zero timeout still tries once, as `try_lock` does), but in
+/// transaction mode, opening the lock transaction — a connection from the pooler, a transaction
+/// slot — ends at the caller's deadline when it has one still ahead, as every wait does.
+pub(crate) fn try_first(
+    shared: &Arc<Shared>,
+    wanted: Wanted<'_>,
+    deadline: Option<Instant>,
+) -> Result<Option<Vec<LockGuard>>> {
+    let request = shared.request_deadline();
+    if shared.settings().transactions {
+        let open_by = match deadline {
+            Some(d) if d > Instant::now() => d.min(request),
+            _ => request,
+        };
+        return in_transaction(shared, wanted, open_by, request);
+    }
+    try_once(shared, wanted, request)
+}
+
 /// Transaction mode: one try of `wanted` (see [`crate::Builder::transaction_pooler`]), each key
 /// in a lock transaction of its own, taken in the order of their ids, its keys reserved in this
 /// manager's table as any try reserves them. All or nothing: a key refused releases those taken
 /// before the call returns. Each guard keeps its transaction's connection (and its reservation)
-/// until it is gone.
+/// until it is gone. Each lock transaction is opened by `open_by`, each try answered by
+/// `deadline`.
 #[cold]
 #[inline(never)]
 fn in_transaction(
     shared: &Arc<Shared>,
     wanted: Wanted<'_>,
+    open_by: Instant,
     deadline: Instant,
 ) -> Result<Option<Vec<LockGuard>>> {
     let mode = wanted.mode();
@@ -193,7 +215,7 @@ fn in_transaction(
     }
     let mut guards = Vec::with_capacity(keys.len());
     for (i, &key) in keys.iter().enumerate() {
-        match one_transaction(shared, key, mode, deadline) {
+        match one_transaction(shared, key, mode, open_by, deadline) {
             Ok(Some(guard)) => guards.push(guard),
             refused => {
                 // The guards taken so far give their keys back (on the server and here).
@@ -216,14 +238,16 @@ fn in_transaction(
     Ok(Some(guards))
 }
 
-/// One try of `key`, already reserved here, in a lock transaction of its own.
+/// One try of `key`, already reserved here, in a lock transaction of its own opened by
+/// `open_by`.
 fn one_transaction(
     shared: &Arc<Shared>,
     key: LockKey,
     mode: Mode,
+    open_by: Instant,
     deadline: Instant,
 ) -> Result<Option<LockGuard>> {
-    let taken = lock_transaction(shared, deadline)?;
+    let taken = lock_transaction(shared, open_by)?;
     let Some(conn) = taken.conn() else {
         return Ok(None);
     };

@@ -111,7 +111,7 @@ fn wait_in_queue(
     wanted: Wanted<'_>,
     deadline: Option<Instant>,
 ) -> Result<Option<Vec<LockGuard>>> {
-    let failing = match try_once(shared, wanted, shared.request_deadline()) {
+    let failing = match acquire::try_first(shared, wanted, deadline) {
         Ok(Some(guards)) => return Ok(Some(guards)),
         Ok(None) => None,
         Err(e) if e.is_transient() => Some(e),

@@ -283,9 +283,11 @@ fn classify(e: postgres::Error) -> Error {
         let error = Error::with_source(ErrorKind::Connect, why, e);
         if passing { error.passing() } else { error }
     } else {
-        // Refused, unreachable, reset — an I/O failure — the host may come back; anything else
-        // (a password the client lacks, say) stays as it is.
-        let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
+        // Refused, unreachable, reset — an I/O failure — or closed by the peer during start-up
+        // (a pooler or server going down): the host may come back; anything else (a password
+        // the client lacks, say) stays as it is.
+        let io = e.is_closed()
+            || std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
         let error = Error::with_source(ErrorKind::Connect, "could not connect to the server", e);
         if io { error.passing() } else { error }
     }
