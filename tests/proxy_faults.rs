@@ -603,3 +603,54 @@ fn a_paused_pooler_keeps_no_call_past_its_deadline() {
         .unwrap();
     assert!(guard.is_some(), "no grant after RESUME");
 }
+
+/// pgbouncer's pool full (one server connection, pinned by a lock held in transaction mode): a
+/// second manager's `try_lock_for(200 ms)` returns by its deadline (and a little), not after a
+/// connect or request timeout.
+#[test]
+fn a_full_pool_keeps_no_call_past_its_deadline() {
+    if std::env::var(INSIDE).is_ok() || std::env::var(STOPPED).is_ok() {
+        return;
+    }
+    let Some(cluster) = common::bouncer::cluster() else {
+        return;
+    };
+    let Some(pooler) = bouncer(&cluster, "transaction", 1) else {
+        return;
+    };
+    let manager = || {
+        LockManager::builder()
+            .transaction_pooler(true)
+            .connect_timeout(Duration::from_secs(5))
+            .request_timeout(Duration::from_secs(5))
+            .connect(&pooler.url())
+            .unwrap()
+    };
+    let (holder, other) = (manager(), manager());
+    let pinned = holder
+        .try_lock(LockKey::name("proxy/full-held"))
+        .unwrap()
+        .expect("free");
+    let wait = Duration::from_millis(200);
+    let started = Instant::now();
+    let outcome = other.try_lock_for(LockKey::name("proxy/full-other"), wait);
+    let took = started.elapsed();
+    eprintln!("full pool: try_lock_for(200 ms) took {took:?}: {outcome:?}");
+    assert!(
+        !matches!(outcome, Ok(Some(_))),
+        "granted without a server connection"
+    );
+    assert!(
+        took < wait + Duration::from_millis(800),
+        "the call outlasted its deadline by {:?}",
+        took - wait
+    );
+    drop(pinned);
+    assert!(
+        other
+            .try_lock_for(LockKey::name("proxy/full-other"), Duration::from_secs(5))
+            .unwrap()
+            .is_some(),
+        "no grant once the pool had room"
+    );
+}
