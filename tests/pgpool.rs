@@ -27,8 +27,7 @@ struct Pool {
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        common::stop_pgpool(&mut self.child);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -116,8 +116,7 @@ struct Pgpool {
 
 impl Drop for Pgpool {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        common::stop_pgpool(&mut self.child);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

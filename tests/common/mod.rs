@@ -223,3 +223,22 @@ pub fn set_transaction_timeout(client: &mut Client, value: &str) -> bool {
         .expect("reload");
     true
 }
+
+/// Stops a pgpool-II started with `-n`: SIGINT (its fast shutdown, which also ends the children
+/// it forked), then SIGKILL if it has not exited within 10 s. SIGKILL alone would leave its
+/// children running.
+pub fn stop_pgpool(child: &mut std::process::Child) {
+    let _ = std::process::Command::new("kill")
+        .arg("-INT")
+        .arg(child.id().to_string())
+        .status();
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
