@@ -23,13 +23,9 @@ const LAST_WAITS: Duration = Duration::from_millis(1500);
 /// The two servers every test runs on: a plain one, and one whose role `waiter` cuts statements
 /// at 100 ms and lock waits at 50 ms and whose `transaction_timeout` (17 and later) is 300 ms.
 fn each_server(mut test: impl FnMut(&TestCluster, &str)) {
-    if distlock::testing::database_url().is_some() {
-        distlock::testing::skip(
-            "DATABASE_URL is set, and this test configures a server of its own",
-        );
+    let Some(plain) = common::bouncer::cluster() else {
         return;
-    }
-    let plain = TestCluster::start().expect("a cluster");
+    };
     test(&plain, plain.url());
     let Some((culling, url)) = cluster() else {
         return;
@@ -40,13 +36,7 @@ fn each_server(mut test: impl FnMut(&TestCluster, &str)) {
 /// A cluster whose role `waiter` cuts statements at 100 ms and lock waits at 50 ms, and whose
 /// `transaction_timeout` (17 and later) is 300 ms.
 fn cluster() -> Option<(TestCluster, String)> {
-    if distlock::testing::database_url().is_some() {
-        distlock::testing::skip(
-            "DATABASE_URL is set, and this test configures a server of its own",
-        );
-        return None;
-    }
-    let cluster = TestCluster::start().expect("a cluster");
+    let cluster = common::bouncer::cluster()?;
     let mut admin = Client::connect(cluster.url(), NoTls).unwrap();
     admin
         .batch_execute(
@@ -197,13 +187,9 @@ fn library_waits_keep_arrival_order(cluster: &TestCluster, url: &str) {
 /// (17 and later) a cluster's `transaction_timeout = 300ms`.
 #[test]
 fn a_held_lock_survives_the_settings_of_a_database_in_both_modes() {
-    if distlock::testing::database_url().is_some() {
-        distlock::testing::skip(
-            "DATABASE_URL is set, and this test configures a server of its own",
-        );
+    let Some(cluster) = common::bouncer::cluster() else {
         return;
-    }
-    let cluster = TestCluster::start().expect("a cluster");
+    };
     let mut admin = Client::connect(cluster.url(), NoTls).unwrap();
     admin
         .batch_execute("ALTER DATABASE postgres SET statement_timeout = '100ms'")

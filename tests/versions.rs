@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use common::bouncer::bouncer;
 use common::{eventually, version_num};
-use distlock::testing::TestCluster;
 use distlock::{ErrorKind, LockKey, LockManager};
 use postgres::{Client, NoTls};
 
@@ -70,13 +69,9 @@ fn waiting_backend(client: &mut Client, app: &str) -> Option<i32> {
 
 #[test]
 fn a_cluster_transaction_timeout_ends_no_wait_and_no_lock_in_either_mode() {
-    if distlock::testing::database_url().is_some() {
-        distlock::testing::skip(
-            "DATABASE_URL is set, and this test configures a server of its own",
-        );
+    let Some(cluster) = common::bouncer::cluster() else {
         return;
-    }
-    let cluster = TestCluster::start().expect("a cluster");
+    };
     let mut admin = Client::connect(cluster.url(), NoTls).unwrap();
     let version = version_num(&mut admin);
     if version < OLDEST_SUPPORTED {
