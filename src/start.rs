@@ -314,6 +314,7 @@ fn worker_connector(
         options.allow_standby,
         keepalive,
         options.flavor,
+        options.owner.is_none(),
     )
 }
 

@@ -117,7 +117,7 @@ fn manager_beating(bouncer: &Bouncer, app: &str, heartbeat: Duration) -> LockMan
         .application_name(app)
         .heartbeat(heartbeat)
         .connect(&bouncer.url())
-        .expect("alone on the pool, the manager's statements keep to one server session")
+        .expect("a session pooler lends the manager a server session of its own")
 }
 
 /// Another client of the pooler marks the server sessions it lands in as its own, as a second
@@ -139,11 +139,12 @@ fn others_mark_the_pool(bouncer: &Bouncer, clients: usize, rounds: usize) {
     });
 }
 
-/// A manager alone on a pool connects (its statements keep to one server session); then another
-/// client shares that session. The heartbeat must notice: every guard told, every call `Pooler`.
+/// A manager connects through a session pooler; then an administrator switches the pool to `mode`
+/// and another client shares the manager's server session. The heartbeat must notice: every guard
+/// told, every call `Pooler`.
 fn shared_after_connect_is_noticed_by_the_heartbeat(mode: &str, pool_size: u32) {
     let Some(cluster) = cluster() else { return };
-    let Some(bouncer) = bouncer(&cluster, mode, pool_size) else {
+    let Some(mut bouncer) = bouncer(&cluster, "session", pool_size) else {
         return;
     };
     let app = format!("shared-later-{mode}-{pool_size}");
@@ -157,6 +158,7 @@ fn shared_after_connect_is_noticed_by_the_heartbeat(mode: &str, pool_size: u32) 
         })
         .collect();
     guards[0].ensure_held().expect("its own session so far");
+    bouncer.switch_pool_mode(mode).expect("switch the pool mode");
     others_mark_the_pool(&bouncer, pool_size as usize, 20);
     for guard in &guards {
         assert!(
@@ -190,12 +192,13 @@ fn a_session_shared_after_connect_in_statement_mode_is_noticed_by_the_heartbeat(
 #[test]
 fn ensure_held_notices_a_session_shared_since_the_last_heartbeat() {
     let Some(cluster) = cluster() else { return };
-    let Some(bouncer) = bouncer(&cluster, "transaction", 1) else {
+    let Some(mut bouncer) = bouncer(&cluster, "session", 1) else {
         return;
     };
     let locks = manager_beating(&bouncer, "shared-ensure", Duration::from_secs(10));
     let guard = locks.try_lock("pooler/ensure").unwrap().expect("free");
     guard.ensure_held().expect("its own session so far");
+    bouncer.switch_pool_mode("transaction").unwrap();
     others_mark_the_pool(&bouncer, 1, 1);
     assert!(!guard.is_lost(), "noticed before ensure_held looked");
     let started = Instant::now();
@@ -205,16 +208,14 @@ fn ensure_held_notices_a_session_shared_since_the_last_heartbeat() {
     assert!(guard.is_lost(), "the guard was not told");
 }
 
-/// `distlock run` through a transaction pooler runs nothing and exits 64, naming the fix.
+/// `distlock run` through a transaction pooler nobody else uses runs nothing and exits 64, naming
+/// the fix.
 #[test]
 fn distlock_run_through_a_transaction_pooler_exits_64_and_runs_nothing() {
     let Some(cluster) = cluster() else { return };
-    let Some(bouncer) = bouncer(&cluster, "transaction", 1) else {
+    let Some(bouncer) = bouncer(&cluster, "transaction", 4) else {
         return;
     };
-    // A second client on the one server connection first, so that the session is already marked.
-    let first = manager_beating(&bouncer, "pooled-cli-first", Duration::from_secs(10));
-    let _held = first.try_lock("pooler/cli-first").unwrap();
     let ran = std::env::temp_dir().join(format!("distlock-pooled-ran-{}", std::process::id()));
     let _ = std::fs::remove_file(&ran);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_distlock"))
@@ -228,4 +229,77 @@ fn distlock_run_through_a_transaction_pooler_exits_64_and_runs_nothing() {
     assert_eq!(out.status.code(), Some(64), "{err}");
     assert!(err.contains("pool_mode=session"), "{err}");
     assert!(!ran.exists(), "the command ran behind a transaction pooler");
+}
+
+/// Opens `n` server connections in `bouncer`'s pool at once (each client holds a transaction while
+/// the others open theirs) and lets every client go, so that the pool keeps `n` idle ones.
+fn warm_the_pool(bouncer: &Bouncer, n: usize) {
+    let barrier = std::sync::Barrier::new(n);
+    thread::scope(|s| {
+        for _ in 0..n {
+            s.spawn(|| {
+                let mut other = postgres::Client::connect(&bouncer.url(), postgres::NoTls)
+                    .expect("a client through the pooler");
+                other.batch_execute("BEGIN; SELECT 1").unwrap();
+                barrier.wait();
+                other.batch_execute("COMMIT").unwrap();
+            });
+        }
+    });
+}
+
+/// A session-mode manager through a transaction pooler nobody else uses — a nightly job in the
+/// quiet hour — must be refused when it connects, before it grants anything.
+fn a_quiet_transaction_pooler_is_refused_at_connect(pool_size: u32, warm: usize, order: &str) {
+    let Some(cluster) = cluster() else { return };
+    let settings = [("server_round_robin", order)];
+    let Some(bouncer) = common::bouncer::bouncer_with(&cluster, "transaction", pool_size, &settings)
+    else {
+        return;
+    };
+    warm_the_pool(&bouncer, warm);
+    let app = format!("quiet-pool-{pool_size}-{warm}-{order}");
+    let started = Instant::now();
+    match manager(&bouncer, &app) {
+        Ok(locks) => panic!(
+            "a session-mode manager was accepted through a quiet transaction pooler (pool \
+             {pool_size}, {warm} idle server connections, server_round_robin={order}); it \
+             granted: {:?}",
+            locks.try_lock("pooler/quiet").map(|g| g.is_some())
+        ),
+        Err(e) => {
+            assert_eq!(e.kind(), ErrorKind::Pooler, "{e:?}");
+            assert!(e.to_string().contains("pool_mode=session"), "{e}");
+        }
+    }
+    eprintln!(
+        "pool {pool_size}, {warm} idle, round robin {order}: refused in {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_quiet_transaction_pooler_of_one_server_connection_is_refused_at_connect() {
+    a_quiet_transaction_pooler_is_refused_at_connect(1, 0, "0");
+}
+
+#[test]
+fn a_quiet_transaction_pooler_of_four_server_connections_is_refused_at_connect() {
+    a_quiet_transaction_pooler_is_refused_at_connect(4, 0, "0");
+    a_quiet_transaction_pooler_is_refused_at_connect(4, 4, "0");
+}
+
+#[test]
+fn a_quiet_transaction_pooler_of_twenty_server_connections_is_refused_at_connect() {
+    a_quiet_transaction_pooler_is_refused_at_connect(20, 0, "0");
+    a_quiet_transaction_pooler_is_refused_at_connect(20, 20, "0");
+}
+
+/// The same with pgbouncer handing out its server connections in turn (the oldest idle first),
+/// with one, two and many idle ones besides the manager's.
+#[test]
+fn a_quiet_round_robin_transaction_pooler_is_refused_at_connect() {
+    for warm in [0, 2, 3, 20] {
+        a_quiet_transaction_pooler_is_refused_at_connect(20, warm, "1");
+    }
 }

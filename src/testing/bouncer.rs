@@ -143,6 +143,37 @@ impl Pgbouncer {
         self.wait_up()
     }
 
+    /// Switches its pool mode to `mode` as an administrator would: the setting rewritten in its
+    /// configuration file, and a reload (SIGHUP). Connected clients stay connected.
+    ///
+    /// # Errors
+    ///
+    /// When the file cannot be rewritten or the signal not sent.
+    pub fn switch_pool_mode(&mut self, mode: &str) -> io::Result<()> {
+        let ini = self.dir.join("pgbouncer.ini");
+        let text = std::fs::read_to_string(&ini)?;
+        let switched: String = text
+            .lines()
+            .map(|line| {
+                if line.starts_with("pool_mode = ") {
+                    format!("pool_mode = {mode}\n")
+                } else {
+                    format!("{line}\n")
+                }
+            })
+            .collect();
+        std::fs::write(&ini, switched)?;
+        let status = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()?;
+        if !status.success() {
+            return Err(io::Error::other("could not signal pgbouncer to reload"));
+        }
+        // pgbouncer reloads in its event loop: give it a moment.
+        std::thread::sleep(Duration::from_millis(200));
+        Ok(())
+    }
+
     fn wait_up(&mut self) -> io::Result<()> {
         let started = Instant::now();
         while postgres::Client::connect(&self.url(), postgres::NoTls).is_err() {

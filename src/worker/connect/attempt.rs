@@ -52,7 +52,9 @@ fn flag(row: &SimpleQueryRow, i: usize) -> Result<bool, Error> {
 /// What one attempt brings: a client and its backend, or why not.
 pub(crate) type Attempt = Result<(Client, Backend, Facts), Error>;
 
-/// One attempt: connect, ask the server who we are, and refuse a standby unless allowed.
+/// One attempt: connect, ask the server who we are, and refuse a standby unless allowed; a lock
+/// session is set up, and with `prove_unshared` proven not to be shared through a pooler
+/// ([`pooler::shared_by_pooler`]).
 pub(super) fn attempt(
     config: &postgres::Config,
     tls: &tls::Connector,
@@ -60,9 +62,11 @@ pub(super) fn attempt(
     keepalive: Option<ServerKeepalive>,
     salt: u64,
     flavor: Flavor,
+    prove_unshared: bool,
 ) -> Attempt {
     #[cfg(test)]
     fault::slow_connect(config);
+    let started = std::time::Instant::now();
     let mut client = tls.connect(config).map_err(classify)?;
     if flavor == Flavor::Holder {
         return begin_transaction(client, allow_standby, keepalive, salt);
@@ -74,7 +78,20 @@ pub(super) fn attempt(
     match flavor {
         // Nothing of the session is set: a transaction pooler shares it with other clients.
         Flavor::Control | Flavor::Holder => {}
-        Flavor::Session => set_up(&mut client, &backend, &facts, keepalive, salt)?,
+        Flavor::Session => {
+            set_up(&mut client, &backend, &facts, keepalive, salt)?;
+            if prove_unshared {
+                let mark = pooler::session_mark(salt, &backend);
+                let (config, tls) = (config.clone(), tls.clone());
+                let within = pooler::helper_wait(started.elapsed());
+                let helper = move || tls.connect(&config);
+                if pooler::shared_by_pooler(&mut client, helper, within, &backend, mark)
+                    .map_err(classify)?
+                {
+                    return Err(Error::pooler());
+                }
+            }
+        }
     }
     Ok((client, backend, facts))
 }

@@ -44,6 +44,9 @@ pub(crate) mod tls;
 pub(crate) struct Connector {
     /// What the connections are for.
     pub(crate) flavor: Flavor,
+    /// Whether each lock session is proven, when it is opened, not to be shared through a pooler
+    /// (a manager's own connection; its waiting connections go through the same endpoint).
+    prove_unshared: bool,
     /// How to connect to each host, in the order given (with the builder's settings applied).
     hosts: Vec<postgres::Config>,
     /// Whether to try the hosts in a random order (`load_balance_hosts=random`).
@@ -78,10 +81,12 @@ impl Connector {
         allow_standby: bool,
         keepalive: Option<ServerKeepalive>,
         flavor: Flavor,
+        prove_unshared: bool,
     ) -> Connector {
         let hosts = params::each_host(&config);
         Connector {
             flavor,
+            prove_unshared,
             in_flight: hosts.iter().map(|_| Mutex::new(None)).collect(),
             hosts,
             shuffle: config.get_load_balance_hosts() == postgres::config::LoadBalanceHosts::Random,
@@ -210,11 +215,19 @@ impl Connector {
         let config = self.hosts[i].clone();
         let tls = self.tls.clone();
         let (allow_standby, keepalive, salt) = (self.allow_standby, self.keepalive, self.salt);
-        let flavor = self.flavor;
+        let (flavor, prove_unshared) = (self.flavor, self.prove_unshared);
         thread::Builder::new()
             .name("distlock-connect".into())
             .spawn(move || {
-                let attempt = attempt(&config, &tls, allow_standby, keepalive, salt, flavor);
+                let attempt = attempt(
+                    &config,
+                    &tls,
+                    allow_standby,
+                    keepalive,
+                    salt,
+                    flavor,
+                    prove_unshared,
+                );
                 let abandoned = helper_abandoned.lock();
                 if !*abandoned {
                     let _ = tx.send(attempt);
