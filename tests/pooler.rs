@@ -158,7 +158,9 @@ fn shared_after_connect_is_noticed_by_the_heartbeat(mode: &str, pool_size: u32) 
         })
         .collect();
     guards[0].ensure_held().expect("its own session so far");
-    bouncer.switch_pool_mode(mode).expect("switch the pool mode");
+    bouncer
+        .switch_pool_mode(mode)
+        .expect("switch the pool mode");
     others_mark_the_pool(&bouncer, pool_size as usize, 20);
     for guard in &guards {
         assert!(
@@ -253,7 +255,8 @@ fn warm_the_pool(bouncer: &Bouncer, n: usize) {
 fn a_quiet_transaction_pooler_is_refused_at_connect(pool_size: u32, warm: usize, order: &str) {
     let Some(cluster) = cluster() else { return };
     let settings = [("server_round_robin", order)];
-    let Some(bouncer) = common::bouncer::bouncer_with(&cluster, "transaction", pool_size, &settings)
+    let Some(bouncer) =
+        common::bouncer::bouncer_with(&cluster, "transaction", pool_size, &settings)
     else {
         return;
     };

@@ -34,7 +34,12 @@ fn distlock_run_exits_76_when_the_pooler_is_killed_under_it() {
     };
     let key = LockKey::name("admin/killed-under-run");
     let mut child = Command::new(env!("CARGO_BIN_EXE_distlock"))
-        .args(["run", "--transaction-pooler", "--key", "admin/killed-under-run"])
+        .args([
+            "run",
+            "--transaction-pooler",
+            "--key",
+            "admin/killed-under-run",
+        ])
         .args(["--database-url", &pooler.url(), "--", "sleep", "60"])
         .env_remove("DATABASE_URL")
         .stdout(Stdio::null())
@@ -156,9 +161,7 @@ fn a_pooler_pause_waits_for_a_held_lock() {
     plain_unlock(&mut plain, key);
     let mut admin = pausing.join().unwrap();
     admin.simple_query("RESUME postgres").expect("RESUME");
-    let again = locks
-        .try_lock_for(key, Duration::from_secs(5))
-        .unwrap();
+    let again = locks.try_lock_for(key, Duration::from_secs(5)).unwrap();
     assert!(again.is_some(), "no grant after RESUME");
 }
 
@@ -176,7 +179,9 @@ fn a_poolers_query_timeout_leaves_no_lock_silently_gone() {
     let key = LockKey::name("admin/query-timeout");
     let guard = locks.try_lock(key).unwrap().expect("free");
     thread::sleep(Duration::from_secs(3));
-    guard.ensure_held().expect("held past the pooler's query_timeout");
+    guard
+        .ensure_held()
+        .expect("held past the pooler's query_timeout");
     let mut plain = Client::connect(cluster.url(), NoTls).unwrap();
     assert!(!plain_try_lock(&mut plain, key), "another session took it");
     let waiter = {
@@ -184,7 +189,10 @@ fn a_poolers_query_timeout_leaves_no_lock_silently_gone() {
         thread::spawn(move || {
             let started = Instant::now();
             let outcome = locks.try_lock_for(key, Duration::from_secs(4));
-            (started.elapsed(), outcome.map(|g| g.map(|g| g.ensure_held().map(|()| g))))
+            (
+                started.elapsed(),
+                outcome.map(|g| g.map(|g| g.ensure_held().map(|()| g))),
+            )
         })
     };
     thread::sleep(Duration::from_secs(2));
