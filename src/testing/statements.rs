@@ -5,7 +5,7 @@
 /// outcome (from its `CommandComplete` message, never from a decoded value): for benchmarks that
 /// run the library's statements on a raw client.
 pub fn rows_returned(messages: &[postgres::SimpleQueryMessage]) -> u64 {
-    crate::worker::session::row_counts(messages)
+    crate::worker::reply::row_counts(messages)
         .next()
         .unwrap_or(0)
 }

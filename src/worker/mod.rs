@@ -31,6 +31,7 @@ pub(crate) mod keepalive;
 pub(crate) mod monitor;
 pub(crate) mod queue_wait;
 pub(crate) mod readback;
+pub(crate) mod reply;
 pub(crate) mod requests;
 mod respond;
 pub(crate) mod session;

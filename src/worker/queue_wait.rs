@@ -18,7 +18,8 @@ use crate::protocol::reply::{Grant, Reply};
 use crate::protocol::request::{Fencing, Wait};
 use crate::worker::fencing::{NEXT_TOKEN, fencing_error};
 use crate::worker::readback::{give_back, held_of};
-use crate::worker::session::{Conn, Failed, column};
+use crate::worker::reply::column;
+use crate::worker::session::{Conn, Failed};
 use crate::worker::special_sql;
 use crate::worker::sql::Scope;
 

@@ -19,7 +19,8 @@ use crate::protocol::request::Special;
 use crate::worker::fencing::{CREATE_FENCE_SEQUENCE, NEXT_TOKEN, fencing_error};
 use crate::worker::queue_wait;
 use crate::worker::readback::undo;
-use crate::worker::session::{Conn, Failed, column};
+use crate::worker::reply::column;
+use crate::worker::session::{Conn, Failed};
 use crate::worker::special_sql;
 
 /// Runs `special` in `conn`'s session and says what to reply. `Err`: the connection broke, and

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use postgres::error::SqlState;
-use postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
+use postgres::{Client, SimpleQueryMessage};
 
 use crate::error::{Error, ErrorKind};
 use crate::key::LockKey;
@@ -13,6 +13,7 @@ use crate::mode::Mode;
 use crate::protocol::link::{Backend, Link};
 use crate::protocol::request::Op;
 use crate::worker::connect::pooler;
+use crate::worker::reply::row_counts;
 use crate::worker::sql::{PIN, Scope, Sql};
 
 /// Something that runs statements: one database session.
@@ -170,22 +171,6 @@ impl Conn {
         let mark = self.link.begin_wait(self.generation, deadline);
         watched(&mut self.client, &self.link, mark, sql)
     }
-}
-
-/// The row count of each statement of a query, in order, from its `CommandComplete` messages:
-/// how every lock statement's outcome is read (one row: the function returned true).
-pub(crate) fn row_counts(messages: &[SimpleQueryMessage]) -> impl Iterator<Item = u64> + '_ {
-    messages.iter().filter_map(|m| match m {
-        SimpleQueryMessage::CommandComplete(n) => Some(*n),
-        _ => None,
-    })
-}
-
-/// The text of column `i` of `row`: `None` for a NULL, and for a column the row does not have
-/// (a server that answers with other columns than asked for is read, never trusted to the point
-/// of a panic).
-pub(crate) fn column(row: &SimpleQueryRow, i: usize) -> Option<&str> {
-    row.try_get(i).ok().flatten()
 }
 
 /// Runs `sql` as the statement `mark` the monitor watches, and sorts a failure into a rejected

@@ -8,7 +8,7 @@ use crate::error::{Error, ErrorKind};
 use crate::protocol::link::Backend;
 use crate::worker::connect::{pooler, tls};
 use crate::worker::keepalive::ServerKeepalive;
-use crate::worker::session::row_counts;
+use crate::worker::reply::row_counts;
 use crate::worker::sql::{IDENTIFY, PROOF_STATEMENTS, Sql};
 
 /// What a manager's connection is for, which decides what its set-up may do.

@@ -14,7 +14,7 @@ use std::time::Duration;
 use postgres::SimpleQueryMessage;
 
 use crate::protocol::link::Backend;
-use crate::worker::session::row_counts;
+use crate::worker::reply::row_counts;
 use crate::worker::sql::{PIN, push_int4, push_int8};
 
 /// The mark a manager with `salt` sets in `backend`'s session.
