@@ -85,6 +85,7 @@ impl Default for Builder {
                 owner: None,
                 max_transactions: DEFAULT_MAX_TRANSACTIONS,
                 flavor: Flavor::Session,
+                record_names: false,
             },
         }
     }
@@ -102,6 +103,20 @@ impl Builder {
     /// Defaults to the connection parameters' `application_name`, else `"distlock"`.
     pub fn application_name(mut self, name: &str) -> Builder {
         self.options.application_name = Some(name.to_owned());
+        self
+    }
+
+    /// Records the name of each key this manager locks by its name (`&str`, `String`) in the
+    /// table `public.distlock_names` (`id`, `name`), so that `distlock locks` and its live view
+    /// show names instead of FNV-1a ids. Each name is written once per manager, by the worker
+    /// when it is idle after the name's first grant: never on a grant's path (what the first
+    /// lock of a name costs is in the README's Performance section). The table is created on
+    /// first use, as the fencing sequence is; a role that may not create it or write to it gets
+    /// one warning naming the statement to run once, and locking is unaffected.
+    ///
+    /// Defaults to off (`distlock run` turns it on).
+    pub fn record_names(mut self, on: bool) -> Builder {
+        self.options.record_names = on;
         self
     }
 

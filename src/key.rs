@@ -207,6 +207,59 @@ impl std::hash::Hasher for KeyHasher {
 pub(crate) type KeyMap<K, V> =
     std::collections::HashMap<K, V, std::hash::BuildHasherDefault<KeyHasher>>;
 
+/// What a lock call takes as its key: a [`LockKey`], an `i64` id, an `(i32, i32)` pair, or a name
+/// (`&str`, `String`), which is hashed as [`LockKey::name`] hashes it.
+///
+/// A key given as its name keeps the name for the call: a waiting connection shows it in
+/// `pg_stat_activity`, and a manager that records names ([`crate::Builder::record_names`]) writes
+/// it where `distlock locks` finds it. A [`LockKey`] made with [`LockKey::name`] has only its id.
+///
+/// ```
+/// use distlock::{IntoLockKey, LockKey};
+/// assert_eq!("nightly-report".key_and_name(), (LockKey::name("nightly-report"), Some("nightly-report")));
+/// assert_eq!(42_i64.key_and_name(), (LockKey::id(42), None));
+/// ```
+pub trait IntoLockKey {
+    /// The key, and the name it is the hash of when it was given as a name.
+    fn key_and_name(&self) -> (LockKey, Option<&str>);
+}
+
+impl IntoLockKey for LockKey {
+    fn key_and_name(&self) -> (LockKey, Option<&str>) {
+        (*self, None)
+    }
+}
+
+impl IntoLockKey for i64 {
+    fn key_and_name(&self) -> (LockKey, Option<&str>) {
+        (LockKey::id(*self), None)
+    }
+}
+
+impl IntoLockKey for (i32, i32) {
+    fn key_and_name(&self) -> (LockKey, Option<&str>) {
+        (LockKey::pair(self.0, self.1), None)
+    }
+}
+
+impl IntoLockKey for str {
+    fn key_and_name(&self) -> (LockKey, Option<&str>) {
+        (LockKey::name(self), Some(self))
+    }
+}
+
+impl IntoLockKey for String {
+    fn key_and_name(&self) -> (LockKey, Option<&str>) {
+        self.as_str().key_and_name()
+    }
+}
+
+impl<T: IntoLockKey + ?Sized> IntoLockKey for &T {
+    fn key_and_name(&self) -> (LockKey, Option<&str>) {
+        (**self).key_and_name()
+    }
+}
+
 impl From<i64> for LockKey {
     fn from(id: i64) -> LockKey {
         LockKey::id(id)

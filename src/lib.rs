@@ -404,7 +404,7 @@ pub use capability::election::{Election, Leadership, Watch};
 pub use crossbeam_channel;
 pub use error::{Error, ErrorKind, Result};
 pub use holder::Holder;
-pub use key::LockKey;
+pub use key::{IntoLockKey, LockKey};
 pub use postgres;
 pub use stats::{BUCKETS, Histogram, Stats};
 pub use worker::connect::tls::{SslMode, Tls};

@@ -13,6 +13,7 @@ use crate::caller::pool::{IDLE_CLOSE, Open, WaitPool};
 use crate::caller::shared::{Settings, Shared, Waits};
 use crate::error::{Error, ErrorKind, Result};
 use crate::protocol::link::Link;
+use crate::protocol::names::Names;
 use crate::protocol::slot::SPIN_HAND_OVER_TURNS;
 use crate::worker::connect::tls::{self, Tls};
 use crate::worker::connect::{Connector, Flavor, params};
@@ -69,6 +70,8 @@ pub(crate) struct Options {
     /// What this manager's own connection is for (a lock transaction's manager is a
     /// [`Flavor::Holder`]).
     pub(crate) flavor: Flavor,
+    /// Record the names of the keys locked by name ([`crate::Builder::record_names`]).
+    pub(crate) record_names: bool,
 }
 
 /// Connects with `config` and `tls` as given, the builder's settings applied on top, and starts
@@ -103,6 +106,8 @@ pub(crate) fn start(
     apply_settings(&options, &mut config);
     let spin_turns = spin_turns(options.spin_wait);
     let (requests, queue) = crossbeam_channel::bounded(QUEUE_CAPACITY);
+    // A waiting connection's or lock transaction's names are its owner's to record.
+    let names = Arc::new(Names::new(options.record_names && options.owner.is_none()));
     let (shutdown, shutdown_rx) = crossbeam_channel::bounded(0);
     let spec = Spec {
         connector: Arc::new(worker_connector(&options, config, connector)),
@@ -116,6 +121,7 @@ pub(crate) fn start(
             SPIN_HAND_OVER_TURNS
         },
         owner: options.owner.clone(),
+        names: Arc::clone(&names),
     };
     start_worker_within(&spec, options.connect_retry)?;
     let (max_locks, lock_table_limit) = lock_limit(options.max_locks, spec.connector.lock_table());
@@ -129,7 +135,15 @@ pub(crate) fn start(
         transactions: options.transaction_pooler,
         warn_held_after: options.warn_held_after,
     };
-    let shared = Shared::new(requests, link, shutdown, settings, waits);
+    let shared = Shared::new(
+        requests,
+        link,
+        shutdown,
+        settings,
+        waits,
+        names,
+        name.as_str().into(),
+    );
     // A manager's waiting connections and lock transactions are counted in its own figures.
     #[cfg(feature = "metrics")]
     if options.owner.is_none() {

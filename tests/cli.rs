@@ -225,12 +225,12 @@ fn a_lost_lock_terminates_the_command_with_exit_76() {
 }
 
 #[test]
-fn locks_lists_a_held_lock_with_its_id_application_and_mode() {
+fn locks_lists_a_held_lock_with_its_name_id_application_and_mode() {
     let key = "cli/locks";
     let id = LockKey::name(key).as_id().unwrap();
     let mut run = distlock()
         .env("PGAPPNAME", "cli-locks-test")
-        .args(["run", "--key", key, "--shared", "--", "sleep", "3"])
+        .args(["run", "--key", key, "--shared", "--", "sleep", "5"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -242,13 +242,18 @@ fn locks_lists_a_held_lock_with_its_id_application_and_mode() {
     )
     .is_empty()));
 
-    let out = output(distlock().arg("locks"));
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let table = String::from_utf8_lossy(&out.stdout);
-    let line = table
-        .lines()
-        .find(|l| l.starts_with(&id.to_string()))
-        .unwrap_or_else(|| panic!("{id} not in:\n{table}"));
+    // `distlock run` records the names of its keys: the table names the lock.
+    let mut table = String::new();
+    assert!(
+        eventually(Duration::from_secs(4), || {
+            let out = output(distlock().arg("locks"));
+            assert_eq!(code(&out), 0, "{}", stderr(&out));
+            table = String::from_utf8_lossy(&out.stdout).into_owned();
+            table.lines().any(|l| l.starts_with("cli/locks "))
+        }),
+        "{key} not named in:\n{table}"
+    );
+    let line = table.lines().find(|l| l.starts_with("cli/locks ")).unwrap();
     assert!(
         line.contains("shared") && line.contains("held") && line.contains("cli-locks-test"),
         "{line}"
@@ -266,6 +271,7 @@ fn locks_lists_a_held_lock_with_its_id_application_and_mode() {
     assert_eq!(row["mode"], "shared");
     assert_eq!(row["granted"], true);
     assert_eq!(row["application_name"], "cli-locks-test");
+    assert_eq!(row["names"], serde_json::json!([key]));
     assert!(row["pid"].as_i64().unwrap() > 0);
     assert_eq!(wait_exit(&mut run, Duration::from_secs(10)), 0);
 }
@@ -1126,6 +1132,91 @@ fn locks_watch_is_a_live_view_in_a_real_terminal() {
     drop((held, permit, new));
     assert!(waiting.join().unwrap().unwrap().is_some());
     let _ = std::fs::remove_file(&done);
+}
+
+/// `distlock locks --watch` names what it can: keys recorded by their managers (a held lock, its
+/// waiter, whose connection says what it waits for, and a semaphore's slots), a key of a process
+/// that records nothing named by `--names FILE`, and two names of one id shown together.
+#[test]
+fn locks_watch_shows_names_recorded_given_and_shared() {
+    let Some(tmux) = distlock::testing::find_program("tmux") else {
+        distlock::testing::skip("tmux is not installed (apt-get install tmux; .ci/run does)");
+        return;
+    };
+    let recording = |app: &str| {
+        distlock::LockManager::builder()
+            .application_name(app)
+            .record_names(true)
+            .connect(url())
+            .unwrap()
+    };
+    let holder = recording("names-holder");
+    let held = holder.try_lock("cli/names-a").unwrap().expect("free");
+    let permit = holder
+        .try_acquire_permit("cli/names-sem", 2)
+        .unwrap()
+        .expect("a permit");
+    let waiter = recording("names-waiter");
+    let waiting = {
+        let waiter = waiter.clone();
+        thread::spawn(move || waiter.try_lock_for("cli/names-a", Duration::from_secs(60)))
+    };
+    // A process that records nothing (the Go original, say) holds "cli/names-go" by its id.
+    let mut go = plain();
+    let go_id = LockKey::name("cli/names-go").as_id().unwrap();
+    go.execute("SELECT pg_advisory_lock($1)", &[&go_id])
+        .unwrap();
+    let file = temp_path("names-file");
+    std::fs::write(&file, "cli/names-go\nsomething else\n").unwrap();
+    // A second name of one id (as a collision would be): both are shown, neither alone.
+    let b = LockKey::name("cli/names-b");
+    let shared_id = holder.try_lock("cli/names-b").unwrap().expect("free");
+    let mut outside = plain();
+    assert!(eventually(Duration::from_secs(10), || {
+        outside
+            .query_one(
+                "SELECT count(*) FROM public.distlock_names WHERE name LIKE 'cli/names-%'",
+                &[],
+            )
+            .is_ok_and(|r| r.get::<_, i64>(0) >= 3)
+    }));
+    outside
+        .execute(
+            "INSERT INTO public.distlock_names VALUES ($1, 'cli/names-b-alias') \
+             ON CONFLICT DO NOTHING",
+            &[&b.as_id().unwrap()],
+        )
+        .unwrap();
+    let session = format!("distlock-names-{}", std::process::id());
+    let inner = format!(
+        "DATABASE_URL='{}' {} locks --watch 200ms --names {}; sleep 30",
+        url(),
+        env!("CARGO_BIN_EXE_distlock"),
+        file.display()
+    );
+    let tmux = Tmux::start(&tmux, &session, 220, 30, &inner);
+    let mut seen = String::new();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            seen = tmux.screen(false);
+            let line = |words: &[&str]| seen.lines().any(|l| words.iter().all(|w| l.contains(w)));
+            line(&["cli/names-a ", "held", "names-holder"])
+                && line(&[
+                    "cli/names-a ",
+                    "waiting",
+                    "names-waiter (waiting: cli/names-a)",
+                ])
+                && line(&["semaphore cli/names-sem slot 0", "held", "names-holder"])
+                && line(&["cli/names-go ", "held"])
+                && line(&["cli/names-b | cli/names-b-alias ", "held"])
+        }),
+        "the terminal showed:\n{seen}"
+    );
+    eprintln!("captured `distlock locks --watch --names` screen:\n{seen}");
+    assert!(!seen.contains(&go_id.to_string()), "{seen}");
+    drop((held, permit, shared_id));
+    assert!(waiting.join().unwrap().unwrap().is_some());
+    let _ = std::fs::remove_file(&file);
 }
 
 /// `distlock locks --watch --key NAME`: the live view of one name's lock only.

@@ -245,8 +245,8 @@ fn the_connection_strings_application_name_is_kept_and_waiting_connections_say_t
     assert!(eventually(Duration::from_secs(5), || {
         outside
             .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = \
-                 'safety-billing (waiting connection)' AND wait_event_type = 'Lock' \
+                "SELECT count(*) FROM pg_stat_activity WHERE starts_with(application_name, \
+                 'safety-billing (waiting') AND wait_event_type = 'Lock' \
                  AND wait_event = 'advisory'",
                 &[],
             )

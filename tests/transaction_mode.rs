@@ -252,7 +252,7 @@ fn a_wait_queues_in_the_servers_lock_queue_and_gets_the_lock_on_release() {
     let mut direct = Client::connect(cluster.url(), NoTls).unwrap();
     assert!(
         eventually(Duration::from_secs(5), || {
-            queued(&mut direct, "txn-wait-b (lock transaction)") == 1
+            queued(&mut direct, "txn-wait-b (waiting: ") == 1
         }),
         "the waiter never queued"
     );

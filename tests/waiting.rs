@@ -28,7 +28,7 @@ fn waiting_of_app(client: &mut postgres::Client, app: &str) -> i64 {
     client
         .query_one(
             "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
-             WHERE l.locktype = 'advisory' AND NOT l.granted AND a.application_name IN ($1, $1 || ' (waiting connection)')",
+             WHERE l.locktype = 'advisory' AND NOT l.granted AND (a.application_name = $1 OR starts_with(a.application_name, $1 || ' (waiting'))",
             &[&app],
         )
         .unwrap()

@@ -14,7 +14,7 @@ use crate::caller::shared::Shared;
 use crate::caller::waiting;
 use crate::clock::deadline_in;
 use crate::error::Result;
-use crate::key::LockKey;
+use crate::key::{IntoLockKey, LockKey};
 use crate::mode::Mode;
 use crate::stats::Stats;
 
@@ -61,13 +61,15 @@ impl LockManager {
     /// # Ok::<(), distlock::Error>(())
     /// ```
     #[track_caller]
-    pub fn try_lock(&self, key: impl Into<LockKey>) -> Result<Option<LockGuard>> {
+    pub fn try_lock(&self, key: impl IntoLockKey) -> Result<Option<LockGuard>> {
+        let (key, name) = key.key_and_name();
         let taken = acquire::try_lock(
             &self.shared,
-            key.into(),
+            key,
             Mode::Exclusive,
             self.shared.request_deadline(),
         );
+        noted(&self.shared, &taken, key, name);
         marked(self.shared(), taken, Location::caller())
     }
 
@@ -108,10 +110,10 @@ impl LockManager {
     #[track_caller]
     pub fn try_lock_for(
         &self,
-        key: impl Into<LockKey>,
+        key: impl IntoLockKey,
         timeout: Duration,
     ) -> Result<Option<LockGuard>> {
-        let taken = { self.wait_one(key.into(), Mode::Exclusive, Some(deadline_in(timeout))) };
+        let taken = self.wait_one(key, Mode::Exclusive, Some(deadline_in(timeout)));
         marked(self.shared(), taken, Location::caller())
     }
 
@@ -137,8 +139,8 @@ impl LockManager {
     /// # Ok::<(), distlock::Error>(())
     /// ```
     #[track_caller]
-    pub fn lock(&self, key: impl Into<LockKey>) -> Result<LockGuard> {
-        let taken = { acquire::without_deadline(self.wait_one(key.into(), Mode::Exclusive, None)) };
+    pub fn lock(&self, key: impl IntoLockKey) -> Result<LockGuard> {
+        let taken = acquire::without_deadline(self.wait_one(key, Mode::Exclusive, None));
         marked(self.shared(), taken, Location::caller())
     }
 
@@ -160,13 +162,15 @@ impl LockManager {
     /// # Ok::<(), distlock::Error>(())
     /// ```
     #[track_caller]
-    pub fn try_lock_shared(&self, key: impl Into<LockKey>) -> Result<Option<LockGuard>> {
+    pub fn try_lock_shared(&self, key: impl IntoLockKey) -> Result<Option<LockGuard>> {
+        let (key, name) = key.key_and_name();
         let taken = acquire::try_lock(
             &self.shared,
-            key.into(),
+            key,
             Mode::Shared,
             self.shared.request_deadline(),
         );
+        noted(&self.shared, &taken, key, name);
         marked(self.shared(), taken, Location::caller())
     }
 
@@ -187,10 +191,10 @@ impl LockManager {
     #[track_caller]
     pub fn try_lock_shared_for(
         &self,
-        key: impl Into<LockKey>,
+        key: impl IntoLockKey,
         timeout: Duration,
     ) -> Result<Option<LockGuard>> {
-        let taken = { self.wait_one(key.into(), Mode::Shared, Some(deadline_in(timeout))) };
+        let taken = self.wait_one(key, Mode::Shared, Some(deadline_in(timeout)));
         marked(self.shared(), taken, Location::caller())
     }
 
@@ -206,25 +210,25 @@ impl LockManager {
     /// # Ok::<(), distlock::Error>(())
     /// ```
     #[track_caller]
-    pub fn lock_shared(&self, key: impl Into<LockKey>) -> Result<LockGuard> {
-        let taken = { acquire::without_deadline(self.wait_one(key.into(), Mode::Shared, None)) };
+    pub fn lock_shared(&self, key: impl IntoLockKey) -> Result<LockGuard> {
+        let taken = acquire::without_deadline(self.wait_one(key, Mode::Shared, None));
         marked(self.shared(), taken, Location::caller())
     }
 
     /// Waits for `key` in `mode` until `deadline` (`None`: no deadline).
     fn wait_one(
         &self,
-        key: LockKey,
+        key: impl IntoLockKey,
         mode: Mode,
         deadline: Option<Instant>,
     ) -> Result<Option<LockGuard>> {
-        Ok(
-            waiting::wait(&self.shared, Wanted::One(key, mode), deadline)?
-                .and_then(|mut guards| guards.pop()),
-        )
+        let (key, name) = key.key_and_name();
+        let waited = waiting::wait(&self.shared, Wanted::One(key, mode), name, deadline);
+        let taken = waited.map(|guards| guards.and_then(|mut guards| guards.pop()));
+        noted(&self.shared, &taken, key, name);
+        taken
     }
 
-    /// A handle on the caller side of a manager, as the builder starts it.
     /// What this manager holds and who waits now, and what it has done since it was connected:
     /// a snapshot, taken without a round trip and without allocating (see [`Stats`] field by
     /// field). Cheap enough to call from a metrics scrape or a health check; keeping the figures
@@ -255,6 +259,7 @@ impl LockManager {
         (!link.is_online()).then(|| link.offline_error())
     }
 
+    /// A handle on the caller side of a manager, as the builder starts it.
     pub(crate) fn from_shared(shared: Arc<Shared>) -> LockManager {
         LockManager { shared }
     }
@@ -262,6 +267,20 @@ impl LockManager {
     /// The state every clone and guard shares.
     pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.shared
+    }
+}
+
+/// Notes `name` as granted in the manager's names when `taken` is a grant of a key given by its
+/// name (nothing but a test of `name` when it was not, a load when names are not recorded).
+#[inline]
+pub(crate) fn noted(
+    shared: &Shared,
+    taken: &Result<Option<LockGuard>>,
+    key: LockKey,
+    name: Option<&str>,
+) {
+    if let (Some(name), Ok(Some(_)), Some(id)) = (name, taken, key.as_id()) {
+        shared.names().note(id, name);
     }
 }
 

@@ -18,6 +18,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::key::LockKey;
 use crate::mode::Mode;
 use crate::protocol::link::{Link, Site};
+use crate::protocol::names::Names;
 use crate::protocol::reply::Reply;
 use crate::protocol::request::{Op, Plain, Request, Special};
 use crate::protocol::slot::{self, ReplySlot, Ticket, Waited};
@@ -89,6 +90,10 @@ pub(crate) struct Shared {
     waits: Option<Arc<Waits>>,
     /// Guards watched for being held too long, when the manager warns of them.
     held_watch: Option<Arc<HeldWatch>>,
+    /// The names this manager records, shared with its worker.
+    names: Arc<Names>,
+    /// The manager's application name, which a waiting connection's label starts with.
+    name: Arc<str>,
 }
 
 /// Unparks the worker when dropped.
@@ -108,6 +113,8 @@ impl Shared {
         shutdown: Sender<()>,
         settings: Settings,
         waits: Option<Waits>,
+        names: Arc<Names>,
+        name: Arc<str>,
     ) -> Arc<Shared> {
         Arc::new(Shared {
             requests,
@@ -123,7 +130,20 @@ impl Shared {
                 .warn_held_after
                 .map(|after| Arc::new(HeldWatch::new(after))),
             settings,
+            names,
+            name,
         })
+    }
+
+    /// The names this manager records ([`crate::Builder::record_names`]).
+    #[inline]
+    pub(crate) fn names(&self) -> &Names {
+        &self.names
+    }
+
+    /// The manager's application name.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
     }
 
     /// The watch of guards held too long, when the manager keeps one.

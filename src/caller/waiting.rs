@@ -31,14 +31,21 @@ use crate::protocol::request::{Fencing, Special, Wait};
 /// `lock_timeout`: a round trip, on any network distlock is meant for.
 pub(crate) const WAIT_REPLY_GRACE: Duration = Duration::from_millis(100);
 
+/// The longest application name PostgreSQL keeps (`NAMEDATALEN - 1` bytes).
+const MAX_APPLICATION_NAME: usize = 63;
+/// The least of the manager's name a waiting label keeps when the key's name is long.
+const MIN_MANAGER_NAME: usize = 16;
+
 /// Waits for `wanted` until `deadline` (`None`: no deadline): in the lock queue when the manager
-/// has waiting connections, else by polling.
+/// has waiting connections, else by polling. `name`: the name the key was given as, which a
+/// waiting connection shows while it waits (else the key's id).
 pub(crate) fn wait(
     shared: &Arc<Shared>,
     wanted: Wanted<'_>,
+    name: Option<&str>,
     deadline: Option<Instant>,
 ) -> Result<Option<Vec<LockGuard>>> {
-    counted(shared, || wait_uncounted(shared, wanted, deadline))
+    counted(shared, || wait_uncounted(shared, wanted, name, deadline))
 }
 
 /// Runs the waiting call `call`, counted in the manager's statistics: one more caller waiting
@@ -65,13 +72,14 @@ pub(crate) fn counted<T>(
 pub(crate) fn wait_uncounted(
     shared: &Arc<Shared>,
     wanted: Wanted<'_>,
+    name: Option<&str>,
     deadline: Option<Instant>,
 ) -> Result<Option<Vec<LockGuard>>> {
     match (shared.waits(), wanted) {
         (Some(_), Wanted::All(keys)) if shared.settings().transactions => {
             wait_each(shared, keys, deadline)
         }
-        (Some(pool), _) => wait_in_queue(shared, pool, wanted, deadline),
+        (Some(pool), _) => wait_in_queue(shared, pool, wanted, name, deadline),
         (None, _) => poll_until(shared, deadline, &wanted, |d| try_once(shared, wanted, d)),
     }
 }
@@ -88,7 +96,7 @@ fn wait_each(
     sorted.sort();
     let mut guards = Vec::with_capacity(keys.len());
     for key in sorted {
-        match wait_uncounted(shared, Wanted::One(key, Mode::Exclusive), deadline)? {
+        match wait_uncounted(shared, Wanted::One(key, Mode::Exclusive), None, deadline)? {
             Some(mut got) => guards.append(&mut got),
             // The guards taken so far release their keys as they drop.
             None => return Ok(None),
@@ -109,6 +117,7 @@ fn wait_in_queue(
     shared: &Arc<Shared>,
     pool: &Arc<Waits>,
     wanted: Wanted<'_>,
+    name: Option<&str>,
     deadline: Option<Instant>,
 ) -> Result<Option<Vec<LockGuard>>> {
     let failing = match acquire::try_first(shared, wanted, deadline) {
@@ -123,7 +132,8 @@ fn wait_in_queue(
     if !shared.reserve_all_until(keys, mode, deadline)? {
         return failing.map_or(Ok(None), Err);
     }
-    let queued = queue_for(shared, pool, wanted, deadline, failing);
+    let label = waiting_label(shared.name(), name, keys);
+    let queued = queue_for(shared, pool, wanted, &label, deadline, failing);
     if !matches!(queued, Queued::Done(Ok(Some(_)))) {
         shared.unreserve(keys, mode);
     }
@@ -141,6 +151,7 @@ fn queue_for(
     shared: &Arc<Shared>,
     pool: &Arc<Waits>,
     wanted: Wanted<'_>,
+    label: &str,
     deadline: Option<Instant>,
     mut failing: Option<Error>,
 ) -> Queued {
@@ -161,7 +172,7 @@ fn queue_for(
         // In transaction mode a fenced wait's token is drawn afterwards, outside the lock's
         // transaction.
         let fence_after = shared.settings().transactions && matches!(wanted, Wanted::Fenced(_));
-        match wait_on(&taken, wanted, deadline, !fence_after) {
+        match wait_on(&taken, wanted, label, deadline, !fence_after) {
             Ok(Some(guards)) => {
                 let guards = guards.into_iter().map(|g| {
                     let g = g.borrowed_from(shared, &taken);
@@ -192,6 +203,7 @@ fn queue_for(
 fn wait_on(
     taken: &Taken<Arc<Shared>>,
     wanted: Wanted<'_>,
+    label: &str,
     deadline: Option<Instant>,
     token_here: bool,
 ) -> Result<Option<Vec<LockGuard>>> {
@@ -207,6 +219,7 @@ fn wait_on(
         mode: wanted.mode(),
         fencing,
         deadline,
+        label: label.into(),
     };
     // The server ends the wait at the deadline, and its answer takes a round trip more: the
     // caller gives it [`WAIT_REPLY_GRACE`] (at most the request timeout), so that a waiting
@@ -225,8 +238,67 @@ fn wait_on(
     )
 }
 
+/// What a waiting connection's `application_name` is while it waits: the manager's name with
+/// ` (waiting: <what>)` after it, `what` the key's name (else its id, or the ids of several
+/// keys), within the 63 bytes PostgreSQL keeps: a long manager name is cut first (to no less than
+/// 16 bytes), then the whole, each on a character boundary. A NUL, which no setting may hold,
+/// shows as `?`.
+pub(crate) fn waiting_label(manager: &str, name: Option<&str>, keys: &[LockKey]) -> String {
+    let what = match name {
+        Some(name) => name.replace('\0', "?"),
+        None => {
+            let ids: Vec<String> = keys.iter().map(LockKey::to_string).collect();
+            ids.join(", ")
+        }
+    };
+    let suffix = format!(" (waiting: {what})");
+    let keep = MAX_APPLICATION_NAME
+        .saturating_sub(suffix.len())
+        .max(manager.len().min(MIN_MANAGER_NAME));
+    let mut label = format!("{}{suffix}", cut(manager, keep));
+    label.truncate(cut(&label, MAX_APPLICATION_NAME).len());
+    label
+}
+
+/// `text`'s first `max` bytes at most, cut on a character boundary.
+fn cut(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// True when `e`, from opening a waiting connection, would fail the manager's own connection
 /// too (bad settings, a pooler), so that waiting by polling instead gains nothing.
 fn fails_everywhere(e: &Error) -> bool {
     matches!(e.kind(), ErrorKind::Config | ErrorKind::Pooler)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_waiting_label_names_the_key_within_63_bytes_on_a_character_boundary() {
+        let key = LockKey::name("nightly-report");
+        assert_eq!(
+            waiting_label("worker-7", Some("nightly-report"), &[key]),
+            "worker-7 (waiting: nightly-report)"
+        );
+        assert_eq!(
+            waiting_label("w", None, &[LockKey::id(5), LockKey::pair(1, 2)]),
+            "w (waiting: 5, (1, 2))"
+        );
+        let long = "\u{e9}".repeat(40);
+        for (manager, name) in [(long.as_str(), "k"), ("m", long.as_str()), (&long, &long)] {
+            let label = waiting_label(manager, Some(name), &[key]);
+            assert!(label.len() <= 63, "{label}");
+            assert!(label.contains(" (waiting: "), "{label}");
+        }
+        let label = waiting_label(&"m".repeat(60), Some("exports"), &[key]);
+        assert!(label.ends_with(" (waiting: exports)"), "{label}");
+        assert!(label.starts_with(&"m".repeat(16)), "{label}");
+        assert_eq!(waiting_label("m", Some("a\0b"), &[key]), "m (waiting: a?b)");
+    }
 }

@@ -9,7 +9,7 @@ use crate::caller::guard::LockGuard;
 use crate::caller::handle::LockManager;
 use crate::error::{Error, ErrorKind, Result};
 use crate::holder::Holder;
-use crate::key::LockKey;
+use crate::key::{IntoLockKey, LockKey};
 
 /// Leader election on one advisory lock: whoever holds the lock leads.
 ///
@@ -62,10 +62,10 @@ pub struct Watch {
 
 impl Election {
     /// An election on `key`, run through `locks` (a clone of the manager is kept).
-    pub fn new(locks: &LockManager, key: impl Into<LockKey>) -> Election {
+    pub fn new(locks: &LockManager, key: impl IntoLockKey) -> Election {
         Election {
             locks: locks.clone(),
-            key: key.into(),
+            key: key.key_and_name().0,
         }
     }
 

@@ -4,15 +4,15 @@
 //! trip as the grant. Built on the caller side's acquire and waiting paths.
 
 use std::panic::Location;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::caller::acquire::{self, Wanted};
 use crate::caller::guard::{LockGuard, marked};
-use crate::caller::handle::LockManager;
+use crate::caller::handle::{LockManager, noted};
 use crate::caller::waiting;
 use crate::clock::deadline_in;
 use crate::error::Result;
-use crate::key::LockKey;
+use crate::key::IntoLockKey;
 
 impl LockManager {
     /// Tries once to take the exclusive lock on `key` with a fencing token, without waiting.
@@ -38,18 +38,15 @@ impl LockManager {
     /// # Ok::<(), distlock::Error>(())
     /// ```
     #[track_caller]
-    pub fn try_lock_fenced(&self, key: impl Into<LockKey>) -> Result<Option<LockGuard>> {
-        let taken = {
-            let taken: Result<Option<LockGuard>> = {
-                let deadline = self.shared().request_deadline();
-                single(acquire::try_once(
-                    self.shared(),
-                    Wanted::Fenced(key.into()),
-                    deadline,
-                ))
-            };
-            taken
-        };
+    pub fn try_lock_fenced(&self, key: impl IntoLockKey) -> Result<Option<LockGuard>> {
+        let (key, name) = key.key_and_name();
+        let deadline = self.shared().request_deadline();
+        let taken = single(acquire::try_once(
+            self.shared(),
+            Wanted::Fenced(key),
+            deadline,
+        ));
+        noted(self.shared(), &taken, key, name);
         marked(self.shared(), taken, Location::caller())
     }
 
@@ -64,14 +61,10 @@ impl LockManager {
     #[track_caller]
     pub fn try_lock_fenced_for(
         &self,
-        key: impl Into<LockKey>,
+        key: impl IntoLockKey,
         timeout: Duration,
     ) -> Result<Option<LockGuard>> {
-        let taken = single(waiting::wait(
-            self.shared(),
-            Wanted::Fenced(key.into()),
-            Some(deadline_in(timeout)),
-        ));
+        let taken = self.wait_fenced(key, Some(deadline_in(timeout)));
         marked(self.shared(), taken, Location::caller())
     }
 
@@ -81,13 +74,22 @@ impl LockManager {
     ///
     /// As for [`LockManager::lock`](crate::LockManager::lock) and [`LockManager::try_lock_fenced`](crate::LockManager::try_lock_fenced).
     #[track_caller]
-    pub fn lock_fenced(&self, key: impl Into<LockKey>) -> Result<LockGuard> {
-        let taken = acquire::without_deadline(single(waiting::wait(
-            self.shared(),
-            Wanted::Fenced(key.into()),
-            None,
-        )));
+    pub fn lock_fenced(&self, key: impl IntoLockKey) -> Result<LockGuard> {
+        let taken = acquire::without_deadline(self.wait_fenced(key, None));
         marked(self.shared(), taken, Location::caller())
+    }
+
+    /// Waits for `key` with a fencing token until `deadline` (`None`: no deadline).
+    fn wait_fenced(
+        &self,
+        key: impl IntoLockKey,
+        deadline: Option<Instant>,
+    ) -> Result<Option<LockGuard>> {
+        let (key, name) = key.key_and_name();
+        let wanted = Wanted::Fenced(key);
+        let taken = single(waiting::wait(self.shared(), wanted, name, deadline));
+        noted(self.shared(), &taken, key, name);
+        taken
     }
 }
 

@@ -4,7 +4,7 @@
 use crate::caller::handle::LockManager;
 use crate::error::{Error, Result};
 use crate::holder::Holder;
-use crate::key::LockKey;
+use crate::key::IntoLockKey;
 use crate::protocol::reply::Reply;
 use crate::protocol::request::Special;
 
@@ -29,10 +29,13 @@ impl LockManager {
     /// }
     /// # Ok::<(), distlock::Error>(())
     /// ```
-    pub fn holders(&self, key: impl Into<LockKey>) -> Result<Vec<Holder>> {
+    pub fn holders(&self, key: impl IntoLockKey) -> Result<Vec<Holder>> {
         let shared = self.shared();
         shared.check_online()?;
-        match shared.round_trip_special(Special::Holders(key.into()), shared.request_deadline())? {
+        match shared.round_trip_special(
+            Special::Holders(key.key_and_name().0),
+            shared.request_deadline(),
+        )? {
             Reply::Holders(holders) => Ok(holders),
             other => Err(Error::unexpected(&other)),
         }

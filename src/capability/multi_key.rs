@@ -77,6 +77,7 @@ impl LockManager {
             waiting::wait(
                 self.shared(),
                 Wanted::All(&keys),
+                None,
                 Some(deadline_in(timeout)),
             )
         };
@@ -95,7 +96,7 @@ impl LockManager {
     ) -> Result<Vec<LockGuard>> {
         let taken = {
             let keys = key_list(keys)?;
-            acquire::without_deadline(waiting::wait(self.shared(), Wanted::All(&keys), None))
+            acquire::without_deadline(waiting::wait(self.shared(), Wanted::All(&keys), None, None))
         };
         marked(self.shared(), taken, Location::caller())
     }

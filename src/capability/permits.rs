@@ -10,13 +10,13 @@ use std::time::{Duration, Instant};
 
 use crate::caller::acquire::{self, Wanted, poll_until};
 use crate::caller::guard::{LockGuard, marked};
-use crate::caller::handle::LockManager;
+use crate::caller::handle::{LockManager, noted};
 use crate::caller::shared::{Call, Shared};
 use crate::caller::table::Reservation;
 use crate::caller::waiting;
 use crate::clock::deadline_in;
 use crate::error::{Error, ErrorKind, Result};
-use crate::key::LockKey;
+use crate::key::{IntoLockKey, LockKey};
 use crate::mode::Mode;
 use crate::protocol::reply::Reply;
 use crate::protocol::request::{MAX_PERMITS, Op, Special};
@@ -62,22 +62,14 @@ impl LockManager {
     #[track_caller]
     pub fn try_acquire_permit(
         &self,
-        key: impl Into<LockKey>,
+        key: impl IntoLockKey,
         permits: u32,
     ) -> Result<Option<LockGuard>> {
-        let taken = {
-            let taken: Result<Option<LockGuard>> = (|| {
-                let key = key.into();
-                check_permits(permits)?;
-                try_permit(
-                    self.shared(),
-                    key,
-                    permits,
-                    self.shared().request_deadline(),
-                )
-            })();
-            taken
-        };
+        let (key, name) = key.key_and_name();
+        let deadline = self.shared().request_deadline();
+        let taken =
+            check_permits(permits).and_then(|()| try_permit(self.shared(), key, permits, deadline));
+        noted(self.shared(), &taken, key, name);
         marked(self.shared(), taken, Location::caller())
     }
 
@@ -89,18 +81,11 @@ impl LockManager {
     #[track_caller]
     pub fn try_acquire_permit_for(
         &self,
-        key: impl Into<LockKey>,
+        key: impl IntoLockKey,
         permits: u32,
         timeout: Duration,
     ) -> Result<Option<LockGuard>> {
-        let taken = {
-            let taken: Result<Option<LockGuard>> = (|| {
-                let key = key.into();
-                check_permits(permits)?;
-                wait_permit(self.shared(), key, permits, Some(deadline_in(timeout)))
-            })();
-            taken
-        };
+        let taken = self.wait_permit(key, permits, Some(deadline_in(timeout)));
         marked(self.shared(), taken, Location::caller())
     }
 
@@ -110,16 +95,23 @@ impl LockManager {
     ///
     /// As for [`LockManager::try_acquire_permit`](crate::LockManager::try_acquire_permit) and [`LockManager::lock`](crate::LockManager::lock).
     #[track_caller]
-    pub fn acquire_permit(&self, key: impl Into<LockKey>, permits: u32) -> Result<LockGuard> {
-        let taken = {
-            let taken: Result<LockGuard> = (|| {
-                let key = key.into();
-                check_permits(permits)?;
-                acquire::without_deadline(wait_permit(self.shared(), key, permits, None))
-            })();
-            taken
-        };
+    pub fn acquire_permit(&self, key: impl IntoLockKey, permits: u32) -> Result<LockGuard> {
+        let taken = acquire::without_deadline(self.wait_permit(key, permits, None));
         marked(self.shared(), taken, Location::caller())
+    }
+
+    /// Waits for one of `permits` permits of `key` until `deadline` (`None`: no deadline).
+    fn wait_permit(
+        &self,
+        key: impl IntoLockKey,
+        permits: u32,
+        deadline: Option<Instant>,
+    ) -> Result<Option<LockGuard>> {
+        let (key, name) = key.key_and_name();
+        let taken = check_permits(permits)
+            .and_then(|()| wait_permit(self.shared(), key, name, permits, deadline));
+        noted(self.shared(), &taken, key, name);
+        taken
     }
 }
 
@@ -217,11 +209,12 @@ fn try_permit_in_transaction(
 fn wait_permit(
     shared: &Arc<Shared>,
     key: LockKey,
+    name: Option<&str>,
     permits: u32,
     deadline: Option<Instant>,
 ) -> Result<Option<LockGuard>> {
     waiting::counted(shared, || {
-        wait_permit_uncounted(shared, key, permits, deadline)
+        wait_permit_uncounted(shared, key, name, permits, deadline)
     })
 }
 
@@ -229,6 +222,7 @@ fn wait_permit(
 fn wait_permit_uncounted(
     shared: &Arc<Shared>,
     key: LockKey,
+    name: Option<&str>,
     permits: u32,
     deadline: Option<Instant>,
 ) -> Result<Option<LockGuard>> {
@@ -244,7 +238,7 @@ fn wait_permit_uncounted(
         Err(e) => return Err(e),
     }
     let turnstile = Wanted::One(key.permit_slot(TURNSTILE_SLOT), Mode::Exclusive);
-    let Some(turn) = waiting::wait_uncounted(shared, turnstile, deadline)? else {
+    let Some(turn) = waiting::wait_uncounted(shared, turnstile, name, deadline)? else {
         return Ok(None);
     };
     let permit = loop {

@@ -4,6 +4,7 @@
 //! only.
 
 pub(crate) mod link;
+pub(crate) mod names;
 pub(crate) mod reply;
 pub(crate) mod request;
 pub(crate) mod slot;

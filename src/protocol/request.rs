@@ -99,6 +99,8 @@ pub(crate) struct Wait {
     pub(crate) fencing: Fencing,
     /// When the server ends the wait (`None`: when granted).
     pub(crate) deadline: Option<Instant>,
+    /// The waiting connection's `application_name` while it waits (`caller::waiting`'s label).
+    pub(crate) label: Box<str>,
 }
 
 /// Whether a grant comes with a fencing token.

@@ -5,20 +5,19 @@
 //! ([`crate::worker::monitor`]) declares the generation lost and starts a replacement on the same
 //! queue; the stalled worker, if it ever wakes, sees that it is no longer current and exits.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use std::{io, sync::Arc, thread};
 
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use crossbeam_channel::{Sender, TryRecvError};
 use postgres::Client;
 
-use crate::backoff::Backoff;
 use crate::error::{Error, ErrorKind};
 use crate::protocol::link::{Backend, DUE_HEARTBEAT, Lease, Link};
+use crate::protocol::names::Names;
 use crate::protocol::reply::Orphan;
 use crate::protocol::request::Request;
 use crate::protocol::slot::LateReplies;
 use crate::worker::batch::{Batch, MAX_BATCH};
-use crate::worker::connect::attempt::Attempt;
 use crate::worker::connect::{Connector, Flavor};
 use crate::worker::session::{Conn, Query};
 use crate::worker::sql::Scope;
@@ -29,6 +28,8 @@ pub(crate) mod connect;
 mod fencing;
 pub(crate) mod keepalive;
 pub(crate) mod monitor;
+mod names;
+mod offline;
 pub(crate) mod queue_wait;
 pub(crate) mod readback;
 pub(crate) mod reply;
@@ -60,6 +61,8 @@ pub(crate) struct Spec {
     pub(crate) hand_over_turns: u32,
     /// A waiting connection's or lock transaction's manager's link: its stalls end a wait.
     pub(crate) owner: Option<Arc<Link>>,
+    /// The key names to record, written while idle ([`names::record`]).
+    pub(crate) names: Arc<Names>,
 }
 
 /// How a connection's service ended.
@@ -114,7 +117,7 @@ pub(crate) fn start_replacement(spec: Spec) -> io::Result<thread::JoinHandle<()>
 
 /// How long a worker with late replies and nothing else to do waits before it looks at its
 /// connection and its heartbeat again (callers arriving at their receive or giving up wake it).
-const LATE_TICK: Duration = Duration::from_millis(5);
+pub(crate) const LATE_TICK: Duration = Duration::from_millis(5);
 
 /// The worker's state: one connection at a time, and the queue it serves.
 struct Worker {
@@ -223,99 +226,6 @@ impl Worker {
         }
     }
 
-    /// Connects with capped exponential backoff plus jitter. While offline, queued requests are
-    /// answered at once with `Offline`, and late replies are still handed over; once a pooler
-    /// was seen, no connection is made any more and every request is answered with that error.
-    /// `None` when the manager is gone.
-    fn reconnect(&mut self) -> Option<(Client, Backend)> {
-        let mut backoff = Backoff::new(FIRST_RECONNECT, MAX_RECONNECT);
-        loop {
-            if self.spec.link.is_pooled() {
-                // For good: returns only when the manager is gone.
-                let _ = self.drain(|_| Error::pooler(), None);
-                return None;
-            }
-            // Requests that queue while the attempt runs are answered at once, as offline.
-            let connector = Arc::clone(&self.spec.connector);
-            let mut gone = false;
-            let attempt = connector.connect_while(&mut |attempt, left| {
-                gone |= self.offline_turn(attempt, left).is_none();
-            });
-            if gone {
-                return None;
-            }
-            match attempt {
-                Ok(ok) => {
-                    self.spec.link.counters().reconnected();
-                    return Some(ok);
-                }
-                Err(e) if e.kind() == ErrorKind::Pooler => {
-                    self.spec.link.counters().server_refused();
-                    self.spec.link.set_pooled();
-                    continue;
-                }
-                Err(e) => {
-                    if e.kind() == ErrorKind::NoExclusion {
-                        self.spec.link.counters().server_refused();
-                    }
-                    log::warn!("distlock worker: reconnect failed: {e}");
-                    self.spec.link.note_refusal(e.chain());
-                }
-            }
-            self.drain(
-                Link::offline_error,
-                Some(Instant::now() + backoff.next_pause()),
-            )?;
-        }
-    }
-
-    /// One turn while a connect attempt runs: answers the queued requests as offline, hands late
-    /// replies over, and waits up to `left` for more of either or for the attempt. `None` when
-    /// the manager is gone.
-    fn offline_turn(&mut self, attempt: &Receiver<Attempt>, left: Duration) -> Option<()> {
-        if self.answer_queued(Link::offline_error).is_none() {
-            // Nobody to answer: wait for the attempt alone (it closes what it gets).
-            connect::await_attempt(attempt, left);
-            return None;
-        }
-        let (requests, nudges) = (&self.spec.requests, self.spec.link.nudges());
-        self.late.wait_also(requests, Some(attempt), nudges, left);
-        Some(())
-    }
-
-    /// With no connection: answers every queued request with `refusal()` and hands late replies
-    /// over, until `until` (`None`: for good). `None` when the manager is gone.
-    fn drain(&mut self, refusal: fn(&Link) -> Error, until: Option<Instant>) -> Option<()> {
-        loop {
-            self.answer_queued(refusal)?;
-            let pause = match until {
-                None => LATE_TICK,
-                Some(until) => match until.checked_duration_since(Instant::now()) {
-                    Some(left) if !left.is_zero() => left,
-                    _ => return Some(()),
-                },
-            };
-            self.late
-                .wait(&self.spec.requests, self.spec.link.nudges(), pause);
-        }
-    }
-
-    /// With no connection: hands late replies over (a grant given back needs no statement, its
-    /// session is gone) and answers every request queued now with `refusal()`. `None`: no manager.
-    fn answer_queued(&mut self, refusal: fn(&Link) -> Error) -> Option<()> {
-        let _ = self.settle_late(None);
-        loop {
-            match self.spec.requests.try_recv() {
-                Ok(request) => {
-                    let error = refusal(&self.spec.link);
-                    self.fail(request, error);
-                }
-                Err(TryRecvError::Disconnected) => return None,
-                Err(TryRecvError::Empty) => return Some(()),
-            }
-        }
-    }
-
     /// Serves requests on `conn` until it fails, is replaced, or the manager is gone.
     fn serve(&mut self, conn: &mut Conn, lease: &Lease) -> End {
         let link = Arc::clone(&self.spec.link);
@@ -350,6 +260,12 @@ impl Worker {
                 Err(TryRecvError::Empty) if !self.late.is_empty() => {
                     if let Err(end) = self.idle_with_late_replies(conn) {
                         return end;
+                    }
+                }
+                Err(TryRecvError::Empty) if self.spec.names.has_pending() => {
+                    if let Err(e) = names::record(&self.spec.names, conn) {
+                        cause::lost(&link, conn.generation, &e);
+                        return End::Lost;
                     }
                 }
                 Err(TryRecvError::Empty) => {

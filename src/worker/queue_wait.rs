@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use postgres::SimpleQueryMessage;
 use postgres::error::SqlState;
+use postgres::types::Type;
 
 use crate::error::{Error, ErrorKind};
 use crate::protocol::link::Lease;
@@ -22,6 +23,12 @@ use crate::worker::reply::column;
 use crate::worker::session::{Conn, Failed};
 use crate::worker::special_sql;
 use crate::worker::sql::Scope;
+
+/// Sets `application_name` to `$1` (for the transaction only when `$2`).
+const SET_LABEL: &str =
+    "/*NO LOAD BALANCE*/ SELECT FROM pg_catalog.set_config('application_name', $1, $2)";
+/// The connection's own `application_name` again (the one it connected with).
+const RESET_LABEL: &str = "/*NO LOAD BALANCE*/ RESET application_name";
 
 /// The longest `lock_timeout` PostgreSQL accepts, in milliseconds.
 const MAX_LOCK_TIMEOUT_MS: u128 = i32::MAX as u128;
@@ -36,6 +43,10 @@ pub(crate) fn serve(wait: &Wait, conn: &mut Conn, lease: &Lease) -> Result<Reply
         wait.fencing,
         conn.scope,
     );
+    label(wait, conn)?;
+    // After the grant (and its token), the connection's own name again, in the same round trip.
+    sql.push(';');
+    sql.push_str(RESET_LABEL);
     #[cfg(test)]
     fault::rewrite_wait(&mut sql);
     let fenced = wait.fencing == Fencing::Token;
@@ -53,7 +64,32 @@ pub(crate) fn serve(wait: &Wait, conn: &mut Conn, lease: &Lease) -> Result<Reply
         Err(Failed::Broken(e)) => return Err(e),
         Err(Failed::Rejected(e)) => e,
     };
+    if conn.scope == Scope::Session {
+        // The wait failed before its reset ran (in a lock transaction, the rollback resets).
+        match conn.rows(RESET_LABEL) {
+            Err(Failed::Broken(e)) => return Err(e),
+            Ok(_) | Err(Failed::Rejected(_)) => {}
+        }
+    }
     after_rejection(wait, conn, lease, error)
+}
+
+/// Sets the connection's `application_name` to the wait's label, a bound parameter (the key's
+/// name never enters the statement's text); in a lock transaction, for the transaction only. A
+/// server that refuses it (a pooler that forbids the setting) leaves the wait unlabelled.
+fn label(wait: &Wait, conn: &mut Conn) -> Result<(), Error> {
+    let local = conn.scope == Scope::Transaction;
+    match conn.typed(
+        SET_LABEL,
+        &[(&&*wait.label, Type::TEXT), (&local, Type::BOOL)],
+    ) {
+        Ok(_) => Ok(()),
+        Err(Failed::Broken(e)) => Err(e),
+        Err(Failed::Rejected(e)) => {
+            log::debug!("distlock: a waiting connection could not show what it waits for: {e}");
+            Ok(())
+        }
+    }
 }
 
 /// The server's `lock_timeout` for a wait until `deadline`, in whole milliseconds rounded up: 0

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use postgres::error::SqlState;
+use postgres::types::{ToSql, Type};
 use postgres::{Client, SimpleQueryMessage};
 
 use crate::error::{Error, ErrorKind};
@@ -159,6 +160,19 @@ impl Conn {
     pub(crate) fn rows(&mut self, sql: &str) -> Result<Vec<SimpleQueryMessage>, Failed> {
         let mark = self.link.begin_statement(self.generation);
         watched(&mut self.client, &self.link, mark, sql)
+    }
+
+    /// Runs `sql`, one statement, with the bound parameters `params` (the extended protocol, one
+    /// round trip, no prepared statement left behind), watched as [`Conn::rows`] is; its row count.
+    pub(crate) fn typed(
+        &mut self,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<u64, Failed> {
+        let mark = self.link.begin_statement(self.generation);
+        let result = self.client.execute_typed(sql, params);
+        self.link.end_statement(mark);
+        result.map_err(|e| classify(&self.client, e))
     }
 
     /// As [`Conn::rows`], for a statement that waits in PostgreSQL's lock queue until `deadline`

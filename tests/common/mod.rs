@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests: the one cluster of this test binary, plain connections
 //! and `pg_locks` queries that see locks from outside the library. The sessions "of an app" are a
 //! manager's: its lock session (named `app`) and its waiting connections (`app (waiting
-//! connection)`).
+//! connection)`, and `app (waiting: <key>)` while one waits).
 #![allow(dead_code)]
 
 pub mod bouncer;
@@ -56,7 +56,7 @@ pub fn locks_of_app(client: &mut Client, app: &str) -> i64 {
     client
         .query_one(
             "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
-             WHERE l.locktype = 'advisory' AND a.application_name IN ($1, $1 || ' (waiting connection)')",
+             WHERE l.locktype = 'advisory' AND (a.application_name = $1 OR starts_with(a.application_name, $1 || ' (waiting'))",
             &[&app],
         )
         .expect("count")
@@ -80,7 +80,7 @@ pub fn queued(client: &mut Client, app: &str) -> i64 {
 pub fn sessions_of_app(client: &mut Client, app: &str) -> i64 {
     client
         .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name IN ($1, $1 || ' (waiting connection)')",
+            "SELECT count(*) FROM pg_stat_activity WHERE (application_name = $1 OR starts_with(application_name, $1 || ' (waiting'))",
             &[&app],
         )
         .expect("count")
@@ -134,7 +134,7 @@ pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 pub fn pids_of_app(client: &mut Client, app: &str) -> Vec<i32> {
     client
         .query(
-            "SELECT pid FROM pg_stat_activity WHERE application_name IN ($1, $1 || ' (waiting connection)')",
+            "SELECT pid FROM pg_stat_activity WHERE (application_name = $1 OR starts_with(application_name, $1 || ' (waiting'))",
             &[&app],
         )
         .expect("pids")
@@ -148,7 +148,7 @@ pub fn kill_app(client: &mut Client, app: &str) -> i64 {
     client
         .query_one(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-             WHERE application_name IN ($1, $1 || ' (waiting connection)')",
+             WHERE (application_name = $1 OR starts_with(application_name, $1 || ' (waiting'))",
             &[&app],
         )
         .expect("terminate")

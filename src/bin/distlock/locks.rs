@@ -28,6 +28,11 @@ pub struct Args {
     /// queue included): its holders and its queue, in order.
     #[arg(long, value_name = "NAME")]
     key: Option<String>,
+    /// Names ids from FILE, one key name a line (as `distlock run --key` and `LockManager::lock`
+    /// take it), beside those managers record in the server's `public.distlock_names`: for the
+    /// keys of processes that record none.
+    #[arg(long, value_name = "FILE")]
+    names: Option<std::path::PathBuf>,
     /// Show a standby's own locks. A standby's pg_locks shows none of the primary's locks, so by
     /// default distlock refuses one.
     #[arg(long)]
@@ -37,6 +42,9 @@ pub struct Args {
 /// One advisory lock of one session, as `pg_locks` and `pg_stat_activity` show it.
 struct Row {
     key: Option<LockKey>,
+    /// The names of the key (of its semaphore, for a slot or a queue), as recorded or given with
+    /// `--names`: none when unknown, several when names share the id.
+    names: Vec<String>,
     database: String,
     mode: &'static str,
     granted: bool,
@@ -80,13 +88,17 @@ pub fn run(url: Option<&str>, args: Args) -> Result<ExitCode, Failure> {
     if !args.allow_standby {
         refuse_standby(&mut client)?;
     }
+    let given = match &args.names {
+        Some(path) => Names::from_file(path).map_err(|e| Failure::new(exit::USAGE, e))?,
+        None => Names::default(),
+    };
     if let Some(every) = args.watch {
         let name = args.key.as_deref();
-        watch::run(every, || Ok(frame(fetch(&mut client)?, name)))
+        watch::run(every, || Ok(frame(fetch(&mut client, &given)?, name)))
             .map_err(|e| Failure::new(exit::UNAVAILABLE, e))?;
         return Ok(ExitCode::SUCCESS);
     }
-    let rows = only_named(fetch(&mut client)?, args.key.as_deref());
+    let rows = only_named(fetch(&mut client, &given)?, args.key.as_deref());
     if args.json {
         println!("{}", to_json(&rows));
     } else {
@@ -117,9 +129,9 @@ fn refuse_standby(client: &mut postgres::Client) -> Result<(), Failure> {
 }
 
 /// Every advisory lock on the server, held or awaited, in key order (holders first, then the
-/// queue in arrival order).
-fn fetch(client: &mut postgres::Client) -> anyhow::Result<Vec<Row>> {
-    let rows: Vec<Row> = client
+/// queue in arrival order), each with the names of its key: those `given` and those recorded.
+fn fetch(client: &mut postgres::Client, given: &Names) -> anyhow::Result<Vec<Row>> {
+    let mut rows: Vec<Row> = client
         .query(QUERY, &[])
         .map_err(|e| anyhow!(e).context("reading pg_locks"))?
         .iter()
@@ -128,6 +140,7 @@ fn fetch(client: &mut postgres::Client) -> anyhow::Result<Vec<Row>> {
             let mode: String = r.get(3);
             Row {
                 key: LockKey::from_pg_locks_tag(classid as u32, objid as u32, objsubid as i16),
+                names: Vec::new(),
                 database: r.get(6),
                 mode: if mode == "ShareLock" {
                     "shared"
@@ -143,7 +156,95 @@ fn fetch(client: &mut postgres::Client) -> anyhow::Result<Vec<Row>> {
             }
         })
         .collect();
+    let recorded = Names::recorded(client, &rows);
+    for row in &mut rows {
+        row.names = given.of(row.key);
+        for name in recorded.of(row.key) {
+            if !row.names.contains(&name) {
+                row.names.push(name);
+            }
+        }
+        row.names.sort();
+    }
     Ok(rows)
+}
+
+/// Names of keys by id, and by the first int of a semaphore's slots (the id's fold).
+#[derive(Default)]
+struct Names {
+    ids: HashMap<i64, Vec<String>>,
+    folds: HashMap<i32, Vec<String>>,
+}
+
+/// The names recorded for the ids `$1` and the semaphore folds `$2` (unsigned, as pg_locks
+/// shows them).
+const RECORDED: &str = "/*NO LOAD BALANCE*/ SELECT id, name FROM public.distlock_names \
+     WHERE id = ANY($1) OR ((id >> 32) # id) & 4294967295 = ANY($2)";
+
+impl Names {
+    /// The names of `path`, one a line (blank lines skipped).
+    fn from_file(path: &std::path::Path) -> anyhow::Result<Names> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow!(e).context(format!("cannot read --names {}", path.display())))?;
+        let mut names = Names::default();
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            names.add(LockKey::name(line), line);
+        }
+        Ok(names)
+    }
+
+    /// The names recorded on the server for the keys of `rows`: none where no manager records
+    /// them (no table) or this role may not read them.
+    fn recorded(client: &mut postgres::Client, rows: &[Row]) -> Names {
+        let mut names = Names::default();
+        let ids: Vec<i64> = rows.iter().filter_map(|r| r.key?.as_id()).collect();
+        let folds: Vec<i64> = rows
+            .iter()
+            .filter_map(|r| semaphore(r.key).map(|(class, _)| i64::from(class as u32)))
+            .collect();
+        if ids.is_empty() && folds.is_empty() {
+            return names;
+        }
+        let table = "/*NO LOAD BALANCE*/ SELECT to_regclass('public.distlock_names') IS NOT NULL";
+        if !client
+            .query_one(table, &[])
+            .is_ok_and(|r| r.get::<_, bool>(0))
+        {
+            return names;
+        }
+        // A role that may not read the table sees ids, as without one.
+        if let Ok(found) = client.query(RECORDED, &[&ids, &folds]) {
+            for row in found {
+                let name: String = row.get(1);
+                names.add(LockKey::id(row.get(0)), &name);
+            }
+        }
+        names
+    }
+
+    fn add(&mut self, key: LockKey, name: &str) {
+        let (Some(id), Some((fold, _))) = (key.as_id(), key.permit_slot(0).as_pair()) else {
+            return;
+        };
+        for list in [
+            self.ids.entry(id).or_default(),
+            self.folds.entry(fold).or_default(),
+        ] {
+            if !list.iter().any(|n| n == name) {
+                list.push(name.to_owned());
+            }
+        }
+    }
+
+    /// The names of `key`: of its id, or of its semaphore for a slot or a queue.
+    fn of(&self, key: Option<LockKey>) -> Vec<String> {
+        let found = match (key.and_then(LockKey::as_id), semaphore(key)) {
+            (Some(id), _) => self.ids.get(&id),
+            (None, Some((fold, _))) => self.folds.get(&fold),
+            (None, None) => None,
+        };
+        found.cloned().unwrap_or_default()
+    }
 }
 
 /// `rows`, only `name`'s lock when given.
@@ -160,7 +261,7 @@ fn frame(rows: Vec<Row>, name: Option<&str>) -> watch::Frame {
     let mut state: HashMap<String, Vec<(i32, bool)>> = HashMap::new();
     for r in &rows {
         state
-            .entry(key_text(r.key))
+            .entry(key_text(r))
             .or_default()
             .push((r.pid, r.granted));
     }
@@ -173,12 +274,24 @@ fn frame(rows: Vec<Row>, name: Option<&str>) -> watch::Frame {
     }
 }
 
-fn key_text(key: Option<LockKey>) -> String {
+/// The key of `row` as the table shows it.
+fn key_text(row: &Row) -> String {
+    key_label(row.key, &row.names)
+}
+
+/// `key` as the table shows it: by `names` where it has any (names that share its id joined by
+/// ` | `, never one of them alone), else by its integers.
+fn key_label(key: Option<LockKey>, names: &[String]) -> String {
+    let named = (!names.is_empty()).then(|| names.join(" | "));
     if let Some((class, slot)) = semaphore(key) {
+        let class = named.unwrap_or_else(|| class.to_string());
         if key.is_some_and(LockKey::is_semaphore_queue) {
             return format!("semaphore {class} queue");
         }
         return format!("semaphore {class} slot {slot}");
+    }
+    if let Some(named) = named {
+        return named;
     }
     match key.map(|k| (k.as_id(), k.as_pair())) {
         Some((Some(id), _)) => id.to_string(),
@@ -231,8 +344,8 @@ fn table(rows: &[Row], name: Option<&str>, blockers: bool) -> Vec<(String, Strin
         .map(|r| {
             let mut cells = vec![
                 match name {
-                    Some(name) => format!("{name} = {}", key_text(r.key)),
-                    None => key_text(r.key),
+                    Some(name) => format!("{name} = {}", key_label(r.key, &[])),
+                    None => key_text(r),
                 },
                 r.mode.to_owned(),
                 if r.granted { "held" } else { "waiting" }.to_owned(),
@@ -269,7 +382,7 @@ fn table(rows: &[Row], name: Option<&str>, blockers: bool) -> Vec<(String, Strin
     let header: Vec<String> = header.iter().map(|h| (*h).to_owned()).collect();
     let mut lines = vec![(String::new(), line(&header))];
     for (row, r) in cells.iter().zip(rows) {
-        lines.push((key_text(r.key), line(row)));
+        lines.push((key_text(r), line(row)));
     }
     lines
 }
@@ -298,6 +411,7 @@ fn to_json(rows: &[Row]) -> String {
                 "key": key,
                 "pair": pair,
                 "permit": semaphore,
+                "names": r.names,
                 "mode": r.mode,
                 "granted": r.granted,
                 "pid": r.pid,

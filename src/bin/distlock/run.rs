@@ -192,6 +192,7 @@ fn connect(server: &Server, args: &Args) -> Result<LockManager, Failure> {
         .dead_holder_timeout(args.dead_holder_timeout)
         .connect_retry(connect_retry)
         .transaction_pooler(args.transaction_pooler)
+        .record_names(true)
         .tls(server.tls.clone())
         .connect_config(server.config.clone())
         .map_err(|e| {
@@ -356,12 +357,16 @@ fn acquire(
 }
 
 /// One waiting call of the kind `args` asks for: until `wait` has passed (`None`: until granted).
+/// The key is given by its name (`key` is its hash), which the manager records and a waiting
+/// connection shows.
 fn take(
     locks: &LockManager,
     key: LockKey,
     args: &Args,
     wait: Option<Duration>,
 ) -> distlock::Result<Option<LockGuard>> {
+    debug_assert_eq!(key, LockKey::name(&args.key));
+    let key = args.key.as_str();
     match (wait, args.shared, args.fence, args.limit) {
         (Some(w), true, ..) => locks.try_lock_shared_for(key, w),
         (Some(w), _, true, _) => locks.try_lock_fenced_for(key, w),

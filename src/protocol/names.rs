@@ -1,0 +1,141 @@
+//! The names a manager records for its keys ([`crate::Builder::record_names`]): callers note a
+//! name after its lock was granted, the worker writes the names not yet written when it is idle,
+//! each name once per manager.
+//!
+//! A key's id is the FNV-1a hash of its name, which no screen can turn back into the name. The
+//! names table (`public.distlock_names`, one row per id and name) is where `distlock locks`
+//! finds them again; two names that hash to one id are two rows, shown together.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use parking_lot::Mutex;
+
+use crate::key::KeyMap;
+
+/// The names of one manager: those noted, and those still to write.
+#[derive(Debug)]
+pub(crate) struct Names {
+    /// Whether this manager records names at all.
+    on: bool,
+    /// Set while `book.pending` holds names, read by the idle worker without the lock.
+    pending: AtomicBool,
+    book: Mutex<Book>,
+}
+
+#[derive(Debug, Default)]
+struct Book {
+    /// The first name noted for each id; `more` holds any other name of the same id.
+    seen: KeyMap<i64, Box<str>>,
+    more: Vec<(i64, Box<str>)>,
+    /// Noted and not yet written.
+    pending: Vec<(i64, Box<str>)>,
+    /// Writing failed for good (the role may not, a standby): nothing more is kept.
+    stopped: bool,
+}
+
+impl Names {
+    /// The names of a manager that records them when `on`.
+    pub(crate) fn new(on: bool) -> Names {
+        Names {
+            on,
+            pending: AtomicBool::new(false),
+            book: Mutex::new(Book::default()),
+        }
+    }
+
+    /// Notes that `name`, whose key has `id`, was granted: kept to be written if this manager
+    /// records names and has not noted it before. A name PostgreSQL cannot store as text (one
+    /// with a NUL character) is not kept.
+    #[inline]
+    pub(crate) fn note(&self, id: i64, name: &str) {
+        if self.on {
+            self.note_on(id, name);
+        }
+    }
+
+    fn note_on(&self, id: i64, name: &str) {
+        if name.contains('\0') {
+            return;
+        }
+        let mut book = self.book.lock();
+        if book.stopped {
+            return;
+        }
+        match book.seen.get(&id) {
+            Some(first) if **first == *name => return,
+            Some(_) if book.more.iter().any(|(i, n)| *i == id && **n == *name) => return,
+            Some(_) => book.more.push((id, name.into())),
+            None => {
+                book.seen.insert(id, name.into());
+            }
+        }
+        book.pending.push((id, name.into()));
+        self.pending.store(true, Ordering::Release);
+    }
+
+    /// True when names wait to be written (a load, for the idle worker).
+    #[inline]
+    pub(crate) fn has_pending(&self) -> bool {
+        self.pending.load(Ordering::Acquire)
+    }
+
+    /// The names to write now, taken out of the book.
+    pub(crate) fn take_pending(&self) -> Vec<(i64, Box<str>)> {
+        let mut book = self.book.lock();
+        self.pending.store(false, Ordering::Release);
+        std::mem::take(&mut book.pending)
+    }
+
+    /// Gives `names` back to be written later (their connection failed before they were).
+    pub(crate) fn give_back(&self, names: Vec<(i64, Box<str>)>) {
+        let mut book = self.book.lock();
+        if book.stopped || names.is_empty() {
+            return;
+        }
+        book.pending.extend(names);
+        self.pending.store(true, Ordering::Release);
+    }
+
+    /// Stops recording for good: the names cannot be written (said once, by the worker).
+    pub(crate) fn stop(&self) {
+        let mut book = self.book.lock();
+        book.stopped = true;
+        book.pending.clear();
+        self.pending.store(false, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_name_is_kept_once_and_a_colliding_name_too() {
+        let names = Names::new(true);
+        names.note(7, "a");
+        names.note(7, "a");
+        names.note(7, "b");
+        names.note(7, "b");
+        names.note(8, "nul\0inside");
+        assert!(names.has_pending());
+        let got: Vec<_> = names.take_pending();
+        assert_eq!(got, vec![(7, "a".into()), (7, "b".into())]);
+        assert!(!names.has_pending());
+        names.note(7, "a");
+        assert!(!names.has_pending());
+    }
+
+    #[test]
+    fn off_keeps_nothing_and_stopped_keeps_nothing_more() {
+        let off = Names::new(false);
+        off.note(1, "a");
+        assert!(!off.has_pending());
+        let on = Names::new(true);
+        on.note(1, "a");
+        on.stop();
+        on.note(2, "b");
+        on.give_back(vec![(3, "c".into())]);
+        assert!(!on.has_pending());
+        assert!(on.take_pending().is_empty());
+    }
+}

@@ -1,0 +1,76 @@
+//! The worker's side of recording key names ([`crate::Builder::record_names`]): while idle, it
+//! writes the names callers noted to `public.distlock_names` in one statement, the names bound
+//! as parameters (never in the statement's text). The table is created on first use; a role that
+//! may not create or write it gets one warning naming the statements to run once, and the
+//! manager records nothing more.
+
+use postgres::error::SqlState;
+use postgres::types::Type;
+
+use crate::error::Error;
+use crate::protocol::names::Names;
+use crate::worker::session::{Conn, Failed};
+
+/// Creates the names table if it is missing: one row per id and name (two names that hash to one
+/// id are two rows), and an index on the id's fold, the first int of a semaphore's slots
+/// ([`crate::LockKey::permit_slot`]), which is how `distlock locks` names them.
+pub(crate) const CREATE_NAMES: &str = "/*NO LOAD BALANCE*/ \
+     CREATE TABLE IF NOT EXISTS public.distlock_names \
+     (id int8 NOT NULL, name text NOT NULL, PRIMARY KEY (id, name)); \
+     CREATE INDEX IF NOT EXISTS distlock_names_fold \
+     ON public.distlock_names ((((id >> 32) # id) & 4294967295))";
+
+/// Writes the names `$2` of the ids `$1`, keeping those already there.
+const INSERT_NAMES: &str = "/*NO LOAD BALANCE*/ INSERT INTO public.distlock_names (id, name) \
+     SELECT i, n FROM ROWS FROM (pg_catalog.unnest($1::int8[]), pg_catalog.unnest($2::text[])) t (i, n) \
+     ON CONFLICT DO NOTHING";
+
+/// Writes the names waiting in `names` on `conn`. `Err`: the connection broke (the names are
+/// kept for the next connection); a server that refuses them stops the recording, said once.
+pub(crate) fn record(names: &Names, conn: &mut Conn) -> Result<(), Error> {
+    let batch = names.take_pending();
+    let ids: Vec<i64> = batch.iter().map(|(id, _)| *id).collect();
+    let texts: Vec<&str> = batch.iter().map(|(_, name)| &**name).collect();
+    let insert = |conn: &mut Conn| {
+        conn.typed(
+            INSERT_NAMES,
+            &[(&ids, Type::INT8_ARRAY), (&texts, Type::TEXT_ARRAY)],
+        )
+    };
+    let mut outcome = insert(conn);
+    if let Err(Failed::Rejected(e)) = &outcome
+        && e.sql_state() == Some(&SqlState::UNDEFINED_TABLE)
+    {
+        outcome = match conn.rows(CREATE_NAMES) {
+            Ok(_) => insert(conn),
+            // Another manager created it at the same moment: it is there now.
+            Err(Failed::Rejected(e)) if e.sql_state() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                insert(conn)
+            }
+            Err(failed) => Err(failed),
+        };
+    }
+    match outcome {
+        Ok(_) => {
+            log::debug!("distlock: recorded {} key name(s)", batch.len());
+            Ok(())
+        }
+        Err(Failed::Broken(e)) => {
+            names.give_back(batch);
+            Err(e)
+        }
+        Err(Failed::Rejected(e)) => {
+            names.stop();
+            let create = CREATE_NAMES.trim_start_matches(crate::worker::sql::PIN);
+            let cause =
+                std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string);
+            log::warn!(
+                "distlock: key names are not recorded, so `distlock locks` shows this manager's \
+                 keys as ids: this role cannot create or write public.distlock_names ({cause}). Have \
+                 a role allowed to, run once: `{create}; GRANT SELECT, INSERT ON \
+                 public.distlock_names TO <lock users>`"
+            );
+            Ok(())
+        }
+    }
+}
