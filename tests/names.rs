@@ -198,6 +198,16 @@ fn names_are_recorded_once_per_manager_only_when_asked() {
     assert!(recorded(&mut admin, id).is_empty(), "written twice");
     let never = LockKey::name(unrecorded).as_id().unwrap();
     assert!(recorded(&mut admin, never).is_empty(), "recorded while off");
+    // What a screen of holders asks for an id it found elsewhere: by id, by a slot's key (the
+    // semaphore's name), nothing for an unnamed key.
+    assert_eq!(
+        quiet.names_of(LockKey::id(marker)).unwrap(),
+        ["names-test marker"]
+    );
+    let slot = LockKey::name("names-test sem").permit_slot(2);
+    assert_eq!(quiet.names_of(slot).unwrap(), ["names-test sem"]);
+    assert!(quiet.names_of(never).unwrap().is_empty());
+    assert!(quiet.names_of((7, 9)).unwrap().is_empty());
 }
 
 #[test]
@@ -251,4 +261,64 @@ fn a_role_that_may_not_create_the_table_still_locks() {
     drop(again.try_lock("names-test granted").unwrap());
     let id = LockKey::name("names-test granted").as_id().unwrap();
     assert!(eventually(LIMIT, || recorded(&mut admin, id) == ["names-test granted"]));
+}
+
+#[test]
+fn any_name_locks_and_is_recorded_or_labelled_as_it_can_be() {
+    let mut admin = plain();
+    let locks = LockManager::builder()
+        .application_name("names-any")
+        .record_names(true)
+        .connect(common::url())
+        .unwrap();
+    let long = format!("names-test {}", "\u{1f512}".repeat(2500));
+    for name in [
+        "names-test nul\0inside",
+        long.as_str(),
+        "names-test ' ; DROP TABLE x; --",
+    ] {
+        drop(locks.try_lock(name).unwrap().expect("free"));
+    }
+    let id = |n: &str| LockKey::name(n).as_id().unwrap();
+    assert!(eventually(LIMIT, || recorded(&mut admin, id(&long)) == [long.clone()]));
+    let quote = "names-test ' ; DROP TABLE x; --";
+    assert!(eventually(LIMIT, || recorded(&mut admin, id(quote)) == [quote]));
+    // PostgreSQL's text holds no NUL: that name locks, and is not recorded.
+    assert!(recorded(&mut admin, id("names-test nul\0inside")).is_empty());
+    // A waiter for the long name shows as much of it as fits, cut on a character boundary.
+    let held = locks.try_lock(long.as_str()).unwrap().expect("free");
+    let waiter = common::manager("names-any-waiter");
+    thread::scope(|s| {
+        let wait = s.spawn(|| waiter.try_lock_for(long.as_str(), LIMIT).unwrap());
+        let mut label = String::new();
+        assert!(eventually(LIMIT, || {
+            label = waiting_as(&mut admin, "names-any-waiter")
+                .pop()
+                .map(|(app, _)| app)
+                .unwrap_or_default();
+            !label.is_empty()
+        }));
+        assert!(
+            label.starts_with("names-any-waiter (waiting: names-test "),
+            "{label}"
+        );
+        assert!(label.len() <= 63, "{label}");
+        drop(held);
+        assert!(wait.join().unwrap().is_some());
+    });
+    let nul = "names-test nul\0wait";
+    let held = locks.try_lock(nul).unwrap().expect("free");
+    thread::scope(|s| {
+        let wait = s.spawn(|| waiter.try_lock_for(nul, LIMIT).unwrap());
+        assert!(eventually(LIMIT, || waiting_as(
+            &mut admin,
+            "names-any-waiter"
+        )
+        .iter()
+        .any(
+            |(app, _)| app == "names-any-waiter (waiting: names-test nul?wait)"
+        )));
+        drop(held);
+        assert!(wait.join().unwrap().is_some());
+    });
 }

@@ -223,7 +223,12 @@ impl Shared {
     pub(crate) fn round_trip_special(&self, special: Special, deadline: Instant) -> Result<Reply> {
         // In transaction mode the manager's own connection shares its server session through the
         // pooler: it may look (`holders`), never lock.
-        if self.settings.transactions && !matches!(special, Special::Holders(_) | Special::Token) {
+        if self.settings.transactions
+            && !matches!(
+                special,
+                Special::Holders(_) | Special::Names(_) | Special::Token
+            )
+        {
             return Err(Error::not_in_transaction_mode());
         }
         // A wait in the lock queue also ends when its connection is declared lost: a frozen

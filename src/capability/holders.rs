@@ -40,4 +40,33 @@ impl LockManager {
             other => Err(Error::unexpected(&other)),
         }
     }
+
+    /// The names managers recorded for `key` ([`Builder::record_names`](crate::Builder::record_names))
+    /// in the server's `public.distlock_names`, in order: for a semaphore slot's key (as
+    /// `pg_locks` shows it), the semaphore's names. Empty where none is recorded; more than one
+    /// when names share the id (FNV-1a 64 collides rarely, but can), each a candidate, none to be
+    /// taken alone. For a screen that shows [`LockManager::holders`](crate::LockManager::holders)
+    /// of an id it found elsewhere (`pg_locks`, a log). One round trip on the manager's
+    /// connection, bounded by the request timeout.
+    ///
+    /// # Errors
+    ///
+    /// As for [`LockManager::holders`](crate::LockManager::holders); a role that may not read the
+    /// table gets the server's error.
+    ///
+    /// ```no_run
+    /// # let locks = distlock::LockManager::connect("host=localhost user=postgres")?;
+    /// let id = distlock::LockKey::id(4417635575514249131);
+    /// println!("{id} is {:?}", locks.names_of(id)?);
+    /// # Ok::<(), distlock::Error>(())
+    /// ```
+    pub fn names_of(&self, key: impl IntoLockKey) -> Result<Vec<String>> {
+        let shared = self.shared();
+        shared.check_online()?;
+        let special = Special::Names(key.key_and_name().0);
+        match shared.round_trip_special(special, shared.request_deadline())? {
+            Reply::Names(names) => Ok(names),
+            other => Err(Error::unexpected(&other)),
+        }
+    }
 }

@@ -27,6 +27,8 @@ pub(crate) enum Reply {
     Grant(Box<Grant>),
     /// A holder lookup: who holds or waits for the key.
     Holders(Vec<Holder>),
+    /// A names lookup: the names recorded for the key, in order.
+    Names(Vec<String>),
 }
 
 /// What a grant beyond one plain try holds for its caller.

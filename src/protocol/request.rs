@@ -77,6 +77,9 @@ pub(crate) enum Special {
     },
     /// Who holds or waits for the key: [`Reply::Holders`](crate::protocol::reply::Reply::Holders).
     Holders(LockKey),
+    /// The names recorded for the key (of its semaphore, for a slot's key):
+    /// [`Reply::Names`](crate::protocol::reply::Reply::Names).
+    Names(LockKey),
     /// Draws one fencing token, taking no lock (transaction mode draws a lock's token after its
     /// grant, outside its transaction): [`Reply::Grant`](crate::protocol::reply::Reply::Grant) of
     /// no keys, with the token.

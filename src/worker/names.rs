@@ -8,7 +8,10 @@ use postgres::error::SqlState;
 use postgres::types::Type;
 
 use crate::error::Error;
+use crate::key::LockKey;
 use crate::protocol::names::Names;
+use crate::protocol::reply::Reply;
+use crate::worker::reply::column;
 use crate::worker::session::{Conn, Failed};
 
 /// Creates the names table if it is missing: one row per id and name (two names that hash to one
@@ -72,5 +75,37 @@ pub(crate) fn record(names: &Names, conn: &mut Conn) -> Result<(), Error> {
             );
             Ok(())
         }
+    }
+}
+
+/// The names recorded for `key` (for a semaphore slot's or queue's key, the semaphore's), in
+/// order: none for a key no name can have (a pair of the caller's own) or where nothing is
+/// recorded (no table).
+pub(crate) fn lookup(key: LockKey, conn: &mut Conn) -> Result<Reply, Error> {
+    let filter = match (key.as_id(), key.semaphore_slot(), key.pg_locks_tag()) {
+        (Some(id), ..) => format!("id = {id}"),
+        (None, Some(_), (class, ..)) => {
+            format!("((id >> 32) # id) & 4294967295 = {class}")
+        }
+        (None, None, _) => return Ok(Reply::Names(Vec::new())),
+    };
+    let sql = format!(
+        "{}SELECT name FROM public.distlock_names WHERE {filter} ORDER BY name",
+        crate::worker::sql::PIN
+    );
+    match conn.rows(&sql) {
+        Ok(rows) => Ok(Reply::Names(
+            rows.iter()
+                .filter_map(|m| match m {
+                    postgres::SimpleQueryMessage::Row(row) => column(row, 0).map(str::to_owned),
+                    _ => None,
+                })
+                .collect(),
+        )),
+        Err(Failed::Broken(e)) => Err(e),
+        Err(Failed::Rejected(e)) if e.sql_state() == Some(&SqlState::UNDEFINED_TABLE) => {
+            Ok(Reply::Names(Vec::new()))
+        }
+        Err(Failed::Rejected(e)) => Ok(Reply::Failed(e)),
     }
 }

@@ -17,6 +17,7 @@ use crate::protocol::link::Lease;
 use crate::protocol::reply::{Grant, Reply};
 use crate::protocol::request::Special;
 use crate::worker::fencing::{CREATE_FENCE_SEQUENCE, NEXT_TOKEN, fencing_error};
+use crate::worker::names;
 use crate::worker::queue_wait;
 use crate::worker::readback::undo;
 use crate::worker::reply::column;
@@ -54,6 +55,7 @@ pub(crate) fn serve(special: &Special, conn: &mut Conn, lease: &Lease) -> Result
             Err(Failed::Broken(e)) => Err(e),
             Err(Failed::Rejected(e)) => Ok(Reply::Failed(e)),
         },
+        Special::Names(key) => names::lookup(*key, conn),
     }
 }
 
