@@ -35,7 +35,9 @@ const MAX_LOCK_TIMEOUT_MS: u128 = i32::MAX as u128;
 
 /// Waits for `wait`'s keys on `conn` and says what to reply. `Err`: the connection broke.
 pub(crate) fn serve(wait: &Wait, conn: &mut Conn, lease: &Lease) -> Result<Reply, Error> {
-    #[allow(unused_mut)]
+    // Labelled first, so that the server's end of the wait is counted from after it: the wait
+    // still ends at the caller's deadline.
+    label(wait, conn)?;
     let mut sql = special_sql::wait(
         &wait.keys,
         wait.mode,
@@ -43,7 +45,6 @@ pub(crate) fn serve(wait: &Wait, conn: &mut Conn, lease: &Lease) -> Result<Reply
         wait.fencing,
         conn.scope,
     );
-    label(wait, conn)?;
     // After the grant (and its token), the connection's own name again, in the same round trip.
     sql.push(';');
     sql.push_str(RESET_LABEL);
