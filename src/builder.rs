@@ -319,25 +319,6 @@ impl Builder {
         self
     }
 
-    /// Connects; `params` is a libpq `key=value` string or a `postgres://` URL.
-    ///
-    /// # Errors
-    ///
-    /// As for [`LockManager::connect`](crate::LockManager::connect).
-    pub fn connect(self, params: &str) -> Result<LockManager> {
-        if params.trim().is_empty() {
-            // libpq would try the default socket as the OS user; an empty string is far more
-            // often a variable that was never set.
-            return Err(Error::new(
-                ErrorKind::Config,
-                "no connection parameters given (an empty string)",
-            ));
-        }
-        let (config, tls) = Tls::parse_params(params)?;
-        let tls = self.options.tls.overridden_by(&tls);
-        start::start(self.options, config, tls)
-    }
-
     /// How long the server keeps the locks of a holder whose host vanished — lost power or its
     /// network, with no FIN or RST to end its connections.
     ///
@@ -394,6 +375,25 @@ impl Builder {
     pub fn tls(mut self, tls: Tls) -> Builder {
         self.options.tls = tls;
         self
+    }
+
+    /// Connects; `params` is a libpq `key=value` string or a `postgres://` URL.
+    ///
+    /// # Errors
+    ///
+    /// As for [`LockManager::connect`](crate::LockManager::connect).
+    pub fn connect(self, params: &str) -> Result<LockManager> {
+        if params.trim().is_empty() {
+            // libpq would try the default socket as the OS user; an empty string is far more
+            // often a variable that was never set.
+            return Err(Error::new(
+                ErrorKind::Config,
+                "no connection parameters given (an empty string)",
+            ));
+        }
+        let (config, tls) = Tls::parse_params(params)?;
+        let tls = self.options.tls.overridden_by(&tls);
+        start::start(self.options, config, tls)
     }
 
     /// Connects with a ready `postgres::Config`; the builder's settings are applied on top of it.

@@ -33,8 +33,6 @@ pub(crate) const WAIT_REPLY_GRACE: Duration = Duration::from_millis(100);
 
 /// The longest application name PostgreSQL keeps (`NAMEDATALEN - 1` bytes).
 const MAX_APPLICATION_NAME: usize = 63;
-/// The least of the manager's name a waiting label keeps when the key's name is long.
-const MIN_MANAGER_NAME: usize = 16;
 
 /// Waits for `wanted` until `deadline` (`None`: no deadline): in the lock queue when the manager
 /// has waiting connections, else by polling. `name`: the name the key was given as, which a
@@ -240,9 +238,9 @@ fn wait_on(
 
 /// What a waiting connection's `application_name` is while it waits: the manager's name with
 /// ` (waiting: <what>)` after it, `what` the key's name (else its id, or the ids of several
-/// keys), within the 63 bytes PostgreSQL keeps: a long manager name is cut first (to no less than
-/// 16 bytes), then the whole, each on a character boundary. A NUL, which no setting may hold,
-/// shows as `?`.
+/// keys), cut on a character boundary to the 63 bytes PostgreSQL keeps: the manager's name stays
+/// whole as far as it fits, so that what matches it (`application_name LIKE 'app%'`, a monitoring
+/// tool's grouping) still does while it waits. A NUL, which no setting may hold, shows as `?`.
 pub(crate) fn waiting_label(manager: &str, name: Option<&str>, keys: &[LockKey]) -> String {
     let what = match name {
         Some(name) => name.replace('\0', "?"),
@@ -251,11 +249,7 @@ pub(crate) fn waiting_label(manager: &str, name: Option<&str>, keys: &[LockKey])
             ids.join(", ")
         }
     };
-    let suffix = format!(" (waiting: {what})");
-    let keep = MAX_APPLICATION_NAME
-        .saturating_sub(suffix.len())
-        .max(manager.len().min(MIN_MANAGER_NAME));
-    let mut label = format!("{}{suffix}", cut(manager, keep));
+    let mut label = format!("{manager} (waiting: {what})");
     label.truncate(cut(&label, MAX_APPLICATION_NAME).len());
     label
 }
@@ -293,12 +287,21 @@ mod tests {
         let long = "\u{e9}".repeat(40);
         for (manager, name) in [(long.as_str(), "k"), ("m", long.as_str()), (&long, &long)] {
             let label = waiting_label(manager, Some(name), &[key]);
-            assert!(label.len() <= 63, "{label}");
-            assert!(label.contains(" (waiting: "), "{label}");
+            assert!(label.len() <= 63 && label.len() >= 62, "{label}");
+            assert!(
+                label.starts_with(&manager[..cut(manager, 62).len()]),
+                "{label}"
+            );
         }
-        let label = waiting_label(&"m".repeat(60), Some("exports"), &[key]);
-        assert!(label.ends_with(" (waiting: exports)"), "{label}");
-        assert!(label.starts_with(&"m".repeat(16)), "{label}");
+        let label = waiting_label(
+            "distlock run failover/turned-standby",
+            Some("failover/turned-standby"),
+            &[key],
+        );
+        assert_eq!(
+            label,
+            "distlock run failover/turned-standby (waiting: failover/turned-"
+        );
         assert_eq!(waiting_label("m", Some("a\0b"), &[key]), "m (waiting: a?b)");
     }
 }

@@ -15,6 +15,7 @@ use distlock::{LockKey, LockManager};
 use postgres::{Client, NoTls};
 
 mod capabilities;
+mod names;
 mod waiting;
 
 /// One line of the results: a case, a figure, its unit.
@@ -83,6 +84,7 @@ pub fn run(url: Option<&str>, args: Args) -> Result<ExitCode> {
     let mut report = Report::default();
     latency(&cluster, &mut report)?;
     capabilities::capabilities(&cluster, &mut report)?;
+    names::names(&cluster, &mut report)?;
     throughput(&cluster, per_case, &mut report)?;
     pgbench(&cluster, per_case, &mut report)?;
     waiting::handoff(&cluster, &mut report)?;
