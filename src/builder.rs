@@ -109,7 +109,7 @@ impl Builder {
     /// Records the name of each key this manager locks by its name (`&str`, `String`) in the
     /// table `public.distlock_names` (`id`, `name`), so that `distlock locks` and its live view
     /// show names instead of FNV-1a ids. Each name is written once per manager, by the worker
-    /// when it is idle after the name's first grant: never on a grant's path (what the first
+    /// when its connection is quiet after the name's first grant: never on a call's path (what the first
     /// lock of a name costs is in the README's Performance section). The table is created on
     /// first use, as the fencing sequence is; a role that may not create it or write to it gets
     /// one warning naming the statement to run once, and locking is unaffected.

@@ -1,12 +1,13 @@
 //! The names a manager records for its keys ([`crate::Builder::record_names`]): callers note a
-//! name after its lock was granted, the worker writes the names not yet written when it is idle,
-//! each name once per manager.
+//! name after its lock was granted, the worker writes the names not yet written when its
+//! connection is quiet, each name once per manager.
 //!
 //! A key's id is the FNV-1a hash of its name, which no screen can turn back into the name. The
 //! names table (`public.distlock_names`, one row per id and name) is where `distlock locks`
 //! finds them again; two names that hash to one id are two rows, shown together.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
@@ -27,8 +28,9 @@ struct Book {
     /// The first name noted for each id; `more` holds any other name of the same id.
     seen: KeyMap<i64, Box<str>>,
     more: Vec<(i64, Box<str>)>,
-    /// Noted and not yet written.
+    /// Noted and not yet written, the first of them noted at `since`.
     pending: Vec<(i64, Box<str>)>,
+    since: Option<Instant>,
     /// Writing failed for good (the role may not, a standby): nothing more is kept.
     stopped: bool,
 }
@@ -70,6 +72,7 @@ impl Names {
             }
         }
         book.pending.push((id, name.into()));
+        book.since.get_or_insert_with(Instant::now);
         self.pending.store(true, Ordering::Release);
     }
 
@@ -79,9 +82,21 @@ impl Names {
         self.pending.load(Ordering::Acquire)
     }
 
+    /// True when names have waited to be written for `after` or longer (a load when none wait).
+    #[inline]
+    pub(crate) fn overdue(&self, after: Duration) -> bool {
+        self.has_pending()
+            && self
+                .book
+                .lock()
+                .since
+                .is_some_and(|since| since.elapsed() >= after)
+    }
+
     /// The names to write now, taken out of the book.
     pub(crate) fn take_pending(&self) -> Vec<(i64, Box<str>)> {
         let mut book = self.book.lock();
+        book.since = None;
         self.pending.store(false, Ordering::Release);
         std::mem::take(&mut book.pending)
     }
@@ -93,6 +108,7 @@ impl Names {
             return;
         }
         book.pending.extend(names);
+        book.since.get_or_insert_with(Instant::now);
         self.pending.store(true, Ordering::Release);
     }
 
@@ -101,6 +117,7 @@ impl Names {
         let mut book = self.book.lock();
         book.stopped = true;
         book.pending.clear();
+        book.since = None;
         self.pending.store(false, Ordering::Release);
     }
 }
@@ -118,6 +135,8 @@ mod tests {
         names.note(7, "b");
         names.note(8, "nul\0inside");
         assert!(names.has_pending());
+        assert!(!names.overdue(Duration::from_secs(60)));
+        assert!(names.overdue(Duration::ZERO));
         let got: Vec<_> = names.take_pending();
         assert_eq!(got, vec![(7, "a".into()), (7, "b".into())]);
         assert!(!names.has_pending());

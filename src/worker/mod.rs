@@ -262,10 +262,11 @@ impl Worker {
                         return end;
                     }
                 }
-                Err(TryRecvError::Empty) if self.spec.names.has_pending() => {
-                    if let Err(e) = names::record(&self.spec.names, conn) {
-                        cause::lost(&link, conn.generation, &e);
-                        return End::Lost;
+                // A busy manager writes the names it noted at an idle moment, once they have
+                // waited a while; a quiet one at its next tick (`heartbeat_if_due`).
+                Err(TryRecvError::Empty) if self.spec.names.overdue(names::DELAY) => {
+                    if let Err(end) = self.record_names(conn) {
+                        return end;
                     }
                 }
                 Err(TryRecvError::Empty) => {
@@ -304,6 +305,10 @@ impl Worker {
     #[inline]
     fn heartbeat_if_due(&mut self, conn: &mut Conn) -> Result<(), End> {
         let due = self.spec.link.take_due();
+        if due != 0 && self.spec.names.has_pending() && self.spec.requests.is_empty() {
+            // Quiet for a tick, and nobody waiting: the names noted meanwhile.
+            self.record_names(conn)?;
+        }
         // A transaction-mode manager's own connection holds no lock whose loss would be told, and
         // each statement takes a pooler's server connection: it stays quiet.
         if due == 0 || self.spec.connector.flavor == Flavor::Control {
@@ -316,6 +321,15 @@ impl Worker {
         // (a switchover, `pg_terminate_backend`) is told before a new primary can grant its locks.
         conn.look().map_err(|e| {
             cause::lost(&self.spec.link, conn.generation, &e.into_error());
+            End::Lost
+        })
+    }
+
+    /// Writes the key names noted since the last write ([`names::record`]).
+    #[inline(never)]
+    fn record_names(&mut self, conn: &mut Conn) -> Result<(), End> {
+        names::record(&self.spec.names, conn).map_err(|e| {
+            cause::lost(&self.spec.link, conn.generation, &e);
             End::Lost
         })
     }

@@ -1,8 +1,11 @@
-//! The worker's side of recording key names ([`crate::Builder::record_names`]): while idle, it
-//! writes the names callers noted to `public.distlock_names` in one statement, the names bound
+//! The worker's side of recording key names ([`crate::Builder::record_names`]): when its
+//! connection has been quiet for a monitor tick with nothing queued (or, on a manager never that
+//! quiet, at an idle moment once they have waited [`DELAY`]), it writes the names callers noted to `public.distlock_names` in one statement, the names bound
 //! as parameters (never in the statement's text). The table is created on first use; a role that
 //! may not create or write it gets one warning naming the statements to run once, and the
 //! manager records nothing more.
+
+use std::time::Duration;
 
 use postgres::error::SqlState;
 use postgres::types::Type;
@@ -22,6 +25,10 @@ pub(crate) const CREATE_NAMES: &str = "/*NO LOAD BALANCE*/ \
      (id int8 NOT NULL, name text NOT NULL, PRIMARY KEY (id, name)); \
      CREATE INDEX IF NOT EXISTS distlock_names_fold \
      ON public.distlock_names ((((id >> 32) # id) & 4294967295))";
+
+/// How long noted names wait at most, on a manager that is never quiet for a tick, before they
+/// are written at its next idle moment.
+pub(crate) const DELAY: Duration = Duration::from_secs(1);
 
 /// Writes the names `$2` of the ids `$1`, keeping those already there.
 const INSERT_NAMES: &str = "/*NO LOAD BALANCE*/ INSERT INTO public.distlock_names (id, name) \
