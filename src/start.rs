@@ -11,6 +11,7 @@ use crate::caller::acquire::FIRST_RETRY;
 use crate::caller::handle::LockManager;
 use crate::caller::pool::{IDLE_CLOSE, Open, WaitPool};
 use crate::caller::shared::{Settings, Shared, Waits};
+use crate::caller::waiting::{MAX_APPLICATION_NAME, cut};
 use crate::error::{Error, ErrorKind, Result};
 use crate::protocol::link::Link;
 use crate::protocol::names::Names;
@@ -26,8 +27,6 @@ const DEFAULT_APPLICATION_NAME: &str = "distlock";
 const WAITING_SUFFIX: &str = " (waiting connection)";
 /// What the application name of a lock transaction's connection ends with (transaction mode).
 const TRANSACTION_SUFFIX: &str = " (lock transaction)";
-/// The longest application name PostgreSQL keeps (`NAMEDATALEN - 1` bytes).
-const MAX_APPLICATION_NAME: usize = 63;
 
 /// A manager holds at most this fraction (1 / it) of the server's shared lock table.
 const LOCK_TABLE_SHARE: i64 = 4;
@@ -254,11 +253,7 @@ fn pool_of(
 /// `name` with `suffix` after it, cut on a character boundary so that the whole fits in what
 /// PostgreSQL keeps of an application name.
 fn suffixed(name: &str, suffix: &str) -> String {
-    let mut end = name.len().min(MAX_APPLICATION_NAME - suffix.len());
-    while !name.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}{suffix}", &name[..end])
+    format!("{}{suffix}", cut(name, MAX_APPLICATION_NAME - suffix.len()))
 }
 
 /// How long one statement may run before its connection counts as stalled and is given up.

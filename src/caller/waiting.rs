@@ -32,7 +32,7 @@ use crate::protocol::request::{Fencing, Special, Wait};
 pub(crate) const WAIT_REPLY_GRACE: Duration = Duration::from_millis(100);
 
 /// The longest application name PostgreSQL keeps (`NAMEDATALEN - 1` bytes).
-const MAX_APPLICATION_NAME: usize = 63;
+pub(crate) const MAX_APPLICATION_NAME: usize = 63;
 
 /// Waits for `wanted` until `deadline` (`None`: no deadline): in the lock queue when the manager
 /// has waiting connections, else by polling. `name`: the name the key was given as, which a
@@ -255,7 +255,7 @@ pub(crate) fn waiting_label(manager: &str, name: Option<&str>, keys: &[LockKey])
 }
 
 /// `text`'s first `max` bytes at most, cut on a character boundary.
-fn cut(text: &str, max: usize) -> &str {
+pub(crate) fn cut(text: &str, max: usize) -> &str {
     let mut end = text.len().min(max);
     while !text.is_char_boundary(end) {
         end -= 1;
