@@ -14,7 +14,7 @@ use crate::error::Error;
 use crate::key::LockKey;
 use crate::protocol::names::Names;
 use crate::protocol::reply::Reply;
-use crate::worker::reply::column;
+use crate::worker::reply::{column, row_counts};
 use crate::worker::session::{Conn, Failed};
 
 /// Creates the names table if it is missing: one row per id and name (two names that hash to one
@@ -35,54 +35,96 @@ const INSERT_NAMES: &str = "/*NO LOAD BALANCE*/ INSERT INTO public.distlock_name
      SELECT i, n FROM ROWS FROM (pg_catalog.unnest($1::int8[]), pg_catalog.unnest($2::text[])) t (i, n) \
      ON CONFLICT DO NOTHING";
 
+/// Whether the names table is there (first statement) and this role may write it (second), as
+/// row counts.
+const PROBE_NAMES: &str = "/*NO LOAD BALANCE*/ \
+     SELECT WHERE pg_catalog.to_regclass('public.distlock_names') IS NOT NULL; \
+     SELECT WHERE pg_catalog.has_table_privilege(\
+     pg_catalog.to_regclass('public.distlock_names'), 'INSERT')";
+
 /// Writes the names waiting in `names` on `conn`. `Err`: the connection broke (the names are
 /// kept for the next connection); a server that refuses them stops the recording, said once.
+///
+/// The table is probed, and created where it is missing, in simple queries before the write, so
+/// that the write (the one statement with bound parameters) is not expected to fail: a proxy that
+/// parses the extended protocol (pgpool-II 4.3 was seen to crash on a statement after a failed
+/// one) then only sees statements that succeed.
 pub(crate) fn record(names: &Names, conn: &mut Conn) -> Result<(), Error> {
     let batch = names.take_pending();
-    let ids: Vec<i64> = batch.iter().map(|(id, _)| *id).collect();
-    let texts: Vec<&str> = batch.iter().map(|(_, name)| &**name).collect();
-    let insert = |conn: &mut Conn| {
-        conn.typed(
-            INSERT_NAMES,
-            &[(&ids, Type::INT8_ARRAY), (&texts, Type::TEXT_ARRAY)],
-        )
-    };
-    let mut outcome = insert(conn);
-    if let Err(Failed::Rejected(e)) = &outcome
-        && e.sql_state() == Some(&SqlState::UNDEFINED_TABLE)
-    {
-        outcome = match conn.rows(CREATE_NAMES) {
-            Ok(_) => insert(conn),
-            // Another manager created it at the same moment: it is there now.
-            Err(Failed::Rejected(e)) if e.sql_state() == Some(&SqlState::UNIQUE_VIOLATION) => {
-                insert(conn)
-            }
-            Err(failed) => Err(failed),
-        };
-    }
-    match outcome {
-        Ok(_) => {
+    let outcome = ready(conn).and_then(|ready| match ready {
+        Ready::Yes => {
+            let ids: Vec<i64> = batch.iter().map(|(id, _)| *id).collect();
+            let texts: Vec<&str> = batch.iter().map(|(_, name)| &**name).collect();
+            conn.typed(
+                INSERT_NAMES,
+                &[(&ids, Type::INT8_ARRAY), (&texts, Type::TEXT_ARRAY)],
+            )
+            .map(|_| None)
+        }
+        Ready::Refused(cause) => Ok(Some(cause)),
+    });
+    let cause = match outcome {
+        Ok(None) => {
             log::debug!("distlock: recorded {} key name(s)", batch.len());
-            Ok(())
+            return Ok(());
         }
         Err(Failed::Broken(e)) => {
             names.give_back(batch);
-            Err(e)
+            return Err(e);
         }
+        Ok(Some(cause)) => cause,
         Err(Failed::Rejected(e)) => {
-            names.stop();
-            let create = CREATE_NAMES.trim_start_matches(crate::worker::sql::PIN);
+            std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string)
+        }
+    };
+    names.stop();
+    let create = CREATE_NAMES.trim_start_matches(crate::worker::sql::PIN);
+    log::warn!(
+        "distlock: key names are not recorded, so `distlock locks` shows this manager's keys as \
+         ids: this role cannot create or write public.distlock_names ({cause}). Have a role \
+         allowed to, run once: `{create}; GRANT SELECT, INSERT ON public.distlock_names TO <lock \
+         users>`"
+    );
+    Ok(())
+}
+
+/// Whether names can be written now.
+enum Ready {
+    Yes,
+    /// Not by this role: why.
+    Refused(String),
+}
+
+/// Probes the names table, creating it where it is missing.
+fn ready(conn: &mut Conn) -> Result<Ready, Failed> {
+    let probe = conn.rows(PROBE_NAMES)?;
+    let mut counts = row_counts(&probe);
+    let (exists, writable) = (counts.next() == Some(1), counts.next() == Some(1));
+    if exists {
+        return Ok(if writable {
+            Ready::Yes
+        } else {
+            Ready::Refused("permission denied to insert".to_owned())
+        });
+    }
+    match conn.rows(CREATE_NAMES) {
+        Ok(_) => {}
+        // Another manager created it at the same moment: it is there now.
+        Err(Failed::Rejected(e)) if e.sql_state() == Some(&SqlState::UNIQUE_VIOLATION) => {}
+        Err(Failed::Rejected(e)) => {
             let cause =
                 std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string);
-            log::warn!(
-                "distlock: key names are not recorded, so `distlock locks` shows this manager's \
-                 keys as ids: this role cannot create or write public.distlock_names ({cause}). Have \
-                 a role allowed to, run once: `{create}; GRANT SELECT, INSERT ON \
-                 public.distlock_names TO <lock users>`"
-            );
-            Ok(())
+            return Ok(Ready::Refused(cause));
         }
+        Err(broken) => return Err(broken),
     }
+    // Created by this role, or by another one at the same moment: may this one write it?
+    let probe = conn.rows(PROBE_NAMES)?;
+    Ok(if row_counts(&probe).nth(1) == Some(1) {
+        Ready::Yes
+    } else {
+        Ready::Refused("permission denied to insert".to_owned())
+    })
 }
 
 /// The names recorded for `key` (for a semaphore slot's or queue's key, the semaphore's), in
