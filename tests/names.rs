@@ -178,7 +178,10 @@ fn names_are_recorded_once_per_manager_only_when_asked() {
     // A semaphore's name, and a name given through a wait.
     drop(recording.try_acquire_permit("names-test sem", 3).unwrap());
     drop(recording.try_lock_for("names-test waited", LIMIT).unwrap());
-    for n in ["names-test sem", "names-test waited"] {
+    // An election's name, through its campaign.
+    let election = distlock::Election::new(&recording, "names-test election");
+    drop(election.try_campaign().unwrap().expect("leads"));
+    for n in ["names-test sem", "names-test waited", "names-test election"] {
         let id = LockKey::name(n).as_id().unwrap();
         assert!(eventually(LIMIT, || recorded(&mut admin, id) == [n]), "{n}");
     }

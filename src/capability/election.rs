@@ -1,5 +1,6 @@
 //! `Election`: leader election on one lock, for candidates and for observers.
 
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -44,6 +45,18 @@ use crate::key::{IntoLockKey, LockKey};
 pub struct Election {
     locks: LockManager,
     key: LockKey,
+    /// The name `key` is the hash of, when the election was given one: its campaigns lock by it,
+    /// so a manager recording names records it.
+    name: Option<Arc<str>>,
+}
+
+/// An election's key with its name, as a lock call takes it.
+struct Named<'a>(LockKey, Option<&'a str>);
+
+impl IntoLockKey for Named<'_> {
+    fn key_and_name(&self) -> (LockKey, Option<&str>) {
+        (self.0, self.1)
+    }
 }
 
 /// Leading an [`Election`]; resigns when dropped.
@@ -63,10 +76,16 @@ pub struct Watch {
 impl Election {
     /// An election on `key`, run through `locks` (a clone of the manager is kept).
     pub fn new(locks: &LockManager, key: impl IntoLockKey) -> Election {
+        let (key, name) = key.key_and_name();
         Election {
             locks: locks.clone(),
-            key: key.key_and_name().0,
+            key,
+            name: name.map(Arc::from),
         }
+    }
+
+    fn named(&self) -> Named<'_> {
+        Named(self.key, self.name.as_deref())
     }
 
     /// The lock the election runs on.
@@ -82,7 +101,7 @@ impl Election {
     #[track_caller]
     pub fn campaign(&self) -> Result<Leadership> {
         Ok(Leadership {
-            guard: self.locks.lock_fenced(self.key)?,
+            guard: self.locks.lock_fenced(self.named())?,
         })
     }
 
@@ -95,7 +114,7 @@ impl Election {
     pub fn try_campaign(&self) -> Result<Option<Leadership>> {
         Ok(self
             .locks
-            .try_lock_fenced(self.key)?
+            .try_lock_fenced(self.named())?
             .map(|guard| Leadership { guard }))
     }
 
@@ -108,7 +127,7 @@ impl Election {
     pub fn campaign_for(&self, timeout: Duration) -> Result<Option<Leadership>> {
         Ok(self
             .locks
-            .try_lock_fenced_for(self.key, timeout)?
+            .try_lock_fenced_for(self.named(), timeout)?
             .map(|guard| Leadership { guard }))
     }
 
