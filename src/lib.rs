@@ -394,7 +394,7 @@ mod builder;
 #[cfg(all(test, unix))]
 mod fault_tests;
 mod start;
-#[cfg(unix)]
+#[cfg(all(unix, any(test, feature = "testing")))]
 pub mod testing;
 
 pub use builder::Builder;

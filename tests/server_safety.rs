@@ -79,7 +79,7 @@ fn a_server_whose_locks_exclude_nobody_is_refused_and_postgresql_is_not() {
                 "SELECT WHERE pg_catalog.pg_try_advisory_lock({})",
                 key.as_id().unwrap()
             );
-            distlock::testing::rows_returned(&c.simple_query(&sql).unwrap()) == 1
+            common::rows_returned(&c.simple_query(&sql).unwrap()) == 1
         };
         let (ga, gb) = (granted(&mut a), granted(&mut b));
         assert!(
@@ -261,30 +261,4 @@ fn the_connection_strings_application_name_is_kept_and_waiting_connections_say_t
         .unwrap()
         .expect("granted once released");
     drop((guard, named));
-}
-
-/// What the exclusion proof adds to a connect, in wall-clock time: the set-up statements alone
-/// against the set-up with the proof (the library's own text), each one round trip on a raw
-/// connection, interleaved. Run: `cargo test --release --test server_safety measured --
-/// --ignored --nocapture`.
-#[test]
-#[ignore = "a measurement; prints figures"]
-fn measured_exclusion_proof_cost() {
-    let setup = distlock::testing::session_setup_sql(42, false);
-    let with_proof = distlock::testing::session_setup_sql(42, true);
-    let mut client = plain();
-    let (mut without, mut with) = (Vec::new(), Vec::new());
-    for _ in 0..500 {
-        for (sql, out) in [(&setup, &mut without), (&with_proof, &mut with)] {
-            let started = std::time::Instant::now();
-            client.simple_query(sql).unwrap();
-            out.push(started.elapsed());
-        }
-    }
-    without.sort();
-    with.sort();
-    println!(
-        "connect set-up round trip p50: {:?} without the proof, {:?} with it",
-        without[250], with[250]
-    );
 }

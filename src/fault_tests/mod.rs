@@ -420,4 +420,5 @@ fn a_loss_is_announced_before_late_replies_are_settled() {
 }
 
 mod bounds;
+mod measured;
 mod queue_wait;

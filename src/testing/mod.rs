@@ -12,7 +12,8 @@
 //! waits on a pipe from this process and cleans up once the pipe closes.
 //!
 //! This module is for development (the crate's own tests, benchmarks and `distlock demo` use it);
-//! a deployment points the library at its real server. It is available on Unix only.
+//! a deployment points the library at its real server. It is compiled only with the `testing`
+//! feature (which the `cli` feature turns on), on Unix.
 
 use std::env;
 use std::fs;
@@ -28,11 +29,9 @@ mod bouncer;
 mod process;
 mod skip;
 mod standby;
-mod statements;
 
 pub use bouncer::{BouncerSetup, Pgbouncer};
 pub use skip::{REQUIRE_ALL, database_url, find_program, skip, skips_fail};
-pub use statements::{rows_returned, session_setup_sql};
 
 use process::{
     configure, find_bin_dir, free_port, is_root, make_root_dir, postgres_user, run_quietly,

@@ -34,6 +34,18 @@ pub fn plain() -> Client {
     Client::connect(url(), NoTls).expect("plain connect")
 }
 
+/// The row count of a simple query's first statement, from its `CommandComplete` message (as the
+/// library reads a lock statement's outcome).
+pub fn rows_returned(messages: &[postgres::SimpleQueryMessage]) -> u64 {
+    messages
+        .iter()
+        .find_map(|m| match m {
+            postgres::SimpleQueryMessage::CommandComplete(n) => Some(*n),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
 /// Granted holds of `key` in `pg_locks`: `(application_name, mode)` per holding session.
 pub fn holders(client: &mut Client, key: LockKey) -> Vec<(String, String)> {
     let (classid, objid, objsubid) = key.pg_locks_tag();

@@ -10,9 +10,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use distlock::testing::{TestCluster, rows_returned};
+use distlock::testing::TestCluster;
 use distlock::{LockKey, LockManager};
-use postgres::{Client, NoTls};
+use postgres::{Client, NoTls, SimpleQueryMessage};
 
 mod capabilities;
 mod names;
@@ -319,4 +319,16 @@ fn pgbench(cluster: &TestCluster, per_case: Duration, report: &mut Report) -> Re
     }
     let _ = std::fs::remove_file(script);
     Ok(())
+}
+
+/// The row count of a query's first statement, read as the library reads a lock statement's
+/// outcome: from its `CommandComplete` message, never from a decoded value.
+fn rows_returned(messages: &[SimpleQueryMessage]) -> u64 {
+    messages
+        .iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::CommandComplete(n) => Some(*n),
+            _ => None,
+        })
+        .unwrap_or(0)
 }
