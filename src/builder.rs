@@ -4,9 +4,10 @@ use std::time::Duration;
 
 use crate::caller::handle::LockManager;
 use crate::error::{Error, ErrorKind, Result};
+use crate::libpq::params;
+use crate::libpq::tls::{SslMode, Tls};
 use crate::start::{self, Options};
-use crate::worker::connect::tls::{SslMode, Tls};
-use crate::worker::connect::{Flavor, params};
+use crate::worker::connect::Flavor;
 
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);

@@ -359,11 +359,11 @@
 //!
 //!   | floor | where | what lives there | may import |
 //!   |---|---|---|---|
-//!   | ground | `error`, `key`, `mode`, `holder`, `clock`, `backoff`, `stats` | leaf types, the statistics counters | nothing of the crate |
+//!   | ground | `error`, `key`, `mode`, `holder`, `clock`, `backoff`, `stats`, `libpq/` | leaf types, the statistics counters, libpq's configuration (connection strings, hosts, TLS, certificates) | the ground floor only |
 //!   | protocol | `protocol/` | requests, typed replies, reply slots, the connection's state | ground |
 //!   | caller side | `caller/` | the handle, shared state, table, guard, the one acquire path, waiting, the waiting-connection pool | ground, protocol |
 //!   | capabilities | `capability/` | fenced, permits, multi-key, holders, election: one room each | ground, protocol, caller side |
-//!   | worker side | `worker/` | the loop, responses, batches, session, SQL (lock sessions and lock transactions), special statements, queue waits, read-backs, monitor, server keepalives; `worker/connect/`: one attempt per host, libpq parameters, TLS, certificates, pooler detection | ground, protocol |
+//!   | worker side | `worker/` | the loop, responses, batches, session, SQL (lock sessions and lock transactions), special statements, queue waits, read-backs, monitor, server keepalives; `worker/connect/`: one attempt per host, pooler detection | ground, protocol |
 //!   | top | `lib`, `builder`, `start`, `testing/` | the builder and the start of both sides | anything |
 //! * Costs are measured, not assumed: instructions and allocations per lock+unlock cycle against
 //!   the raw client running the same SQL (every thread counted; CI fails above 1.15 × the raw
@@ -379,6 +379,8 @@ mod clock;
 mod error;
 mod holder;
 mod key;
+// libpq's configuration: connection strings, hosts, TLS and certificates.
+mod libpq;
 mod mode;
 mod stats;
 // The messages between the two sides of the worker's channel.
@@ -405,9 +407,9 @@ pub use crossbeam_channel;
 pub use error::{Error, ErrorKind, Result};
 pub use holder::Holder;
 pub use key::{IntoLockKey, LockKey};
+pub use libpq::tls::{SslMode, Tls};
 pub use postgres;
 pub use stats::{BUCKETS, Histogram, Stats};
-pub use worker::connect::tls::{SslMode, Tls};
 
 /// The README's examples, compiled as doctests so that they cannot rot.
 #[cfg(doctest)]

@@ -13,11 +13,12 @@ use crate::caller::pool::{IDLE_CLOSE, Open, WaitPool};
 use crate::caller::shared::{Settings, Shared, Waits};
 use crate::caller::waiting::{MAX_APPLICATION_NAME, cut};
 use crate::error::{Error, ErrorKind, Result};
+use crate::libpq::params;
+use crate::libpq::tls::{self, Tls};
 use crate::protocol::link::Link;
 use crate::protocol::names::Names;
 use crate::protocol::slot::SPIN_HAND_OVER_TURNS;
-use crate::worker::connect::tls::{self, Tls};
-use crate::worker::connect::{Connector, Flavor, params};
+use crate::worker::connect::{Connector, Flavor};
 use crate::worker::keepalive::ServerKeepalive;
 use crate::worker::{self, Spec, monitor};
 

@@ -70,7 +70,7 @@ pub struct Setup {
 /// Where a connection whose parameters name no host looks for the server's socket, as libpq does:
 /// `/var/run/postgresql` where it exists, else `/tmp`.
 pub fn default_socket_dir() -> &'static Path {
-    crate::worker::connect::params::default_socket_dir()
+    crate::libpq::params::default_socket_dir()
 }
 
 /// A cluster this process started.

@@ -5,8 +5,9 @@ use postgres::error::SqlState;
 use postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
 
 use crate::error::{Error, ErrorKind};
+use crate::libpq::tls;
 use crate::protocol::link::Backend;
-use crate::worker::connect::{pooler, tls};
+use crate::worker::connect::pooler;
 use crate::worker::keepalive::ServerKeepalive;
 use crate::worker::reply::row_counts;
 use crate::worker::sql::{IDENTIFY, PROOF_STATEMENTS, Sql};

@@ -28,6 +28,7 @@ use parking_lot::Mutex;
 use postgres::Client;
 
 use crate::error::{Error, ErrorKind};
+use crate::libpq::{params, tls};
 use crate::protocol::link::{Backend, Link, Site};
 pub(crate) use crate::worker::connect::attempt::Flavor;
 use crate::worker::connect::attempt::{Attempt, attempt};
@@ -35,10 +36,7 @@ use crate::worker::keepalive::ServerKeepalive;
 use crate::worker::session::{Conn, Failed, Query};
 
 pub(crate) mod attempt;
-mod certs;
-pub(crate) mod params;
 pub(crate) mod pooler;
-pub(crate) mod tls;
 
 /// Makes the manager's connections, one attempt at a time.
 pub(crate) struct Connector {

@@ -28,8 +28,8 @@ use rustls::{CertificateError, ClientConfig};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::worker::connect::certs::{Lenient, Roots, read_certs, read_key, root_store};
-use crate::worker::connect::params;
+use crate::libpq::certs::{Lenient, Roots, read_certs, read_key, root_store};
+use crate::libpq::params;
 
 /// How much TLS a connection asks for: libpq's `sslmode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
