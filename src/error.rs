@@ -59,6 +59,9 @@ pub enum ErrorKind {
     /// waiting for a lock the other holds) and ended this call's wait to break it. Nothing was
     /// acquired; release what the caller holds, and try again.
     Deadlock,
+    /// A defect of distlock itself: one side of the manager answered the other with a reply the
+    /// request never gets. Nothing about the server or the network; please report it.
+    Internal,
 }
 
 /// The error of every fallible call in this crate.
@@ -228,7 +231,7 @@ impl Error {
     #[cold]
     pub(crate) fn unexpected(reply: &dyn fmt::Debug) -> Error {
         Error::new(
-            ErrorKind::Server,
+            ErrorKind::Internal,
             format!("the lock manager's worker gave an unexpected reply: {reply:?}"),
         )
     }
@@ -318,5 +321,17 @@ impl std::error::Error for Error {
         self.source
             .as_deref()
             .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reply_the_request_never_gets_is_distlocks_defect_not_the_servers() {
+        let err = Error::unexpected(&"Busy");
+        assert_eq!(err.kind(), ErrorKind::Internal);
+        assert!(!err.is_transient());
     }
 }

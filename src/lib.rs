@@ -207,7 +207,7 @@
 //! Every failure is a distinct [`ErrorKind`]: `Timeout`, `ConnectionLost`, `LockLost`, `Offline`,
 //! `Shutdown`, `TooManyLocks`, `Server`, `Deadlock` (PostgreSQL ended a wait in its lock queue to
 //! break a deadlock), `Pooler` (a pooler shares the session; for good), `Io` (a thread could not be
-//! started), plus `Config`/`Connect` and `NoExclusion` (the server's advisory locks would exclude
+//! started), `Internal` (a defect of distlock's own, never the server's), plus `Config`/`Connect` and `NoExclusion` (the server's advisory locks would exclude
 //! nobody) when connecting.
 //!
 //! # Connecting: TLS, passwords, standbys
