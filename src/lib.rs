@@ -363,7 +363,7 @@
 //!   | protocol | `protocol/` | requests, typed replies, reply slots, the connection's state | ground |
 //!   | caller side | `caller/` | the handle, shared state, table, guard, the one acquire path, waiting, the waiting-connection pool | ground, protocol |
 //!   | capabilities | `capability/` | fenced, permits, multi-key, holders, election: one room each | ground, protocol, caller side |
-//!   | worker side | `worker/` | the loop, responses, batches, session, SQL (lock sessions and lock transactions), special statements, queue waits, read-backs, monitor, server keepalives; `worker/connect/`: one attempt per host, pooler detection | ground, protocol |
+//!   | worker side | `worker/` | the loop, responses, batches, session, the solo requests (beyond one key: fenced, permits, all-or-nothing, holders, names, tokens), queue waits, read-backs, monitor, server keepalives; `worker/sql/`: the statement texts of lock sessions, lock transactions and solo requests; `worker/connect/`: one attempt per host, pooler detection | ground, protocol |
 //!   | top | `lib`, `builder`, `start`, `testing/` | the builder and the start of both sides | anything |
 //! * Costs are measured, not assumed: instructions and allocations per lock+unlock cycle against
 //!   the raw client running the same SQL (every thread counted; CI fails above 1.15 × the raw

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::key::LockKey;
 use crate::mode::Mode;
 use crate::protocol::reply::Reply;
-use crate::protocol::request::{Op, Special};
+use crate::protocol::request::{Op, Solo};
 
 /// The first pause between two tries of a lock someone else holds.
 pub(crate) const FIRST_RETRY: Duration = Duration::from_millis(1);
@@ -141,7 +141,7 @@ pub(crate) fn try_lock(
     )
 }
 
-/// One try of `wanted`, bounded by `deadline`: a plain try, or one special request (a fenced
+/// One try of `wanted`, bounded by `deadline`: a plain try, or one solo request (a fenced
 /// grant, or every key or none).
 pub(crate) fn try_once(
     shared: &Arc<Shared>,
@@ -151,13 +151,13 @@ pub(crate) fn try_once(
     if shared.settings().transactions {
         return in_transaction(shared, wanted, deadline, deadline);
     }
-    let special = match wanted {
+    let solo = match wanted {
         Wanted::One(key, mode) => {
             return Ok(try_lock(shared, key, mode, deadline)?.map(|guard| vec![guard]));
         }
-        Wanted::Fenced(key) => Special::Fenced(key),
+        Wanted::Fenced(key) => Solo::Fenced(key),
         Wanted::All([]) => return Ok(Some(Vec::new())),
-        Wanted::All(keys) => Special::All {
+        Wanted::All(keys) => Solo::All {
             keys: keys.to_vec(),
             mode: Mode::Exclusive,
         },
@@ -166,7 +166,7 @@ pub(crate) fn try_once(
         shared,
         wanted.keys(),
         wanted.mode(),
-        |_| shared.round_trip_special(special, deadline),
+        |_| shared.round_trip_solo(solo, deadline),
         |reply| guards(shared, reply),
     )
 }
@@ -277,7 +277,7 @@ pub(crate) fn lock_transaction(
 /// The lock is proven held after the token is drawn, so no later holder can have drawn a smaller
 /// one: tokens only grow, as in a session.
 pub(crate) fn fence(shared: &Shared, guard: LockGuard) -> Result<LockGuard> {
-    let token = match shared.round_trip_special(Special::Token, shared.request_deadline())? {
+    let token = match shared.round_trip_solo(Solo::Token, shared.request_deadline())? {
         Reply::Grant(grant) => grant.token,
         other => return Err(Error::unexpected(&other)),
     };

@@ -20,7 +20,7 @@ use crate::mode::Mode;
 use crate::protocol::link::{Link, Site};
 use crate::protocol::names::Names;
 use crate::protocol::reply::Reply;
-use crate::protocol::request::{Op, Plain, Request, Special};
+use crate::protocol::request::{Op, Plain, Request, Solo};
 use crate::protocol::slot::{self, ReplySlot, Ticket, Waited};
 use crate::stats::Stats;
 
@@ -219,26 +219,23 @@ impl Shared {
         })
     }
 
-    /// Sends one special request and waits for its reply until `deadline`.
-    pub(crate) fn round_trip_special(&self, special: Special, deadline: Instant) -> Result<Reply> {
+    /// Sends one solo request and waits for its reply until `deadline`.
+    pub(crate) fn round_trip_solo(&self, solo: Solo, deadline: Instant) -> Result<Reply> {
         // In transaction mode the manager's own connection shares its server session through the
         // pooler: it may look (`holders`), never lock.
         if self.settings.transactions
-            && !matches!(
-                special,
-                Special::Holders(_) | Special::Names(_) | Special::Token
-            )
+            && !matches!(solo, Solo::Holders(_) | Solo::Names(_) | Solo::Token)
         {
             return Err(Error::not_in_transaction_mode());
         }
         // A wait in the lock queue also ends when its connection is declared lost: a frozen
         // server would otherwise keep it until its deadline.
-        let lost = match special {
-            Special::Wait(_) => self.link.loss_signal(),
+        let lost = match solo {
+            Solo::Wait(_) => self.link.loss_signal(),
             _ => None,
         };
         self.exchange(deadline, lost.as_ref(), |reply| {
-            Request::Special(Box::new(special), reply)
+            Request::Solo(Box::new(solo), reply)
         })
     }
 

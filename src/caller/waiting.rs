@@ -25,7 +25,7 @@ use crate::clock::deadline_in;
 use crate::error::{Error, ErrorKind, Result};
 use crate::key::LockKey;
 use crate::mode::Mode;
-use crate::protocol::request::{Fencing, Special, Wait};
+use crate::protocol::request::{Fencing, Solo, Wait};
 
 /// How long past its deadline a wait in the lock queue waits for the server's answer to its
 /// `lock_timeout`: a round trip, on any network distlock is meant for.
@@ -231,7 +231,7 @@ fn wait_on(
         conn,
         wanted.keys(),
         wanted.mode(),
-        |_| conn.round_trip_special(Special::Wait(wait), reply_deadline),
+        |_| conn.round_trip_solo(Solo::Wait(wait), reply_deadline),
         |reply| guards(conn, reply),
     )
 }

@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::holder::Holder;
 use crate::key::IntoLockKey;
 use crate::protocol::reply::Reply;
-use crate::protocol::request::Special;
+use crate::protocol::request::Solo;
 
 impl LockManager {
     /// The sessions that hold or wait for `key`, from `pg_locks` joined with
@@ -32,8 +32,8 @@ impl LockManager {
     pub fn holders(&self, key: impl IntoLockKey) -> Result<Vec<Holder>> {
         let shared = self.shared();
         shared.check_online()?;
-        match shared.round_trip_special(
-            Special::Holders(key.key_and_name().0),
+        match shared.round_trip_solo(
+            Solo::Holders(key.key_and_name().0),
             shared.request_deadline(),
         )? {
             Reply::Holders(holders) => Ok(holders),
@@ -63,8 +63,8 @@ impl LockManager {
     pub fn names_of(&self, key: impl IntoLockKey) -> Result<Vec<String>> {
         let shared = self.shared();
         shared.check_online()?;
-        let special = Special::Names(key.key_and_name().0);
-        match shared.round_trip_special(special, shared.request_deadline())? {
+        let solo = Solo::Names(key.key_and_name().0);
+        match shared.round_trip_solo(solo, shared.request_deadline())? {
             Reply::Names(names) => Ok(names),
             other => Err(Error::unexpected(&other)),
         }

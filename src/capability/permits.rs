@@ -19,7 +19,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::key::{IntoLockKey, LockKey};
 use crate::mode::Mode;
 use crate::protocol::reply::Reply;
-use crate::protocol::request::{MAX_PERMITS, Op, Special};
+use crate::protocol::request::{MAX_PERMITS, Op, Solo};
 
 /// The slot number of a semaphore's turnstile, the lock its waiters queue for (never a permit:
 /// a semaphore has at most [`MAX_PERMITS`] slots).
@@ -139,7 +139,7 @@ fn try_permit(
     if shared.settings().transactions {
         return try_permit_in_transaction(shared, key, permits, deadline);
     }
-    let reply = shared.round_trip_special(Special::Permit { key, permits }, deadline)?;
+    let reply = shared.round_trip_solo(Solo::Permit { key, permits }, deadline)?;
     let grant = match reply {
         Reply::Grant(grant) => grant,
         Reply::Busy => {

@@ -1,5 +1,5 @@
 //! What callers ask of the worker: a [`Request`] is either one key's try, release or check
-//! ([`Plain`], batched with others) or a request beyond one key's ([`Special`], one statement of
+//! ([`Plain`], batched with others) or a request beyond one key's ([`Solo`], one statement of
 //! its own), each with the reply slot its answer goes to.
 
 use std::time::Instant;
@@ -31,7 +31,7 @@ pub(crate) enum Request {
     /// One key's try, release or check.
     Plain(Plain),
     /// A request beyond one key's, answered by its own kind of reply.
-    Special(Box<Special>, Ticket),
+    Solo(Box<Solo>, Ticket),
 }
 
 /// One key's try, release or check, and where its outcome goes.
@@ -56,7 +56,7 @@ pub(crate) struct Plain {
 /// A request beyond one key's try, release or check. Each runs alone, as one statement (a wait:
 /// one round trip) of its own, and gets the reply its documentation names.
 #[derive(Debug)]
-pub(crate) enum Special {
+pub(crate) enum Solo {
     /// An exclusive try that also draws a fencing token: [`Reply::Grant`](crate::protocol::reply::Reply::Grant) (with the token) or
     /// [`Reply::Busy`](crate::protocol::reply::Reply::Busy).
     Fenced(LockKey),
@@ -122,7 +122,7 @@ impl Request {
     pub(crate) fn into_ticket(self) -> (Ticket, Option<(LockKey, Mode)>) {
         match self {
             Request::Plain(p) => (p.reply, Some((p.key, p.mode))),
-            Request::Special(_, ticket) => (ticket, None),
+            Request::Solo(_, ticket) => (ticket, None),
         }
     }
 }

@@ -33,10 +33,9 @@ mod offline;
 pub(crate) mod queue_wait;
 pub(crate) mod readback;
 pub(crate) mod reply;
-pub(crate) mod requests;
 mod respond;
 pub(crate) mod session;
-mod special_sql;
+pub(crate) mod solo;
 pub(crate) mod sql;
 
 /// The first and the largest pause between two reconnect attempts.
@@ -243,9 +242,7 @@ impl Worker {
                         return end;
                     }
                     let served = match first {
-                        Request::Special(special, reply) => {
-                            self.serve_special(conn, lease, &special, reply)
-                        }
+                        Request::Solo(solo, reply) => self.serve_solo(conn, lease, &solo, reply),
                         // The uncontended case: one request, one statement.
                         Request::Plain(plain) if self.spec.requests.is_empty() => {
                             self.serve_one(conn, lease, plain)

@@ -21,8 +21,8 @@ use crate::worker::fencing::{NEXT_TOKEN, fencing_error};
 use crate::worker::readback::{give_back, held_of};
 use crate::worker::reply::column;
 use crate::worker::session::{Conn, Failed};
-use crate::worker::special_sql;
 use crate::worker::sql::Scope;
+use crate::worker::sql::solo;
 
 /// Sets `application_name` to `$1` (for the transaction only when `$2`).
 const SET_LABEL: &str =
@@ -38,7 +38,7 @@ pub(crate) fn serve(wait: &Wait, conn: &mut Conn, lease: &Lease) -> Result<Reply
     // Labelled first, so that the server's end of the wait is counted from after it: the wait
     // still ends at the caller's deadline.
     label(wait, conn)?;
-    let mut sql = special_sql::wait(
+    let mut sql = solo::wait(
         &wait.keys,
         wait.mode,
         lock_timeout_ms(wait.deadline),

@@ -1,5 +1,5 @@
 //! Serving requests on a connection and answering them: one plain request alone, a batch of
-//! them, a special request; every answer handed over without waiting, and every grant whose
+//! them, a solo request; every answer handed over without waiting, and every grant whose
 //! caller gave up given back.
 
 use crate::error::Error;
@@ -7,13 +7,13 @@ use crate::key::LockKey;
 use crate::mode::Mode;
 use crate::protocol::link::Lease;
 use crate::protocol::reply::{Orphan, Reply};
-use crate::protocol::request::{Op, Plain, Request, Special};
+use crate::protocol::request::{Op, Plain, Request, Solo};
 use crate::protocol::slot::Ticket;
 use crate::worker::batch::{Broken, MAX_BATCH, Outcome};
 use crate::worker::session::{Conn, Failed};
 use crate::worker::sql::{END_TRANSACTION, Scope};
 use crate::worker::{End, Worker, lost_error};
-use crate::worker::{cause, requests};
+use crate::worker::{cause, solo};
 
 impl Worker {
     /// The uncontended case: one request, one statement, no batch bookkeeping.
@@ -50,13 +50,13 @@ impl Worker {
     ) -> Result<(), End> {
         // Whatever queued up meanwhile goes to the server in the same round trip.
         self.batch.requests.push(first);
-        // A special request ends the batch and runs after it, alone.
-        let mut special = None;
+        // A solo request ends the batch and runs after it, alone.
+        let mut solo = None;
         while self.batch.requests.len() < MAX_BATCH {
             match self.spec.requests.try_recv() {
                 Ok(Request::Plain(request)) => self.batch.requests.push(request),
-                Ok(Request::Special(request, reply)) => {
-                    special = Some((request, reply));
+                Ok(Request::Solo(request, reply)) => {
+                    solo = Some((request, reply));
                     break;
                 }
                 Err(_) => break,
@@ -82,28 +82,26 @@ impl Worker {
             }
         }
         self.batch.requests = requests; // keeps its capacity
-        match special {
-            Some((special, reply)) if result.is_ok() => {
-                self.serve_special(conn, lease, &special, reply)
-            }
-            Some((special, reply)) => {
-                self.fail(Request::Special(special, reply), lost_error());
+        match solo {
+            Some((solo, reply)) if result.is_ok() => self.serve_solo(conn, lease, &solo, reply),
+            Some((solo, reply)) => {
+                self.fail(Request::Solo(solo, reply), lost_error());
                 result
             }
             None => result,
         }
     }
 
-    /// A special request: one statement (a wait: one round trip) of its own.
+    /// A solo request: one statement (a wait: one round trip) of its own.
     #[inline(never)]
-    pub(super) fn serve_special(
+    pub(super) fn serve_solo(
         &mut self,
         conn: &mut Conn,
         lease: &Lease,
-        special: &Special,
+        solo: &Solo,
         reply: Ticket,
     ) -> Result<(), End> {
-        let answer = match requests::serve(special, conn, lease) {
+        let answer = match solo::serve(solo, conn, lease) {
             // Granted by a session that is already being replaced: its holds are gone.
             Ok(answer) if answer.is_grant() && !self.spec.link.is_current(lease.generation) => {
                 Reply::Failed(lost_error())

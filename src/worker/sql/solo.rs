@@ -1,4 +1,4 @@
-//! The statements of the special requests, each one statement (one round trip) of its own: a
+//! The statements of the solo requests, each one statement (one round trip) of its own: a
 //! fenced try, a semaphore's first free slot, all-or-nothing keys, the holders of a key, and a
 //! wait in the lock queue. Built, like every statement here, only from integers formatted here.
 

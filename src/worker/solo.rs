@@ -15,23 +15,23 @@ use crate::key::LockKey;
 use crate::mode::Mode;
 use crate::protocol::link::Lease;
 use crate::protocol::reply::{Grant, Reply};
-use crate::protocol::request::Special;
+use crate::protocol::request::Solo;
 use crate::worker::fencing::{CREATE_FENCE_SEQUENCE, NEXT_TOKEN, fencing_error};
 use crate::worker::names;
 use crate::worker::queue_wait;
 use crate::worker::readback::undo;
 use crate::worker::reply::column;
 use crate::worker::session::{Conn, Failed};
-use crate::worker::special_sql;
+use crate::worker::sql::solo;
 
-/// Runs `special` in `conn`'s session and says what to reply. `Err`: the connection broke, and
+/// Runs `solo` in `conn`'s session and says what to reply. `Err`: the connection broke, and
 /// what the statement did is unknown (the session is going, and its holds with it).
-pub(crate) fn serve(special: &Special, conn: &mut Conn, lease: &Lease) -> Result<Reply, Error> {
-    match special {
-        Special::Wait(wait) => queue_wait::serve(wait, conn, lease),
-        Special::Fenced(key) => fenced(*key, conn, lease),
-        Special::Permit { key, permits } => {
-            let sql = special_sql::permit(semaphore_class(*key), *permits, conn.scope);
+pub(crate) fn serve(solo: &Solo, conn: &mut Conn, lease: &Lease) -> Result<Reply, Error> {
+    match solo {
+        Solo::Wait(wait) => queue_wait::serve(wait, conn, lease),
+        Solo::Fenced(key) => fenced(*key, conn, lease),
+        Solo::Permit { key, permits } => {
+            let sql = solo::permit(semaphore_class(*key), *permits, conn.scope);
             first_row(conn.rows(&sql), |row| {
                 match column(row, 0).and_then(|t| t.parse::<u32>().ok()) {
                     Some(slot) => {
@@ -44,18 +44,18 @@ pub(crate) fn serve(special: &Special, conn: &mut Conn, lease: &Lease) -> Result
                 }
             })
         }
-        Special::All { keys, mode } => first_row(conn.rows(&special_sql::all(keys, *mode)), |_| {
+        Solo::All { keys, mode } => first_row(conn.rows(&solo::all(keys, *mode)), |_| {
             Grant::reply(lease, keys.clone(), *mode, None)
         }),
-        Special::Token => token(conn, lease),
-        Special::Holders(key) => match conn.rows(&special_sql::holders(*key)) {
+        Solo::Token => token(conn, lease),
+        Solo::Holders(key) => match conn.rows(&solo::holders(*key)) {
             Ok(rows) => Ok(Reply::Holders(
                 rows_of(&rows).filter_map(holder_of).collect(),
             )),
             Err(Failed::Broken(e)) => Err(e),
             Err(Failed::Rejected(e)) => Ok(Reply::Failed(e)),
         },
-        Special::Names(key) => names::lookup(*key, conn),
+        Solo::Names(key) => names::lookup(*key, conn),
     }
 }
 
@@ -92,7 +92,7 @@ fn first_row(
 /// failed (a session lock outlives the statement's error), so the grant is given back; a missing
 /// sequence is created and the try made again, once.
 fn fenced(key: LockKey, conn: &mut Conn, lease: &Lease) -> Result<Reply, Error> {
-    let sql = special_sql::fenced(key);
+    let sql = solo::fenced(key);
     let grant = |row: &SimpleQueryRow| {
         let token = column(row, 0).and_then(|t| t.parse::<u64>().ok());
         Grant::reply(lease, vec![key], Mode::Exclusive, token)

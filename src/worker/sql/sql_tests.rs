@@ -3,7 +3,7 @@
 use super::*;
 use crate::protocol::request::Fencing;
 use crate::worker::fencing::NEXT_TOKEN;
-use crate::worker::special_sql::{all, fenced, permit, wait};
+use crate::worker::sql::solo::{all, fenced, permit, wait};
 
 /// A query's text after its pin, which every query text starts with.
 fn unpinned(sql: &str) -> &str {
@@ -271,5 +271,5 @@ fn slot_keys_are_pairs_with_the_high_bit_of_objid_set() {
             .permit_slot(LockKey::TURNSTILE_SLOT)
             .is_semaphore_queue()
     );
-    assert_eq!(crate::worker::requests::semaphore_class(LockKey::id(7)), 7);
+    assert_eq!(crate::worker::solo::semaphore_class(LockKey::id(7)), 7);
 }

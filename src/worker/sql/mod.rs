@@ -18,6 +18,8 @@ use crate::mode::Mode;
 use crate::protocol::request::Op;
 use crate::worker::keepalive::ServerKeepalive;
 
+pub(crate) mod solo;
+
 /// The comment every query text starts with, so that a load-balancing proxy keeps it on the
 /// session's own backend (pgpool-II honours it; see the module docs).
 pub(crate) const PIN: &str = "/*NO LOAD BALANCE*/ ";
