@@ -49,14 +49,12 @@ impl LockManager {
         &self,
         keys: impl IntoIterator<Item = K>,
     ) -> Result<Option<Vec<LockGuard>>> {
-        let taken = {
-            let keys = key_list(keys)?;
-            acquire::try_once(
-                self.shared(),
-                Wanted::All(&keys),
-                self.shared().request_deadline(),
-            )
-        };
+        let keys = key_list(keys)?;
+        let taken = acquire::try_once(
+            self.shared(),
+            Wanted::All(&keys),
+            self.shared().request_deadline(),
+        );
         marked(self.shared(), taken, Location::caller())
     }
 
@@ -72,15 +70,13 @@ impl LockManager {
         keys: impl IntoIterator<Item = K>,
         timeout: Duration,
     ) -> Result<Option<Vec<LockGuard>>> {
-        let taken = {
-            let keys = key_list(keys)?;
-            waiting::wait(
-                self.shared(),
-                Wanted::All(&keys),
-                None,
-                Some(deadline_in(timeout)),
-            )
-        };
+        let keys = key_list(keys)?;
+        let taken = waiting::wait(
+            self.shared(),
+            Wanted::All(&keys),
+            None,
+            Some(deadline_in(timeout)),
+        );
         marked(self.shared(), taken, Location::caller())
     }
 
@@ -94,10 +90,9 @@ impl LockManager {
         &self,
         keys: impl IntoIterator<Item = K>,
     ) -> Result<Vec<LockGuard>> {
-        let taken = {
-            let keys = key_list(keys)?;
-            acquire::without_deadline(waiting::wait(self.shared(), Wanted::All(&keys), None, None))
-        };
+        let keys = key_list(keys)?;
+        let taken =
+            acquire::without_deadline(waiting::wait(self.shared(), Wanted::All(&keys), None, None));
         marked(self.shared(), taken, Location::caller())
     }
 }
