@@ -11,7 +11,7 @@ use std::{io, sync::Arc, thread};
 use crossbeam_channel::{Sender, TryRecvError};
 use postgres::Client;
 
-use crate::error::{Error, ErrorKind};
+use crate::error::Error;
 use crate::protocol::link::{Backend, DUE_HEARTBEAT, Lease, Link};
 use crate::protocol::names::Names;
 use crate::protocol::reply::Orphan;
@@ -19,6 +19,7 @@ use crate::protocol::request::Request;
 use crate::protocol::slot::LateReplies;
 use crate::worker::batch::{Batch, MAX_BATCH};
 use crate::worker::connect::{Connector, Flavor};
+use crate::worker::respond::lost_error;
 use crate::worker::session::{Conn, Query};
 use crate::worker::sql::Scope;
 
@@ -216,15 +217,6 @@ impl Worker {
         )
     }
 
-    /// Why the connection of `generation` stopped serving: the monitor replaced it, or it failed.
-    fn ended(&self, generation: u64) -> End {
-        if self.spec.link.is_current(generation) {
-            End::Lost
-        } else {
-            End::Superseded
-        }
-    }
-
     /// Serves requests on `conn` until it fails, is replaced, or the manager is gone.
     fn serve(&mut self, conn: &mut Conn, lease: &Lease) -> End {
         let link = Arc::clone(&self.spec.link);
@@ -342,36 +334,4 @@ impl Worker {
             }
         }
     }
-
-    /// Probes whether a pooler shares the session (the probe failing says nothing: the next
-    /// statement or heartbeat notices a broken connection). Out of line: the request path only
-    /// comes here when a lock the session should hold is missing.
-    #[cold]
-    #[inline(never)]
-    fn session_shared(&self, conn: &mut Conn) -> bool {
-        match conn.heartbeat() {
-            Ok(false) => {
-                self.pooler_seen();
-                true
-            }
-            Ok(true) | Err(_) => false,
-        }
-    }
-
-    /// A pooler shares the session: from now on the manager answers every call with
-    /// `ErrorKind::Pooler`, and this connection's guards are lost.
-    fn pooler_seen(&self) -> End {
-        log::error!("distlock worker: {}", Error::pooler());
-        self.spec.link.counters().server_refused();
-        self.spec.link.set_pooled();
-        End::Lost
-    }
-}
-
-/// The error of a request whose connection failed before or while it ran.
-pub(crate) fn lost_error() -> Error {
-    Error::new(
-        ErrorKind::ConnectionLost,
-        "the connection to the server was lost",
-    )
 }

@@ -2,7 +2,7 @@
 //! them, a solo request; every answer handed over without waiting, and every grant whose
 //! caller gave up given back.
 
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
 use crate::key::LockKey;
 use crate::mode::Mode;
 use crate::protocol::link::Lease;
@@ -12,7 +12,7 @@ use crate::protocol::slot::Ticket;
 use crate::worker::batch::{Broken, MAX_BATCH, Outcome};
 use crate::worker::session::{Conn, Failed};
 use crate::worker::sql::{END_TRANSACTION, Scope};
-use crate::worker::{End, Worker, lost_error};
+use crate::worker::{End, Worker};
 use crate::worker::{cause, solo};
 
 impl Worker {
@@ -312,4 +312,45 @@ impl Worker {
         }
         Ok(())
     }
+
+    /// Why the connection of `generation` stopped serving: the monitor replaced it, or it failed.
+    pub(super) fn ended(&self, generation: u64) -> End {
+        if self.spec.link.is_current(generation) {
+            End::Lost
+        } else {
+            End::Superseded
+        }
+    }
+
+    /// Probes whether a pooler shares the session (the probe failing says nothing: the next
+    /// statement or heartbeat notices a broken connection). Out of line: the request path only
+    /// comes here when a lock the session should hold is missing.
+    #[cold]
+    #[inline(never)]
+    fn session_shared(&self, conn: &mut Conn) -> bool {
+        match conn.heartbeat() {
+            Ok(false) => {
+                self.pooler_seen();
+                true
+            }
+            Ok(true) | Err(_) => false,
+        }
+    }
+
+    /// A pooler shares the session: from now on the manager answers every call with
+    /// `ErrorKind::Pooler`, and this connection's guards are lost.
+    pub(super) fn pooler_seen(&self) -> End {
+        log::error!("distlock worker: {}", Error::pooler());
+        self.spec.link.counters().server_refused();
+        self.spec.link.set_pooled();
+        End::Lost
+    }
+}
+
+/// The error of a request whose connection failed before or while it ran.
+pub(crate) fn lost_error() -> Error {
+    Error::new(
+        ErrorKind::ConnectionLost,
+        "the connection to the server was lost",
+    )
 }
