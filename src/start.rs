@@ -183,7 +183,7 @@ fn waiting_connections(
         application_name: Some(suffixed(name, WAITING_SUFFIX)),
         ..options.clone()
     };
-    let usable = |shared: &Arc<Shared>| shared.link().is_online();
+    let usable = |shared: &Arc<Shared>| shared.link().generations.is_online();
     Some(pool_of(
         one,
         config,

@@ -178,7 +178,11 @@ impl LockGuard {
     pub fn is_lost(&self) -> bool {
         // Generations only advance past a lost one, so "not the current generation" is "lost" — and
         // an atomic load is cheaper than polling the loss channel.
-        !self.shared.link().is_current(self.lease.generation)
+        !self
+            .shared
+            .link()
+            .generations
+            .is_current(self.lease.generation)
     }
 
     /// A channel that becomes ready (disconnected) when the lock is lost, to `select!` on beside the
@@ -229,7 +233,11 @@ impl LockGuard {
     /// ```
     pub fn ensure_held(&self) -> Result<()> {
         if self.is_lost() {
-            return Err(self.shared.link().lock_lost_error(self.lease.generation));
+            return Err(self
+                .shared
+                .link()
+                .generations
+                .lock_lost_error(self.lease.generation));
         }
         let deadline = deadline_in(self.shared.request_timeout());
         let reply = self.shared.round_trip(Call {
@@ -243,7 +251,11 @@ impl LockGuard {
         })?;
         match reply {
             Reply::Held if !self.is_lost() => Ok(()),
-            _ => Err(self.shared.link().lock_lost_error(self.lease.generation)),
+            _ => Err(self
+                .shared
+                .link()
+                .generations
+                .lock_lost_error(self.lease.generation)),
         }
     }
 
@@ -292,7 +304,11 @@ impl LockGuard {
             // The server released it with the connection; a newer connection must not be touched.
             self.counters().lost();
             self.give_back();
-            return Err(self.shared.link().lock_lost_error(self.lease.generation));
+            return Err(self
+                .shared
+                .link()
+                .generations
+                .lock_lost_error(self.lease.generation));
         }
         let deadline = deadline_in(self.shared.request_timeout());
         // Deadline to deadline: the clock read for the release's dates it (none more here).
@@ -312,7 +328,11 @@ impl LockGuard {
         self.give_back();
         match outcome? {
             Reply::Released => Ok(()),
-            _ => Err(self.shared.link().lock_lost_error(self.lease.generation)),
+            _ => Err(self
+                .shared
+                .link()
+                .generations
+                .lock_lost_error(self.lease.generation)),
         }
     }
 }

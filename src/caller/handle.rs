@@ -256,7 +256,7 @@ impl LockManager {
     /// for a status line or a health check beside a wait that goes on.
     pub fn offline(&self) -> Option<crate::error::Error> {
         let link = self.shared.link();
-        (!link.is_online()).then(|| link.offline_error())
+        (!link.generations.is_online()).then(|| link.generations.offline_error())
     }
 
     /// A handle on the caller side of a manager, as the builder starts it.

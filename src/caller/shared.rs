@@ -101,7 +101,7 @@ struct WakeOnDrop(Arc<Link>);
 
 impl Drop for WakeOnDrop {
     fn drop(&mut self) {
-        self.0.unpark_worker();
+        self.0.parking.unpark_worker();
     }
 }
 
@@ -187,7 +187,7 @@ impl Shared {
     /// seen sharing the session.
     #[inline]
     pub(crate) fn check_online(&self) -> Result<()> {
-        if self.link.is_online() {
+        if self.link.generations.is_online() {
             Ok(())
         } else {
             Err(self.offline_error())
@@ -198,10 +198,10 @@ impl Shared {
     #[cold]
     #[inline(never)]
     fn offline_error(&self) -> Error {
-        if self.link.is_pooled() {
+        if self.link.generations.is_pooled() {
             Error::pooler()
         } else {
-            self.link.offline_error()
+            self.link.generations.offline_error()
         }
     }
 
@@ -231,7 +231,7 @@ impl Shared {
         // A wait in the lock queue also ends when its connection is declared lost: a frozen
         // server would otherwise keep it until its deadline.
         let lost = match solo {
-            Solo::Wait(_) => self.link.loss_signal(),
+            Solo::Wait(_) => self.link.generations.loss_signal(),
             _ => None,
         };
         self.exchange(deadline, lost.as_ref(), |reply| {
@@ -261,7 +261,7 @@ impl Shared {
                 return Err(Error::shutdown());
             }
         }
-        self.link.wake_worker();
+        self.link.parking.wake_worker();
         self.link.hook(Site::BeforeReceive);
         let spin_turns = self.settings.spin_turns;
         let waited = if let Some(lost) = lost {
@@ -286,7 +286,7 @@ impl Shared {
                     // never serve another call. Detached, it dies with the worker's reference; the
                     // nudge makes the worker give back a grant in the reply at once.
                     let _ = slot.detach();
-                    self.link.nudge();
+                    self.link.parking.nudge();
                 }
                 if lost {
                     return Err(Error::new(
@@ -412,7 +412,7 @@ impl Shared {
         let mut stats = self.link.counters().snapshot();
         (stats.held_exclusive, stats.held_shared, stats.held_permits) =
             self.table.lock().held_by_kind();
-        stats.lock_session_open = self.link.is_online();
+        stats.lock_session_open = self.link.generations.is_online();
         stats.extra_connections_open = self
             .waits
             .as_ref()

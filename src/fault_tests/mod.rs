@@ -351,7 +351,7 @@ fn the_statement_that_ends_lost_backends_is_watched_like_every_other() {
         let fired = AtomicBool::new(false);
         locks.shared().link_arc().set_hook(Arc::new(move |site| {
             if site == Site::BeforeEndSuspects && !fired.swap(true, Ordering::SeqCst) {
-                let backend = link.backend().expect("online");
+                let backend = link.generations.backend().expect("online");
                 resume.stop(backend.pid);
             }
         }));

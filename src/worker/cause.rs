@@ -9,7 +9,7 @@ use crate::protocol::link::Link;
 pub(crate) fn lost(link: &Link, generation: u64, e: &Error) {
     log::warn!("distlock worker: connection failed: {e}");
     if let Some(cause) = describe(e) {
-        link.note_loss(generation, cause);
+        link.generations.note_loss(generation, cause);
     }
 }
 

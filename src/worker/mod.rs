@@ -87,7 +87,7 @@ pub(crate) fn start_first(
         .spawn(move || match spec.connector.connect() {
             Ok((client, backend)) => {
                 // Online before the caller hears of it, so its first call finds the manager ready.
-                let online = spec.link.go_online(backend);
+                let online = spec.link.generations.go_online(backend);
                 if ready.send(Ok(())).is_ok() {
                     Worker::new(spec).run(client, backend, online);
                 } else {
@@ -109,7 +109,7 @@ pub(crate) fn start_replacement(spec: Spec) -> io::Result<thread::JoinHandle<()>
         .spawn(move || {
             let mut worker = Worker::new(spec);
             if let Some((client, backend)) = worker.reconnect() {
-                let online = worker.spec.link.go_online(backend);
+                let online = worker.spec.link.generations.go_online(backend);
                 worker.run(client, backend, online);
             }
         })
@@ -190,7 +190,7 @@ impl Worker {
             let Some((client, backend)) = self.reconnect() else {
                 return;
             };
-            (lease, suspects) = self.spec.link.go_online(backend);
+            (lease, suspects) = self.spec.link.generations.go_online(backend);
             conn = self.session(client, &lease, backend);
         }
     }
@@ -220,9 +220,9 @@ impl Worker {
     /// Serves requests on `conn` until it fails, is replaced, or the manager is gone.
     fn serve(&mut self, conn: &mut Conn, lease: &Lease) -> End {
         let link = Arc::clone(&self.spec.link);
-        link.set_worker();
+        link.parking.set_worker();
         loop {
-            if !link.is_current(lease.generation) {
+            if !link.generations.is_current(lease.generation) {
                 return End::Superseded;
             }
             match self.spec.requests.try_recv() {
@@ -262,13 +262,13 @@ impl Worker {
                     // Park rather than block in the channel's receive: a parked thread costs
                     // nothing until a caller unparks it, where the channel would spin first and
                     // read the clock on every turn (measured: see the README's design notes).
-                    link.set_idle(true);
+                    link.parking.set_idle(true);
                     if !self.spec.requests.is_empty() {
-                        link.set_idle(false);
+                        link.parking.set_idle(false);
                         continue;
                     }
                     std::thread::park();
-                    link.set_idle(false);
+                    link.parking.set_idle(false);
                     if let Err(end) = self.heartbeat_if_due(conn) {
                         return end;
                     }
@@ -283,8 +283,11 @@ impl Worker {
     fn idle_with_late_replies(&mut self, conn: &mut Conn) -> Result<(), End> {
         self.settle_late(Some(conn))?;
         if !self.late.is_empty() {
-            self.late
-                .wait(&self.spec.requests, self.spec.link.nudges(), LATE_TICK);
+            self.late.wait(
+                &self.spec.requests,
+                self.spec.link.parking.nudges(),
+                LATE_TICK,
+            );
         }
         self.heartbeat_if_due(conn)
     }
@@ -293,7 +296,7 @@ impl Worker {
     /// alive; idle for one of the monitor's ticks: read what the socket holds.
     #[inline]
     fn heartbeat_if_due(&mut self, conn: &mut Conn) -> Result<(), End> {
-        let due = self.spec.link.take_due();
+        let due = self.spec.link.parking.take_due();
         if due != 0 && self.spec.names.has_pending() && self.spec.requests.is_empty() {
             // Quiet for a tick, and nobody waiting: the names noted meanwhile.
             self.record_names(conn)?;

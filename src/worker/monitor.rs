@@ -33,7 +33,7 @@ pub(crate) fn start(spec: Spec, shutdown: Receiver<()>) -> std::io::Result<()> {
         .name("distlock-monitor".into())
         .spawn(move || {
             let mut monitor = Monitor {
-                quiet: (spec.link.statements(), Instant::now()),
+                quiet: (spec.link.watch.statements(), Instant::now()),
                 spec,
                 limit,
                 tick,
@@ -71,17 +71,17 @@ impl Monitor {
     /// within the heartbeat) and none running; a look at the socket when quiet for less.
     fn heartbeat_if_quiet(&mut self) {
         let link = &self.spec.link;
-        let statements = link.statements();
+        let statements = link.watch.statements();
         if statements != self.quiet.0 {
             self.quiet = (statements, Instant::now());
-        } else if link.running().is_some() || !link.is_online() {
+        } else if link.running().is_some() || !link.generations.is_online() {
         } else if self.quiet.1.elapsed() + self.tick >= self.spec.heartbeat {
-            link.request_heartbeat();
+            link.parking.request_heartbeat();
             self.quiet.1 = Instant::now();
         } else {
             // Quiet since the last tick: the worker reads its socket, so that a session the
             // server ended is seen within a tick rather than a heartbeat.
-            link.request_look();
+            link.parking.request_look();
         }
     }
 
@@ -91,7 +91,7 @@ impl Monitor {
         if let Some(generation) = self.stalled() {
             self.seen = None;
             if self.spec.link.lose(generation) {
-                self.spec.link.note_stall();
+                self.spec.link.generations.note_stall();
                 log::warn!(
                     "distlock: a statement has run for over {:?}; replacing the connection and \
                      reporting its locks lost",
@@ -120,10 +120,17 @@ impl Monitor {
             // past that, by the same limit, or once the owner's connection to the same server
             // stalls (a frozen server never ends a wait).
             (Some((mark, generation)), _)
-                if link.wait_left(mark).is_some_and(|left| !left.is_zero()) =>
+                if link
+                    .watch
+                    .wait_left(mark)
+                    .is_some_and(|left| !left.is_zero()) =>
             {
                 self.seen = None;
-                let stalls = self.spec.owner.as_ref().map_or(0, |owner| owner.stalls());
+                let stalls = self
+                    .spec
+                    .owner
+                    .as_ref()
+                    .map_or(0, |owner| owner.generations.stalls());
                 match self.waiting {
                     Some((seen, before)) if seen == mark => {
                         (stalls != before).then_some(generation)

@@ -21,7 +21,7 @@ impl Worker {
     pub(super) fn reconnect(&mut self) -> Option<(Client, Backend)> {
         let mut backoff = Backoff::new(FIRST_RECONNECT, MAX_RECONNECT);
         loop {
-            if self.spec.link.is_pooled() {
+            if self.spec.link.generations.is_pooled() {
                 // For good: returns only when the manager is gone.
                 let _ = self.drain(|_| Error::pooler(), None);
                 return None;
@@ -42,7 +42,7 @@ impl Worker {
                 }
                 Err(e) if e.kind() == ErrorKind::Pooler => {
                     self.spec.link.counters().server_refused();
-                    self.spec.link.set_pooled();
+                    self.spec.link.generations.set_pooled();
                     continue;
                 }
                 Err(e) => {
@@ -50,11 +50,11 @@ impl Worker {
                         self.spec.link.counters().server_refused();
                     }
                     log::warn!("distlock worker: reconnect failed: {e}");
-                    self.spec.link.note_refusal(e.chain());
+                    self.spec.link.generations.note_refusal(e.chain());
                 }
             }
             self.drain(
-                Link::offline_error,
+                |link: &Link| link.generations.offline_error(),
                 Some(Instant::now() + backoff.next_pause()),
             )?;
         }
@@ -64,12 +64,15 @@ impl Worker {
     /// replies over, and waits up to `left` for more of either or for the attempt. `None` when
     /// the manager is gone.
     fn offline_turn(&mut self, attempt: &Receiver<Attempt>, left: Duration) -> Option<()> {
-        if self.answer_queued(Link::offline_error).is_none() {
+        if self
+            .answer_queued(|link: &Link| link.generations.offline_error())
+            .is_none()
+        {
             // Nobody to answer: wait for the attempt alone (it closes what it gets).
             connect::await_attempt(attempt, left);
             return None;
         }
-        let (requests, nudges) = (&self.spec.requests, self.spec.link.nudges());
+        let (requests, nudges) = (&self.spec.requests, self.spec.link.parking.nudges());
         self.late.wait_also(requests, Some(attempt), nudges, left);
         Some(())
     }
@@ -91,7 +94,7 @@ impl Worker {
                 },
             };
             self.late
-                .wait(&self.spec.requests, self.spec.link.nudges(), pause);
+                .wait(&self.spec.requests, self.spec.link.parking.nudges(), pause);
         }
     }
 

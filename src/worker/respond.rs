@@ -36,7 +36,7 @@ impl Worker {
                 }
             }
         };
-        let current = self.spec.link.is_current(lease.generation);
+        let current = self.spec.link.generations.is_current(lease.generation);
         self.reply(conn, lease, current, request, outcome)
     }
 
@@ -63,7 +63,7 @@ impl Worker {
             }
         }
         let ran = self.batch.run(&mut self.query, conn, lease.generation);
-        let current = ran.is_ok() && self.spec.link.is_current(lease.generation);
+        let current = ran.is_ok() && self.spec.link.generations.is_current(lease.generation);
         let mut result = match ran {
             Ok(()) => Ok(()),
             Err(Broken(e)) => {
@@ -103,7 +103,10 @@ impl Worker {
     ) -> Result<(), End> {
         let answer = match solo::serve(solo, conn, lease) {
             // Granted by a session that is already being replaced: its holds are gone.
-            Ok(answer) if answer.is_grant() && !self.spec.link.is_current(lease.generation) => {
+            Ok(answer)
+                if answer.is_grant()
+                    && !self.spec.link.generations.is_current(lease.generation) =>
+            {
                 Reply::Failed(lost_error())
             }
             Ok(answer) => answer,
@@ -282,7 +285,7 @@ impl Worker {
     /// The body of [`Worker::settle_late`] when something is owed.
     #[inline(never)]
     fn settle_pending(&mut self, mut conn: Option<&mut Conn>) -> Result<(), End> {
-        while self.spec.link.nudges().try_recv().is_ok() {}
+        while self.spec.link.parking.nudges().try_recv().is_ok() {}
         self.late.settle(&mut self.orphans);
         let mut orphans = std::mem::take(&mut self.orphans);
         let mut result = Ok(());
@@ -315,7 +318,7 @@ impl Worker {
 
     /// Why the connection of `generation` stopped serving: the monitor replaced it, or it failed.
     pub(super) fn ended(&self, generation: u64) -> End {
-        if self.spec.link.is_current(generation) {
+        if self.spec.link.generations.is_current(generation) {
             End::Lost
         } else {
             End::Superseded
@@ -342,7 +345,7 @@ impl Worker {
     pub(super) fn pooler_seen(&self) -> End {
         log::error!("distlock worker: {}", Error::pooler());
         self.spec.link.counters().server_refused();
-        self.spec.link.set_pooled();
+        self.spec.link.generations.set_pooled();
         End::Lost
     }
 }

@@ -129,7 +129,7 @@ impl Conn {
     #[cold]
     #[inline(never)]
     pub(crate) fn heartbeat(&mut self) -> Result<bool, Failed> {
-        let mark = self.link.begin_statement(self.generation);
+        let mark = self.link.watch.begin_statement(self.generation);
         let messages = watched(&mut self.client, &self.link, mark, &self.probe)?;
         Ok(messages
             .iter()
@@ -158,7 +158,7 @@ impl Conn {
     /// (tokens, slots, holders). Watched like every statement.
     #[inline]
     pub(crate) fn rows(&mut self, sql: &str) -> Result<Vec<SimpleQueryMessage>, Failed> {
-        let mark = self.link.begin_statement(self.generation);
+        let mark = self.link.watch.begin_statement(self.generation);
         watched(&mut self.client, &self.link, mark, sql)
     }
 
@@ -169,9 +169,9 @@ impl Conn {
         sql: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<u64, Failed> {
-        let mark = self.link.begin_statement(self.generation);
+        let mark = self.link.watch.begin_statement(self.generation);
         let result = self.client.execute_typed(sql, params);
-        self.link.end_statement(mark);
+        self.link.watch.end_statement(mark);
         result.map_err(|e| classify(&self.client, e))
     }
 
@@ -182,7 +182,7 @@ impl Conn {
         sql: &str,
         deadline: Option<std::time::Instant>,
     ) -> Result<Vec<SimpleQueryMessage>, Failed> {
-        let mark = self.link.begin_wait(self.generation, deadline);
+        let mark = self.link.watch.begin_wait(self.generation, deadline);
         watched(&mut self.client, &self.link, mark, sql)
     }
 }
@@ -197,7 +197,7 @@ fn watched(
     sql: &str,
 ) -> Result<Vec<SimpleQueryMessage>, Failed> {
     let result = client.simple_query(sql);
-    link.end_statement(mark);
+    link.watch.end_statement(mark);
     result.map_err(|e| classify(client, e))
 }
 

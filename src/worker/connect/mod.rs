@@ -295,7 +295,7 @@ pub(crate) fn end_suspects(
     match query.run(conn) {
         Ok(()) => Ok(()),
         Err(failed) => {
-            link.keep_suspects(suspects);
+            link.generations.keep_suspects(suspects);
             match failed {
                 Failed::Rejected(e) => {
                     log::warn!(
