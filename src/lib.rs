@@ -361,9 +361,10 @@
 //!   |---|---|---|---|
 //!   | ground | `error`, `key`, `mode`, `holder`, `clock`, `backoff`, `stats`, `libpq/` | leaf types, the statistics counters, libpq's configuration (connection strings, hosts, TLS, certificates) | the ground floor only |
 //!   | protocol | `protocol/` | requests, typed replies, reply slots, the connection's state | ground |
+//!   | statements | `sql/` | every statement text: lock sessions, lock transactions, solo requests, fencing, names, pooler probes, the server's watch of its client (pure functions) | ground, protocol |
 //!   | caller side | `caller/` | the handle, shared state, table, guard, the one acquire path, waiting, the waiting-connection pool | ground, protocol |
 //!   | capabilities | `capability/` | fenced, permits, multi-key, holders, election: one room each | ground, protocol, caller side |
-//!   | worker side | `worker/` | the loop, responses, batches, session, the solo requests (beyond one key: fenced, permits, all-or-nothing, holders, names, tokens), queue waits, read-backs, monitor, server keepalives; `worker/sql/`: the statement texts of lock sessions, lock transactions and solo requests; `worker/connect/`: one attempt per host, pooler detection | ground, protocol |
+//!   | worker side | `worker/` | the loop, responses, batches, session, the solo requests (beyond one key: fenced, permits, all-or-nothing, holders, names, tokens), queue waits, read-backs, monitor; `worker/connect/`: one attempt per host, pooler detection | ground, protocol, statements |
 //!   | top | `lib`, `builder`, `start`, `testing/` | the builder and the start of both sides | anything |
 //! * Costs are measured, not assumed: instructions and allocations per lock+unlock cycle against
 //!   the raw client running the same SQL (every thread counted; CI fails above 1.15 × the raw
@@ -385,6 +386,8 @@ mod mode;
 mod stats;
 // The messages between the two sides of the worker's channel.
 mod protocol;
+// Every statement text: pure functions of integers the library formats itself.
+mod sql;
 // The caller side: the handle, its shared state, the table, guards, acquiring and waiting.
 mod caller;
 // One room per capability, built on the caller side.

@@ -18,8 +18,8 @@ use crate::libpq::tls::{self, Tls};
 use crate::protocol::link::Link;
 use crate::protocol::names::Names;
 use crate::protocol::slot::SPIN_HAND_OVER_TURNS;
+use crate::sql::keepalive::ServerKeepalive;
 use crate::worker::connect::{Connector, Flavor};
-use crate::worker::keepalive::ServerKeepalive;
 use crate::worker::{self, Spec, monitor};
 
 /// The application name of a lock session whose builder and parameters name none.

@@ -5,8 +5,8 @@ use std::time::Instant;
 
 use postgres::{Client, NoTls};
 
+use crate::sql::Sql;
 use crate::testing::TestCluster;
-use crate::worker::sql::Sql;
 
 /// The text of a new lock session's set-up for a PostgreSQL 15 server, with `mark` as the
 /// session's mark, and with the exclusion proof after it when `proof`.

@@ -251,7 +251,7 @@ mod tests {
         fn run(&mut self, sql: &str, counts: &mut Vec<u64>) -> Result<(), Failed> {
             let (expected, answer) = self.script.pop_front().expect("an unexpected query");
             let sql = sql
-                .strip_prefix(crate::worker::sql::PIN)
+                .strip_prefix(crate::sql::PIN)
                 .expect("every query text starts with the pin");
             assert_eq!(sql, expected);
             match answer {

@@ -17,17 +17,15 @@ use crate::protocol::names::Names;
 use crate::protocol::reply::Orphan;
 use crate::protocol::request::Request;
 use crate::protocol::slot::LateReplies;
+use crate::sql::Scope;
 use crate::worker::batch::{Batch, MAX_BATCH};
 use crate::worker::connect::{Connector, Flavor};
 use crate::worker::respond::lost_error;
 use crate::worker::session::{Conn, Query};
-use crate::worker::sql::Scope;
 
 pub(crate) mod batch;
 mod cause;
 pub(crate) mod connect;
-mod fencing;
-pub(crate) mod keepalive;
 pub(crate) mod monitor;
 mod names;
 mod offline;
@@ -37,7 +35,6 @@ pub(crate) mod reply;
 mod respond;
 pub(crate) mod session;
 pub(crate) mod solo;
-pub(crate) mod sql;
 
 /// The first and the largest pause between two reconnect attempts.
 pub(crate) const FIRST_RECONNECT: Duration = Duration::from_millis(50);

@@ -14,33 +14,13 @@ use crate::error::Error;
 use crate::key::LockKey;
 use crate::protocol::names::Names;
 use crate::protocol::reply::Reply;
+use crate::sql::names::{self as names_sql, CREATE_NAMES, INSERT_NAMES, PROBE_NAMES};
 use crate::worker::reply::{column, row_counts};
 use crate::worker::session::{Conn, Failed};
-
-/// Creates the names table if it is missing: one row per id and name (two names that hash to one
-/// id are two rows), and an index on the id's fold, the first int of a semaphore's slots
-/// ([`crate::LockKey::permit_slot`]), which is how `distlock locks` names them.
-pub(crate) const CREATE_NAMES: &str = "/*NO LOAD BALANCE*/ \
-     CREATE TABLE IF NOT EXISTS public.distlock_names \
-     (id int8 NOT NULL, name text NOT NULL, PRIMARY KEY (id, name)); \
-     CREATE INDEX IF NOT EXISTS distlock_names_fold \
-     ON public.distlock_names ((((id >> 32) # id) & 4294967295))";
 
 /// How long noted names wait at most, on a manager that is never quiet for a tick, before they
 /// are written at its next idle moment.
 pub(crate) const DELAY: Duration = Duration::from_secs(1);
-
-/// Writes the names `$2` of the ids `$1`, keeping those already there.
-const INSERT_NAMES: &str = "/*NO LOAD BALANCE*/ INSERT INTO public.distlock_names (id, name) \
-     SELECT i, n FROM ROWS FROM (pg_catalog.unnest($1::int8[]), pg_catalog.unnest($2::text[])) t (i, n) \
-     ON CONFLICT DO NOTHING";
-
-/// Whether the names table is there (first statement) and this role may write it (second), as
-/// row counts.
-const PROBE_NAMES: &str = "/*NO LOAD BALANCE*/ \
-     SELECT WHERE pg_catalog.to_regclass('public.distlock_names') IS NOT NULL; \
-     SELECT WHERE pg_catalog.has_table_privilege(\
-     pg_catalog.to_regclass('public.distlock_names'), 'INSERT')";
 
 /// Writes the names waiting in `names` on `conn`. `Err`: the connection broke (the names are
 /// kept for the next connection); a server that refuses them stops the recording, said once.
@@ -78,7 +58,7 @@ pub(crate) fn record(names: &Names, conn: &mut Conn) -> Result<(), Error> {
         }
     };
     names.stop();
-    let create = CREATE_NAMES.trim_start_matches(crate::worker::sql::PIN);
+    let create = CREATE_NAMES.trim_start_matches(crate::sql::PIN);
     log::warn!(
         "distlock: key names are not recorded, so `distlock locks` shows this manager's keys as \
          ids: this role cannot create or write public.distlock_names ({cause}). Have a role \
@@ -138,10 +118,7 @@ pub(crate) fn lookup(key: LockKey, conn: &mut Conn) -> Result<Reply, Error> {
         }
         (None, None, _) => return Ok(Reply::Names(Vec::new())),
     };
-    let sql = format!(
-        "{}SELECT name FROM public.distlock_names WHERE {filter} ORDER BY name",
-        crate::worker::sql::PIN
-    );
+    let sql = names_sql::lookup(&filter);
     match conn.rows(&sql) {
         Ok(rows) => Ok(Reply::Names(
             rows.iter()

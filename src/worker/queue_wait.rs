@@ -17,18 +17,12 @@ use crate::error::{Error, ErrorKind};
 use crate::protocol::link::Lease;
 use crate::protocol::reply::{Grant, Reply};
 use crate::protocol::request::{Fencing, Wait};
-use crate::worker::fencing::{NEXT_TOKEN, fencing_error};
+use crate::sql::Scope;
+use crate::sql::fencing::{NEXT_TOKEN, fencing_error};
+use crate::sql::solo::{self, RESET_LABEL, SET_LABEL};
 use crate::worker::readback::{give_back, held_of};
 use crate::worker::reply::column;
 use crate::worker::session::{Conn, Failed};
-use crate::worker::sql::Scope;
-use crate::worker::sql::solo;
-
-/// Sets `application_name` to `$1` (for the transaction only when `$2`).
-const SET_LABEL: &str =
-    "/*NO LOAD BALANCE*/ SELECT FROM pg_catalog.set_config('application_name', $1, $2)";
-/// The connection's own `application_name` again (the one it connected with).
-const RESET_LABEL: &str = "/*NO LOAD BALANCE*/ RESET application_name";
 
 /// The longest `lock_timeout` PostgreSQL accepts, in milliseconds.
 const MAX_LOCK_TIMEOUT_MS: u128 = i32::MAX as u128;

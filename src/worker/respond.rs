@@ -9,9 +9,9 @@ use crate::protocol::link::Lease;
 use crate::protocol::reply::{Orphan, Reply};
 use crate::protocol::request::{Op, Plain, Request, Solo};
 use crate::protocol::slot::Ticket;
+use crate::sql::{END_TRANSACTION, Scope};
 use crate::worker::batch::{Broken, MAX_BATCH, Outcome};
 use crate::worker::session::{Conn, Failed};
-use crate::worker::sql::{END_TRANSACTION, Scope};
 use crate::worker::{End, Worker};
 use crate::worker::{cause, solo};
 

@@ -13,9 +13,9 @@ use crate::key::LockKey;
 use crate::mode::Mode;
 use crate::protocol::link::{Backend, Link};
 use crate::protocol::request::Op;
+use crate::sql::{PIN, Scope, Sql};
 use crate::worker::connect::pooler;
 use crate::worker::reply::row_counts;
-use crate::worker::sql::{PIN, Scope, Sql};
 
 /// Something that runs statements: one database session.
 pub(crate) trait Session {

@@ -1,6 +1,6 @@
 //! The worker's side of the requests beyond one key's: a fenced try, a permit, an
 //! all-or-nothing try and a holder lookup each run alone as one statement in the manager's
-//! session, built from integers only ([`crate::worker::sql`]), and are granted, like every lock
+//! session, built from integers only ([`crate::sql`]), and are granted, like every lock
 //! statement, when their statement returns its row. Waits in the lock queue are
 //! [`crate::worker::queue_wait`]'s.
 
@@ -16,13 +16,13 @@ use crate::mode::Mode;
 use crate::protocol::link::Lease;
 use crate::protocol::reply::{Grant, Reply};
 use crate::protocol::request::Solo;
-use crate::worker::fencing::{CREATE_FENCE_SEQUENCE, NEXT_TOKEN, fencing_error};
+use crate::sql::fencing::{CREATE_FENCE_SEQUENCE, NEXT_TOKEN, fencing_error};
+use crate::sql::solo;
 use crate::worker::names;
 use crate::worker::queue_wait;
 use crate::worker::readback::undo;
 use crate::worker::reply::column;
 use crate::worker::session::{Conn, Failed};
-use crate::worker::sql::solo;
 
 /// Runs `solo` in `conn`'s session and says what to reply. `Err`: the connection broke, and
 /// what the statement did is unknown (the session is going, and its holds with it).

@@ -7,10 +7,10 @@ use postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
 use crate::error::{Error, ErrorKind};
 use crate::libpq::tls;
 use crate::protocol::link::Backend;
+use crate::sql::keepalive::ServerKeepalive;
+use crate::sql::{IDENTIFY, PROOF_STATEMENTS, Sql};
 use crate::worker::connect::pooler;
-use crate::worker::keepalive::ServerKeepalive;
 use crate::worker::reply::row_counts;
-use crate::worker::sql::{IDENTIFY, PROOF_STATEMENTS, Sql};
 
 /// What a manager's connection is for, which decides what its set-up may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -30,9 +30,9 @@ use postgres::Client;
 use crate::error::{Error, ErrorKind};
 use crate::libpq::{params, tls};
 use crate::protocol::link::{Backend, Link, Site};
+use crate::sql::keepalive::ServerKeepalive;
 pub(crate) use crate::worker::connect::attempt::Flavor;
 use crate::worker::connect::attempt::{Attempt, attempt};
-use crate::worker::keepalive::ServerKeepalive;
 use crate::worker::session::{Conn, Failed, Query};
 
 pub(crate) mod attempt;

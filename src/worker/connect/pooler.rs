@@ -14,8 +14,9 @@ use std::time::Duration;
 use postgres::SimpleQueryMessage;
 
 use crate::protocol::link::Backend;
+use crate::sql::pooler::PIN_A_BACKEND;
+pub(crate) use crate::sql::pooler::probe;
 use crate::worker::reply::row_counts;
-use crate::worker::sql::{PIN, push_int4, push_int8};
 
 /// The mark a manager with `salt` sets in `backend`'s session.
 pub(crate) fn session_mark(salt: u64, backend: &Backend) -> i64 {
@@ -45,23 +46,6 @@ pub(crate) fn random_salt() -> u64 {
     );
     h.finish()
 }
-
-/// A statement that returns its row only in the connection's own session: the backend `pid` it
-/// identified, still carrying its `mark`. No row means a pooler handed the statement to another
-/// session, or another client set its mark in this one.
-pub(crate) fn probe(pid: i32, mark: i64) -> String {
-    let mut sql = String::from(PIN);
-    sql.push_str("SELECT WHERE pg_catalog.pg_backend_pid() = ");
-    push_int4(&mut sql, pid);
-    sql.push_str(" AND pg_catalog.current_setting('distlock.session', true) = '");
-    push_int8(&mut sql, mark);
-    sql.push('\'');
-    sql
-}
-
-/// The helper connection's statement: opens a transaction (a transaction pooler keeps the server
-/// connection it lends for the transaction's whole life) and names that connection's backend.
-const PIN_A_BACKEND: &str = "/*NO LOAD BALANCE*/ BEGIN; SELECT pg_catalog.pg_backend_pid()";
 
 /// Proves, when a lock session is opened, that no transaction pooler stands between it and the
 /// server even when no other client uses the endpoint — where the marks checked later see

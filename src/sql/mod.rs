@@ -16,8 +16,12 @@ use std::fmt::Write;
 use crate::key::{LockKey, Space};
 use crate::mode::Mode;
 use crate::protocol::request::Op;
-use crate::worker::keepalive::ServerKeepalive;
+use crate::sql::keepalive::ServerKeepalive;
 
+pub(crate) mod fencing;
+pub(crate) mod keepalive;
+pub(crate) mod names;
+pub(crate) mod pooler;
 pub(crate) mod solo;
 
 /// The comment every query text starts with, so that a load-balancing proxy keeps it on the

@@ -2,8 +2,8 @@
 
 use super::*;
 use crate::protocol::request::Fencing;
-use crate::worker::fencing::NEXT_TOKEN;
-use crate::worker::sql::solo::{all, fenced, permit, wait};
+use crate::sql::fencing::NEXT_TOKEN;
+use crate::sql::solo::{all, fenced, permit, wait};
 
 /// A query's text after its pin, which every query text starts with.
 fn unpinned(sql: &str) -> &str {

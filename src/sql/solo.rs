@@ -7,8 +7,8 @@ use std::fmt::Write as _;
 use crate::key::LockKey;
 use crate::mode::Mode;
 use crate::protocol::request::Fencing;
-use crate::worker::fencing::NEXT_TOKEN;
-use crate::worker::sql::{PIN, Scope, push_args, push_int4, try_fn, unlock_fn, wait_fn};
+use crate::sql::fencing::NEXT_TOKEN;
+use crate::sql::{PIN, Scope, push_args, push_int4, try_fn, unlock_fn, wait_fn};
 
 /// An exclusive try that draws a token when, and only when, it granted. The target list is
 /// evaluated for rows that passed the WHERE, after the grant: every token drawn before for the
@@ -118,3 +118,9 @@ pub(crate) fn wait(
     }
     sql
 }
+
+/// Sets `application_name` to `$1` (for the transaction only when `$2`).
+pub(crate) const SET_LABEL: &str =
+    "/*NO LOAD BALANCE*/ SELECT FROM pg_catalog.set_config('application_name', $1, $2)";
+/// The connection's own `application_name` again (the one it connected with).
+pub(crate) const RESET_LABEL: &str = "/*NO LOAD BALANCE*/ RESET application_name";

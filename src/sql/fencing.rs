@@ -1,6 +1,6 @@
 //! Where fencing tokens come from: one sequence, the statements that create it and draw from
 //! it, and the error that says what to run when a role may not. Each statement starts with the
-//! comment that keeps it off a load-balancing proxy's replicas (`crate::worker::sql::PIN`).
+//! comment that keeps it off a load-balancing proxy's replicas (`crate::sql::PIN`).
 
 use crate::error::{Error, ErrorKind};
 
