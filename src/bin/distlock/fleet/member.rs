@@ -59,9 +59,19 @@ pub fn member(args: MemberArgs) -> Result<ExitCode> {
                 })
         })
         .collect::<std::io::Result<_>>()?;
+    // The most threads this process ran, sampled while its managers run.
+    let most_threads = {
+        let mut most = 0;
+        while Instant::now() < deadline {
+            most = most.max(threads_now());
+            thread::sleep(Duration::from_millis(100));
+        }
+        most
+    };
     for t in threads {
         let _ = t.join();
     }
+    println!("threads {most_threads} {}", args.managers);
     let t = tally.lock().unwrap_or_else(|e| e.into_inner());
     let all: Vec<String> = t
         .counts()
@@ -183,4 +193,18 @@ impl Witness {
         self.freed.notify_one();
         rows
     }
+}
+
+/// This process's threads now, as Linux counts them (`Threads:` in `/proc/self/status`; 0 where
+/// it cannot be read).
+fn threads_now() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .unwrap_or(0)
 }

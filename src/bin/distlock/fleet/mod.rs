@@ -69,6 +69,10 @@ struct Tally {
     lost: i64,
     errors: i64,
     waits: [i64; BUCKETS],
+    /// The most threads one member process ran.
+    threads: u64,
+    /// The managers of each member process.
+    managers_per_process: u64,
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
@@ -176,8 +180,18 @@ fn one_mode(args: &Args, url: &str, witness: &str, transaction: bool) -> Result<
     for mut child in children {
         let out = child.stdout.take().context("member output")?;
         for line in BufReader::new(out).lines() {
-            if let Some(rest) = line?.strip_prefix("tally ") {
+            let line = line?;
+            if let Some(rest) = line.strip_prefix("tally ") {
                 add(&mut total, rest)?;
+            } else if let Some(rest) = line.strip_prefix("threads ") {
+                let n: Vec<u64> = rest
+                    .split_whitespace()
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()?;
+                if let [threads, managers] = n[..] {
+                    total.threads = total.threads.max(threads);
+                    total.managers_per_process = managers;
+                }
             }
         }
         child.wait()?;
@@ -227,6 +241,15 @@ fn report(args: &Args, transaction: bool, t: &Tally, most: i64) {
     } else {
         println!("  most server backends     {most} (lock sessions and waiting connections)");
     }
+    // Each manager of a member runs on a caller thread of its own, beside the main thread.
+    let library = t.threads.saturating_sub(t.managers_per_process + 1);
+    let connected_per_process = t.connected as f64 / f64::from(args.processes.max(1));
+    println!(
+        "  threads per process      {} at most ({} callers, {library} of the library: {:.1} per connected manager)",
+        t.threads,
+        t.managers_per_process,
+        library as f64 / connected_per_process.max(1.0)
+    );
     println!(
         "  wait p50 / p99           {} / {}",
         bucket_label(percentile(&t.waits, 0.50)),
