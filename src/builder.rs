@@ -7,7 +7,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::libpq::params;
 use crate::libpq::tls::{SslMode, Tls};
 use crate::start::{self, Options};
-use crate::worker::connect::Flavor;
+use crate::worker::connect::Role;
 
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -85,7 +85,7 @@ impl Default for Builder {
                 warn_held_after: None,
                 owner: None,
                 max_transactions: DEFAULT_MAX_TRANSACTIONS,
-                flavor: Flavor::Session,
+                role: Role::LockSession,
                 record_names: false,
             },
         }

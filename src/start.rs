@@ -19,7 +19,7 @@ use crate::protocol::link::Link;
 use crate::protocol::names::Names;
 use crate::protocol::slot::SPIN_HAND_OVER_TURNS;
 use crate::sql::keepalive::ServerKeepalive;
-use crate::worker::connect::{Connector, Flavor};
+use crate::worker::connect::{Connector, Role};
 use crate::worker::{self, Spec, monitor};
 
 /// The application name of a lock session whose builder and parameters name none.
@@ -68,8 +68,8 @@ pub(crate) struct Options {
     pub(crate) owner: Option<Arc<Link>>,
     pub(crate) max_transactions: usize,
     /// What this manager's own connection is for (a lock transaction's manager is a
-    /// [`Flavor::Holder`]).
-    pub(crate) flavor: Flavor,
+    /// [`Role::LockTransaction`]).
+    pub(crate) role: Role,
     /// Record the names of the keys locked by name ([`crate::Builder::record_names`]).
     pub(crate) record_names: bool,
 }
@@ -91,7 +91,7 @@ pub(crate) fn start(
     let (options, waits) = if options.transaction_pooler {
         let waits = lock_transactions(&options, &name, &config, &tls, &link);
         let control = Options {
-            flavor: Flavor::Control,
+            role: Role::Coordinator,
             ..options
         };
         (control, waits)
@@ -195,7 +195,7 @@ fn waiting_connections(
 }
 
 /// The lock transactions of a manager named `name` in transaction mode: each a manager of its own
-/// whose connection runs one transaction ([`Flavor::Holder`]), named with
+/// whose connection runs one transaction ([`Role::LockTransaction`]), named with
 /// [`TRANSACTION_SUFFIX`], opened for one lock (or one wait) and closed when it is done, never
 /// reused (an idle one would keep a server connection pinned for nothing).
 fn lock_transactions(
@@ -208,7 +208,7 @@ fn lock_transactions(
     let one = Options {
         wait_connections: 0,
         transaction_pooler: false,
-        flavor: Flavor::Holder,
+        role: Role::LockTransaction,
         connect_retry: Duration::ZERO,
         application_name: Some(suffixed(name, TRANSACTION_SUFFIX)),
         ..options.clone()
@@ -323,7 +323,7 @@ fn worker_connector(
         options.connect_timeout,
         options.allow_standby,
         keepalive,
-        options.flavor,
+        options.role,
         options.owner.is_none(),
     )
 }

@@ -17,9 +17,8 @@ use crate::protocol::names::Names;
 use crate::protocol::reply::Orphan;
 use crate::protocol::request::Request;
 use crate::protocol::slot::LateReplies;
-use crate::sql::Scope;
 use crate::worker::batch::{Batch, MAX_BATCH};
-use crate::worker::connect::{Connector, Flavor};
+use crate::worker::connect::Connector;
 use crate::worker::respond::lost_error;
 use crate::worker::session::{Conn, Query};
 
@@ -165,7 +164,7 @@ impl Worker {
                     log::warn!("distlock worker: replaced after a stalled statement; exiting");
                     return;
                 }
-                End::Lost | End::Finished if self.spec.connector.flavor == Flavor::Holder => {
+                End::Lost | End::Finished if self.spec.connector.role.in_one_transaction() => {
                     // A lock's transaction ended (released, refused, or lost): its connection
                     // serves nothing more, and is never reconnected (that would pin a server
                     // connection for nothing). Its pool closes it.
@@ -196,11 +195,8 @@ impl Worker {
     /// session still carries this connection's mark.
     fn session(&mut self, client: Client, lease: &Lease, backend: Backend) -> Conn {
         let mark = self.spec.connector.session_mark(&backend);
-        let flavor = self.spec.connector.flavor;
-        let scope = match flavor {
-            Flavor::Holder => Scope::Transaction,
-            Flavor::Session | Flavor::Control => Scope::Session,
-        };
+        let role = self.spec.connector.role;
+        let scope = role.scope();
         self.query.sql.own_session(mark);
         self.query.sql.set_scope(scope);
         Conn::new(
@@ -208,8 +204,8 @@ impl Worker {
             Arc::clone(&self.spec.link),
             lease.generation,
             backend,
-            // A control connection keeps no session to prove: its heartbeat proves it alive.
-            (flavor != Flavor::Control).then_some(mark),
+            // A coordinator keeps no session to prove: its heartbeat proves it alive.
+            role.heartbeats().then_some(mark),
             scope,
         )
     }
@@ -298,9 +294,7 @@ impl Worker {
             // Quiet for a tick, and nobody waiting: the names noted meanwhile.
             self.record_names(conn)?;
         }
-        // A transaction-mode manager's own connection holds no lock whose loss would be told, and
-        // each statement takes a pooler's server connection: it stays quiet.
-        if due == 0 || self.spec.connector.flavor == Flavor::Control {
+        if due == 0 || !self.spec.connector.role.heartbeats() {
             return Ok(());
         }
         if due & DUE_HEARTBEAT != 0 {

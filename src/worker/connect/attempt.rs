@@ -8,22 +8,52 @@ use crate::error::{Error, ErrorKind};
 use crate::libpq::tls;
 use crate::protocol::link::Backend;
 use crate::sql::keepalive::ServerKeepalive;
-use crate::sql::{IDENTIFY, PROOF_STATEMENTS, Sql};
+use crate::sql::{IDENTIFY, PROOF_STATEMENTS, Scope, Sql};
 use crate::worker::connect::pooler;
 use crate::worker::reply::row_counts;
 
-/// What a manager's connection is for, which decides what its set-up may do.
+/// What a manager's connection is for, which decides what its set-up may do: asked by name
+/// ([`Role::heartbeats`], [`Role::scope`], ...) wherever it matters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Flavor {
+pub(crate) enum Role {
     /// A lock session: session advisory locks, held as long as the connection.
-    Session,
+    LockSession,
     /// Through a transaction pooler, a manager's own connection: it holds no lock and keeps no
-    /// session state (the pooler shares the server session), and only reads (`holders`, tokens).
-    Control,
+    /// session state (the pooler shares the server session), and only reads (`holders`, tokens,
+    /// names).
+    Coordinator,
     /// Through a transaction pooler, one lock's connection: everything it does runs in one open
     /// transaction (which keeps one server connection pinned), and its locks are transaction
     /// locks, released when the transaction ends.
-    Holder,
+    LockTransaction,
+}
+
+impl Role {
+    /// Whether the connection holds locks, so that a heartbeat must prove it alive and a loss
+    /// be told (a coordinator's connection holds none, and each statement of it takes a pooler's
+    /// server connection: it stays quiet).
+    pub(crate) fn heartbeats(self) -> bool {
+        self != Role::Coordinator
+    }
+
+    /// Whether the connection's server session is its own, to set up, mark and prove unshared.
+    pub(crate) fn owns_its_session(self) -> bool {
+        self == Role::LockSession
+    }
+
+    /// Whether everything the connection does runs in one open transaction.
+    pub(crate) fn in_one_transaction(self) -> bool {
+        self == Role::LockTransaction
+    }
+
+    /// The scope of the locks the connection takes.
+    pub(crate) fn scope(self) -> Scope {
+        if self.in_one_transaction() {
+            Scope::Transaction
+        } else {
+            Scope::Session
+        }
+    }
 }
 
 /// Column `i` of the identifying row, parsed from its text.
@@ -62,24 +92,24 @@ pub(super) fn attempt(
     allow_standby: bool,
     keepalive: Option<ServerKeepalive>,
     salt: u64,
-    flavor: Flavor,
+    role: Role,
     prove_unshared: bool,
 ) -> Attempt {
     #[cfg(test)]
     fault::slow_connect(config);
     let started = std::time::Instant::now();
     let mut client = tls.connect(config).map_err(classify)?;
-    if flavor == Flavor::Holder {
+    if role.in_one_transaction() {
         return begin_transaction(client, allow_standby, keepalive, salt);
     }
     // The simple protocol, as for every statement: a transaction pooler (pgbouncer before 1.21)
     // cannot carry the named statements the extended protocol would prepare.
     let messages = client.simple_query(IDENTIFY).map_err(classify)?;
-    let (backend, facts) = identify(&messages, allow_standby, flavor)?;
-    match flavor {
+    let (backend, facts) = identify(&messages, allow_standby, role)?;
+    match role {
         // Nothing of the session is set: a transaction pooler shares it with other clients.
-        Flavor::Control | Flavor::Holder => {}
-        Flavor::Session => {
+        Role::Coordinator | Role::LockTransaction => {}
+        Role::LockSession => {
             set_up(&mut client, &backend, &facts, keepalive, salt)?;
             if prove_unshared {
                 let mark = pooler::session_mark(salt, &backend);
@@ -118,7 +148,7 @@ fn begin_transaction(
         }
         Err(e) => return Err(classify(e)),
     };
-    let (backend, facts) = identify(&messages, allow_standby, Flavor::Holder)?;
+    let (backend, facts) = identify(&messages, allow_standby, Role::LockTransaction)?;
     let counts: Vec<u64> = row_counts(&messages).collect();
     // The proof's statements come right before the identifying one.
     let end = counts.len().saturating_sub(1);
@@ -138,7 +168,7 @@ fn begin_transaction(
 fn identify(
     messages: &[SimpleQueryMessage],
     allow_standby: bool,
-    flavor: Flavor,
+    role: Role,
 ) -> Result<(Backend, Facts), Error> {
     // The last row: a lock transaction's start returns the proof's rows before it.
     let row = messages
@@ -155,7 +185,7 @@ fn identify(
     };
     // A session of our own has never been marked; one that has is shared with another client
     // through a pooler (or was left to us by one without a reset).
-    if flag(row, 4)? && flavor == Flavor::Session {
+    if flag(row, 4)? && role.owns_its_session() {
         return Err(Error::pooler());
     }
     if flag(row, 2)? && !allow_standby {

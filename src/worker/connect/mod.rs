@@ -31,7 +31,7 @@ use crate::error::{Error, ErrorKind};
 use crate::libpq::{params, tls};
 use crate::protocol::link::{Backend, Link, Site};
 use crate::sql::keepalive::ServerKeepalive;
-pub(crate) use crate::worker::connect::attempt::Flavor;
+pub(crate) use crate::worker::connect::attempt::Role;
 use crate::worker::connect::attempt::{Attempt, attempt};
 use crate::worker::session::{Conn, Failed, Query};
 
@@ -41,7 +41,7 @@ pub(crate) mod pooler;
 /// Makes the manager's connections, one attempt at a time.
 pub(crate) struct Connector {
     /// What the connections are for.
-    pub(crate) flavor: Flavor,
+    pub(crate) role: Role,
     /// Whether each lock session is proven, when it is opened, not to be shared through a pooler
     /// (a manager's own connection; its waiting connections go through the same endpoint).
     prove_unshared: bool,
@@ -78,12 +78,12 @@ impl Connector {
         timeout: Duration,
         allow_standby: bool,
         keepalive: Option<ServerKeepalive>,
-        flavor: Flavor,
+        role: Role,
         prove_unshared: bool,
     ) -> Connector {
         let hosts = params::each_host(&config);
         Connector {
-            flavor,
+            role,
             prove_unshared,
             in_flight: hosts.iter().map(|_| Mutex::new(None)).collect(),
             hosts,
@@ -102,9 +102,10 @@ impl Connector {
     /// backend, means a pooler shares the session. Different for every connection of every
     /// manager.
     pub(crate) fn session_mark(&self, backend: &Backend) -> i64 {
-        match self.flavor {
-            Flavor::Holder => pooler::transaction_mark(self.salt, backend.pid),
-            Flavor::Session | Flavor::Control => pooler::session_mark(self.salt, backend),
+        if self.role.in_one_transaction() {
+            pooler::transaction_mark(self.salt, backend.pid)
+        } else {
+            pooler::session_mark(self.salt, backend)
         }
     }
 
@@ -213,7 +214,7 @@ impl Connector {
         let config = self.hosts[i].clone();
         let tls = self.tls.clone();
         let (allow_standby, keepalive, salt) = (self.allow_standby, self.keepalive, self.salt);
-        let (flavor, prove_unshared) = (self.flavor, self.prove_unshared);
+        let (role, prove_unshared) = (self.role, self.prove_unshared);
         thread::Builder::new()
             .name("distlock-connect".into())
             .spawn(move || {
@@ -223,7 +224,7 @@ impl Connector {
                     allow_standby,
                     keepalive,
                     salt,
-                    flavor,
+                    role,
                     prove_unshared,
                 );
                 let abandoned = helper_abandoned.lock();
@@ -249,7 +250,7 @@ impl Connector {
                         *gave_up = true;
                         drop(gave_up);
                         *in_flight = Some(InFlight { done: rx });
-                        Err(Error::timeout(if self.flavor == Flavor::Session {
+                        Err(Error::timeout(if self.role.owns_its_session() {
                             "timed out connecting to the server"
                         } else {
                             "timed out getting a server connection through the transaction \
