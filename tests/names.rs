@@ -211,6 +211,17 @@ fn names_are_recorded_once_per_manager_only_when_asked() {
     assert_eq!(quiet.names_of(slot).unwrap(), ["names-test sem"]);
     assert!(quiet.names_of(never).unwrap().is_empty());
     assert!(quiet.names_of((7, 9)).unwrap().is_empty());
+    // The table dropped under a manager that has written to it: made again at a later write.
+    admin
+        .batch_execute("DROP TABLE public.distlock_names")
+        .unwrap();
+    let again = "names-test after a drop";
+    drop(recording.try_lock(again).unwrap().expect("free"));
+    let again_id = LockKey::name(again).as_id().unwrap();
+    assert!(
+        eventually(LIMIT, || recorded(&mut admin, again_id) == [again]),
+        "not recorded after the table was dropped"
+    );
 }
 
 #[test]

@@ -20,6 +20,8 @@ pub(crate) struct Names {
     on: bool,
     /// Set while `book.pending` holds names, read by the idle worker without the lock.
     pending: AtomicBool,
+    /// Whether the worker has seen the table there and writable (so it writes without probing).
+    table_ready: AtomicBool,
     book: Mutex<Book>,
 }
 
@@ -41,6 +43,7 @@ impl Names {
         Names {
             on,
             pending: AtomicBool::new(false),
+            table_ready: AtomicBool::new(false),
             book: Mutex::new(Book::default()),
         }
     }
@@ -113,6 +116,16 @@ impl Names {
     }
 
     /// Stops recording for good: the names cannot be written (said once, by the worker).
+    /// Whether the worker has seen the table there and writable.
+    pub(crate) fn table_ready(&self) -> bool {
+        self.table_ready.load(Ordering::Acquire)
+    }
+
+    /// The worker saw the table there and writable (`true`), or missing after all (`false`).
+    pub(crate) fn set_table_ready(&self, ready: bool) {
+        self.table_ready.store(ready, Ordering::Release);
+    }
+
     pub(crate) fn stop(&self) {
         let mut book = self.book.lock();
         book.stopped = true;

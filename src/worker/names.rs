@@ -25,13 +25,16 @@ pub(crate) const DELAY: Duration = Duration::from_secs(1);
 /// Writes the names waiting in `names` on `conn`. `Err`: the connection broke (the names are
 /// kept for the next connection); a server that refuses them stops the recording, said once.
 ///
-/// The table is probed, and created where it is missing, in simple queries before the write, so
-/// that the write (the one statement with bound parameters) is not expected to fail: a proxy that
-/// parses the extended protocol (pgpool-II 4.3 was seen to crash on a statement after a failed
-/// one) then only sees statements that succeed.
+/// Before the manager's first write the table is probed, and created where it is missing, in
+/// simple queries, so that the write (the one statement with bound parameters) is not expected
+/// to fail: a proxy that parses the extended protocol (pgpool-II 4.3 was seen to crash on a
+/// statement after a failed one) then only sees statements that succeed. Later writes go
+/// straight to the table; one that finds it dropped probes again at the next.
 pub(crate) fn record(names: &Names, conn: &mut Conn) -> Result<(), Error> {
     let batch = names.take_pending();
-    let outcome = ready(conn).and_then(|ready| match ready {
+    let known = names.table_ready();
+    let ready = if known { Ok(Ready::Yes) } else { ready(conn) };
+    let outcome = ready.and_then(|ready| match ready {
         Ready::Yes => {
             let ids: Vec<i64> = batch.iter().map(|(id, _)| *id).collect();
             let texts: Vec<&str> = batch.iter().map(|(_, name)| &**name).collect();
@@ -45,7 +48,14 @@ pub(crate) fn record(names: &Names, conn: &mut Conn) -> Result<(), Error> {
     });
     let cause = match outcome {
         Ok(None) => {
+            names.set_table_ready(true);
             log::debug!("distlock: recorded {} key name(s)", batch.len());
+            return Ok(());
+        }
+        // Dropped since it was seen: probed (and created) again at the next write.
+        Err(Failed::Rejected(e)) if known && e.sql_state() == Some(&SqlState::UNDEFINED_TABLE) => {
+            names.set_table_ready(false);
+            names.give_back(batch);
             return Ok(());
         }
         Err(Failed::Broken(e)) => {
