@@ -115,7 +115,6 @@ impl Names {
         self.pending.store(true, Ordering::Release);
     }
 
-    /// Stops recording for good: the names cannot be written (said once, by the worker).
     /// Whether the worker has seen the table there and writable.
     pub(crate) fn table_ready(&self) -> bool {
         self.table_ready.load(Ordering::Acquire)
@@ -126,6 +125,7 @@ impl Names {
         self.table_ready.store(ready, Ordering::Release);
     }
 
+    /// Stops recording for good: the names cannot be written (said once, by the worker).
     pub(crate) fn stop(&self) {
         let mut book = self.book.lock();
         book.stopped = true;
