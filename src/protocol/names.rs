@@ -20,6 +20,8 @@ pub(crate) struct Names {
     on: bool,
     /// Set while `book.pending` holds names, read by the idle worker without the lock.
     pending: AtomicBool,
+    /// Set by the monitor when pending names have waited long enough; cleared when taken.
+    overdue: AtomicBool,
     /// Whether the worker has seen the table there and writable (so it writes without probing).
     table_ready: AtomicBool,
     book: Mutex<Book>,
@@ -43,6 +45,7 @@ impl Names {
         Names {
             on,
             pending: AtomicBool::new(false),
+            overdue: AtomicBool::new(false),
             table_ready: AtomicBool::new(false),
             book: Mutex::new(Book::default()),
         }
@@ -85,15 +88,25 @@ impl Names {
         self.pending.load(Ordering::Acquire)
     }
 
-    /// True when names have waited to be written for `after` or longer (a load when none wait).
+    /// True once the monitor found names waiting long enough to be written
+    /// ([`Names::check_overdue`]): a load, for the idle worker, which reads no clock.
     #[inline]
-    pub(crate) fn overdue(&self, after: Duration) -> bool {
-        self.has_pending()
+    pub(crate) fn overdue(&self) -> bool {
+        self.overdue.load(Ordering::Acquire)
+    }
+
+    /// The monitor's tick: marks the names overdue when they have waited `after` or longer (a
+    /// load when none wait).
+    pub(crate) fn check_overdue(&self, after: Duration) {
+        if self.has_pending()
             && self
                 .book
                 .lock()
                 .since
                 .is_some_and(|since| since.elapsed() >= after)
+        {
+            self.overdue.store(true, Ordering::Release);
+        }
     }
 
     /// The names to write now, taken out of the book.
@@ -101,6 +114,7 @@ impl Names {
         let mut book = self.book.lock();
         book.since = None;
         self.pending.store(false, Ordering::Release);
+        self.overdue.store(false, Ordering::Release);
         std::mem::take(&mut book.pending)
     }
 
@@ -148,11 +162,14 @@ mod tests {
         names.note(7, "b");
         names.note(8, "nul\0inside");
         assert!(names.has_pending());
-        assert!(!names.overdue(Duration::from_secs(60)));
-        assert!(names.overdue(Duration::ZERO));
+        names.check_overdue(Duration::from_secs(60));
+        assert!(!names.overdue());
+        names.check_overdue(Duration::ZERO);
+        assert!(names.overdue());
         let got: Vec<_> = names.take_pending();
         assert_eq!(got, vec![(7, "a".into()), (7, "b".into())]);
         assert!(!names.has_pending());
+        assert!(!names.overdue(), "taken names are no longer overdue");
         names.note(7, "a");
         assert!(!names.has_pending());
     }

@@ -26,7 +26,7 @@ pub(crate) mod batch;
 mod cause;
 pub(crate) mod connect;
 pub(crate) mod monitor;
-mod names;
+pub(crate) mod names;
 mod offline;
 pub(crate) mod queue_wait;
 pub(crate) mod readback;
@@ -246,7 +246,7 @@ impl Worker {
                 }
                 // A busy manager writes the names it noted at an idle moment, once they have
                 // waited a while; a quiet one at its next tick (`heartbeat_if_due`).
-                Err(TryRecvError::Empty) if self.spec.names.overdue(names::DELAY) => {
+                Err(TryRecvError::Empty) if self.spec.names.overdue() => {
                     if let Err(end) = self.record_names(conn) {
                         return end;
                     }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
+use crate::worker::names;
 use crate::worker::{Spec, start_replacement};
 
 /// The shortest time a statement may run before it counts as stalled, whatever the request timeout:
@@ -44,6 +45,9 @@ pub(crate) fn start(spec: Spec, shutdown: Receiver<()>) -> std::io::Result<()> {
             while let Err(RecvTimeoutError::Timeout) | Ok(()) = shutdown.recv_timeout(tick) {
                 monitor.heartbeat_if_quiet();
                 monitor.watch_for_stall();
+                // Names noted on a manager never quiet for a tick are written at its next idle
+                // moment once they have waited a while; the clock stays here, off the worker's.
+                monitor.spec.names.check_overdue(names::DELAY);
             }
         })
         .map(|_| ())

@@ -1,6 +1,7 @@
 //! The worker's side of recording key names ([`crate::Builder::record_names`]): when its
 //! connection has been quiet for a monitor tick with nothing queued (or, on a manager never that
-//! quiet, at an idle moment once they have waited [`DELAY`]), it writes the names callers noted to `public.distlock_names` in one statement, the names bound
+//! quiet, at an idle moment once the monitor finds they have waited [`DELAY`]), it writes the
+//! names callers noted to `public.distlock_names` in one statement, the names bound
 //! as parameters (never in the statement's text). The table is created on first use; a role that
 //! may not create or write it gets one warning naming the statements to run once, and the
 //! manager records nothing more.
