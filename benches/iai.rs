@@ -257,58 +257,6 @@ fn manager_8_threads(cycles: u64) -> u64 {
     cycles
 }
 
-/// Sixteen key names of 32 bytes, as a caller that locks by name passes them.
-const NAMES: [&str; 16] = [
-    "tenant-0000000040/nightly-report",
-    "tenant-0000000041/nightly-report",
-    "tenant-0000000042/nightly-report",
-    "tenant-0000000043/nightly-report",
-    "tenant-0000000044/nightly-report",
-    "tenant-0000000045/nightly-report",
-    "tenant-0000000046/nightly-report",
-    "tenant-0000000047/nightly-report",
-    "tenant-0000000048/nightly-report",
-    "tenant-0000000049/nightly-report",
-    "tenant-0000000050/nightly-report",
-    "tenant-0000000051/nightly-report",
-    "tenant-0000000052/nightly-report",
-    "tenant-0000000053/nightly-report",
-    "tenant-0000000054/nightly-report",
-    "tenant-0000000055/nightly-report",
-];
-
-/// `try_lock` + drop of keys given by name, by a manager that records names when `record`.
-fn named_cycles(cycles: u64, record: bool) -> u64 {
-    let locks = LockManager::builder()
-        .application_name("distlock-iai")
-        .heartbeat(std::time::Duration::from_secs(3600))
-        .record_names(record)
-        .connect(&format!("{} sslmode=disable", server().url()))
-        .unwrap();
-    for i in 0..cycles {
-        let guard = locks.try_lock(black_box(NAMES[(i % 16) as usize]));
-        drop(black_box(guard.unwrap().unwrap()));
-    }
-    cycles
-}
-
-// `try_lock` + drop of a key given by its name (hashed on every call), names not recorded.
-#[library_benchmark]
-#[bench::short(SHORT)]
-#[bench::long(LONG)]
-fn manager_named_cycle(cycles: u64) -> u64 {
-    named_cycles(cycles, false)
-}
-
-// The same with `Builder::record_names(true)`: each of the 16 names is written once, in both
-// runs alike, so the per-cycle difference is what a name already recorded costs.
-#[library_benchmark]
-#[bench::short(SHORT)]
-#[bench::long(LONG)]
-fn manager_named_recorded_cycle(cycles: u64) -> u64 {
-    named_cycles(cycles, true)
-}
-
 // Hashing a 32-byte name to its key.
 #[library_benchmark]
 #[bench::short(SHORT)]
@@ -326,7 +274,7 @@ library_benchmark_group!(
     name = cycles;
     benchmarks = raw_client_cycle, raw_client_main_thread_cycle, manager_cycle, manager_shared_cycle, manager_refused,
         manager_8_threads, manager_spin_wait_cycle, manager_prefer_cycle, manager_tls_cycle,
-        key_from_name, manager_named_cycle, manager_named_recorded_cycle
+        key_from_name
 );
 
 main!(

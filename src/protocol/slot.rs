@@ -280,10 +280,10 @@ pub(crate) enum Waited {
 }
 
 /// Waits for the reply to `ticket` until `deadline`, and not a moment longer.
-#[inline(always)]
 ///
 /// With `spin` turns, the caller first watches the state word, on its CPU, for the worker's claim,
 /// and only then blocks in its receive (see `Builder::spin_wait`).
+#[inline(always)]
 pub(crate) fn wait(slot: &ReplySlot, ticket: u64, deadline: Instant, spin: u32) -> Waited {
     for _ in 0..spin {
         if slot.state.load(Ordering::Acquire) != state(ticket, WAITING) {
