@@ -243,6 +243,14 @@ impl Error {
         Error::new(ErrorKind::Timeout, "lock wait ended without a deadline")
     }
 
+    /// The error of a request whose connection failed before or while it ran.
+    pub(crate) fn connection_lost() -> Error {
+        Error::new(
+            ErrorKind::ConnectionLost,
+            "the connection to the server was lost",
+        )
+    }
+
     /// A lost lock's error; `cause`: why its connection ended, as the server or a pooler said.
     pub(crate) fn lock_lost(cause: Option<&str>) -> Error {
         match cause {

@@ -19,7 +19,6 @@ use crate::protocol::request::Request;
 use crate::protocol::slot::LateReplies;
 use crate::worker::batch::{Batch, MAX_BATCH};
 use crate::worker::connect::Connector;
-use crate::worker::respond::lost_error;
 use crate::worker::session::{Conn, Query};
 
 pub(crate) mod batch;
@@ -170,7 +169,7 @@ impl Worker {
                     // connection for nothing). Its pool closes it.
                     self.spec.link.lose(lease.generation);
                     drop(conn);
-                    let _ = self.drain(|_| lost_error(), None);
+                    let _ = self.drain(|_| Error::connection_lost(), None);
                     return;
                 }
                 End::Lost | End::Finished => {
@@ -223,7 +222,7 @@ impl Worker {
                     // Grants whose callers gave up go back before anything new runs: such a caller
                     // let go of its reservation, so a request for the same key may be this one.
                     if let Err(end) = self.settle_late(Some(conn)) {
-                        self.fail(first, lost_error());
+                        self.fail(first, Error::connection_lost());
                         return end;
                     }
                     let served = match first {

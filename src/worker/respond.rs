@@ -2,7 +2,7 @@
 //! them, a solo request; every answer handed over without waiting, and every grant whose
 //! caller gave up given back.
 
-use crate::error::{Error, ErrorKind};
+use crate::error::Error;
 use crate::key::LockKey;
 use crate::mode::Mode;
 use crate::protocol::link::Lease;
@@ -31,7 +31,7 @@ impl Worker {
                 Err(Failed::Rejected(e)) => Outcome::Failed(e),
                 Err(Failed::Broken(e)) => {
                     cause::lost(&self.spec.link, lease.generation, &e);
-                    self.fail(Request::Plain(request), lost_error());
+                    self.fail(Request::Plain(request), Error::connection_lost());
                     return Err(self.ended(lease.generation));
                 }
             }
@@ -76,7 +76,7 @@ impl Worker {
             let outcome = self.batch.take_outcome(i);
             if result.is_err() {
                 // What ran is unknown and the session is going: nobody gets a grant from it.
-                self.fail(Request::Plain(request), lost_error());
+                self.fail(Request::Plain(request), Error::connection_lost());
             } else if let Err(end) = self.reply(conn, lease, current, request, outcome) {
                 result = Err(end);
             }
@@ -85,7 +85,7 @@ impl Worker {
         match solo {
             Some((solo, reply)) if result.is_ok() => self.serve_solo(conn, lease, &solo, reply),
             Some((solo, reply)) => {
-                self.fail(Request::Solo(solo, reply), lost_error());
+                self.fail(Request::Solo(solo, reply), Error::connection_lost());
                 result
             }
             None => result,
@@ -107,12 +107,12 @@ impl Worker {
                 if answer.is_grant()
                     && !self.spec.link.generations.is_current(lease.generation) =>
             {
-                Reply::Failed(lost_error())
+                Reply::Failed(Error::connection_lost())
             }
             Ok(answer) => answer,
             Err(e) => {
                 cause::lost(&self.spec.link, lease.generation, &e);
-                self.answer(reply, Reply::Failed(lost_error()), None);
+                self.answer(reply, Reply::Failed(Error::connection_lost()), None);
                 return Err(self.ended(lease.generation));
             }
         };
@@ -163,7 +163,7 @@ impl Worker {
         }
         let answer = match outcome {
             _ if op != Op::TryLock && generation != lease.generation => Reply::NotHeld,
-            _ if !current => Reply::Failed(lost_error()),
+            _ if !current => Reply::Failed(Error::connection_lost()),
             Outcome::Done(true) => match op {
                 Op::TryLock => Reply::Granted(lease.clone()),
                 Op::Unlock => Reply::Released,
@@ -175,7 +175,7 @@ impl Worker {
             },
             Outcome::Failed(e) => Reply::Failed(e),
             Outcome::OtherGeneration | Outcome::Pending | Outcome::Retry => {
-                Reply::Failed(lost_error())
+                Reply::Failed(Error::connection_lost())
             }
         };
         match self.answer(reply, answer, Some((key, mode))) {
@@ -216,7 +216,7 @@ impl Worker {
             Outcome::Done(_) if current && op == Op::Unlock => Reply::Released,
             Outcome::Done(false) if current => Reply::Busy,
             Outcome::Failed(e) => Reply::Failed(e),
-            _ => Reply::Failed(lost_error()),
+            _ => Reply::Failed(Error::connection_lost()),
         };
         if op == Op::Unlock {
             self.answer(reply, answer, None);
@@ -348,12 +348,4 @@ impl Worker {
         self.spec.link.generations.set_pooled();
         End::Lost
     }
-}
-
-/// The error of a request whose connection failed before or while it ran.
-pub(crate) fn lost_error() -> Error {
-    Error::new(
-        ErrorKind::ConnectionLost,
-        "the connection to the server was lost",
-    )
 }
