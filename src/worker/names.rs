@@ -64,9 +64,7 @@ pub(crate) fn record(names: &Names, conn: &mut Conn) -> Result<(), Error> {
             return Err(e);
         }
         Ok(Some(cause)) => cause,
-        Err(Failed::Rejected(e)) => {
-            std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string)
-        }
+        Err(Failed::Rejected(e)) => server_said(&e),
     };
     names.stop();
     let create = CREATE_NAMES.trim_start_matches(crate::sql::PIN);
@@ -86,6 +84,11 @@ enum Ready {
     Refused(String),
 }
 
+/// What the server said of a refused statement (its error, else the library's message).
+fn server_said(e: &Error) -> String {
+    std::error::Error::source(e).map_or_else(|| e.to_string(), ToString::to_string)
+}
+
 /// Probes the names table, creating it where it is missing.
 fn ready(conn: &mut Conn) -> Result<Ready, Failed> {
     let probe = conn.rows(PROBE_NAMES)?;
@@ -103,9 +106,7 @@ fn ready(conn: &mut Conn) -> Result<Ready, Failed> {
         // Another manager created it at the same moment: it is there now.
         Err(Failed::Rejected(e)) if e.sql_state() == Some(&SqlState::UNIQUE_VIOLATION) => {}
         Err(Failed::Rejected(e)) => {
-            let cause =
-                std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string);
-            return Ok(Ready::Refused(cause));
+            return Ok(Ready::Refused(server_said(&e)));
         }
         Err(broken) => return Err(broken),
     }
